@@ -1,0 +1,77 @@
+"""What every backend is: capabilities as data, a probe that never raises, and sessions that run expert graphs."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from hetrun.profile import Device
+
+
+@dataclass(frozen=True)
+class BackendCaps:
+    """What a backend can do, as data (in the spirit of ggml's dev_caps)."""
+
+    name: str
+    precisions: frozenset[str]  # expert-graph precisions it executes
+    device_kinds: frozenset[str]  # catalog kinds it can drive: cpu, gpu, npu, accelerator
+    real_hardware: bool  # False for the simulated backend
+    install_hint: str = ""
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    devices: tuple[str, ...] = ()  # real device strings found, e.g. ("CPU",) or ("cuda:0",)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """What one call to an expert session cost: measured wall time, and modeled device figures."""
+
+    tokens: int = 0
+    wall_s: float = 0.0
+    modeled_s: float = 0.0
+    modeled_j: float = 0.0
+
+
+class ExpertSession(abc.ABC):
+    """One compiled expert graph on one device: x [N, D] float32 -> y [N, D] float32."""
+
+    @abc.abstractmethod
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def modeled_seconds(self, tokens: int) -> float:
+        """Device time this call would take on the modeled device (0 for real devices: they are measured)."""
+        return 0.0
+
+
+class Backend(abc.ABC):
+    """A backend drives one device of a profile. Subclasses declare `caps` and implement probe/load."""
+
+    caps: ClassVar[BackendCaps]
+
+    def __init__(self, device: "Device", precision: str, threads: int | None = None):
+        self.device = device
+        self.precision = precision
+        self.threads = threads
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> Availability:
+        """Whether this backend can run here, and why not. Never raises."""
+
+    @classmethod
+    def supports(cls, precision: str) -> bool:
+        """Whether this backend executes expert graphs of this precision."""
+        return precision in cls.caps.precisions
+
+    @abc.abstractmethod
+    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
+        """Compile one serialized ONNX expert graph for this device. `meta` carries flops/bytes per token."""

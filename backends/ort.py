@@ -1,0 +1,69 @@
+"""onnxruntime: CPU execution provider here; CUDA, TensorRT and CANN providers where installed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.errors import BackendUnavailable
+
+# Execution providers in priority order, per catalog device kind.
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "gpu": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+    "npu": ["CANNExecutionProvider"],
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    caps = BackendCaps(
+        name="onnxruntime",
+        precisions=frozenset({"fp32", "fp16", "bf16", "fp8", "int8", "int4"}),
+        device_kinds=frozenset({"cpu", "gpu", "npu"}),
+        real_hardware=True,
+        install_hint="install it with `pip install onnxruntime` (or onnxruntime-gpu / onnxruntime-cann for accelerators)",
+    )
+
+    @classmethod
+    def probe(cls) -> Availability:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return Availability(False, f"onnxruntime is not installed ({e})")
+        providers = tuple(ort.get_available_providers())
+        return Availability(True, devices=providers, details={"version": ort.__version__})
+
+    def providers(self) -> list[str]:
+        """Execution providers for this device, best first; raises when none is installed."""
+        import onnxruntime as ort
+
+        have = set(ort.get_available_providers())
+        wanted = PROVIDERS.get(self.device.type.kind, [])
+        chosen = [p for p in wanted if p in have]
+        if not chosen:
+            raise BackendUnavailable(
+                f"onnxruntime has no execution provider for {self.device.id} ({self.device.type.kind}): wants "
+                f"{' or '.join(wanted) or 'none'}, installed are {', '.join(sorted(have))}; install the vendor build "
+                "(onnxruntime-gpu, onnxruntime-cann) or use backend: simulated")
+        return chosen
+
+    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(graph, sess_options=opts, providers=self.providers())
+        return OrtSession(sess)
+
+
+class OrtSession(ExpertSession):
+    def __init__(self, sess):
+        self.sess = sess
+        self.input = sess.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.input: x})[0]

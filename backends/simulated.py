@@ -1,0 +1,54 @@
+"""Simulated device: executes the real expert graph on the host CPU and charges the modeled device's time and energy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.costmodel import expert_cost
+
+
+class SimulatedBackend(Backend):
+    caps = BackendCaps(
+        name="simulated",
+        precisions=frozenset({"fp32", "fp16", "bf16", "fp8", "int8", "int4"}),
+        device_kinds=frozenset({"cpu", "gpu", "npu", "accelerator"}),
+        real_hardware=False,
+    )
+
+    @classmethod
+    def probe(cls) -> Availability:
+        from hetrun.backends.registry import probe_backend
+
+        host = probe_backend("onnxruntime")
+        if not host.ok:
+            return Availability(False, f"the simulated backend executes graphs with onnxruntime: {host.reason}")
+        return Availability(True, devices=("host CPU",))
+
+    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
+        return SimulatedSession(sess, self, meta)
+
+
+class SimulatedSession(ExpertSession):
+    def __init__(self, sess, backend: SimulatedBackend, meta: dict):
+        self.sess = sess
+        self.input = sess.get_inputs()[0].name
+        self.backend = backend
+        self.meta = meta
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.input: x})[0]
+
+    def modeled_seconds(self, tokens: int) -> float:
+        m = self.meta
+        act = 1.0 if self.backend.precision == "fp8" else 2.0
+        return expert_cost(self.backend.device.type, self.backend.precision, tokens, m["hidden"], m["intermediate"],
+                           m["weight_bytes"], act)

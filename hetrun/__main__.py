@@ -1,0 +1,5 @@
+import sys
+
+from hetrun.cli import main
+
+sys.exit(main())

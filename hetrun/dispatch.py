@@ -1,0 +1,183 @@
+"""The dispatcher: route tokens, permute them per expert slot, run each device's experts, combine, keep statistics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hetrun.backends.base import ExpertSession
+from hetrun.backends.registry import require_backend
+from hetrun.graphs import build_expert_graph
+from hetrun.moe_weights import MoELayerWeights
+from hetrun.planner import Plan
+from hetrun.profile import Device, Profile, load_profile
+from hetrun.routing import route, router_logits
+
+log = logging.getLogger("hetrun")
+
+
+@dataclass
+class DispatchStats:
+    """Counters a run accumulates; `tokens_per_expert` feeds the planner as a load table."""
+
+    tokens_per_expert: np.ndarray  # [L, E]
+    tokens_per_device: np.ndarray  # [D]
+    modeled_s_per_device: np.ndarray  # [D] modeled device time (simulated devices)
+    wall_s_per_device: np.ndarray  # [D] measured wall time inside expert graphs
+    layer_s: float = 0.0  # whole MoE layers
+    expert_s: float = 0.0  # inside expert graphs; the rest of layer_s is routing, permute, combine and copies
+    calls: int = 0
+    faults: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layers: int, experts: int, devices: int) -> "DispatchStats":
+        return cls(np.zeros((layers, experts), np.int64), np.zeros(devices, np.int64), np.zeros(devices),
+                   np.zeros(devices))
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        fresh = self.empty(*self.tokens_per_expert.shape, len(self.tokens_per_device))
+        self.__dict__.update(fresh.__dict__)
+
+    def to_dict(self, device_ids: tuple[str, ...]) -> dict:
+        return {"tokens_per_expert": self.tokens_per_expert.tolist(),
+                "devices": {d: {"tokens": int(self.tokens_per_device[i]),
+                                "modeled_s": float(self.modeled_s_per_device[i]),
+                                "wall_s": float(self.wall_s_per_device[i])} for i, d in enumerate(device_ids)},
+                "layer_s": self.layer_s, "expert_s": self.expert_s, "calls": self.calls}
+
+
+class ExpertRuntime:
+    """Every expert graph of a plan compiled on its device's backend, ready to dispatch to."""
+
+    def __init__(self, plan: Plan, profile: Profile | str, weights: list[MoELayerWeights], threads: int | None = None,
+                 progress: bool = False):
+        self.plan = plan
+        self.profile = load_profile(profile)
+        self.devices: tuple[Device, ...] = tuple(self._device(i) for i in plan.device_ids)
+        self.stats = DispatchStats.empty(plan.num_layers, plan.spec.num_experts, len(self.devices))
+        self.backends = [require_backend(d.backend)(d, plan.precision[d.id], threads) for d in self.devices]
+        self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
+
+    def _device(self, device_id: str) -> Device:
+        found = [d for d in self.profile.devices if d.id == device_id]
+        if not found:
+            from hetrun.errors import PlacementError
+            raise PlacementError(f"plan names device '{device_id}', which profile '{self.profile.name}' lacks; "
+                                 "re-plan with `hetrun plan` for this profile")
+        return found[0]
+
+    def compile(self, device: int, expert, name: str) -> ExpertSession:
+        """One expert graph built at its device's precision and loaded on that device's backend."""
+        backend = self.backends[device]
+        graph = build_expert_graph(expert, backend.precision)
+        return backend.load(graph.serialize(), name, graph.meta)
+
+
+def _iter(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="layer")
+
+
+class MoELayer:
+    """One MoE layer's dispatch: hidden [T, D] -> output [T, D]."""
+
+    def __init__(self, runtime: ExpertRuntime, index: int, weights: MoELayerWeights):
+        plan, spec = runtime.plan, runtime.plan.spec
+        self.runtime, self.index, self.weights = runtime, index, weights
+        self.router = spec.router
+        self.phy2log = plan.phy2log[index]  # [R]
+        self.device_of = plan.device_of[index]  # [R]
+        self.share = plan.share[index]  # [R]
+        self.num_slots = len(self.phy2log)
+        cache: dict[tuple[int, int], ExpertSession] = {}  # replicas on one device share one session
+        self.sessions: list[ExpertSession] = []
+        for r, (e, d) in enumerate(zip(self.phy2log.tolist(), self.device_of.tolist())):
+            if (e, d) not in cache:
+                cache[(e, d)] = runtime.compile(d, weights.experts[e], f"L{weights.layer}.E{e}")
+            self.sessions.append(cache[(e, d)])
+        self.shared_devices = plan.shared_device_of[index].tolist()
+        self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}")
+                                for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
+        self._build_slot_tables()
+
+    def _build_slot_tables(self) -> None:
+        e = self.runtime.plan.spec.num_experts
+        counts = np.bincount(self.phy2log, minlength=e)  # [E]
+        self.replicated = bool((counts > 1).any())
+        slot_table = np.zeros((e, counts.max()), np.int64)  # [E, maxcnt] slots of each expert (log2phy)
+        cum_table = np.full((e, counts.max()), 2.0)  # [E, maxcnt] cumulative share, padded above 1
+        fill = np.zeros(e, np.int64)
+        for r, ex in enumerate(self.phy2log.tolist()):
+            slot_table[ex, fill[ex]] = r
+            cum_table[ex, fill[ex]] = self.share[r] + (cum_table[ex, fill[ex] - 1] if fill[ex] else 0.0)
+            fill[ex] += 1
+        self.slot_table = torch.from_numpy(slot_table)
+        self.cum_table = torch.from_numpy(cum_table)
+        self.replica_count = torch.from_numpy(counts)
+
+    def slots_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Physical slot per routed (token, k) pair [T*K]; tokens of a replicated expert split by the plan's shares."""
+        flat = ids.reshape(-1)  # [T*K]
+        if not self.replicated:
+            return self.slot_table[flat, 0]
+        n_e = torch.bincount(flat, minlength=len(self.replica_count))  # [E]
+        order = torch.argsort(flat, stable=True)
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(len(flat)) - (torch.cumsum(n_e, 0) - n_e)[flat[order]]  # occurrence within expert
+        frac = (rank.double() + 0.5) / n_e[flat].double()  # [T*K] position in (0, 1) among the expert's tokens
+        j = torch.searchsorted(self.cum_table[flat], frac[:, None]).squeeze(1)  # [T*K] replica whose interval holds it
+        j = torch.minimum(j, self.replica_count[flat] - 1)
+        return self.slot_table[flat, j]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        stats = self.runtime.stats
+        t0 = time.perf_counter()
+        x = hidden.detach().float().contiguous()  # [T, D]
+        t, k = x.shape[0], self.router.top_k
+        logits = router_logits(x.to(hidden.dtype), self.weights.gate.to(hidden.dtype), self.router)  # [T, E]
+        ids, weights = route(logits, self.router, self.weights.correction_bias)  # [T, K], [T, K]
+        slots = self.slots_for(ids)  # [T*K]
+        order = torch.argsort(slots, stable=True)  # [T*K] permutation grouping pairs by slot
+        token_of = order // k  # [T*K] source token of each permuted row
+        counts = torch.bincount(slots, minlength=self.num_slots).tolist()  # [R]
+        x_np = x.numpy()
+        permuted = x_np[token_of.numpy()]  # [T*K, D] contiguous per slot
+        out_rows = np.empty_like(permuted)
+
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for r in np.argsort(self.device_of, kind="stable").tolist():  # device by device
+            n = counts[r]
+            if n == 0:
+                continue
+            d = int(self.device_of[r])
+            out_rows[offsets[r]:offsets[r + 1]] = self._run(self.sessions[r], d, permuted[offsets[r]:offsets[r + 1]])
+            stats.tokens_per_device[d] += n
+
+        y = torch.from_numpy(out_rows) * weights.reshape(-1)[order, None].float()  # [T*K, D]
+        out = torch.zeros_like(x).index_add_(0, token_of, y)  # [T, D]
+        for sess, d in zip(self.shared_sessions, self.shared_devices):
+            ys = torch.from_numpy(self._run(sess, d, x_np))  # [T, D]
+            if self.weights.shared_gate is not None:
+                ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
+            out += ys
+        np.add.at(stats.tokens_per_expert[self.index], ids.reshape(-1).numpy(), 1)
+        stats.calls += 1
+        stats.layer_s += time.perf_counter() - t0
+        return out.to(hidden.dtype)
+
+    def _run(self, session: ExpertSession, device: int, rows: np.ndarray) -> np.ndarray:
+        stats = self.runtime.stats
+        t0 = time.perf_counter()
+        y = session.run(rows)
+        dt = time.perf_counter() - t0
+        stats.wall_s_per_device[device] += dt
+        stats.expert_s += dt
+        stats.modeled_s_per_device[device] += session.modeled_seconds(rows.shape[0])
+        return y

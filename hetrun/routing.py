@@ -1,0 +1,50 @@
+"""Routers: pick top-k experts per token exactly as transformers does for the same weights."""
+
+from __future__ import annotations
+
+import torch
+
+from hetrun.spec import RouterSpec
+
+
+def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec) -> torch.Tensor:
+    """Gate logits [T, E] for hidden [T, D] and gate weight [E, D]."""
+    if router.kind == "sigmoid_grouped":  # DeepSeek-V3 computes its gate in FP32
+        return torch.nn.functional.linear(hidden.float(), gate_weight.float())
+    return torch.nn.functional.linear(hidden, gate_weight)
+
+
+def route(logits: torch.Tensor, router: RouterSpec,
+          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids [T, K] (int64) and their combine weights [T, K] (float32) from gate logits [T, E]."""
+    if router.kind == "softmax_topk":
+        return _softmax_topk(logits, router)
+    if router.kind == "sigmoid_grouped":
+        return _sigmoid_grouped(logits, router, correction_bias)
+    raise ValueError(f"unknown router kind {router.kind!r}")
+
+
+def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = torch.topk(probs, router.top_k, dim=-1)  # [T, K]
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def _sigmoid_grouped(logits: torch.Tensor, router: RouterSpec,
+                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    t, e = logits.shape
+    scores = logits.float().sigmoid()  # [T, E]
+    choice = scores if bias is None else scores + bias.float()  # [T, E]
+    g = router.n_group
+    group_scores = choice.view(t, g, e // g).topk(min(2, e // g), dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, G]
+    score_mask = group_mask.unsqueeze(-1).expand(t, g, e // g).reshape(t, e)  # [T, E]
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]  # [T, K]
+    weights = scores.gather(1, ids)  # [T, K]
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * router.routed_scaling_factor

@@ -1,0 +1,277 @@
+"""MoESpec: a frozen description of an MoE model's shape, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hetrun.errors import SpecError
+
+RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
+AttentionKind = Literal["gqa", "mla"]
+
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    kind: RouterKind = "softmax_topk"
+    top_k: int = 2
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    kind: AttentionKind = "gqa"
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    # MLA (DeepSeek-V2/V3) low-rank dimensions; zero when unused.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def kv_bytes_per_token(self, bytes_per_elem: float = 2.0) -> float:
+        """KV-cache bytes one token occupies in one layer."""
+        if self.kind == "mla":
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * bytes_per_elem
+        return 2 * self.num_kv_heads * self.head_dim * bytes_per_elem
+
+    def params(self, hidden: int) -> int:
+        """Attention weight count of one layer."""
+        if self.kind == "mla":
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (hidden * self.q_lora_rank + self.q_lora_rank * self.num_heads * qk) if self.q_lora_rank \
+                else hidden * self.num_heads * qk
+            kv = hidden * (self.kv_lora_rank + self.qk_rope_head_dim) + \
+                self.kv_lora_rank * self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv + self.num_heads * self.v_head_dim * hidden
+        return hidden * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    name: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    router: RouterSpec
+    num_shared_experts: int = 0
+    shared_intermediate_size: int = 0  # per shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert
+    first_dense_layers: int = 0  # leading layers with a dense MLP instead of MoE
+    dense_intermediate_size: int = 0
+    activation: str = "silu"
+    vocab_size: int = 32000
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_experts < 1 or self.router.top_k < 1 or self.router.top_k > self.num_experts:
+            raise SpecError(f"model '{self.name}': top_k={self.router.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.num_experts % max(self.router.n_group, 1):
+            raise SpecError(f"model '{self.name}': num_experts={self.num_experts} must divide into n_group={self.router.n_group} groups")
+        if self.hidden_size < 1 or self.moe_intermediate_size < 1 or self.num_layers < 1:
+            raise SpecError(f"model '{self.name}': sizes must be positive")
+        if self.activation != "silu":
+            raise SpecError(f"model '{self.name}': activation '{self.activation}' is not supported; hetrun runs SwiGLU (silu) experts")
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.first_dense_layers, self.num_layers))
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+    @property
+    def expert_params(self) -> int:
+        """Weights in one routed expert (gate, up, down)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def shared_expert_params(self) -> int:
+        return 3 * self.hidden_size * self.shared_intermediate_size
+
+    def expert_flops_per_token(self) -> int:
+        """Multiply-adds x2 for one token through one routed expert."""
+        return 2 * self.expert_params
+
+    def total_params(self) -> int:
+        """All weights of the model, embeddings included."""
+        h = self.hidden_size
+        attn = self.attention.params(h) * self.num_layers
+        dense = 3 * h * self.dense_intermediate_size * self.first_dense_layers
+        moe = self.num_moe_layers * (self.num_experts * self.expert_params
+                                     + self.num_shared_experts * self.shared_expert_params
+                                     + self.num_experts * h)
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return attn + dense + moe + emb
+
+    def replace(self, **changes: Any) -> "MoESpec":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoESpec":
+        try:
+            d = dict(d)
+            d["router"] = RouterSpec(**d["router"])
+            d["attention"] = AttentionSpec(**d.get("attention", {}))
+            return cls(**d)
+        except (TypeError, KeyError) as e:
+            raise SpecError(f"malformed model spec: {e}; write it with MoESpec.to_dict()") from None
+
+    # ---- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str) -> "MoESpec":
+        """A named preset: tiny, tiny-mixtral, mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite, deepseek-r1, ..."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise SpecError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "MoESpec":
+        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3)."""
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_FAMILIES:
+            raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
+        g = lambda k, default=None: getattr(config, k, default)  # noqa: E731
+        heads = g("num_attention_heads")
+        head_dim = g("head_dim") or config.hidden_size // heads
+        attn = AttentionSpec("gqa", heads, g("num_key_value_heads", heads) or heads, head_dim)
+        common = dict(name=g("name_or_path") or mt, family=mt, num_layers=config.num_hidden_layers,
+                      hidden_size=config.hidden_size, vocab_size=config.vocab_size, activation=g("hidden_act", "silu"),
+                      attention=attn, tie_word_embeddings=bool(g("tie_word_embeddings", False)))
+        if mt == "mixtral":
+            return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
+                       router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
+        if mt in ("qwen3_moe", "olmoe", "qwen2_moe"):
+            first_dense, dense_i = 0, 0
+            sparse_step = g("decoder_sparse_step", 1) or 1
+            mlp_only = list(g("mlp_only_layers", []) or [])
+            if sparse_step != 1 or mlp_only:
+                raise SpecError(f"{mt} configs with decoder_sparse_step != 1 or mlp_only_layers are not supported yet")
+            moe_i = g("moe_intermediate_size") or config.intermediate_size
+            shared = dict(num_shared_experts=0)
+            if mt == "qwen2_moe" and g("shared_expert_intermediate_size", 0):
+                shared = dict(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
+                              shared_expert_gate=True)
+            return cls(moe_intermediate_size=moe_i, num_experts=config.num_experts, first_dense_layers=first_dense,
+                       dense_intermediate_size=dense_i,
+                       router=RouterSpec("softmax_topk", config.num_experts_per_tok, bool(g("norm_topk_prob", False))),
+                       **shared, **common)
+        # deepseek_v3
+        attn = AttentionSpec("mla", heads, heads, config.qk_nope_head_dim + config.qk_rope_head_dim,
+                             g("q_lora_rank") or 0, config.kv_lora_rank, config.qk_nope_head_dim,
+                             config.qk_rope_head_dim, config.v_head_dim)
+        common["attention"] = attn
+        return cls(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.n_routed_experts,
+                   num_shared_experts=g("n_shared_experts", 0) or 0,
+                   shared_intermediate_size=config.moe_intermediate_size,
+                   first_dense_layers=g("first_k_dense_replace", 0) or 0,
+                   dense_intermediate_size=config.intermediate_size,
+                   router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, bool(g("norm_topk_prob", True)),
+                                     g("n_group", 1) or 1, g("topk_group", 1) or 1,
+                                     float(g("routed_scaling_factor", 1.0))),
+                   **common)
+
+    def to_hf_config(self, **overrides: Any):
+        """A transformers config of this shape (for building small random models to test against)."""
+        import transformers as tf
+
+        a = self.attention
+        base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=a.num_heads, hidden_act=self.activation,
+                    tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
+        if self.family == "mixtral":
+            cfg = tf.MixtralConfig(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
+                                   num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads,
+                                   head_dim=a.head_dim, **base)
+        elif self.family in ("qwen3_moe", "olmoe", "qwen2_moe"):
+            cls = {"qwen3_moe": tf.Qwen3MoeConfig, "olmoe": tf.OlmoeConfig, "qwen2_moe": tf.Qwen2MoeConfig}[self.family]
+            extra = dict(shared_expert_intermediate_size=self.shared_intermediate_size) if self.family == "qwen2_moe" else {}
+            if self.family != "olmoe":
+                extra["head_dim"] = a.head_dim
+            cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
+                      num_experts=self.num_experts, num_experts_per_tok=self.top_k,
+                      norm_topk_prob=self.router.norm_topk_prob, num_key_value_heads=a.num_kv_heads, **extra, **base)
+        elif self.family == "deepseek_v3":
+            r = self.router
+            cfg = tf.DeepseekV3Config(intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
+                                      moe_intermediate_size=self.moe_intermediate_size,
+                                      n_routed_experts=self.num_experts, n_shared_experts=self.num_shared_experts,
+                                      num_experts_per_tok=r.top_k, n_group=r.n_group, topk_group=r.topk_group,
+                                      routed_scaling_factor=r.routed_scaling_factor, norm_topk_prob=r.norm_topk_prob,
+                                      first_k_dense_replace=self.first_dense_layers, num_key_value_heads=a.num_heads,
+                                      q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,
+                                      qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                                      v_head_dim=a.v_head_dim, **base)
+        else:
+            raise SpecError(f"model family '{self.family}' has no transformers config; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg
+
+
+def _mla(heads: int, q_lora: int, kv_lora: int = 512) -> AttentionSpec:
+    return AttentionSpec("mla", heads, heads, 192, q_lora, kv_lora, 128, 64, 128)
+
+
+# Published shapes (config.json of each model on its hub page).
+PRESETS: dict[str, MoESpec] = {
+    # A tiny DeepSeek-V3-style model: grouped sigmoid routing, 2 shared experts, one dense layer first.
+    # Hidden size 72 is deliberately not a multiple of 64.
+    "tiny": MoESpec(
+        name="tiny", family="deepseek_v3", num_layers=3, hidden_size=72, moe_intermediate_size=48,
+        num_experts=12, num_shared_experts=2, shared_intermediate_size=48, first_dense_layers=1,
+        dense_intermediate_size=96, vocab_size=256,
+        router=RouterSpec("sigmoid_grouped", top_k=4, norm_topk_prob=True, n_group=4, topk_group=2,
+                          routed_scaling_factor=2.5),
+        attention=AttentionSpec("mla", 4, 4, 24, 32, 32, 16, 8, 16)),
+    "tiny-mixtral": MoESpec(
+        name="tiny-mixtral", family="mixtral", num_layers=2, hidden_size=64, moe_intermediate_size=96,
+        num_experts=8, vocab_size=256, router=RouterSpec("softmax_topk", 2, True),
+        attention=AttentionSpec("gqa", 4, 2, 16)),
+    "mixtral-8x7b": MoESpec(
+        name="mixtral-8x7b", family="mixtral", num_layers=32, hidden_size=4096, moe_intermediate_size=14336,
+        num_experts=8, vocab_size=32000, router=RouterSpec("softmax_topk", 2, True),
+        attention=AttentionSpec("gqa", 32, 8, 128)),
+    # The layer hetrun bench moe measures: Mixtral-shaped but small enough for a CPU.
+    "mixtral-bench": MoESpec(
+        name="mixtral-bench", family="mixtral", num_layers=1, hidden_size=1024, moe_intermediate_size=2816,
+        num_experts=8, vocab_size=32000, router=RouterSpec("softmax_topk", 2, True),
+        attention=AttentionSpec("gqa", 8, 8, 128)),
+    "qwen3-30b-a3b": MoESpec(
+        name="qwen3-30b-a3b", family="qwen3_moe", num_layers=48, hidden_size=2048, moe_intermediate_size=768,
+        num_experts=128, vocab_size=151936, router=RouterSpec("softmax_topk", 8, True),
+        attention=AttentionSpec("gqa", 32, 4, 128)),
+    "deepseek-v2-lite": MoESpec(
+        name="deepseek-v2-lite", family="deepseek_v2", num_layers=27, hidden_size=2048,
+        moe_intermediate_size=1408, num_experts=64, num_shared_experts=2, shared_intermediate_size=1408,
+        first_dense_layers=1, dense_intermediate_size=10944, vocab_size=102400,
+        router=RouterSpec("softmax_topk", 6, False, 1, 1, 1.0), attention=_mla(16, 0)),
+    "deepseek-v3": MoESpec(
+        name="deepseek-v3", family="deepseek_v3", num_layers=61, hidden_size=7168, moe_intermediate_size=2048,
+        num_experts=256, num_shared_experts=1, shared_intermediate_size=2048, first_dense_layers=3,
+        dense_intermediate_size=18432, vocab_size=129280,
+        router=RouterSpec("sigmoid_grouped", 8, True, 8, 4, 2.5), attention=_mla(128, 1536)),
+}
+PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")

@@ -1,0 +1,111 @@
+"""Group-wise INT4 weight quantization along K, and its two ONNX layouts.
+
+Codes are kept unpacked as uint8 0..15 with a zero point per group:
+``w ~= (codes - zero_point) * scale``. Symmetric quantization is the zero point 8 case
+(signed levels -8..7), so both layouts share one dequantize.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Int4Tensor:
+    codes: np.ndarray  # uint8 [N, K], 0..15
+    scale: np.ndarray  # float32 [N, n_groups]
+    zero_point: np.ndarray  # uint8 [N, n_groups], 0..15 (all 8 when symmetric)
+    group: int
+    symmetric: bool
+
+    def dequantize(self) -> np.ndarray:
+        """Return ``(codes - zero_point) * scale`` as float32 ``[N, K]``."""
+        k = self.codes.shape[1]
+        zp = np.repeat(self.zero_point, self.group, axis=1)[:, :k]  # [N, K]
+        scale = np.repeat(self.scale, self.group, axis=1)[:, :k]  # [N, K]
+        return (self.codes.astype(np.float32) - zp) * scale
+
+
+@dataclass(frozen=True)
+class OnnxInt4:
+    values: np.ndarray  # ml_dtypes.int4 (symmetric) or uint4 [N, K]
+    scale: np.ndarray  # float32 [N, n_groups]
+    zero_point: np.ndarray  # same dtype as values [N, n_groups]
+    block_size: int
+
+
+def int4_grid(w: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of the 16-level grid for each group ``w [..., g]``.
+
+    Symmetric: scale = 2 * amax / 15 and zero point 8 (GPTQ's grid). It spreads the 16 levels
+    over [-amax, amax]; +amax lands on 7.5 and clips to 7, so no value is ever off by more than
+    half a step, and the step is smaller than amax / 7's.
+    Asymmetric: the grid spans [min(w, 0), max(w, 0)], so 0 is always exactly representable.
+    All-zero groups get scale 1.
+    """
+    if symmetric:
+        lo = -np.abs(w).max(axis=-1)  # [...]
+        hi = -lo
+    else:
+        lo, hi = np.minimum(w.min(axis=-1), 0), np.maximum(w.max(axis=-1), 0)  # [...]
+    scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.full(scale.shape, 8) if symmetric else np.clip(np.rint(-lo / scale), 0, 15)
+    return scale, zp.astype(np.uint8)
+
+
+def int4_codes(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """Round ``w`` to codes 0..15 on the grid ``(code - zero_point) * scale`` (broadcasting)."""
+    return np.clip(np.rint(w / scale) + zero_point.astype(np.float32), 0, 15).astype(np.uint8)
+
+
+def quantize_int4(w: np.ndarray, group: int = 128, symmetric: bool = False) -> Int4Tensor:
+    """Round-to-nearest INT4 of ``w [N, K]`` in groups of ``group`` along K (last group may be short)."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    n_groups = -(-k // group)
+    groups = np.pad(w, ((0, 0), (0, n_groups * group - k))).reshape(n, n_groups, group)  # [N, G, g]
+    scale, zp = int4_grid(groups, symmetric)  # [N, G]
+    codes = int4_codes(groups, scale[..., None], zp[..., None]).reshape(n, -1)[:, :k]  # [N, K]
+    return Int4Tensor(codes, scale, zp, group, symmetric)
+
+
+def to_matmulnbits(t: Int4Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pack ``t`` for onnxruntime's com.microsoft.MatMulNBits (bits=4, block_size=t.group).
+
+    Returns:
+      - B uint8 ``[N, n_blocks, group / 2]``: codes along K, low nibble first; the ragged tail of
+        the last block is padded with its zero point, so it dequantizes to 0;
+      - scales float32 ``[N * n_blocks]``, row-major ``[N, n_blocks]``;
+      - zero_points uint8 ``[N * ceil(n_blocks / 2)]``, two blocks a byte, low nibble first, each row
+        padded to whole bytes; None when symmetric, since MatMulNBits' default zero point is 8.
+    """
+    if t.group < 16 or t.group & (t.group - 1):
+        raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {t.group}")
+    n, k = t.codes.shape
+    n_blocks = t.scale.shape[1]
+    codes = np.repeat(t.zero_point, t.group, axis=1)  # [N, n_blocks * group]
+    codes[:, :k] = t.codes
+    b = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(n, n_blocks, t.group // 2)
+    if t.symmetric:
+        return b, t.scale.reshape(-1), None
+    zp = np.pad(t.zero_point, ((0, 0), (0, n_blocks % 2)))  # [N, 2 * ceil(n_blocks / 2)]
+    return b, t.scale.reshape(-1), (zp[:, 0::2] | zp[:, 1::2] << 4).reshape(-1)
+
+
+def to_onnx_int4(t: Int4Tensor) -> OnnxInt4:
+    """Inputs of an opset-21 ``DequantizeLinear(axis=1, block_size=t.group)`` on an INT4 initializer.
+
+    Symmetric tensors become INT4 values (-8..7) with INT4 zero points 0; asymmetric ones UINT4
+    codes with UINT4 zero points. ``onnx.numpy_helper.from_array`` packs either dtype.
+    """
+    if t.symmetric:
+        values = (t.codes.astype(np.int8) - 8).astype(ml_dtypes.int4)  # [N, K]
+        zp = np.zeros(t.zero_point.shape, dtype=ml_dtypes.int4)  # [N, G]
+    else:
+        values = t.codes.astype(ml_dtypes.uint4)  # [N, K]
+        zp = t.zero_point.astype(ml_dtypes.uint4)  # [N, G]
+    return OnnxInt4(values, t.scale, zp, t.group)
