@@ -47,14 +47,14 @@ class OpenVinoBackend(Backend):
         return want
 
     def compile_config(self) -> dict:
-        cfg = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS.get(self.precision, "f32")}
+        # Without DYNAMIC_QUANTIZATION_GROUP_SIZE=0, OpenVINO quantizes activations to INT8 for compressed weights.
+        cfg = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS.get(self.precision, "f32"),
+               "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
         return cfg
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import openvino as ov
-
         core = _core()
         model = core.read_model(io.BytesIO(graph))
         return OvSession(core.compile_model(model, self.device_string(), self.compile_config()))
