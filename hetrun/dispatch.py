@@ -11,6 +11,7 @@ import torch
 
 from hetrun.backends.base import ExpertSession
 from hetrun.backends.registry import require_backend
+from hetrun.errors import HetrunError, PlacementError
 from hetrun.graphs import build_expert_graph
 from hetrun.moe_weights import MoELayerWeights
 from hetrun.planner import Plan
@@ -66,7 +67,6 @@ class ExpertRuntime:
     def _device(self, device_id: str) -> Device:
         found = [d for d in self.profile.devices if d.id == device_id]
         if not found:
-            from hetrun.errors import PlacementError
             raise PlacementError(f"plan names device '{device_id}', which profile '{self.profile.name}' lacks; "
                                  "re-plan with `hetrun plan` for this profile")
         return found[0]
@@ -102,6 +102,7 @@ class MoELayer:
             if (e, d) not in cache:
                 cache[(e, d)] = runtime.compile(d, weights.experts[e], f"L{weights.layer}.E{e}")
             self.sessions.append(cache[(e, d)])
+        self._fallback_sessions: dict[tuple[int, int], ExpertSession] = {}
         self.shared_devices = plan.shared_device_of[index].tolist()
         self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}")
                                 for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
@@ -156,8 +157,12 @@ class MoELayer:
             n = counts[r]
             if n == 0:
                 continue
+            rows = permuted[offsets[r]:offsets[r + 1]]
             d = int(self.device_of[r])
-            out_rows[offsets[r]:offsets[r + 1]] = self._run(self.sessions[r], d, permuted[offsets[r]:offsets[r + 1]])
+            try:
+                out_rows[offsets[r]:offsets[r + 1]] = self._run(self.sessions[r], d, rows)
+            except Exception as fault:  # noqa: BLE001 -- any backend failure: fail over, don't drop tokens
+                d, out_rows[offsets[r]:offsets[r + 1]] = self._failover(r, rows, fault)
             stats.tokens_per_device[d] += n
 
         y = torch.from_numpy(out_rows) * weights.reshape(-1)[order, None].float()  # [T*K, D]
@@ -171,6 +176,32 @@ class MoELayer:
         stats.calls += 1
         stats.layer_s += time.perf_counter() - t0
         return out.to(hidden.dtype)
+
+    def _failover(self, slot: int, rows: np.ndarray, fault: Exception) -> tuple[int, np.ndarray]:
+        """Run a failed slot's tokens on a replica of the same expert on another device, else the fallback device."""
+        rt = self.runtime
+        expert, bad = int(self.phy2log[slot]), int(self.device_of[slot])
+        where = f"device '{rt.devices[bad].id}' failed on expert {expert} of layer {self.weights.layer}"
+        rt.stats.faults.append({"layer": self.weights.layer, "expert": expert, "device": rt.devices[bad].id,
+                                "error": f"{type(fault).__name__}: {fault}"})
+        candidates = [r for r in self.slot_table[expert].tolist()[:int(self.replica_count[expert])]
+                      if int(self.device_of[r]) != bad]
+        fallback = rt.profile.fallback_device
+        if candidates:
+            target, session = int(self.device_of[candidates[0]]), self.sessions[candidates[0]]
+        elif fallback is not None and fallback.id in rt.plan.device_ids and fallback.id != rt.devices[bad].id:
+            target = rt.plan.device_ids.index(fallback.id)
+            key = (expert, target)
+            if key not in self._fallback_sessions:
+                self._fallback_sessions[key] = rt.compile(target, self.weights.experts[expert],
+                                                          f"L{self.weights.layer}.E{expert}@fallback")
+            session = self._fallback_sessions[key]
+        else:
+            raise HetrunError(f"{where} ({type(fault).__name__}: {fault}) and it has no replica on another device "
+                              "and the profile no fallback_device; add replicas or a fallback_device") from fault
+        log.error("%s (%s: %s); its %d tokens go to '%s'", where, type(fault).__name__, fault, len(rows),
+                  rt.devices[target].id)
+        return target, self._run(session, target, rows)
 
     def _run(self, session: ExpertSession, device: int, rows: np.ndarray) -> np.ndarray:
         stats = self.runtime.stats
