@@ -1,0 +1,39 @@
+"""hetrun's routers pick the same experts with the same weights as transformers' own routers."""
+
+import pytest
+import torch
+
+from hetrun.moe_weights import find_moe_blocks
+from hetrun.routing import route, router_logits
+from hetrun.spec import MoESpec
+from tests.conftest import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_matches_transformers(family, family_models):
+    model = family_models[family]
+    spec = MoESpec.from_hf_config(model.config)
+    _, _, block = find_moe_blocks(model)[0]
+    x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [T, D]
+    with torch.no_grad():
+        _, want_w, want_ids = block.gate(x)
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        ids, w = route(router_logits(x, block.gate.weight, spec.router), spec.router, bias)
+    # Same experts per token (order may differ with sorted=False), same weights within FP32 rounding.
+    want_sorted, wi = want_ids.sort(-1)
+    got_sorted, gi = ids.sort(-1)
+    assert torch.equal(want_sorted, got_sorted)
+    torch.testing.assert_close(w.gather(1, gi), want_w.float().gather(1, wi), rtol=1e-6, atol=1e-7)
+
+
+def test_grouped_router_respects_groups_and_bias():
+    spec = MoESpec.from_preset("deepseek-r1")
+    logits = torch.randn(64, spec.num_experts, generator=torch.Generator().manual_seed(1))  # [T, E]
+    bias = torch.zeros(spec.num_experts)
+    bias[:32] = 5.0  # the first group's experts win every choice
+    ids, w = route(logits, spec.router, bias)
+    assert ids.shape == (64, 8) and (ids < 32).all()
+    assert torch.allclose(w.sum(-1), torch.full((64,), spec.router.routed_scaling_factor))
+    ids, _ = route(logits, spec.router, torch.zeros(spec.num_experts))
+    groups = ids // (spec.num_experts // spec.router.n_group)  # [T, K]
+    assert max(len(set(row)) for row in groups.tolist()) <= spec.router.topk_group
