@@ -69,8 +69,14 @@ class Backend(abc.ABC):
 
     @classmethod
     def supports(cls, precision: str) -> bool:
-        """Whether this backend executes expert graphs of this precision."""
-        return precision in cls.caps.precisions
+        """Whether this backend executes expert graphs of this precision (a variant such as fp8-w8a16: its base)."""
+        from hetrun.profile import PRECISION_BASE
+
+        return PRECISION_BASE.get(precision, precision) in cls.caps.precisions
+
+    def graph_target(self) -> str:
+        """The `target` to build this backend's expert graphs for (see hetrun.graphs.build_expert_graph)."""
+        return self.caps.name
 
     @abc.abstractmethod
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:

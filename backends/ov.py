@@ -1,18 +1,43 @@
-"""OpenVINO: CPU here; Intel GPU and NPU where present. The inference precision hint follows the plan."""
+"""OpenVINO: CPU here; Intel GPU and NPU where present. The inference precision hint follows the plan and the device.
+
+Device strings: a profile's cpu devices run on "CPU"; gpu devices on the GPUs OpenVINO lists ("GPU", or "GPU.0",
+"GPU.1", ...), profile device index modulo their count; npu devices on "NPU". The NPU compiles static shapes only, so
+NPU experts are compiled per token-count bucket (powers of two) and inputs are zero-padded to their bucket.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 from hetrun.errors import BackendUnavailable
 
-# OpenVINO device string per catalog device kind.
+log = logging.getLogger("hetrun")
+
+# OpenVINO device family per catalog device kind.
 DEVICE_STRINGS = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
-# The hint that keeps each graph precision's numerics; OpenVINO on AVX-512-BF16 CPUs defaults to bf16 otherwise.
-PRECISION_HINTS = {"bf16": "bf16", "fp16": "f32", "fp32": "f32", "fp8": "f32", "int8": "f32", "int4": "f32"}
+# Per device family, the INFERENCE_PRECISION_HINT that keeps each graph precision's numerics.
+#   CPU: OpenVINO on AVX-512-BF16 CPUs defaults to bf16, so everything but bf16 graphs is pinned to f32.
+#   GPU: the GPU plugin defaults to f16; fp32 graphs are pinned to f32, 16-bit and weight-compressed graphs run in f16.
+#   NPU: computes in f16 whatever the graph says (it has no f32 datapath).
+PRECISION_HINTS = {
+    "CPU": {"bf16": "bf16", "fp16": "f32", "fp32": "f32", "fp8": "f32", "int8": "f32", "int4": "f32"},
+    "GPU": {"bf16": "f16", "fp16": "f16", "fp32": "f32", "fp8": "f16", "int8": "f16", "int4": "f16"},
+    "NPU": {"bf16": "f16", "fp16": "f16", "fp32": "f16", "fp8": "f16", "int8": "f16", "int4": "f16"},
+}
+# Device properties worth showing in `hetrun devices`, where the plugin has them.
+CAPABILITY_KEYS = ("FULL_DEVICE_NAME", "DEVICE_TYPE", "DEVICE_ARCHITECTURE", "OPTIMIZATION_CAPABILITIES",
+                   "GPU_DEVICE_TOTAL_MEM_SIZE", "GPU_EXECUTION_UNITS_COUNT", "DEVICE_GOPS")
+NPU_MAX_BUCKET = 4096  # largest static token count compiled for the NPU; longer inputs run in chunks
+_warned: set[str] = set()
+
+
+def device_family(device_string: str) -> str:
+    """'GPU.1' -> 'GPU'."""
+    return device_string.split(".", 1)[0]
 
 
 class OpenVinoBackend(Backend):
@@ -21,7 +46,7 @@ class OpenVinoBackend(Backend):
         precisions=frozenset({"fp32", "fp16", "bf16", "fp8", "int8", "int4"}),
         device_kinds=frozenset({"cpu", "gpu", "npu"}),
         real_hardware=True,
-        install_hint="install it with `pip install openvino` (Intel GPU/NPU also need Intel's drivers)",
+        install_hint="install it with `pip install hetrun[intel]` (Intel GPU/NPU also need Intel's GPU or NPU drivers)",
     )
 
     @classmethod
@@ -29,35 +54,101 @@ class OpenVinoBackend(Backend):
         try:
             import openvino as ov
         except ImportError as e:
-            return Availability(False, f"openvino is not installed ({e})")
+            return Availability(False, f"openvino is not installed ({e}): pip install hetrun[intel]")
         try:
-            devices = tuple(ov.Core().available_devices)
+            core = _core()
+            devices = tuple(core.available_devices)
         except Exception as e:  # a broken driver must not take the probe down
             return Availability(False, f"openvino is installed but cannot list devices: {e}")
-        return Availability(True, devices=devices, details={"version": ov.__version__})
+        return Availability(True, devices=devices,
+                            details={"version": ov.__version__, "devices": {d: device_capabilities(core, d) for d in devices}})
+
+    @classmethod
+    def has_device(cls, device_type) -> bool:
+        """Whether OpenVINO lists a device of this catalog type's kind (Intel GPUs only for gpu types)."""
+        from hetrun.backends.registry import probe_backend
+
+        family = DEVICE_STRINGS.get(device_type.kind)
+        if family is None or (device_type.kind in ("gpu", "npu") and device_type.vendor != "intel"):
+            return False
+        return any(device_family(d) == family for d in probe_backend("openvino").devices)
 
     def device_string(self) -> str:
         """The OpenVINO device this profile device maps to; raises when it is not present."""
         want = DEVICE_STRINGS.get(self.device.type.kind)
         have = self.probe().devices
-        if want is None or not any(d == want or d.startswith(want + ".") for d in have):
+        matches = sorted(d for d in have if device_family(d) == want)
+        if want is None or not matches:
             raise BackendUnavailable(
                 f"OpenVINO has no {want or self.device.type.kind} device for {self.device.id}; found {', '.join(have) or 'none'}; "
                 "install Intel's GPU/NPU drivers or use backend: simulated")
-        return want
+        return matches[self.device.index % len(matches)]
 
-    def compile_config(self) -> dict:
+    def precision_hint(self, device_string: str) -> str:
+        """INFERENCE_PRECISION_HINT for this backend's precision on that device."""
+        family = device_family(device_string)
+        hint = PRECISION_HINTS.get(family, PRECISION_HINTS["CPU"]).get(self.precision, "f32")
+        if family == "CPU" and hint == "bf16" and "BF16" not in _cpu_capabilities():
+            # Without native BF16, the bf16 hint emulates BF16 everywhere (5-50x slower) and OpenVINO's f32->bf16
+            # Convert misrounds; in f32 the graph for target "openvino" rounds to BF16 exactly (see hetrun.graphs).
+            hint = "f32"
+        if family == "NPU" and self.precision in ("fp32", "bf16") and f"npu:{self.precision}" not in _warned:
+            _warned.add(f"npu:{self.precision}")
+            log.warning("the Intel NPU computes %s experts in f16 (it has no %s datapath)", self.precision, self.precision)
+        return hint
+
+    def graph_target(self) -> str:
+        """"openvino" (narrow floats rounded in f32 arithmetic) where the device computes in f32, else standard ONNX."""
+        return "openvino" if self.precision_hint(self.device_string()) == "f32" else "onnxruntime"
+
+    def compile_config(self, device_string: str = "CPU") -> dict:
+        """Compile properties for a device: only those its plugin supports (the NPU lacks several CPU ones)."""
         # Without DYNAMIC_QUANTIZATION_GROUP_SIZE=0, OpenVINO quantizes activations to INT8 for compressed weights.
-        cfg = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS.get(self.precision, "f32"),
-               "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+        cfg = {"INFERENCE_PRECISION_HINT": self.precision_hint(device_string), "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
-        return cfg
+        if device_family(device_string) == "CPU":
+            return cfg
+        supported = _supported_properties(_core(), device_string)
+        return {k: v for k, v in cfg.items() if supported is None or k in supported}
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         core = _core()
         model = core.read_model(io.BytesIO(graph))
-        return OvSession(core.compile_model(model, self.device_string(), self.compile_config()))
+        device = self.device_string()
+        config = self.compile_config(device)
+        if device_family(device) == "NPU":
+            return StaticShapeSession(core, model, device, config)
+        return OvSession(core.compile_model(model, device, config))
+
+
+def device_capabilities(core, device: str) -> dict:
+    """The CAPABILITY_KEYS this device reports, as plain strings, numbers and lists."""
+    out = {}
+    supported = _supported_properties(core, device) or set()
+    for key in CAPABILITY_KEYS:
+        if key not in supported:
+            continue
+        try:
+            value = core.get_property(device, key)
+        except Exception:  # noqa: BLE001 -- a property a plugin lists but cannot read is skipped
+            continue
+        out[key] = list(value) if isinstance(value, (list, tuple)) else value if isinstance(value, (int, float)) else str(value)
+    return out
+
+
+def _cpu_capabilities() -> tuple[str, ...]:
+    try:
+        return tuple(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except Exception:  # noqa: BLE001
+        return ()
+
+
+def _supported_properties(core, device: str) -> set[str] | None:
+    try:
+        return set(core.get_property(device, "SUPPORTED_PROPERTIES"))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _core():
@@ -78,3 +169,34 @@ class OvSession(ExpertSession):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.request.infer([x], share_inputs=True)[0].copy()
+
+
+def bucket(tokens: int) -> int:
+    """The static token count an input of `tokens` rows runs at: the next power of two, at most NPU_MAX_BUCKET."""
+    return min(NPU_MAX_BUCKET, 1 << max(0, tokens - 1).bit_length())
+
+
+class StaticShapeSession(ExpertSession):
+    """An expert compiled per token-count bucket for devices without dynamic shapes (the Intel NPU)."""
+
+    def __init__(self, core, model, device: str, config: dict):
+        self.core, self.model, self.device, self.config = core, model, device, config
+        self.hidden = model.inputs[0].get_partial_shape()[1].get_length()
+        self.requests: dict[int, object] = {}  # bucket -> infer request
+
+    def _request(self, rows: int):
+        if rows not in self.requests:
+            static = self.model.clone()
+            static.reshape({static.inputs[0]: [rows, self.hidden]})
+            self.requests[rows] = self.core.compile_model(static, self.device, self.config).create_infer_request()
+        return self.requests[rows]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, max(len(x), 1), NPU_MAX_BUCKET):
+            part = x[start:start + NPU_MAX_BUCKET]  # [n, D]
+            rows = bucket(len(part))
+            padded = np.zeros((rows, x.shape[1]), np.float32)
+            padded[:len(part)] = part
+            outs.append(self._request(rows).infer([padded])[0][:len(part)].copy())
+        return np.concatenate(outs) if outs else np.zeros((0, x.shape[1]), np.float32)

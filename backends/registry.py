@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from hetrun.errors import BackendUnavailable, HetrunError
 
 from hetrun.backends.base import Availability, Backend
+
+if TYPE_CHECKING:
+    from hetrun.profile import Device, DeviceType
+
+log = logging.getLogger("hetrun")
+_auto_reported: set[tuple[str, str, str]] = set()
 
 BUILTIN = {
     "onnxruntime": "hetrun.backends.ort:OnnxRuntimeBackend",
@@ -70,3 +78,63 @@ def require_backend(name: str) -> type[Backend]:
         hint = f"; {cls.caps.install_hint}" if cls is not None and cls.caps.install_hint else ""
         raise BackendUnavailable(f"backend '{name}' is not available here: {avail.reason}{hint}")
     return cls
+
+
+def has_device(name: str, device_type: "DeviceType") -> bool:
+    """Whether backend `name` runs here AND finds a real device of this catalog type (e.g. a CUDA GPU for an H100)."""
+    cls = backend_class(name)
+    if cls is None or not cls.caps.real_hardware or device_type.kind not in cls.caps.device_kinds:
+        return False
+    if not probe_backend(name).ok:
+        return False
+    finder = getattr(cls, "has_device", None)
+    if finder is not None:
+        return bool(finder(device_type))
+    if name == "onnxruntime":
+        return _onnxruntime_has_device(device_type)
+    return True
+
+
+def _onnxruntime_has_device(device_type: "DeviceType") -> bool:
+    from hetrun.backends.ort import PROVIDERS
+
+    providers = set(probe_backend("onnxruntime").devices)
+    if not providers & set(PROVIDERS.get(device_type.kind, [])):
+        return False
+    if device_type.kind == "gpu":  # the CUDA EP is listed even on machines without a GPU
+        return device_type.vendor == "nvidia" and probe_backend("nvidia").ok
+    if device_type.kind == "npu":
+        return device_type.vendor == "huawei" and probe_backend("ascend").ok
+    return True
+
+
+def resolve_backend(device: "Device") -> str:
+    """The backend a profile device runs on: its own, or for `backend: auto` the first of its type's real backends
+    that finds such a device here, else `simulated`. Says once per device group which one `auto` picked."""
+    if device.backend != "auto":
+        return device.backend
+    tried = []
+    chosen = "simulated"
+    for name in device.type.real_backends:
+        if has_device(name, device.type):
+            chosen = name
+            break
+        avail = probe_backend(name)
+        tried.append(f"{name}: {avail.reason if not avail.ok else 'no ' + device.type.kind + ' of this kind found'}")
+    key = (device.group, device.type.name, chosen)
+    if key not in _auto_reported:
+        _auto_reported.add(key)
+        if chosen == "simulated":
+            log.warning("device group '%s' (%s): backend auto found no real device, using simulated%s", device.group,
+                        device.type.name, f" ({'; '.join(tried)})" if tried else " (no real backend drives this type)")
+        else:
+            log.info("device group '%s' (%s): backend auto uses %s (%s)", device.group, device.type.name, chosen,
+                     ", ".join(probe_backend(chosen).devices) or "found")
+    return chosen
+
+
+def reset_probes() -> None:
+    """Forget cached probes and `auto` reports (tests; or after installing drivers in a running process)."""
+    backend_class.cache_clear()
+    probe_backend.cache_clear()
+    _auto_reported.clear()

@@ -1,5 +1,11 @@
 """hetrun: deploy one Mixture-of-Experts model across mixed accelerators."""
 
+import os
+
+# torch auto-loads torch_npu at `import torch`; without Huawei's CANN that import fails and takes hetrun down before
+# the Ascend backend's probe can explain what is missing. The Ascend backend imports torch_npu itself.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
 from hetrun.errors import HetrunError
 from hetrun.profile import Profile, load_profile
 from hetrun.spec import MoESpec, RouterSpec

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hetrun.backends.base import ExpertSession
-from hetrun.backends.registry import require_backend
+from hetrun.backends.registry import require_backend, resolve_backend
 from hetrun.errors import HetrunError, PlacementError
 from hetrun.graphs import build_expert_graph
 from hetrun.moe_weights import MoELayerWeights
@@ -55,14 +55,24 @@ class DispatchStats:
 class ExpertRuntime:
     """Every expert graph of a plan compiled on its device's backend, ready to dispatch to."""
 
+    layer_class: type | None = None  # MoELayer unless a subclass swaps it (hetrun.distributed does)
+
     def __init__(self, plan: Plan, profile: Profile | str, weights: list[MoELayerWeights], threads: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, local_devices: "set[int] | None" = None):
         self.plan = plan
         self.profile = load_profile(profile)
         self.devices: tuple[Device, ...] = tuple(self._device(i) for i in plan.device_ids)
         self.stats = DispatchStats.empty(plan.num_layers, plan.spec.num_experts, len(self.devices))
-        self.backends = [require_backend(d.backend)(d, plan.precision[d.id], threads) for d in self.devices]
-        self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
+        # Device indices whose experts this process compiles and runs; None: all of them (one process).
+        self.local_devices = None if local_devices is None else frozenset(local_devices)
+        self.backends = [require_backend(resolve_backend(d))(d, plan.precision[d.id], threads) if self.is_local(i) else None
+                         for i, d in enumerate(self.devices)]
+        layer_class = self.layer_class or MoELayer
+        self.layers = [layer_class(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
+
+    def is_local(self, device: int) -> bool:
+        """Whether this process runs the experts of device index `device`."""
+        return self.local_devices is None or device in self.local_devices
 
     def _device(self, device_id: str) -> Device:
         found = [d for d in self.profile.devices if d.id == device_id]
@@ -74,7 +84,7 @@ class ExpertRuntime:
     def compile(self, device: int, expert, name: str) -> ExpertSession:
         """One expert graph built at its device's precision and loaded on that device's backend."""
         backend = self.backends[device]
-        graph = build_expert_graph(expert, backend.precision)
+        graph = build_expert_graph(expert, backend.precision, target=backend.graph_target())
         return backend.load(graph.serialize(), name, graph.meta)
 
 
@@ -99,12 +109,13 @@ class MoELayer:
         cache: dict[tuple[int, int], ExpertSession] = {}  # replicas on one device share one session
         self.sessions: list[ExpertSession] = []
         for r, (e, d) in enumerate(zip(self.phy2log.tolist(), self.device_of.tolist())):
-            if (e, d) not in cache:
-                cache[(e, d)] = runtime.compile(d, weights.experts[e], f"L{weights.layer}.E{e}")
+            if (e, d) not in cache:  # another process's device: no session here
+                cache[(e, d)] = runtime.compile(d, weights.experts[e], f"L{weights.layer}.E{e}") \
+                    if runtime.is_local(d) else None
             self.sessions.append(cache[(e, d)])
         self._fallback_sessions: dict[tuple[int, int], ExpertSession] = {}
         self.shared_devices = plan.shared_device_of[index].tolist()
-        self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}")
+        self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}") if runtime.is_local(d) else None
                                 for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
         self._build_slot_tables()
 
@@ -185,11 +196,12 @@ class MoELayer:
         rt.stats.faults.append({"layer": self.weights.layer, "expert": expert, "device": rt.devices[bad].id,
                                 "error": f"{type(fault).__name__}: {fault}"})
         candidates = [r for r in self.slot_table[expert].tolist()[:int(self.replica_count[expert])]
-                      if int(self.device_of[r]) != bad]
+                      if int(self.device_of[r]) != bad and self.sessions[r] is not None]
         fallback = rt.profile.fallback_device
         if candidates:
             target, session = int(self.device_of[candidates[0]]), self.sessions[candidates[0]]
-        elif fallback is not None and fallback.id in rt.plan.device_ids and fallback.id != rt.devices[bad].id:
+        elif fallback is not None and fallback.id in rt.plan.device_ids and fallback.id != rt.devices[bad].id \
+                and rt.is_local(rt.plan.device_ids.index(fallback.id)):
             target = rt.plan.device_ids.index(fallback.id)
             key = (expert, target)
             if key not in self._fallback_sessions:

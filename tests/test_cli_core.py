@@ -22,7 +22,7 @@ def test_profiles_json(capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["demo", "--profile", "no-such-profile"], "unknown profile 'no-such-profile'"),
-    (["demo", "--precision", "fp8"], "device 'ascend:0' (ascend-910b2) has no fp8; it supports fp16, bf16"),
+    (["demo", "--precision", "fp8"], "device 'ascend:0' (ascend-910b2) has no fp8; its precisions are fp16, bf16"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, match):

@@ -18,20 +18,82 @@ def _devices(args: argparse.Namespace) -> int:
                      "precisions": sorted(cls.caps.precisions) if cls else [],
                      "reason": avail.reason, "details": avail.details,
                      "install": cls.caps.install_hint if cls and not avail.ok else ""})
+    found = real_devices()
+    auto = _auto_resolution(args.profile) if args.profile else []
     if args.json:
-        print_json(rows)
+        print_json({"backends": rows, "devices": found, "auto": auto})
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    console = Console()
     t = Table(title="hetrun backends on this machine")
     for col in ("backend", "status", "devices found", "precisions", "why not / what to install"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["backend"], "[green]ok[/]" if r["available"] else "[red]unavailable[/]", ", ".join(r["devices"]),
-                  ", ".join(r["precisions"]), " ".join(x for x in (r["reason"], r["install"]) if x))
-    Console().print(t)
+        t.add_row(r["backend"], "[green]ok[/]" if r["available"] else "[red]unavailable[/]", escape(", ".join(r["devices"])),
+                  ", ".join(r["precisions"]), escape(" ".join(x for x in (r["reason"], r["install"]) if x)))
+    console.print(t)
+    d = Table(title="real devices (NVIDIA via torch.cuda or the CUDA driver, Ascend via torch_npu, Intel via OpenVINO)")
+    for col in ("vendor", "device", "name", "capabilities"):
+        d.add_column(col)
+    for r in found:
+        d.add_row(r["vendor"], escape(r["device"]), escape(r["name"]),
+                  escape("; ".join(f"{k}: {_fmt(v)}" for k, v in r["capabilities"].items())))
+    if not found:
+        d.add_row("-", "-", "none found", "only simulated devices can run here")
+    console.print(d)
+    if auto:
+        a = Table(title=f"backend per device group of profile '{args.profile}'")
+        for col in ("group", "type", "profile says", "runs on"):
+            a.add_column(col)
+        for r in auto:
+            a.add_row(r["group"], r["type"], r["backend"], r["resolved"])
+        console.print(a)
     return 0
+
+
+def real_devices() -> list[dict]:
+    """Every real accelerator and CPU the vendor backends find, with what each can do."""
+    from hetrun.backends.registry import probe_backend
+
+    out = []
+    nv = probe_backend("nvidia").details
+    for dev in nv.get("devices", []):
+        cc = tuple(dev["capability"])
+        out.append({"vendor": "nvidia", "device": f"cuda:{dev['index']}", "name": dev["name"], "capabilities": {
+            "compute capability": f"{cc[0]}.{cc[1]}", "memory GB": round(dev["memory_bytes"] / 1e9, 1),
+            "fp8": "yes" if cc >= (8, 9) else "no (needs 8.9+)",
+            "fp8 torch path": ", ".join(nv.get("fp8", {}).get(f"cuda:{dev['index']}", [])) or "none",
+            "onnxruntime EPs": ", ".join(nv.get("onnxruntime_gpu_providers", [])) or "none"}})
+    asc = probe_backend("ascend").details
+    for dev in asc.get("devices", []):
+        out.append({"vendor": "huawei", "device": f"npu:{dev['index']}", "name": dev["name"], "capabilities": {
+            "memory GB": round(dev.get("memory_bytes", 0) / 1e9, 1), "torch_npu": asc.get("torch_npu", "?"),
+            "int8 weight matmul": "yes" if asc.get("int8_matmul") else "no", "fp8": "no"}})
+    for name, caps in probe_backend("openvino").details.get("devices", {}).items():
+        out.append({"vendor": "intel" if "Intel" in str(caps.get("FULL_DEVICE_NAME", "Intel")) else "other",
+                    "device": f"openvino {name}", "name": str(caps.get("FULL_DEVICE_NAME", name)),
+                    "capabilities": {k: v for k, v in caps.items() if k != "FULL_DEVICE_NAME"}})
+    return out
+
+
+def _auto_resolution(profile: str) -> list[dict]:
+    from hetrun.backends.registry import resolve_backend
+    from hetrun.profile import load_profile
+
+    seen, out = set(), []
+    for dev in load_profile(profile).devices:
+        if dev.group not in seen:
+            seen.add(dev.group)
+            out.append({"group": dev.group, "type": dev.type.name, "backend": dev.backend,
+                        "resolved": resolve_backend(dev)})
+    return out
+
+
+def _fmt(v) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def _profiles(args: argparse.Namespace) -> int:
@@ -65,9 +127,15 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _devices_args(p: argparse.ArgumentParser) -> None:
+    _json_flag(p)
+    p.add_argument("--profile", help="also show which backend each device group of this profile runs on "
+                                     "(resolves `backend: auto`)")
+
+
 COMMANDS = {
-    "devices": Command("list backends, the real devices they find, and why any is unavailable", _json_flag, _devices,
-                       "  hetrun devices\n  hetrun devices --json"),
+    "devices": Command("list backends, the real devices they find, and why any is unavailable", _devices_args, _devices,
+                       "  hetrun devices\n  hetrun devices --json\n  hetrun devices --profile mixed-demo"),
     "profiles": Command("list built-in deployment profiles and the device catalog", _json_flag, _profiles,
                         "  hetrun profiles\n  hetrun profiles --json"),
 }

@@ -1,0 +1,44 @@
+"""A SwiGLU expert run in torch on any torch device (cuda, npu, cpu), from matrices read back out of its graph."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from hetrun.backends.base import ExpertSession
+
+# torch dtype name per graph precision for dense (unquantized) matmuls.
+DENSE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class DenseLinear:
+    """x [M, K] float32 -> x @ W [M, N] float32, with x and W in `dtype` and the product rounded to it (FP32 accumulation)."""
+
+    def __init__(self, w: np.ndarray, dtype: str, device: str):
+        import torch
+
+        self.dtype = getattr(torch, dtype)
+        self.w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device=device, dtype=self.dtype)  # [K, N]
+
+    def __call__(self, x):
+        return (x.to(self.dtype) @ self.w).float()
+
+
+class TorchExpertSession(ExpertSession):
+    """y = down(silu(g) * u) with [g, u] = gate_up(x); each projection is a callable on device tensors."""
+
+    def __init__(self, gate_up: Callable, down: Callable, device: str, path: str):
+        self.gate_up = gate_up
+        self.down = down
+        self.device = device
+        self.path = path  # how this expert runs, for reports: e.g. "torch fp8 block-scaled _scaled_mm on cuda:0"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)  # [N, D]
+            g, u = self.gate_up(xt).chunk(2, dim=-1)  # [N, I] each
+            y = self.down(torch.nn.functional.silu(g) * u)  # [N, D]
+            return y.to("cpu", torch.float32).numpy()
