@@ -34,19 +34,19 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     hottest experts replicated inside each node, replicas packed to that node's GPUs), the
     global policy otherwise (the same with one group and one node).
     """
-    policy = "hierarchical" if num_groups % num_nodes == 0 else "global"
+    policy = "hierarchical" if num_nodes >= 1 and num_groups % num_nodes == 0 else "global"
     return eplb_policy(weight, num_replicas, num_groups, num_nodes, num_gpus, policy=policy)
 
 
 def eplb_policy(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
                 policy: str = "hierarchical"):
     """``rebalance_experts`` with the policy forced: "hierarchical" or "global"."""
-    w = _check_weight(weight)  # [L, E]
+    w = check_load(weight)  # [L, E]
+    if policy not in ("hierarchical", "global"):
+        raise PlacementError(f"unknown EPLB policy {policy!r}; use 'hierarchical' or 'global'")
+    _check_sizes(w.shape[1], num_replicas, num_groups, num_nodes, num_gpus, policy == "hierarchical")
     if policy == "global":
         num_groups, num_nodes = 1, 1
-    elif policy != "hierarchical":
-        raise PlacementError(f"unknown EPLB policy {policy!r}; use 'hierarchical' or 'global'")
-    _check_sizes(w.shape[1], num_replicas, num_groups, num_nodes, num_gpus)
     phy2log, rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     log2phy = _log2phy(phy2log, rank, logcnt)
     return _like(weight, phy2log), _like(weight, log2phy), _like(weight, logcnt)
@@ -68,22 +68,28 @@ def gpu_loads(weight, phy2log, num_gpus: int, cost=None) -> np.ndarray:
     return loads if cost is None else loads * np.asarray(cost, dtype=np.float64)
 
 
-def _check_weight(weight) -> np.ndarray:
+def check_load(weight, uniform_zero_rows: bool = True) -> np.ndarray:
+    """[L, E] float64 copy of a load table, or PlacementError saying what is wrong with it.
+
+    Rows that are zero everywhere become uniform when ``uniform_zero_rows`` (a layer without
+    statistics is placed as if all experts were equally hot); a table that is zero everywhere
+    is rejected."""
     if hasattr(weight, "detach"):
         weight = weight.detach().cpu().numpy()
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.array(weight, dtype=np.float64)
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise PlacementError(f"expert load must be a non-empty [layers, experts] table, got shape {w.shape}")
     if not np.isfinite(w).all() or (w < 0).any():
         raise PlacementError("expert load has negative, NaN or infinite entries; pass token counts >= 0")
     if not w.any():
         raise PlacementError("expert load is zero everywhere; record routing statistics first or pass a uniform load")
-    zero_rows = ~w.any(axis=1)
-    w[zero_rows] = 1.0
+    if uniform_zero_rows:
+        w[~w.any(axis=1)] = 1.0
     return w
 
 
-def _check_sizes(num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
+def _check_sizes(num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
+                 hierarchical: bool) -> None:
     if min(num_replicas, num_groups, num_nodes, num_gpus) < 1:
         raise PlacementError("num_replicas, num_groups, num_nodes and num_gpus must all be >= 1")
     if num_replicas < num_experts:
@@ -92,12 +98,15 @@ def _check_sizes(num_experts: int, num_replicas: int, num_groups: int, num_nodes
         raise PlacementError(f"{num_replicas} slots do not split evenly over {num_gpus} GPUs; use a multiple of {num_gpus}")
     if num_gpus % num_nodes:
         raise PlacementError(f"{num_gpus} GPUs do not split evenly over {num_nodes} nodes; use a multiple of {num_nodes}")
-    if num_experts % num_groups:
+    if hierarchical and num_groups % num_nodes:
+        raise PlacementError(f"{num_groups} expert groups do not split evenly over {num_nodes} nodes; "
+                             f"use the global policy or a group count that is a multiple of the node count")
+    if hierarchical and num_experts % num_groups:
         raise PlacementError(f"{num_experts} experts do not split into {num_groups} equal groups; fix num_groups")
 
 
 def _hierarchical(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
-    """phy2log [L, R], replica rank [L, R], logcnt [L, E] for EPLB's hierarchical policy."""
+    # phy2log [L, R], replica rank [L, R], logcnt [L, E] for EPLB's hierarchical policy.
     L, E = w.shape
     group_size = E // num_groups
     groups_per_node = num_groups // num_nodes
@@ -132,11 +141,9 @@ def _hierarchical(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: 
 
 
 def _balanced_packing(w: np.ndarray, num_packs: int):
-    """Greedy packing of items [N, M] into num_packs packs of M / num_packs items each.
-
-    Items go heaviest first (ties: lower index first) to the lightest pack that still has room
-    (ties: lower pack first). Returns pack [N, M] and position inside the pack [N, M].
-    """
+    # Greedy packing of items [N, M] into num_packs packs of M / num_packs items each.
+    # Items go heaviest first (ties: lower index first) to the lightest pack that still has room
+    # (ties: lower pack first). Returns pack [N, M] and position inside the pack [N, M].
     N, M = w.shape
     per_pack = M // num_packs
     if per_pack == 1:
@@ -158,11 +165,9 @@ def _balanced_packing(w: np.ndarray, num_packs: int):
 
 
 def _replicate(w: np.ndarray, num_phy: int):
-    """Give num_phy - M extra replicas, one at a time, to the expert with the most load per replica.
-
-    Returns phy2log [N, num_phy] (the first M slots are the experts themselves), replica rank
-    [N, num_phy] and replica count [N, M].
-    """
+    # Give num_phy - M extra replicas, one at a time, to the expert with the most load per replica.
+    # Returns phy2log [N, num_phy] (the first M slots are the experts themselves), replica rank
+    # [N, num_phy] and replica count [N, M].
     N, M = w.shape
     rows = np.arange(N)
     phy2log = np.tile(np.arange(num_phy), (N, 1))  # [N, P]
@@ -177,7 +182,7 @@ def _replicate(w: np.ndarray, num_phy: int):
 
 
 def _log2phy(phy2log: np.ndarray, rank: np.ndarray, logcnt: np.ndarray) -> np.ndarray:
-    """[L, E, maxcnt] slots of each logical expert in replica-rank order, -1 padded."""
+    # [L, E, maxcnt] slots of each logical expert in replica-rank order, -1 padded.
     L, R = phy2log.shape
     maxcnt = int(logcnt.max())
     out = np.full((L, logcnt.shape[1], maxcnt), -1, dtype=np.int64)
