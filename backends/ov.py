@@ -87,7 +87,10 @@ class OpenVinoBackend(Backend):
     def precision_hint(self, device_string: str) -> str:
         """INFERENCE_PRECISION_HINT for this backend's precision on that device."""
         family = device_family(device_string)
-        hint = PRECISION_HINTS.get(family, PRECISION_HINTS["CPU"]).get(self.precision, "f32")
+        from hetrun.profile import PRECISION_BASE
+
+        base = PRECISION_BASE.get(self.precision, self.precision)  # fp8-w8a16 -> fp8, int4-g32 -> int4
+        hint = PRECISION_HINTS.get(family, PRECISION_HINTS["CPU"]).get(base, "f32")
         if family == "CPU" and hint == "bf16" and "BF16" not in _cpu_capabilities():
             # Without native BF16, the bf16 hint emulates BF16 everywhere (5-50x slower) and OpenVINO's f32->bf16
             # Convert misrounds; in f32 the graph for target "openvino" rounds to BF16 exactly (see hetrun.graphs).

@@ -1,8 +1,35 @@
-"""ONNX graphs of one SwiGLU expert, one builder per precision: y = down(silu(gate(x)) * up(x))."""
+"""ONNX graphs of one SwiGLU expert, one builder per precision: y = down(silu(gate(x)) * up(x)).
+
+Every graph takes x [tokens, D] float32 and returns y [tokens, D] float32, with exactly two weight matmuls
+(the fused gate_up, then down). What changes per precision is how the weights are stored and how the
+activations are rounded on their way in:
+
+  fp32        FP32 weights.
+  fp16, bf16  weights stored in FP16/BF16; activations rounded to it before and after each matmul, products
+              accumulated in FP32 (FP16 overflows to inf past 65504, as on the device).
+  fp8         DeepSeek-V3 recipe, W8A8: E4M3 weights with one scale per 128x128 block
+              (DequantizeLinear(axis=1, block_size=128) on FLOAT8E4M3FN initializers), and activations
+              quantized online to E4M3 per 1x128 tile (per token, per 128 channels), saturating at 448.
+  fp8-w8a16   the same E4M3 weights, activations left in FP32 (weight-only FP8).
+  int8        symmetric per-output-channel INT8 weights (W8A16).
+  int4        group-wise INT4 with zero points, groups of 128 along K, in com.microsoft.MatMulNBits (OpenVINO
+              runs it exactly, as fast as INT4 DequantizeLinear, and for any K); round-to-nearest, or GPTQ
+              when calibration activations are given.
+  int4-g32    the same with groups of 32.
+
+`target` is the backend that will run the graph (Backend.graph_target()). "openvino" gets a form that
+OpenVINO's CPU plugin computes faithfully in f32; every other name gets standard ONNX. OpenVINO 2026.4 on CPUs
+without native BF16 computes narrow-float Casts wrongly: f32->bf16 drops bits 0-14 before rounding (about
+twice BF16's error), f32->f16->f32 pairs are removed (no FP16 rounding or overflow at all), and f32->f8e4m3
+rounds twice (via f16) and ignores `saturate`. Graphs for OpenVINO therefore round in FP32 arithmetic
+(Veltkamp splitting for normal numbers, Round on the subnormal grid, the formats' overflow and saturation),
+which gives bit for bit what onnxruntime's Casts give. Those graphs need f32 execution: on a device that
+computes in f16 or bf16 the backend asks for the standard form instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -11,6 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
 IR_VERSION = 10
+FP8_BLOCK = 128  # DeepSeek-V3: 128x128 weight blocks, 1x128 activation tiles
+E4M3_MAX = 448.0
 
 
 @dataclass(frozen=True)
@@ -37,12 +66,38 @@ class ExpertWeights:
 
 
 @dataclass(frozen=True)
+class GraphFormat:
+    """One expert-graph precision: what the device catalog calls it (`base`) and how it stores weights."""
+
+    name: str
+    base: str  # the device-catalog precision a device needs to run it
+    weights: str  # weight storage, for reports
+    activations: str  # activation precision, for reports
+    group: int = 0  # INT4 group size along K
+
+
+FORMATS: dict[str, GraphFormat] = {f.name: f for f in (
+    GraphFormat("fp32", "fp32", "FP32", "FP32"),
+    GraphFormat("fp16", "fp16", "FP16", "FP16, FP32 accumulation"),
+    GraphFormat("bf16", "bf16", "BF16", "BF16, FP32 accumulation"),
+    GraphFormat("fp8", "fp8", "E4M3, 128x128 block scales", "E4M3, 1x128 tile scales"),
+    GraphFormat("fp8-w8a16", "fp8", "E4M3, 128x128 block scales", "FP32"),
+    GraphFormat("int8", "int8", "INT8, per-channel scales", "FP32"),
+    GraphFormat("int4", "int4", "INT4, group 128, zero points", "FP32", group=128),
+    GraphFormat("int4-g32", "int4", "INT4, group 32, zero points", "FP32", group=32),
+)}
+
+
+@dataclass(frozen=True)
 class ExpertGraph:
     model: onnx.ModelProto
     precision: str
     hidden: int
     intermediate: int
-    weight_bytes: int  # bytes of weights as stored, scales and zero points included
+    weight_bytes: int  # bytes the format stores: values, scales and zero points (one scale per block); see precision.matrix_bytes
+    target: str = "onnxruntime"
+    onnx_bytes: int = 0  # bytes of the graph's weight initializers (block scales repeated per row, as ONNX wants them)
+    quantizer: str = ""  # "rtn" or "gptq" for INT4
 
     def serialize(self) -> bytes:
         return self.model.SerializeToString()
@@ -50,43 +105,94 @@ class ExpertGraph:
     @property
     def meta(self) -> dict:
         return {"hidden": self.hidden, "intermediate": self.intermediate, "weight_bytes": self.weight_bytes,
-                "precision": self.precision}
+                "precision": self.precision, "onnx_bytes": self.onnx_bytes, "target": self.target,
+                "quantizer": self.quantizer}
 
 
 class _Builder:
-    """Collects nodes and initializers; names stay unique."""
+    """Collects nodes and initializers; names stay unique. `arithmetic` rounds narrow floats without Casts."""
 
-    def __init__(self):
+    def __init__(self, arithmetic: bool):
+        self.arithmetic = arithmetic
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.weight_bytes = 0
+        self.onnx_bytes = 0
+        self.quantizer = ""
+        self.out = ""
         self._n = 0
+        self._consts: dict[tuple, str] = {}
 
     def name(self, base: str) -> str:
         self._n += 1
         return f"{base}_{self._n}"
 
-    def init(self, name: str, array: np.ndarray, counted: bool = True) -> str:
-        t = numpy_helper.from_array(array, name)
+    def init(self, name: str, array: np.ndarray) -> str:
+        """A weight initializer; its bytes count towards onnx_bytes (format bytes are counted by the caller)."""
+        t = numpy_helper.from_array(array, self.name(name))
         self.inits.append(t)
-        if counted:
-            self.weight_bytes += array.nbytes
-        return name
+        self.onnx_bytes += len(t.raw_data) if t.HasField("raw_data") else array.nbytes
+        return t.name
 
-    def init_tensor(self, tensor: onnx.TensorProto, nbytes: int) -> str:
-        self.inits.append(tensor)
-        self.weight_bytes += nbytes
-        return tensor.name
+    def const(self, value, dtype=np.float32) -> str:
+        """A small constant (scalar or shape), shared by every use."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.name("c")
+            self.inits.append(numpy_helper.from_array(arr, self._consts[key]))
+        return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
         out = self.name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
         return out
 
-    def round_to(self, x: str, onnx_dtype: int) -> str:
-        """Round float32 values through a narrower float type and back (the device's storage precision)."""
-        return self.op("Cast", [self.op("Cast", [x], to=onnx_dtype)], to=TensorProto.FLOAT)
+    # ---- narrow-float rounding -------------------------------------------------------------------------
+    def round_to(self, x: str, fmt: str) -> str:
+        """Round float32 values to bf16, fp16 or e4m3 (saturating at 448) and back to float32."""
+        if not self.arithmetic:
+            onnx_type = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16,
+                         "e4m3": TensorProto.FLOAT8E4M3FN}[fmt]
+            attrs = {"saturate": 1} if fmt == "e4m3" else {}
+            return self.op("Cast", [self.op("Cast", [x], to=onnx_type, **attrs)], to=TensorProto.FLOAT)
+        return {"bf16": self._round_bf16, "fp16": self._round_fp16, "e4m3": self._round_e4m3}[fmt](x)
 
+    def _veltkamp(self, x: str, keep_bits: int) -> str:
+        """x rounded to `keep_bits` significant bits, ties to even: c = x*(2^s+1); x' = c - (c - x), s = 24 - bits."""
+        c = self.op("Mul", [x, self.const(2.0 ** (24 - keep_bits) + 1)])
+        return self.op("Sub", [c, self.op("Sub", [c, x])])
+
+    def _grid(self, x: str, spacing_log2: int) -> str:
+        """x rounded to a multiple of 2^spacing_log2, ties to even (the subnormal grid): Round(x / 2^k) * 2^k."""
+        scaled = self.op("Round", [self.op("Mul", [x, self.const(2.0 ** -spacing_log2)])])
+        return self.op("Mul", [scaled, self.const(2.0 ** spacing_log2)])
+
+    def _round_bf16(self, x: str) -> str:
+        a = self.op("Abs", [x])
+        small = self._veltkamp(x, 8)
+        # Past 2^100 the Veltkamp product would overflow: round x * 2^-64 instead (exact scaling); past the
+        # largest BF16 the product by 2^64 rounds to inf, as the Cast does.
+        big = self.op("Mul", [self._veltkamp(self.op("Mul", [x, self.const(2.0 ** -64)]), 8), self.const(2.0 ** 64)])
+        r = self.op("Where", [self.op("Greater", [a, self.const(2.0 ** 100)]), big, small])
+        return self.op("Where", [self.op("Equal", [a, self.const(np.inf)]), x, r])  # +-inf stay
+
+    def _round_fp16(self, x: str) -> str:
+        a = self.op("Abs", [x])
+        overflow = self.op("GreaterOrEqual", [a, self.const(65520.0)])  # halfway past 65504 rounds to inf (even)
+        normal = self._veltkamp(self.op("Where", [overflow, self.const(0.0), x]), 11)
+        sub = self._grid(x, -24)  # subnormals: multiples of 2^-24 below 2^-14
+        r = self.op("Where", [self.op("Less", [a, self.const(2.0 ** -14)]), sub, normal])
+        return self.op("Where", [overflow, self.op("Mul", [x, self.const(np.inf)]), r])  # +-inf; NaN stays NaN
+
+    def _round_e4m3(self, x: str) -> str:
+        xc = self.op("Clip", [x, self.const(-E4M3_MAX), self.const(E4M3_MAX)])  # saturate (inf -> +-448)
+        normal = self._veltkamp(xc, 4)
+        sub = self._grid(xc, -9)  # subnormals: multiples of 2^-9 below 2^-6
+        r = self.op("Where", [self.op("Less", [self.op("Abs", [xc]), self.const(2.0 ** -6)]), sub, normal])
+        return self.op("Where", [self.op("IsNaN", [x]), x, r])  # OpenVINO's Clip turns NaN into -448
+
+    # ---- the expert ------------------------------------------------------------------------------------
     def swiglu(self, x: str, matmul: Callable[[str, str], str]) -> str:
         gate_up = matmul(x, "gate_up")  # [N, 2I]
         g, u = self.name("g"), self.name("u")
@@ -107,33 +213,146 @@ class _Builder:
         return model
 
 
-def _stacked(w: ExpertWeights) -> dict[str, np.ndarray]:
-    """Weights transposed for x @ W: gate and up fused into one [D, 2I] matrix."""
-    return {"gate_up": np.ascontiguousarray(np.concatenate([w.gate, w.up], 0).T, dtype=np.float32),  # [D, 2I]
-            "down": np.ascontiguousarray(w.down.T, dtype=np.float32)}  # [I, D]
+@dataclass(frozen=True)
+class _Matrices:
+    """The expert's two weights in nn.Linear layout [out, in]; gate_up keeps gate and up apart for block scales."""
+
+    gate_up: tuple[np.ndarray, ...]  # ([I, D], [I, D]) stacked along rows
+    down: tuple[np.ndarray, ...]  # ([D, I],)
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)  # matrix -> inputs [M, K]
+
+    def rows(self, key: str) -> np.ndarray:
+        return np.concatenate(getattr(self, key), 0).astype(np.float32)  # [N, K]
 
 
-def _build_fp32(w: ExpertWeights) -> _Builder:
-    b = _Builder()
-    mats = {k: b.init(f"w_{k}", v) for k, v in _stacked(w).items()}
-    y = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
-    b.out = y
-    return b
+def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
+    calib = {}
+    if calibration is not None:
+        x = np.asarray(calibration, dtype=np.float32)  # [M, D]
+        if x.ndim != 2 or x.shape[1] != w.hidden:
+            raise ValueError(f"calibration activations must be [tokens, {w.hidden}], got shape {x.shape}")
+        g, u = x @ w.gate.T, x @ w.up.T  # [M, I]
+        calib = {"gate_up": x, "down": (g / (1.0 + np.exp(-g))) * u}  # inputs of each matmul in the FP32 expert
+    return _Matrices((w.gate, w.up), (w.down,), calib)
 
 
-def _build_float16ish(w: ExpertWeights, onnx_dtype: int, np_dtype) -> _Builder:
-    """FP16/BF16: weights stored narrow, activations rounded to it between ops, products accumulated in FP32."""
-    b = _Builder()
+# ---- builders: each stores both matrices and sets b.out -------------------------------------------------------
+
+def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
     mats = {}
-    for k, v in _stacked(w).items():
-        stored = b.init(f"w_{k}", v.astype(np_dtype))
-        mats[k] = b.op("Cast", [stored], to=TensorProto.FLOAT)
+    for k in ("gate_up", "down"):
+        wt = np.ascontiguousarray(m.rows(k).T)  # [K, N]
+        mats[k] = b.init(f"w_{k}", wt)
+        b.weight_bytes += wt.nbytes
+    b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
+
+
+def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+    """FP16/BF16: weights stored narrow, activations rounded to it around each matmul, products accumulated in FP32."""
+    np_dtype = np.float16 if fmt.name == "fp16" else _bf16_dtype()
+    mats = {}
+    for k in ("gate_up", "down"):
+        wt = np.ascontiguousarray(m.rows(k).T).astype(np_dtype)  # [K, N]
+        mats[k] = b.op("Cast", [b.init(f"w_{k}", wt)], to=TensorProto.FLOAT)
+        b.weight_bytes += wt.nbytes
 
     def matmul(x: str, k: str) -> str:
-        return b.round_to(b.op("MatMul", [b.round_to(x, onnx_dtype), mats[k]]), onnx_dtype)
+        return b.round_to(b.op("MatMul", [b.round_to(x, fmt.name), mats[k]]), fmt.name)
 
     b.out = b.swiglu("x", matmul)
-    return b
+
+
+def _fp8_weight(b: _Builder, parts: tuple[np.ndarray, ...]) -> str:
+    """E4M3 weight with 128x128 block scales -> float32 [K, N] for x @ W.
+
+    Each part ([rows, K], e.g. gate and up) is quantized on its own block grid; the per-row copies of the
+    block scales (ONNX blocks along one axis only) then stack like the rows. OpenVINO runs blocked
+    DequantizeLinear only when K is a multiple of the block, so a ragged last block gets its own node.
+    """
+    from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
+
+    data, scales = [], []
+    for p in parts:
+        q = quantize_fp8(p, "e4m3", "block", FP8_BLOCK)
+        data.append(q.data)  # [rows, K] float8_e4m3fn
+        scales.append(expand_block_scale(q.scale, p.shape[0], FP8_BLOCK))  # [rows, ceil(K/128)]
+        b.weight_bytes += q.data.nbytes + q.scale.nbytes
+    codes, scale = np.concatenate(data, 0), np.concatenate(scales, 0)  # [N, K], [N, nb]
+    k = codes.shape[1]
+    k_full = k // FP8_BLOCK * FP8_BLOCK
+    pieces = []
+    if k_full:
+        pieces.append(b.op("DequantizeLinear", [b.init("w_fp8", np.ascontiguousarray(codes[:, :k_full])),
+                                                b.init("s_fp8", np.ascontiguousarray(scale[:, :k_full // FP8_BLOCK]))],
+                           axis=1, block_size=FP8_BLOCK))  # [N, k_full]
+    if k > k_full:
+        pieces.append(b.op("DequantizeLinear", [b.init("w_fp8_tail", np.ascontiguousarray(codes[:, k_full:])),
+                                                b.init("s_fp8_tail", np.ascontiguousarray(scale[:, -1:]))],
+                           axis=1, block_size=k - k_full))  # [N, K - k_full]
+    wf = pieces[0] if len(pieces) == 1 else b.op("Concat", pieces, axis=1)  # [N, K]
+    return b.op("Transpose", [wf], perm=[1, 0])  # [K, N]
+
+
+def _fp8_tiles(b: _Builder, x: str, k: int) -> str:
+    """x [T, K] quantized to E4M3 and back per 1x128 tile: scale = finite amax / 448 (1 for all-zero tiles)."""
+    nb = -(-k // FP8_BLOCK)
+    if nb * FP8_BLOCK != k:  # ragged: zero-pad K; zeros change no amax
+        x = b.op("Pad", [x, b.const([0, 0, 0, nb * FP8_BLOCK - k], np.int64)])
+    tiles = b.op("Reshape", [x, b.const([-1, nb, FP8_BLOCK], np.int64)])  # [T, nb, 128]
+    a = b.op("Abs", [tiles])
+    finite = b.op("Where", [b.op("Less", [a, b.const(np.inf)]), a, b.const(0.0)])  # inf and NaN set no scale
+    amax = b.op("ReduceMax", [finite, b.const([2], np.int64)], keepdims=1)  # [T, nb, 1]
+    scale = b.op("Div", [amax, b.const(E4M3_MAX)])
+    scale = b.op("Where", [b.op("Equal", [scale, b.const(0.0)]), b.const(1.0), scale])
+    q = b.round_to(b.op("Div", [tiles, scale]), "e4m3")  # [T, nb, 128] on the E4M3 grid
+    deq = b.op("Reshape", [b.op("Mul", [q, scale]), b.const([0, nb * FP8_BLOCK], np.int64)])  # [T, nb*128]
+    if nb * FP8_BLOCK != k:
+        deq = b.op("Slice", [deq, b.const([0], np.int64), b.const([k], np.int64), b.const([1], np.int64)])
+    return deq
+
+
+def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+    mats = {k: _fp8_weight(b, getattr(m, k)) for k in ("gate_up", "down")}
+    dims = {"gate_up": w.hidden, "down": w.intermediate}
+    if fmt.name == "fp8":  # W8A8: activations quantized online per 1x128 tile
+        b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [_fp8_tiles(b, x, dims[k]), mats[k]]))
+    else:
+        b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
+
+
+def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+    from hetrun.kernels.int8 import quantize_int8
+
+    mats = {}
+    for k in ("gate_up", "down"):
+        q = quantize_int8(m.rows(k), axis=0)  # data [N, K], scale [N]
+        b.weight_bytes += q.data.nbytes + q.scale.nbytes
+        codes = b.init(f"w_{k}_int8", np.ascontiguousarray(q.data.T))  # [K, N]
+        mats[k] = b.op("DequantizeLinear", [codes, b.init(f"s_{k}", q.scale)], axis=1)  # [K, N]
+    b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
+
+
+def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+    from hetrun.kernels.gptq import gptq_quantize_int4
+    from hetrun.kernels.int4 import quantize_int4, to_matmulnbits
+
+    b.quantizer = "gptq" if m.calibration else "rtn"
+    nodes = {}
+    for k in ("gate_up", "down"):
+        rows = m.rows(k)  # [N, K]
+        n, kk = rows.shape
+        t = (gptq_quantize_int4(rows, m.calibration[k], fmt.group) if m.calibration
+             else quantize_int4(rows, fmt.group, symmetric=False))
+        packed, scales, zps = to_matmulnbits(t)  # [N, nb, group/2], [N*nb], [N*ceil(nb/2)]
+        inputs = [b.init(f"w_{k}_q4", packed), b.init(f"s_{k}", scales), b.init(f"z_{k}", zps)]
+        b.weight_bytes += packed.nbytes + scales.nbytes + zps.nbytes
+        nodes[k] = (inputs, n, kk)
+
+    def matmul(x: str, k: str) -> str:
+        inputs, n, kk = nodes[k]
+        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=4, block_size=fmt.group)
+
+    b.out = b.swiglu("x", matmul)
 
 
 def _bf16_dtype():
@@ -142,18 +361,24 @@ def _bf16_dtype():
     return ml_dtypes.bfloat16
 
 
-BUILDERS: dict[str, Callable[[ExpertWeights], _Builder]] = {
-    "fp32": _build_fp32,
-    "fp16": lambda w: _build_float16ish(w, TensorProto.FLOAT16, np.float16),
-    "bf16": lambda w: _build_float16ish(w, TensorProto.BFLOAT16, _bf16_dtype()),
+_BUILDERS: dict[str, Callable[[ExpertWeights, _Builder, _Matrices, GraphFormat], None]] = {
+    "fp32": _build_fp32, "fp16": _build_float16ish, "bf16": _build_float16ish, "fp8": _build_fp8,
+    "fp8-w8a16": _build_fp8, "int8": _build_int8, "int4": _build_int4, "int4-g32": _build_int4,
 }
 
 
-def build_expert_graph(w: ExpertWeights, precision: str = "fp32") -> ExpertGraph:
-    """The ONNX graph of one expert at a precision, with its stored weight bytes counted."""
-    if precision not in BUILDERS:
-        raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(BUILDERS)}")
-    b = BUILDERS[precision](w)
+def build_expert_graph(w: ExpertWeights, precision: str = "fp32", target: str = "onnxruntime",
+                       calibration: np.ndarray | None = None) -> ExpertGraph:
+    """The ONNX graph of one expert at a precision, for the backend `target`, with its stored weight bytes counted.
+
+    `calibration` ([tokens, D] activations the expert sees) makes the INT4 formats quantize with GPTQ instead
+    of round-to-nearest; other formats do not use it.
+    """
+    if precision not in FORMATS:
+        raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(FORMATS)}")
+    fmt = FORMATS[precision]
+    b = _Builder(arithmetic=target == "openvino")
+    _BUILDERS[precision](w, b, _matrices(w, calibration if fmt.base == "int4" else None), fmt)
     domains = tuple(sorted({n.domain for n in b.nodes if n.domain}))
     model = b.model("x", b.out, w.hidden, domains)
-    return ExpertGraph(model, precision, w.hidden, w.intermediate, b.weight_bytes)
+    return ExpertGraph(model, precision, w.hidden, w.intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer)

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hetrun.errors import PrecisionError, ProfileError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp8-w8a16", "int4-g32")
+# Variants of a catalog precision: a device that has the base runs them (see hetrun.graphs.FORMATS).
+PRECISION_BASE = {"fp8-w8a16": "fp8", "int4-g32": "int4"}
 BACKEND_NAMES = ("onnxruntime", "openvino", "simulated", "nvidia", "ascend", "auto")
 
 
@@ -99,6 +101,20 @@ class PinRule(_Strict):
     load_above_percentile: float | None = Field(default=None, ge=0, le=100)
 
 
+class DistributedLayout(_Strict):
+    """How the profile's devices map onto torch.distributed ranks; hetrun.distributed reads it under torchrun."""
+
+    # per_group: one rank per device group; per_device: one rank per device; or explicit lists of group/device ids.
+    ranks: Literal["per_group", "per_device"] | list[list[str]] = "per_group"
+    # every_rank: each rank runs the dense parts on its own requests (DP-attention + EP); rank0: rank 0 alone does.
+    dense: Literal["every_rank", "rank0"] = "every_rank"
+    # auto: nccl when every rank drives NVIDIA GPUs, hccl when every rank drives Ascend NPUs, gloo otherwise.
+    collective: Literal["auto", "gloo", "nccl", "hccl"] = "auto"
+    timeout_s: float = Field(default=60.0, gt=0, description="a rank silent this long is declared failed")
+    startup_timeout_s: float = Field(default=600.0, gt=0, description="how long ranks wait for each other to load")
+    heartbeat_s: float = Field(default=0.25, gt=0, le=10)
+
+
 class ProfileModel(_Strict):
     name: str
     description: str = ""
@@ -110,6 +126,7 @@ class ProfileModel(_Strict):
     pins: list[PinRule] = []
     grid_kg_co2_per_kwh: float = Field(default=0.4, ge=0)
     extra: dict[str, Any] = {}  # free-form fields other modules own (simulation settings, distributed layout)
+    distributed: DistributedLayout | None = None  # ranks under torchrun; None: one process
 
 
 @dataclass(frozen=True)
@@ -250,7 +267,7 @@ def _build(data: Any, source: str) -> Profile:
             raise ProfileError(f"profile '{source}': unknown device type '{g.type}' in group '{g.id}'; "
                                f"known types: {', '.join(sorted(catalog))} (or define it under device_types)")
         dt = catalog[g.type]
-        if g.precision is not None and g.precision not in dt.precisions:
+        if g.precision is not None and PRECISION_BASE.get(g.precision, g.precision) not in dt.precisions:
             raise PrecisionError(f"device '{g.id}' ({dt.name}) cannot run {g.precision}; it supports "
                                  f"{', '.join(dt.precisions)}; request one of those or leave precision unset")
         for i in range(g.count):
@@ -266,4 +283,28 @@ def _build(data: Any, source: str) -> Profile:
         if pin.device not in ids and pin.device not in {d.id for d in devices}:
             raise ProfileError(f"profile '{source}': pin names device '{pin.device}', which the profile lacks; "
                                f"use one of: {', '.join(sorted(ids))}")
+    if model.distributed is not None and not isinstance(model.distributed.ranks, str):
+        _check_rank_lists(model.distributed.ranks, devices, source)
     return Profile(model, tuple(devices), source)
+
+
+def _check_rank_lists(ranks: list[list[str]], devices: list[Device], source: str) -> None:
+    """Every device on exactly one rank; names are group or device ids."""
+    owner: dict[str, int] = {}
+    for r, names in enumerate(ranks):
+        if not names:
+            raise ProfileError(f"profile '{source}': distributed.ranks[{r}] is empty; give every rank a device")
+        for name in names:
+            found = [d for d in devices if d.group == name or d.id == name]
+            if not found:
+                raise ProfileError(f"profile '{source}': distributed.ranks[{r}] names '{name}', which is no device "
+                                   f"group or device id; use one of: {', '.join(sorted({d.group for d in devices}))}")
+            for d in found:
+                if d.id in owner:
+                    raise ProfileError(f"profile '{source}': device '{d.id}' is on rank {owner[d.id]} and rank {r}; "
+                                       "put each device on one rank")
+                owner[d.id] = r
+    missing = [d.id for d in devices if d.id not in owner]
+    if missing:
+        raise ProfileError(f"profile '{source}': distributed.ranks leaves {', '.join(missing[:3])} on no rank; "
+                           "list every device (or use ranks: per_group)")

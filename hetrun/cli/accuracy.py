@@ -1,0 +1,202 @@
+"""`hetrun accuracy`: what each device's precision costs in accuracy, against the same model in FP32.
+
+For a tiny random transformers model deployed on a profile, per device: its precision, the bytes its expert
+weights take, each of its experts' output relative error against the FP32 expert (on the hidden states the
+model really feeds that layer), and the end-to-end figures had every expert run at that precision. For the
+deployment as planned: the relative error of the logits and top-1 token agreement with FP32 over a fixed set of
+prompt positions (teacher-forced: both models read the same tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+
+from hetrun.cli import Command, print_json
+from hetrun.errors import HetrunError
+
+# --model names: the tiny presets of hetrun.tiny_models ("tiny" is the DeepSeek-V3-style preset).
+MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
+          "tiny-qwen3-moe": "qwen3_moe", "tiny-olmoe": "olmoe"}
+PROMPT_SEED = 1234
+
+
+def prompt_ids(vocab: int, prompts: int = 8, tokens: int = 25, seed: int = PROMPT_SEED):
+    """The fixed prompt set: uniform random token ids [prompts, tokens] from a seeded generator."""
+    import torch
+
+    return torch.randint(0, vocab, (prompts, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def logit_agreement(got, want) -> dict:
+    """Relative error of logits [..., V] against FP32 ones (None when any is not finite) and top-1 agreement."""
+    import torch
+
+    finite = bool(torch.isfinite(got).all())
+    same = got.argmax(-1) == want.argmax(-1)
+    return {"logits_rel_err": float((got - want).norm() / want.norm()) if finite else None,
+            "nonfinite_logits": int((~torch.isfinite(got)).sum()),
+            "top1": float(same.float().mean()), "agree": int(same.sum()), "positions": int(same.numel())}
+
+
+def _moe_inputs(model, ids) -> tuple[list, "object"]:
+    """Hidden states [T, D] entering each MoE block (in model order), and the logits, of one forward pass."""
+    import torch
+
+    from hetrun.moe_weights import find_moe_blocks
+
+    seen, hooks = {}, []
+    blocks = find_moe_blocks(model)
+    for _, path, block in blocks:
+        hooks.append(block.register_forward_hook(
+            lambda mod, args, out, path=path: seen.__setitem__(path, args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[path] for _, path, _ in blocks], logits
+
+
+def _expert_errors(runtime, inputs: list) -> dict[int, dict]:
+    """Per device index: relative errors of each of its experts (routed and shared) against FP32."""
+    import numpy as np
+
+    out: dict[int, dict] = {}
+    for layer, x in zip(runtime.layers, inputs):
+        x = np.ascontiguousarray(x.float().numpy())  # [T, D]
+        jobs = {}
+        for r, (e, d) in enumerate(zip(layer.phy2log.tolist(), layer.device_of.tolist())):
+            jobs.setdefault((d, "E", e), (layer.sessions[r], layer.weights.experts[e]))
+        for s, (sess, d) in enumerate(zip(layer.shared_sessions, layer.shared_devices)):
+            jobs[(d, "S", s)] = (sess, layer.weights.shared[s])
+        for (d, _, _), (sess, w) in jobs.items():
+            if sess is None:  # another process's device
+                continue
+            y, ref = sess.run(x), w.reference(x)  # [T, D]
+            rec = out.setdefault(d, {"errors": [], "nonfinite_experts": 0})
+            if np.isfinite(y).all():
+                rec["errors"].append(float(np.linalg.norm(y - ref) / max(float(np.linalg.norm(ref)), 1e-30)))
+            else:
+                rec["nonfinite_experts"] += 1
+    return out
+
+
+def _alone_profile(profile, device) -> dict:
+    """A one-device profile of `device`'s type, backend and precision, for the every-expert-at-this-precision run."""
+    return {"name": f"{device.group}-alone",
+            "devices": [{"id": device.group, "type": device.type.name, "backend": device.backend}],
+            "device_types": {k: v.model_dump() for k, v in profile.model.device_types.items()}}
+
+
+def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | None = None, prompts: int = 8,
+                    tokens: int = 25, seed: int = 0, threads: int | None = None) -> dict:
+    """Accuracy of `model` deployed on `profile` against FP32, per device precision and end to end (see module doc)."""
+    import hetrun
+    from hetrun.precision import device_weight_bytes
+    from hetrun.profile import load_profile
+    from hetrun.tiny_models import tiny_model
+
+    if model not in MODELS:
+        raise HetrunError(f"unknown model '{model}'; use one of: {', '.join(MODELS)}")
+    if prompts < 1 or tokens < 1:
+        raise HetrunError(f"--prompts and --tokens must be at least 1, got {prompts} and {tokens}")
+    prof = load_profile(profile)
+    reference = tiny_model(MODELS[model], seed=seed)
+    ids = prompt_ids(reference.config.vocab_size, prompts, tokens)
+    inputs, want = _moe_inputs(reference, ids)
+
+    deployed = hetrun.deploy(copy.deepcopy(reference), prof, precision=precision, threads=threads)
+    import torch
+
+    with torch.no_grad():
+        got = deployed(ids).logits
+    runtime = deployed.hetrun
+    plan = runtime.plan
+    errors = _expert_errors(runtime, inputs)
+    held = device_weight_bytes(plan)
+    fp32_plan = device_weight_bytes(dataclasses.replace(plan, precision={d: "fp32" for d in plan.device_ids}))
+
+    alone_cache: dict[tuple, dict] = {}
+    devices = []
+    for i, dev in enumerate(runtime.devices):
+        prec = plan.precision[dev.id]
+        key = (dev.type.name, dev.backend, prec)
+        if key not in alone_cache:
+            alone = hetrun.deploy(copy.deepcopy(reference), _alone_profile(prof, dev), precision=prec, threads=threads)
+            with torch.no_grad():
+                alone_cache[key] = logit_agreement(alone(ids).logits, want)
+        rec = errors.get(i, {"errors": [], "nonfinite_experts": 0})
+        errs = rec["errors"]
+        devices.append({
+            "device": dev.id, "type": dev.type.name, "backend": dev.backend, "precision": prec,
+            "experts": len(errs) + rec["nonfinite_experts"], "weight_bytes": held[dev.id],
+            "fp32_weight_bytes": fp32_plan[dev.id],
+            "expert_rel_err_mean": sum(errs) / len(errs) if errs else None,
+            "expert_rel_err_max": max(errs) if errs else None,
+            "nonfinite_experts": rec["nonfinite_experts"],
+            "alone": alone_cache[key]})
+    return {"model": model, "family": MODELS[model], "profile": prof.name, "requested_precision": precision,
+            "prompts": prompts, "tokens": tokens, "seed": seed, "devices": devices,
+            "deployment": logit_agreement(got, want)}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    dep = report["deployment"]
+    t = Table(title=f"accuracy of model {report['model']} ({report['family']}) on profile {report['profile']} "
+                    f"against FP32, {dep['positions']} positions ({report['prompts']} prompts x {report['tokens']} tokens)")
+    for col in ("device", "type", "backend", "precision", "experts", "weight bytes", "of FP32",
+                "expert err mean", "expert err max", "solo logits err", "solo top-1"):
+        t.add_column(col, justify="left" if col in ("device", "type", "backend", "precision") else "right")
+    for d in report["devices"]:
+        a = d["alone"]
+        ratio = f"{d['weight_bytes'] / d['fp32_weight_bytes']:.3f}" if d["fp32_weight_bytes"] else "-"
+        err_max = _pct(d["expert_rel_err_max"]) + (f" ({d['nonfinite_experts']} inf/nan)" if d["nonfinite_experts"] else "")
+        t.add_row(d["device"], d["type"], d["backend"], d["precision"], str(d["experts"]), f"{d['weight_bytes']:,}",
+                  ratio, _pct(d["expert_rel_err_mean"]), err_max, _pct(a["logits_rel_err"]), f"{100 * a['top1']:.1f}%")
+    c = Console(width=max(Console().width, 140))
+    c.print(t)
+    c.print("expert err: each expert's output against the FP32 expert on the hidden states this model feeds it; "
+            "solo: end to end with every expert at that device's precision")
+    extra = f", {dep['nonfinite_logits']} non-finite logits" if dep["nonfinite_logits"] else ""
+    c.print(f"deployment as planned: logits relative error {_pct(dep['logits_rel_err'])}, top-1 agreement with FP32 "
+            f"{100 * dep['top1']:.1f}% ({dep['agree']}/{dep['positions']} positions){extra}")
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help=f"tiny random model: {', '.join(MODELS)} (default tiny, DeepSeek-style)")
+    p.add_argument("--profile", default="mixed-demo", help="built-in profile name or YAML path (default mixed-demo)")
+    p.add_argument("--precision", default=None,
+                   help="run every device at this precision (an error where a device lacks it); default: each device's best")
+    p.add_argument("--prompts", type=int, default=8, help="prompts in the fixed prompt set (default 8)")
+    p.add_argument("--tokens", type=int, default=25, help="tokens per prompt (default 25: 200 positions in all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model's weights (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="threads per backend session")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = accuracy_report(args.model, args.profile, args.precision, args.prompts, args.tokens, args.seed, args.threads)
+    if args.json:
+        print_json(report)
+    else:
+        _print(report)
+    return 0
+
+
+COMMANDS = {
+    "accuracy": Command(
+        "each device's precision against FP32: per-expert error, logits error, top-1 agreement, weight bytes",
+        _add, _run,
+        "  hetrun accuracy --model tiny --profile mixed-demo\n"
+        "  hetrun accuracy --model tiny --profile mixed-demo --precision int8 --json"),
+}
