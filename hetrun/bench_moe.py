@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -49,7 +50,7 @@ def run(tokens: list[int], backends: list[str], precisions: list[str], repeats: 
     rows = []
     for precision in precisions:
         dtype = TORCH_DTYPES[precision]
-        ref_block = block.to(dtype)
+        ref_block = copy.deepcopy(block).to(dtype)
         for backend in backends:
             profile = {"name": f"bench-{backend}", "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend}]}
             runtime = ExpertRuntime(simple_plan(spec, profile, precision), profile, [weights], threads=threads)
@@ -68,7 +69,6 @@ def run(tokens: list[int], backends: list[str], precisions: list[str], repeats: 
                              "transformers_ms": ref_s * 1e3, "hetrun_ms": het_s * 1e3,
                              "speedup": ref_s / het_s, "dispatch_overhead": (s.layer_s - s.expert_s) / s.layer_s,
                              "rel_error": err})
-        block = block.float()
     return rows
 
 
