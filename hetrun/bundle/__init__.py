@@ -1,0 +1,28 @@
+"""Deployment bundles: export a model for a profile once, verify it, load and run it anywhere the plan fits.
+
+    hetrun.bundle.export("tiny", "mixed-demo", "bundle/")      # manifest.json, experts/*.onnx, dense.safetensors, ...
+    model = hetrun.load("bundle/")                              # verified, then rebuilt; experts run from the ONNX files
+    hetrun.bundle.inspect_bundle("bundle/")                     # what is inside, and which checks pass
+
+Names load lazily: checking a bundle needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "export": "exporter", "preset_model": "exporter",
+    "BundleRuntime": "loader", "check_profile_fits": "loader", "greedy": "loader", "load": "loader",
+    "BUNDLE_FORMAT": "manifest", "FORMAT_VERSION": "manifest", "MANIFEST": "manifest", "BundleReport": "manifest",
+    "Manifest": "manifest", "check_bundle": "manifest", "manifest_plan": "manifest", "verify": "manifest",
+    "inspect_bundle": "summary",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
