@@ -1,0 +1,96 @@
+"""Expert load tables: [L, E] routed tokens per expert of every MoE layer, from a file, an array or a run's statistics.
+
+Accepted sources: a path to a .npy array (no pickle) or a JSON file holding a list of rows or an object with
+`tokens_per_expert` (as `DispatchStats.to_dict()` and `hetrun run --json` write it) or `load`; a numpy array,
+nested lists or a torch tensor; a `DispatchStats` (its `tokens_per_expert`); a dict like the JSON object.
+Every problem is a one-line PlacementError that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hetrun.errors import PlacementError
+from hetrun.spec import MoESpec
+
+
+def read_load(source) -> np.ndarray:
+    """The [L, E] float64 table held by `source` (a path, array, DispatchStats or dict), shape not yet checked."""
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(Path(source))
+    if hasattr(source, "tokens_per_expert"):  # DispatchStats
+        source = source.tokens_per_expert
+    if isinstance(source, dict):
+        source = _from_object(source, "load table")
+    if hasattr(source, "detach"):  # torch tensor
+        source = source.detach().cpu().numpy()
+    try:
+        table = np.asarray(source, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise PlacementError(f"load table is not a table of numbers ({' '.join(str(e).split())[:100]}); "
+                             "pass an [layers, experts] array of token counts") from None
+    return table
+
+
+def check_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np.ndarray:
+    """`table` as [L, E] float64 after checking it fits `spec` and holds finite token counts >= 0, not all zero."""
+    L, E = spec.num_moe_layers, spec.num_experts
+    w = np.asarray(table, dtype=np.float64)
+    if w.shape != (L, E):
+        raise PlacementError(f"{what} has shape {list(w.shape)} but model '{spec.name}' has {L} MoE layers x {E} "
+                             f"experts; give a [{L}, {E}] table of token counts recorded on this model")
+    bad = ~np.isfinite(w)
+    if bad.any():
+        l, e = np.argwhere(bad)[0]
+        raise PlacementError(f"{what} has NaN or infinite entries (first at MoE layer {l}, expert {e}); "
+                             "pass finite token counts")
+    if (w < 0).any():
+        l, e = np.argwhere(w < 0)[0]
+        raise PlacementError(f"{what} has negative entries (first at MoE layer {l}, expert {e}: {w[l, e]:g}); "
+                             "token counts must be >= 0")
+    if not w.any():
+        raise PlacementError(f"{what} is zero everywhere, so it says nothing about load; record routing statistics "
+                             "first, or leave the load out for a uniform one")
+    return w
+
+
+def model_load(source, spec: MoESpec) -> np.ndarray | None:
+    """The checked [L, E] table of `source` for `spec`, or None (uniform) when `source` is None."""
+    if source is None:
+        return None
+    where = f"load table '{source}'" if isinstance(source, (str, os.PathLike)) else "load table"
+    return check_load(read_load(source), spec, where)
+
+
+def _read_file(p: Path) -> np.ndarray:
+    if not p.is_file():
+        raise PlacementError(f"load table '{p}' not found; give a .npy or .json file of [layers, experts] token counts")
+    try:
+        if p.suffix == ".npy":
+            table = np.load(p, allow_pickle=False)
+        else:
+            raw = json.loads(p.read_text(), parse_constant=_reject_constant)
+            table = _from_object(raw, f"load table '{p}'") if isinstance(raw, dict) else raw
+            table = np.asarray(table, dtype=np.float64)
+    except (ValueError, TypeError, OSError, UnicodeDecodeError, RecursionError, EOFError) as e:
+        raise PlacementError(f"load table '{p}' cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+                             "give a .npy array or a JSON list of rows of token counts") from None
+    if table.dtype == object or not np.issubdtype(table.dtype, np.number):
+        raise PlacementError(f"load table '{p}' must hold numbers, got {table.dtype}")
+    return table.astype(np.float64)
+
+
+def _from_object(raw: dict, what: str):
+    for key in ("tokens_per_expert", "load"):
+        if key in raw:
+            return raw[key]
+    raise PlacementError(f"{what} is an object without 'tokens_per_expert' or 'load'; give one of those keys "
+                         "or a plain list of rows")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a token count")

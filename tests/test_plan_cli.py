@@ -1,0 +1,91 @@
+"""`hetrun plan`: the per-device table, plan.json, the heatmap, and one-line errors with exit code 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hetrun.cli import main
+from hetrun.planner import Plan
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def zipf_file(tmp_path, L=58, E=256, name="load.npy"):
+    rng = np.random.default_rng(0)
+    base = 1.0 / np.arange(1, E + 1)
+    w = np.stack([rng.permutation(base) for _ in range(L)]) * 4096
+    np.save(tmp_path / name, w)
+    return tmp_path / name, w
+
+
+def test_plan_prints_the_table_and_writes_plan_and_heatmap(capsys, tmp_path):
+    load, w = zipf_file(tmp_path)
+    out_json, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    rc, out, err = run_cli(capsys, "plan", "--model", "deepseek-r1", "--profile", "mixed-h100-910b-xeon",
+                           "--load", load, "--redundant", 32, "-o", out_json, "--heatmap", png)
+    assert rc == 0, err
+    for words in ("h100:0", "ascend:7", "xeon:3", "fp8", "fp16", "bf16", "slots/layer", "replicas", "memory used GB",
+                  "free GB", "time ms", "lower bound", "EPLB on the same devices", f"wrote plan: {out_json}"):
+        assert words in out, words
+    plan = Plan.from_json(out_json.read_text())
+    assert plan.num_slots == 288 and plan.num_layers == 58 and plan.predicted["load"] == "table"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
+    row = next(line for line in out.splitlines() if "ascend:0" in line)
+    assert "fp16" in row
+
+
+def test_plan_json_summary_with_pins_and_presets(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "plan", "--model", "tiny", "--profile", "mixed-demo", "--redundant", 3,
+                           "--pin", "device=xeon,experts=0,1", "-o", "-", "--json")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["plan"] is None and s["slots_per_layer"] == 15 and s["pins"] == [{"device": "xeon", "experts": "0,1"}]
+    assert set(s["devices"]) == {"h100:0", "ascend:0", "xeon:0"}
+    assert s["step_time_s"] >= s["lower_bound_s"] > 0 and s["eplb"]["slots"] == 15
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_plan_eplb_policy(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "plan", "--model", "tiny", "--profile", "cpu", "--redundant", 2, "--policy", "eplb",
+                           "-o", tmp_path / "p.json", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["placed_by"].startswith("hetrun.placement.eplb")
+
+
+def _bad_profile(tmp_path):
+    p = tmp_path / "small.yaml"
+    p.write_text("name: small\ndevices:\n  - {id: h100, type: h100-sxm, count: 2, reserved_gb: 10}\n")
+    return p
+
+
+@pytest.mark.parametrize("make_args,words", [
+    (lambda t: ["--load", zipf_file(t, L=3, E=256)[0]], "has shape [3, 256] but model 'deepseek-r1' has 58 MoE layers"),
+    (lambda t: ["--load", _save(t, -np.ones((58, 256)))], "negative entries"),
+    (lambda t: ["--load", _save(t, np.full((58, 256), np.nan))], "NaN or infinite"),
+    (lambda t: ["--load", _save(t, np.zeros((58, 256)))], "zero everywhere"),
+    (lambda t: ["--load", t / "missing.npy"], "not found"),
+    (lambda t: ["--redundant", -3], "leave 253 slots for 256 experts"),
+    (lambda t: ["--redundant", 5, "--policy", "eplb"], "do not split over 20 devices; use redundant_experts=4 or 24"),
+    (lambda t: ["--pin", "device=tpu,layers=0-2"], "pin names device 'tpu'"),
+    (lambda t: ["--profile", _bad_profile(t), "--redundant", 32], "does not fit: it needs 288 expert slots"),
+    (lambda t: ["--precision", "fp8"], "has no fp8"),
+    (lambda t: ["--model", "gpt-7"], "unknown model preset 'gpt-7'"),
+    (lambda t: ["-o", t / "no" / "dir" / "plan.json"], "does not exist"),
+])
+def test_plan_bad_input_is_one_line_exit_2(capsys, tmp_path, make_args, words):
+    rc, out, err = run_cli(capsys, "plan", *make_args(tmp_path))
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("hetrun: error:") and words in err, err
+    assert "Traceback" not in err
+
+
+def _save(tmp_path, table):
+    path = tmp_path / "bad.npy"
+    np.save(path, table)
+    return path
