@@ -37,3 +37,38 @@ def tiny_model(family: str = "deepseek_v3", seed: int = 0, bias_scale: float = 0
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.normal_(0.0, bias_scale)
     return model
+
+
+def markov_tokens(vocab: int, sequences: int, length: int, seed: int = 0, branching: int = 3) -> torch.Tensor:
+    """Token ids [sequences, length] from a fixed sparse Markov chain: each token has `branching` likely successors.
+
+    A tiny "language" with structure, so a model trained on it predicts with the confidence of a real one.
+    """
+    g = torch.Generator().manual_seed(10_000 + vocab)  # the chain depends on the vocabulary only
+    successors = torch.randint(0, vocab, (vocab, branching), generator=g)  # [V, B]
+    probs = torch.softmax(torch.arange(branching, 0, -1).float(), 0)  # most likely successor first
+    g.manual_seed(seed)
+    ids = torch.empty(sequences, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, vocab, (sequences,), generator=g)
+    for t in range(1, length):
+        pick = torch.multinomial(probs.expand(sequences, branching), 1, generator=g)[:, 0]  # [S]
+        ids[:, t] = successors[ids[:, t - 1], pick]
+    return ids
+
+
+def trained_tiny_model(family: str = "deepseek_v3", seed: int = 0, steps: int = 60) -> torch.nn.Module:
+    """tiny_model(family) after a short, deterministic training run on markov_tokens (about 60 Adam steps).
+
+    Random models have near-tied logits, so any perturbation flips their top-1 token; a trained one has the margins
+    of a real model, which is what an accuracy figure for low-precision experts should be measured on.
+    """
+    model = tiny_model(family, seed)
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        batch = markov_tokens(vocab, 16, 32, seed=step)  # [16, 32]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()

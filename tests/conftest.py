@@ -23,5 +23,5 @@ def fresh(family_models):
 @pytest.fixture(autouse=True)
 def _quiet_hetrun_warnings(caplog):
     caplog.set_level(logging.WARNING, logger="hetrun")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two xdist workers share two cores; tiny ops only get slower with more threads
     yield

@@ -39,16 +39,14 @@ def test_mixed_demo_report(mixed_demo, capsys):
     dep = r["deployment"]
     assert dep["positions"] == 200 and dep["nonfinite_logits"] == 0
     print(f"mixed-demo: top-1 agreement {dep['top1']:.3f} ({dep['agree']}/200), logits error {dep['logits_rel_err']:.4f}")
-    assert dep["top1"] >= 0.90  # measured 0.925; see the next test
     assert by_prec["fp16"]["alone"]["top1"] >= 0.95 and by_prec["bf16"]["alone"]["top1"] >= 0.95
+    assert dep["top1"] >= 0.95  # the issue's bound, on the trained tiny model (measured 0.985-0.99)
 
 
-@pytest.mark.xfail(strict=True, reason="measured 92.5% (185/200): on this random tiny model FP8 W8A8's 6% expert "
-                   "error on the H100's third of the experts moves layer-2 routing for 4.5% of tokens; the random "
-                   "model's top-1/top-2 logit margins are small (median 0.24 std). FP8 alone at FP32 elsewhere: 92.5%; "
-                   "FP16+BF16 without FP8: 99.5%")
-def test_mixed_demo_top1_at_least_95_percent(mixed_demo):
-    assert mixed_demo["deployment"]["top1"] >= 0.95
+def test_random_weights_option_is_reported(capsys):
+    r = run_json(capsys, ["accuracy", "--model", "tiny-mixtral", "--weights", "random", "--profile", "cpu",
+                          "--precision", "fp16", "--prompts", "2", "--tokens", "4", "--json"])
+    assert r["weights"] == "random" and r["deployment"]["positions"] == 8
 
 
 def test_accuracy_json_and_text(capsys):

@@ -1,6 +1,7 @@
 """`hetrun accuracy`: what each device's precision costs in accuracy, against the same model in FP32.
 
-For a tiny random transformers model deployed on a profile, per device: its precision, the bytes its expert
+For a tiny transformers model deployed on a profile (by default briefly trained on a synthetic Markov-chain
+language so that its logit margins resemble a real model's; `--weights random` keeps the random init), per device: its precision, the bytes its expert
 weights take, each of its experts' output relative error against the FP32 expert (on the hidden states the
 model really feeds that layer), and the end-to-end figures had every expert run at that precision. For the
 deployment as planned: the relative error of the logits and top-1 token agreement with FP32 over a fixed set of
@@ -92,20 +93,26 @@ def _alone_profile(profile, device) -> dict:
 
 
 def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | None = None, prompts: int = 8,
-                    tokens: int = 25, seed: int = 0, threads: int | None = None) -> dict:
+                    tokens: int = 25, seed: int = 0, threads: int | None = None, weights: str = "trained") -> dict:
     """Accuracy of `model` deployed on `profile` against FP32, per device precision and end to end (see module doc)."""
     import hetrun
     from hetrun.precision import device_weight_bytes
     from hetrun.profile import load_profile
-    from hetrun.tiny_models import tiny_model
+    from hetrun.tiny_models import markov_tokens, tiny_model, trained_tiny_model
 
     if model not in MODELS:
         raise HetrunError(f"unknown model '{model}'; use one of: {', '.join(MODELS)}")
     if prompts < 1 or tokens < 1:
         raise HetrunError(f"--prompts and --tokens must be at least 1, got {prompts} and {tokens}")
+    if weights not in ("trained", "random"):
+        raise HetrunError(f"--weights must be 'trained' or 'random', got '{weights}'")
     prof = load_profile(profile)
-    reference = tiny_model(MODELS[model], seed=seed)
-    ids = prompt_ids(reference.config.vocab_size, prompts, tokens)
+    if weights == "trained":  # prompts from the language it learned
+        reference = trained_tiny_model(MODELS[model], seed=seed)
+        ids = markov_tokens(reference.config.vocab_size, prompts, tokens, seed=PROMPT_SEED)
+    else:
+        reference = tiny_model(MODELS[model], seed=seed)
+        ids = prompt_ids(reference.config.vocab_size, prompts, tokens)
     inputs, want = _moe_inputs(reference, ids)
 
     deployed = hetrun.deploy(copy.deepcopy(reference), prof, precision=precision, threads=threads)
@@ -138,7 +145,7 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
             "expert_rel_err_max": max(errs) if errs else None,
             "nonfinite_experts": rec["nonfinite_experts"],
             "alone": alone_cache[key]})
-    return {"model": model, "family": MODELS[model], "profile": prof.name, "requested_precision": precision,
+    return {"model": model, "weights": weights, "family": MODELS[model], "profile": prof.name, "requested_precision": precision,
             "prompts": prompts, "tokens": tokens, "seed": seed, "devices": devices,
             "deployment": logit_agreement(got, want)}
 
@@ -179,13 +186,17 @@ def _add(p: argparse.ArgumentParser) -> None:
                    help="run every device at this precision (an error where a device lacks it); default: each device's best")
     p.add_argument("--prompts", type=int, default=8, help="prompts in the fixed prompt set (default 8)")
     p.add_argument("--tokens", type=int, default=25, help="tokens per prompt (default 25: 200 positions in all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model's weights (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights (default 0)")
+    p.add_argument("--weights", choices=("trained", "random"), default="trained",
+                   help="trained (default): the tiny model after a short deterministic training run on a synthetic "
+                        "Markov-chain language, prompts from that language; random: untrained, uniform random prompts")
     p.add_argument("--threads", type=int, default=None, help="threads per backend session")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = accuracy_report(args.model, args.profile, args.precision, args.prompts, args.tokens, args.seed, args.threads)
+    report = accuracy_report(args.model, args.profile, args.precision, args.prompts, args.tokens, args.seed, args.threads,
+                             args.weights)
     if args.json:
         print_json(report)
     else:
