@@ -42,7 +42,13 @@ def deploy(model: torch.nn.Module, profile: "str | Profile" = "mixed-demo", prec
     elif plan.spec.num_experts != spec.num_experts or plan.num_layers != spec.num_moe_layers:
         raise HetrunError(f"plan was made for '{plan.spec.name}', not this model; re-plan with hetrun.plan()")
     layers = model_layer_weights(spec, model)
-    runtime = ExpertRuntime(plan, profile, [w for _, w in layers], threads=threads, progress=progress)
+    weights = [w for _, w in layers]
+    runtime = None
+    if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
+        from hetrun.distributed.moe import distributed_runtime
+        runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
+    if runtime is None:  # one process runs every device
+        runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
     for (path, _), layer in zip(layers, runtime.layers):
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
