@@ -50,19 +50,26 @@ class OnnxRuntimeBackend(Backend):
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        # Idle ORT threads must not spin: torch runs routing and combine on the same cores right after each call.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Fold DequantizeLinear of FP8/INT8 weights into FP32 at load: otherwise onnxruntime dequantizes FP8 on every
-        # call (slow) and rewrites INT8 DequantizeLinear+MatMul into MatMulNBits with INT8 activations (0.5% error).
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(graph, sess_options=opts, providers=self.providers())
-        return OrtSession(sess)
+        return OrtSession(ort.InferenceSession(graph, sess_options=session_options(self.threads),
+                                               providers=self.providers()))
+
+
+def session_options(threads: int | None):
+    """onnxruntime session options for expert graphs that share the host's cores with torch."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Idle ORT threads must not spin: torch runs routing and combine on the same cores right after each call.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Fold DequantizeLinear of FP8/INT8 weights into FP32 at load: otherwise onnxruntime dequantizes FP8 on every
+    # call (slow) and rewrites INT8 DequantizeLinear+MatMul into MatMulNBits with INT8 activations (0.5% error).
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    opts.log_severity_level = 3
+    return opts
 
 
 class OrtSession(ExpertSession):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.ort import session_options
 from hetrun.costmodel import expert_cost
 
 
@@ -28,16 +29,7 @@ class SimulatedBackend(Backend):
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        # Idle ORT threads must not spin: torch runs routing and combine on the same cores right after each call.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Fold DequantizeLinear of FP8/INT8 weights into FP32 at load: otherwise onnxruntime dequantizes FP8 on every
-        # call (slow) and rewrites INT8 DequantizeLinear+MatMul into MatMulNBits with INT8 activations (0.5% error).
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        opts.log_severity_level = 3
+        opts = session_options(self.threads)
         sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
         return SimulatedSession(sess, self, meta)
 

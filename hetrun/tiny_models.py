@@ -23,20 +23,33 @@ FAMILY_SPECS: dict[str, MoESpec] = {
 }
 
 
-def tiny_model(family: str = "deepseek_v3", seed: int = 0, bias_scale: float = 0.1) -> torch.nn.Module:
-    """A small random transformers model of `family`, in eval mode; DeepSeek gets a non-zero correction bias."""
-    import transformers
-
-    spec = FAMILY_SPECS[family]
-    torch.manual_seed(seed)
+def random_config(spec: MoESpec):
+    """The transformers config hetrun builds random models of `spec` from."""
     cfg = spec.to_hf_config()
     cfg.initializer_range = 0.2  # a wide init keeps the logits of a random model far from ties
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for mod in model.modules():
-            if hasattr(mod, "e_score_correction_bias"):
-                mod.e_score_correction_bias.normal_(0.0, bias_scale)
+    return cfg
+
+
+def random_model(spec: MoESpec, seed: int = 0, bias_scale: float = 0.1) -> torch.nn.Module:
+    """A random transformers model of `spec`, in eval mode, the same for the same seed in every process.
+
+    DeepSeek-V3 models get a non-zero e_score_correction_bias. The global RNG is left as it was.
+    """
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(random_config(spec)).eval()
+        with torch.no_grad():
+            for mod in model.modules():
+                if hasattr(mod, "e_score_correction_bias"):
+                    mod.e_score_correction_bias.normal_(0.0, bias_scale)
     return model
+
+
+def tiny_model(family: str = "deepseek_v3", seed: int = 0, bias_scale: float = 0.1) -> torch.nn.Module:
+    """A small random transformers model of `family` (see FAMILY_SPECS)."""
+    return random_model(FAMILY_SPECS[family], seed, bias_scale)
 
 
 def markov_tokens(vocab: int, sequences: int, length: int, seed: int = 0, branching: int = 3) -> torch.Tensor:

@@ -53,23 +53,10 @@ class ModelSource:
 
 
 def preset_model(name: str, seed: int = 0, bias_scale: float = 0.1):
-    """A random transformers model of a preset's shape, the same for the same (name, seed) in every process.
+    """A random transformers model of a preset's shape, the same for the same (name, seed) in every process."""
+    from hetrun.tiny_models import random_model
 
-    Same recipe as hetrun.tiny_models: a wide init, and a non-zero DeepSeek-V3 correction bias.
-    """
-    import torch
-    import transformers
-
-    spec = _preset_spec(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cfg = _preset_config(spec)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-        with torch.no_grad():
-            for mod in model.modules():
-                if hasattr(mod, "e_score_correction_bias"):
-                    mod.e_score_correction_bias.normal_(0.0, bias_scale)
-    return model
+    return random_model(_preset_spec(name), seed, bias_scale)
 
 
 def _preset_spec(name: str) -> MoESpec:
@@ -85,12 +72,6 @@ def _preset_spec(name: str) -> MoESpec:
     return spec
 
 
-def _preset_config(spec: MoESpec):
-    cfg = spec.to_hf_config()
-    cfg.initializer_range = 0.2  # a wide init keeps the logits of a random model far from ties
-    return cfg
-
-
 def model_source(model: Any, seed: int = 0) -> ModelSource:
     """Resolve MODEL: a transformers module, a local model directory (safetensors), or a preset name."""
     if hasattr(model, "config") and hasattr(model, "state_dict"):
@@ -103,8 +84,10 @@ def model_source(model: Any, seed: int = 0) -> ModelSource:
     if os.sep in text or text.startswith(".") or path.exists():
         raise SpecError(f"model directory '{text}' not found; give a local transformers model directory or a preset "
                         f"name ({', '.join(_preset_names())})")
+    from hetrun.tiny_models import random_config
+
     spec = _preset_spec(text)
-    return ModelSource("preset", text, _preset_config(spec), lambda: preset_model(text, seed), seed)
+    return ModelSource("preset", text, random_config(spec), lambda: preset_model(text, seed), seed)
 
 
 def _preset_names() -> list[str]:
