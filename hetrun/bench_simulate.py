@@ -1,0 +1,196 @@
+"""Benchmarks of the simulator: its speed at full scale, and its accuracy against real CPU runs.
+
+    python -m hetrun.bench_simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
+    python -m hetrun.bench_simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
+    python -m hetrun.bench_simulate deepseek              # simulated vs published DeepSeek serving
+
+`scale` must finish in under 10 s. `accuracy` runs the tiny and Mixtral-shaped (mixtral-bench) MoE layers
+through the real dispatcher on onnxruntime and OpenVINO for 1 to 2048 tokens and compares each wall time
+with `hetrun.calibrate.predict_moe_layer_seconds` on the calibrated host profile; the targets are 15%
+geometric-mean error and 30% worst case. It needs a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+ACCURACY_TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
+ACCURACY_SPECS = ("tiny", "mixtral-bench")
+ACCURACY_PRECISIONS = ("fp32", "bf16")
+
+
+def scale(requests: int = 1000) -> dict:
+    """Wall time of the DeepSeek-R1 decode simulation on 144 devices with a `requests`-request workload."""
+    from hetrun.sim import simulate
+    from hetrun.sim.workload import load_workload
+
+    wl = load_workload("deepseek-prod").replace(requests=requests)
+    t0 = time.perf_counter()
+    r = simulate("deepseek-r1", "deepseek-decode-h800", wl, phases=("decode",))
+    sec = time.perf_counter() - t0
+    return {"seconds": sec, "devices": r.num_devices, "requests": requests,
+            "decode_tokens_per_s_per_node": r.row["decode_tokens_per_s_per_node"], "target_s": 10.0,
+            "ok": sec < 10.0}
+
+
+def deepseek() -> dict:
+    """Simulated DeepSeek prefill and decode per node against the published figures."""
+    from hetrun.sim import simulate
+
+    pre = simulate("deepseek-r1", "deepseek-prefill-h800", "deepseek-prod", phases=("prefill",)).row
+    dec = simulate("deepseek-r1", "deepseek-decode-h800", "deepseek-prod", phases=("decode",)).row
+    p, d = pre["prefill_tokens_per_s_per_node"], dec["decode_tokens_per_s_per_node"]
+    return {"prefill_per_node": p, "prefill_published": 73700.0, "prefill_ratio": p / 73700.0,
+            "decode_per_node": d, "decode_published": 14800.0, "decode_ratio": d / 14800.0,
+            "decode_per_user_tps": dec["per_user_tps"], "decode_batch_per_device": dec["decode_batch_per_device"],
+            "prefill_ttft_s": pre["ttft_s"], "prefill_chunk_tokens": pre["prefill_chunk_tokens"],
+            "prefill_utilization": pre["prefill_utilization"]}
+
+
+def _layer_runtime(spec, backend: str, precision: str, threads):
+    from hetrun.dispatch import ExpertRuntime
+    from hetrun.moe_weights import random_layer_weights
+    from hetrun.planner import simple_plan
+    from hetrun.profile import load_profile
+
+    prof = load_profile({"name": f"bench-{backend}", "devices": [
+        {"id": "host", "type": "host-cpu", "backend": backend, "precision": precision}]})
+    plan = simple_plan(spec, prof, precision)
+    w = random_layer_weights(spec, spec.first_dense_layers)
+    rt = ExpertRuntime(plan, prof, [w], threads=threads)
+    return rt, w
+
+
+def _weight_bytes(w, precision: str, backend: str) -> tuple[float, float | None]:
+    from hetrun.graphs import build_expert_graph
+
+    target = "openvino" if backend == "openvino" else backend
+    routed = float(build_expert_graph(w.experts[0], precision, target=target).weight_bytes)
+    shared = float(build_expert_graph(w.shared[0], precision, target=target).weight_bytes) if w.shared else None
+    return routed, shared
+
+
+def accuracy_table(host_profile, threads: int | None = None, quick: bool = False, specs=ACCURACY_SPECS,
+                   backends=("onnxruntime", "openvino"), precisions=ACCURACY_PRECISIONS, tokens=ACCURACY_TOKENS,
+                   reps: int = 7) -> list[dict]:
+    """Measured and predicted seconds of real MoE layer calls, one row per case."""
+    import torch
+
+    if quick:
+        tokens, reps = (1, 64, 1024), 3
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # the dispatcher's routing and combine run on torch
+    try:
+        return _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps) -> list[dict]:
+    import torch
+
+    from hetrun.backends.registry import probe_backend
+    from hetrun.calibrate import predict_moe_layer_seconds
+    from hetrun.spec import MoESpec
+
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for name in specs:
+        spec = MoESpec.from_preset(name)
+        for b in backends:
+            if not probe_backend(b).ok:
+                continue
+            for p in precisions:
+                rt, w = _layer_runtime(spec, b, p, threads)
+                wb, swb = _weight_bytes(w, p, b)
+                layer = rt.layers[0]
+                with torch.no_grad():
+                    for n in tokens:
+                        x = torch.randn(n, spec.hidden_size, generator=g) * 0.5
+                        for _ in range(3):  # warm-up: lazy initialization in torch and the runtimes
+                            layer(x)
+                        rt.stats.reset()
+                        layer(x)
+                        counts = rt.stats.tokens_per_expert[0].copy()
+                        times = []
+                        for _ in range(reps):
+                            t0 = time.perf_counter()
+                            layer(x)
+                            times.append(time.perf_counter() - t0)
+                        meas = float(np.median(times))
+                        pred = predict_moe_layer_seconds(host_profile, b, p, spec.hidden_size,
+                                                         spec.moe_intermediate_size, counts, spec.top_k,
+                                                         spec.num_shared_experts, spec.shared_intermediate_size,
+                                                         wb, swb, spec.router.kind)
+                        rows.append({"model": name, "backend": b, "precision": p, "tokens": n,
+                                     "measured_ms": meas * 1e3, "predicted_ms": pred * 1e3,
+                                     "error_pct": (pred / meas - 1) * 100})
+    return rows
+
+
+def accuracy_summary(rows: list[dict]) -> dict:
+    """Geometric-mean and worst-case error: exp(mean |ln(pred/meas)|) - 1 and exp(max |ln(pred/meas)|) - 1."""
+    r = np.array([abs(math.log(x["predicted_ms"] / x["measured_ms"])) for x in rows])
+    return {"cases": len(rows), "geomean_error_pct": float(np.expm1(r.mean()) * 100),
+            "worst_error_pct": float(np.expm1(r.max()) * 100), "target_geomean_pct": 15.0, "target_worst_pct": 30.0}
+
+
+def print_accuracy(rows: list[dict]) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="simulator vs real MoE layers on this CPU")
+    for c in ("model", "backend", "precision", "tokens", "measured ms", "predicted ms", "error"):
+        t.add_column(c, justify="right" if c not in ("model", "backend", "precision") else "left")
+    for x in rows:
+        t.add_row(x["model"], x["backend"], x["precision"], str(x["tokens"]), f"{x['measured_ms']:.3f}",
+                  f"{x['predicted_ms']:.3f}", f"{x['error_pct']:+.1f}%")
+    c = Console()
+    c.print(t)
+    s = accuracy_summary(rows)
+    c.print(f"{s['cases']} cases: geometric-mean error {s['geomean_error_pct']:.1f}% (target 15%), "
+            f"worst {s['worst_error_pct']:.1f}% (target 30%)")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hetrun.bench_simulate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("scale", "accuracy", "deepseek", "all"), nargs="?", default="scale")
+    p.add_argument("host_profile", nargs="?", help="calibrated host profile (for accuracy)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    ok = True
+    if a.what in ("scale", "all"):
+        s = scale()
+        print(f"DeepSeek-R1 decode on {s['devices']} devices, {s['requests']} requests: {s['seconds']:.2f} s "
+              f"(target < {s['target_s']:.0f} s) -> {'ok' if s['ok'] else 'TOO SLOW'}; "
+              f"{s['decode_tokens_per_s_per_node']:,.0f} output tokens/s per node")
+        ok &= s["ok"]
+    if a.what in ("deepseek", "all"):
+        d = deepseek()
+        print(f"prefill {d['prefill_per_node']:,.0f} input tokens/s per node vs 73,700 published "
+              f"({(d['prefill_ratio'] - 1) * 100:+.1f}%), chunk {d['prefill_chunk_tokens']:.0f}, "
+              f"utilization {d['prefill_utilization']:.2f}, TTFT {d['prefill_ttft_s']:.2f} s")
+        print(f"decode {d['decode_per_node']:,.0f} output tokens/s per node vs 14,800 published "
+              f"({(d['decode_ratio'] - 1) * 100:+.1f}%), {d['decode_per_user_tps']:.1f} tokens/s per user, "
+              f"{d['decode_batch_per_device']:.0f} requests per GPU")
+        ok &= abs(d["prefill_ratio"] - 1) <= 0.25 and abs(d["decode_ratio"] - 1) <= 0.25
+    if a.what in ("accuracy", "all"):
+        if not a.host_profile:
+            print("accuracy needs a host profile: run `hetrun calibrate --out host.yaml` first", file=sys.stderr)
+            return 2
+        s = print_accuracy(accuracy_table(a.host_profile, a.threads, a.quick))
+        ok &= s["geomean_error_pct"] <= 15 and s["worst_error_pct"] <= 30
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

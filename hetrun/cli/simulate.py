@@ -1,0 +1,216 @@
+"""`hetrun simulate`, `hetrun compare` and `hetrun calibrate`: cost-comparison profiling at full model scale."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hetrun.cli import Command, print_json
+from hetrun.errors import HetrunError
+
+DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1)")
+    p.add_argument("--workload", default="chat", help="workload preset (chat, long-context, deepseek-prod) or a YAML file")
+    p.add_argument("--json", action="store_true", help="print every number as JSON instead of the table")
+    p.add_argument("--csv", metavar="PATH", help="write the table as CSV ('-' for stdout)")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with charts")
+    p.add_argument("--trace", metavar="PATH", help="write a Chrome-trace timeline of one step per device "
+                                                    "(one file per profile when comparing)")
+    p.add_argument("--trace-phase", choices=("decode", "prefill"), default="decode", help="step to trace")
+
+
+def _simulate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="deepseek-decode-h800", help="profile name or YAML path")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--prefill-profile", help="with --fleet: take prefill rates from this profile (DeepSeek runs "
+                                             "prefill and decode on separate deployments)")
+    p.add_argument("--fleet", action="store_true",
+                   help="size a fleet for DeepSeek's published day of tokens at the simulated rates, and show "
+                        "DeepSeek's own cost and revenue arithmetic")
+    _common(p)
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profiles", nargs="*", help=f"profile names or YAML paths (default: {', '.join(DEFAULT_COMPARE)})")
+    _common(p)
+
+
+def _outputs(results, comparison, args, title: str) -> None:
+    from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict, write_atomic
+
+    rows = [r.row for r in results]
+    if args.csv:
+        text = csv_text(rows)
+        if args.csv == "-":
+            sys.stdout.write(text)
+        else:
+            write_atomic(args.csv, text)
+    if args.html:
+        write_atomic(args.html, html_report(results, comparison, title))
+    if args.trace:
+        base = Path(args.trace)
+        for r in results:
+            if args.trace_phase not in r.phases:
+                continue
+            path = base if len(results) == 1 else base.with_name(f"{base.stem}.{r.profile.name}{base.suffix or '.json'}")
+            if r.phases[args.trace_phase].step is None or not r.phases[args.trace_phase].step.tasks:
+                print(f"hetrun: note: no {args.trace_phase} step to trace for '{r.profile.name}' "
+                      f"({r.phases[args.trace_phase].reason})", file=sys.stderr)
+                continue
+            write_atomic(path, json.dumps(chrome_trace(r, args.trace_phase)))
+    if args.json:
+        print_json(report_dict(results, comparison))
+    elif args.csv != "-":
+        print_table(rows, title, comparison.statements if comparison else [])
+        for k, v in (("html", args.html), ("trace", args.trace), ("csv", args.csv)):
+            if v:
+                print(f"wrote {k}: {v}")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from hetrun.sim import simulate
+
+    phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
+    r = simulate(args.model, args.profile, args.workload, phases, trace=bool(args.trace))
+    fleet = None
+    if args.fleet:
+        fleet = _fleet(args, r)
+        r.row["fleet"] = fleet
+    _outputs([r], None, args, f"{r.spec.name} on {r.profile.name} ({r.num_devices} devices), workload {r.workload.name}")
+    if fleet and not args.json:
+        _print_fleet(fleet)
+    return 0
+
+
+def _fleet(args, r) -> dict:
+    from hetrun.sim import simulate
+    from hetrun.sim.economics import (DEEPSEEK_FLEET, DEEPSEEK_R1_PRICE, daily_revenue, fleet_cost_per_day,
+                                      fleet_for_volume)
+    from hetrun.sim.workload import DEEPSEEK_DAY
+
+    pre = r
+    if args.prefill_profile:
+        pre = simulate(args.model, args.prefill_profile, args.workload, ("prefill",))
+    p_node = pre.row.get("prefill_tokens_per_s_per_node")
+    d_node = r.row.get("decode_tokens_per_s_per_node")
+    out = {
+        "published": {
+            "nodes": DEEPSEEK_FLEET["nodes"], "gpus_per_node": DEEPSEEK_FLEET["gpus_per_node"],
+            "usd_per_gpu_hour": DEEPSEEK_FLEET["gpu_hour_usd"],
+            "cost_per_day": fleet_cost_per_day(DEEPSEEK_FLEET["nodes"], DEEPSEEK_FLEET["gpus_per_node"],
+                                               DEEPSEEK_FLEET["gpu_hour_usd"]),
+            "revenue_per_day": daily_revenue(DEEPSEEK_DAY["input_tokens"], DEEPSEEK_DAY["cache_hit_tokens"],
+                                             DEEPSEEK_DAY["output_tokens"], DEEPSEEK_R1_PRICE),
+            "published_revenue_per_day": DEEPSEEK_FLEET["published_revenue_per_day"],
+        }
+    }
+    if p_node and d_node:
+        sized = fleet_for_volume(DEEPSEEK_DAY["input_tokens"], DEEPSEEK_DAY["output_tokens"], p_node, d_node)
+        gpn = r.num_devices / r.num_nodes
+        price = r.usd_per_hour / r.num_devices
+        sized.update({"prefill_tokens_per_s_per_node": p_node, "decode_tokens_per_s_per_node": d_node,
+                      "cost_per_day": fleet_cost_per_day(sized["nodes"], gpn, price)})
+        out["simulated"] = sized
+    else:
+        out["simulated"] = None
+    return out
+
+
+def _print_fleet(f: dict) -> None:
+    p = f["published"]
+    rev = p["revenue_per_day"]
+    print(f"DeepSeek fleet (published): {p['nodes']} nodes x {p['gpus_per_node']} GPUs x 24 h x "
+          f"${p['usd_per_gpu_hour']:g} = ${p['cost_per_day']:,.0f} per day")
+    print(f"DeepSeek day billed at R1 prices: ${rev['input_cache_hit_usd']:,.0f} (342B cache-hit input) + "
+          f"${rev['input_cache_miss_usd']:,.0f} (266B cache-miss input) + ${rev['output_usd']:,.0f} (168B output) "
+          f"= ${rev['total_usd']:,.0f} per day (published: ${p['published_revenue_per_day']:,.0f})")
+    s = f.get("simulated")
+    if s:
+        print(f"Simulated fleet for the same day: {s['prefill_nodes']:.1f} prefill + {s['decode_nodes']:.1f} decode "
+              f"= {s['nodes']:.1f} nodes (at {s['prefill_tokens_per_s_per_node']:,.0f} input and "
+              f"{s['decode_tokens_per_s_per_node']:,.0f} output tokens/s per node), ${s['cost_per_day']:,.0f} per day")
+    else:
+        print("Simulated fleet: needs both prefill and decode rates (use --phase both or --prefill-profile)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from hetrun.sim import compare
+
+    profiles = args.profiles or list(DEFAULT_COMPARE)
+    c = compare(args.model, profiles, args.workload, trace=bool(args.trace))
+    _outputs(c.results, c, args, f"{c.results[0].spec.name}: {len(c.results)} profiles, workload {c.results[0].workload.name}")
+    return 0
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="host-profile.yaml", help="where to write the host profile (YAML)")
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions (a smoke test)")
+    p.add_argument("--backends", default="onnxruntime,openvino", help="comma-separated CPU backends to measure")
+    p.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated expert precisions")
+    p.add_argument("--threads", type=int, default=None, help="threads per backend (default: all cores)")
+    p.add_argument("--validate", action="store_true",
+                   help="afterwards, predict real tiny and Mixtral-shaped MoE layers and show the error table")
+    p.add_argument("--json", action="store_true", help="print the fitted efficiencies as JSON")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from hetrun.calibrate import calibrate
+
+    backends = tuple(x for x in args.backends.split(",") if x)
+    precisions = tuple(x for x in args.precisions.split(",") if x)
+    if not backends or not precisions:
+        raise HetrunError("give at least one backend and one precision to calibrate")
+    path, prof = calibrate(args.out, quick=args.quick, backends=backends, precisions=precisions, threads=args.threads,
+                           progress=None if args.json else
+                           (lambda s: print(f"  {s.backend:11s} {s.precision:5s} {s.hidden}x{s.intermediate} "
+                                            f"{s.tokens:5d} tokens: {s.seconds * 1e3:8.3f} ms", flush=True)))
+    cal = prof["extra"]["calibration"]
+    if args.json:
+        print_json({"path": str(path), "fits": cal["fits"], "copy_bandwidth_gbs": cal["copy_bandwidth_gbs"],
+                    "dispatch": {k: v for k, v in cal["dispatch"].items() if k != "samples"}})
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"fitted host device types (copy bandwidth {cal['copy_bandwidth_gbs']:.1f} GB/s)")
+        for col in ("backend", "precision", "peak GFLOP/s", "compute eff", "memory eff", "launch us", "rms log err"):
+            t.add_column(col)
+        for f in cal["fits"]:
+            t.add_row(f["backend"], f["precision"], f"{f['peak_gflops']:.1f}", f"{f['compute_efficiency']:.3f}",
+                      f"{f['memory_efficiency']:.3f}", f"{f['launch_us']:.1f}", f"{f['rms_log_error']:.3f}")
+        Console().print(t)
+        d = cal["dispatch"]
+        fixed = ", ".join(f"{k} {v:.0f} us" for k, v in d["fixed_us"].items())
+        print(f"dispatcher: fixed {fixed} per layer, {d['per_call_us']:.1f} us per expert call, "
+              f"{d['us_per_mb']:.1f} us per MB moved")
+        print(f"wrote {path}")
+    if args.validate:
+        from hetrun.bench_simulate import accuracy_table, print_accuracy
+
+        print_accuracy(accuracy_table(path, threads=args.threads, quick=args.quick))
+    return 0
+
+
+COMMANDS = {
+    "simulate": Command(
+        "simulate one profile at full model scale: tokens/s, TTFT/TPOT, $/Mtok, J/token, CO2, memory",
+        _simulate_args, _simulate,
+        "  hetrun simulate --profile deepseek-decode-h800 --workload deepseek-prod --phase decode\n"
+        "  hetrun simulate --profile deepseek-decode-h800 --prefill-profile deepseek-prefill-h800 "
+        "--workload deepseek-prod --fleet\n"
+        "  hetrun simulate --profile all-h800 --html report.html --trace trace.json"),
+    "compare": Command(
+        "compare profiles side by side; cost at the same latency target and throughput at the same budget",
+        _compare_args, _compare,
+        "  hetrun compare --model deepseek-r1 --workload chat\n"
+        "  hetrun compare all-h800 mixed-h800-910b --workload long-context --html compare.html --csv compare.csv"),
+    "calibrate": Command(
+        "measure this machine's CPU backends and write a host device profile with fitted efficiencies",
+        _calibrate_args, _calibrate,
+        "  hetrun calibrate --out host-profile.yaml\n  hetrun calibrate --quick --out /tmp/host.yaml --validate"),
+}

@@ -1,0 +1,222 @@
+"""Who does what in a simulated deployment: attention devices, expert devices, precisions, and the expert Plan.
+
+The Plan comes from `hetrun.planner.plan` where it can place this layout (load-aware, with replicas);
+otherwise the heterogeneous solver in `hetrun.placement.solver` places the experts directly and the result is
+wrapped in the same `Plan`. Slots per device follow the profile's `extra.sim.slots_per_device`, else speed and
+memory (`choose_slots`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetrun.costmodel import ACTIVATION_BYTES, op_seconds
+from hetrun.errors import HetrunError, PlacementError, PrecisionError, ProfileError
+from hetrun.planner import Plan
+from hetrun.precision import expert_bytes
+from hetrun.profile import Device, Profile
+from hetrun.sim.operators import attention_block_bytes, shared_expert_bytes
+from hetrun.sim.settings import SimSettings, gemm_eff
+from hetrun.spec import MoESpec
+
+log = logging.getLogger("hetrun")
+
+# Share of a device's memory left over after weights that expert slots may take when slots are chosen by
+# memory (the rest stays for the KV cache of attention devices).
+EXPERT_SHARE_OF_FREE_MEMORY = 0.7
+
+
+@dataclass(frozen=True)
+class Layout:
+    profile: Profile
+    settings: SimSettings
+    devices: tuple[Device, ...]
+    precision: tuple[str, ...]  # [D] expert and dense matmul precision of each device
+    attention_precision: tuple[str, ...]  # [D]
+    is_attention: np.ndarray  # [D] bool
+    is_expert: np.ndarray  # [D] bool
+    node: np.ndarray  # [D] node index 0..N-1
+    plan: Plan
+    popularity: np.ndarray  # [L, E] routing probability of each expert
+    planner: str  # which placement produced the plan
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def attention_ids(self) -> np.ndarray:
+        return np.nonzero(self.is_attention)[0]
+
+    @property
+    def expert_ids(self) -> np.ndarray:
+        return np.nonzero(self.is_expert)[0]
+
+
+def device_precision(device: Device, override: str | None = None) -> str:
+    """The simulated device's matmul precision: the profile's explicit one, else the device's best."""
+    p = override or device.precision or device.type.precisions[0]
+    if p not in device.type.precisions:
+        raise PrecisionError(f"device '{device.id}' ({device.type.name}) has no {p}; it supports "
+                             f"{', '.join(device.type.precisions)}")
+    return p
+
+
+def _role_mask(profile: Profile, groups: list[str] | None) -> np.ndarray:
+    if groups is None:
+        return np.ones(len(profile.devices), dtype=bool)
+    return np.array([d.group in groups for d in profile.devices])
+
+
+def expert_seconds_per_token(spec: MoESpec, device: Device, precision: str, settings: SimSettings,
+                             rows: float = 256.0) -> float:
+    """Seconds per routed token for one expert on `device` at a typical batch of `rows` tokens."""
+    a = ACTIVATION_BYTES[precision]
+    d, i = spec.hidden_size, spec.moe_intermediate_size
+    t = op_seconds(device.type, precision, 6.0 * rows * d * i,
+                   expert_bytes(precision, d, i) + a * rows * (2 * d + 3 * i), gemm_eff(settings, device.type))
+    return t / rows
+
+
+def build_layout(spec: MoESpec, profile: Profile, settings: SimSettings, popularity: np.ndarray) -> Layout:
+    """Roles, precisions and the expert Plan of a profile for a model; raises when the experts don't fit."""
+    devs = profile.devices
+    is_att = _role_mask(profile, settings.attention_devices)
+    is_exp = _role_mask(profile, settings.expert_devices)
+    prec = tuple(device_precision(d) for d in devs)
+    att_prec = tuple(device_precision(d, settings.attention_precision.get(d.group)) for d in devs)
+    nodes = np.unique([d.node for d in devs], return_inverse=True)[1]
+    plan, planner = _plan(spec, profile, settings, popularity, is_att, is_exp, prec)
+    prec = tuple(plan.precision.get(d.id, p) for d, p in zip(devs, prec))  # the plan's word is final
+    return Layout(profile, settings, devs, prec, att_prec, is_att, is_exp, nodes, plan, popularity, planner)
+
+
+def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: str, attention: bool,
+                settings: SimSettings) -> float:
+    """Weights other than routed experts, plus the workspace, held on a device."""
+    out = settings.workspace_gb * 1e9 + device.reserved_bytes
+    if attention:
+        out += attention_block_bytes(spec, att_precision)
+        if settings.shared_experts == "local":
+            out += shared_expert_bytes(spec, precision)
+    return out
+
+
+def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec) -> np.ndarray:
+    """[D] routed-expert slots per MoE layer on each device (0 off the expert devices)."""
+    devs = profile.devices
+    E, L = spec.num_experts, spec.num_moe_layers
+    R = E + settings.redundant_experts
+    ids = np.nonzero(is_exp)[0]
+    if not len(ids):
+        raise ProfileError(f"profile '{profile.name}': extra.sim.expert_devices leaves no device for the experts")
+    out = np.zeros(len(devs), dtype=np.int64)
+    cap = np.zeros(len(ids), dtype=np.int64)
+    for j, i in enumerate(ids):
+        d = devs[i]
+        per_slot = L * expert_bytes(prec[i], spec.hidden_size, spec.moe_intermediate_size)
+        free = d.memory_bytes - fixed_bytes(spec, d, prec[i], prec[i], bool(is_att[i]), settings)
+        cap[j] = max(0, int(free * (EXPERT_SHARE_OF_FREE_MEMORY if is_att[i] else 1.0) // per_slot))
+    explicit = settings.slots_per_device
+    if explicit:
+        missing = sorted({devs[i].group for i in ids} - set(explicit))
+        if missing:
+            raise ProfileError(f"profile '{profile.name}': extra.sim.slots_per_device has no entry for expert "
+                               f"group '{missing[0]}'; give every expert group a slot count")
+        out[ids] = [explicit[devs[i].group] for i in ids]
+        if out.sum() != R:
+            raise ProfileError(f"profile '{profile.name}': slots_per_device add up to {out.sum()} slots per layer, "
+                               f"but {E} experts + {settings.redundant_experts} redundant need {R}; fix one of them")
+        return out
+    from hetrun.placement.solver import choose_slots
+
+    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) for i in ids])
+    if cap.sum() < R:
+        need = R * L * expert_bytes(prec[ids[0]], spec.hidden_size, spec.moe_intermediate_size) / 1e9
+        raise PlacementError(f"model '{spec.name}' does not fit profile '{profile.name}': its expert devices hold at "
+                             f"most {cap.sum()} expert slots per layer but {R} are needed (about {need:,.0f} GB of "
+                             "experts); add devices or memory, or use a lower precision")
+    out[ids] = choose_slots(cost, cap, R)
+    return out
+
+
+def _plan(spec, profile, settings, popularity, is_att, is_exp, prec) -> tuple[Plan, str]:
+    devs = profile.devices
+    L, E, S = spec.num_moe_layers, spec.num_experts, spec.num_shared_experts
+    slots = _slots(spec, profile, settings, is_att, is_exp, prec)
+    load = popularity * 1e6  # [L, E] tokens in proportion to popularity
+    ids = np.nonzero(slots)[0]
+    precision = {d.id: p for d, p in zip(devs, prec)}
+    att = np.nonzero(is_att)[0]
+    shared = np.full((L, S), int(att[0]) if len(att) else int(ids[0]), dtype=np.int64)
+    if is_exp.all() and not settings.slots_per_device:
+        p = _planner_plan(spec, profile, settings, load, is_att, prec)
+        if p is not None:
+            return p, "hetrun.planner.plan"
+
+    from hetrun.placement.solver import solve_placement
+
+    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) for i in ids])
+    node_of = np.array([devs[i].node for i in ids])
+    price = np.array([devs[i].price_per_hour / 3600.0 for i in ids])
+    try:
+        pl = solve_placement(load, cost, slots[ids], node_of=node_of, num_groups=spec.router.n_group, price=price)
+        p2l, dev, share = np.asarray(pl.phy2log), np.asarray(pl.device_of), np.asarray(pl.share)
+        how = "hetrun.placement.solver.solve_placement"
+    except PlacementError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a solver bug must not take the simulation down where EPLB can place
+        s = slots[ids]
+        if (s != s[0]).any():
+            raise HetrunError(f"placement solver failed for profile '{profile.name}': {type(e).__name__}: {e}") from None
+        log.warning("placement solver failed (%s: %s); placing with EPLB instead", type(e).__name__, e)
+        p2l, dev, share = _eplb(spec, load, int(s.sum()), node_of)
+        how = "hetrun.placement.eplb.rebalance_experts"
+    device_of = ids[dev]  # [L, R] global device index
+    plan = Plan(spec, profile.name, tuple(d.id for d in devs), precision, p2l.copy(), device_of, share.copy(), shared)
+    return plan, how
+
+
+_planner_warned: set[str] = set()
+
+
+def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
+    """The planner's Plan for this profile, with the memory the simulation keeps on each device (attention
+    weights, shared experts, workspace and KV headroom) passed as reserved_gb; None when it cannot place it."""
+    from hetrun.planner import plan as planner_plan
+
+    data = profile.model.model_dump()
+    for g in data["devices"]:
+        i = next(k for k, d in enumerate(profile.devices) if d.group == g["id"])
+        d = profile.devices[i]
+        fixed = fixed_bytes(spec, d, prec[i], prec[i], bool(is_att[i]), settings)
+        keep = fixed + (1 - EXPERT_SHARE_OF_FREE_MEMORY) * max(d.memory_bytes - fixed, 0) if is_att[i] else fixed
+        g["reserved_gb"] = keep / 1e9
+    try:
+        from hetrun.profile import load_profile
+
+        return planner_plan(spec, load_profile(data), load=load, redundant_experts=settings.redundant_experts)
+    except (PlacementError, PrecisionError) as e:
+        msg = f"planner.plan cannot place profile '{profile.name}' ({e}); using the placement solver directly"
+    except Exception as e:  # noqa: BLE001 -- another module's bug must not stop the simulation
+        msg = f"planner.plan failed on profile '{profile.name}' ({type(e).__name__}: {e}); using the placement solver"
+    if profile.name not in _planner_warned:
+        _planner_warned.add(profile.name)
+        log.warning(msg)
+    return None
+
+
+def _eplb(spec: MoESpec, load: np.ndarray, R: int, node_of: np.ndarray):
+    """EPLB on identical devices with equal slots: (phy2log, device index, share), tokens split evenly."""
+    from hetrun.placement.eplb import rebalance_experts
+
+    n_dev = len(node_of)
+    n_nodes = len(np.unique(node_of))
+    phy2log, _, logcnt = rebalance_experts(load, R, spec.router.n_group, n_nodes, n_dev)
+    phy2log = np.asarray(phy2log)
+    dev = np.broadcast_to(np.arange(R) // (R // n_dev), phy2log.shape)
+    share = 1.0 / np.take_along_axis(np.asarray(logcnt), phy2log, 1)
+    return phy2log, dev, share

@@ -1,0 +1,224 @@
+"""FLOPs, bytes and kernel counts of each operator of one transformer layer, from the model's shapes alone.
+
+Attention covers MLA (DeepSeek-V2/V3: low-rank Q and KV, decode with the absorbed up-projections, prefill with
+the KV up-projection expanded over the whole context) and GQA. Everything returns plain numbers or numpy
+arrays; `stage_seconds` turns a list of `Op` into device time with the roofline of hetrun.costmodel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetrun.costmodel import ACTIVATION_BYTES, Efficiency, op_seconds
+from hetrun.precision import expert_bytes, matrix_bytes
+from hetrun.profile import DeviceType
+from hetrun.spec import MoESpec
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator instance: `kind` picks the efficiency class (gemm, attention, elementwise)."""
+
+    name: str
+    kind: str
+    precision: str
+    flops: float
+    bytes: float
+    kernels: float = 1.0
+
+
+def stage_seconds(ops: list[Op], device: DeviceType, eff: dict[str, Efficiency]) -> float:
+    """Sum of roofline times of `ops` on `device`; `eff` maps op kind to its efficiencies."""
+    total = 0.0
+    for op in ops:
+        if op.kernels == 0 and op.flops == 0 and op.bytes == 0:
+            continue
+        total += op_seconds(device, op.precision, op.flops, op.bytes, eff[op.kind], op.kernels)
+    return total
+
+
+def _gemm(name: str, precision: str, tokens: float, k: int, n: int, apply_tokens: float | None = None) -> Op:
+    """x [tokens, k] @ W [k, n]: weights read once, activations in and out."""
+    a = ACTIVATION_BYTES[precision]
+    t = tokens if apply_tokens is None else apply_tokens
+    return Op(name, "gemm", precision, 2.0 * t * k * n, matrix_bytes(precision, n, k) + a * t * (k + n) * 1.0)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def attention_projection_params(spec: MoESpec) -> dict[str, tuple[int, int]]:
+    """(in, out) of each attention projection of one layer."""
+    a, d = spec.attention, spec.hidden_size
+    if a.kind == "mla":
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        out = {"q_a": (d, a.q_lora_rank), "q_b": (a.q_lora_rank, a.num_heads * qk)} if a.q_lora_rank else \
+            {"q": (d, a.num_heads * qk)}
+        out["kv_a"] = (d, a.kv_lora_rank + a.qk_rope_head_dim)
+        out["kv_b"] = (a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim))
+        out["o"] = (a.num_heads * a.v_head_dim, d)
+        return out
+    return {"q": (d, a.num_heads * a.head_dim), "k": (d, a.num_kv_heads * a.head_dim),
+            "v": (d, a.num_kv_heads * a.head_dim), "o": (a.num_heads * a.head_dim, d)}
+
+
+def attention_decode_ops(spec: MoESpec, precision: str, tokens: float, kv_sum: float, kv_bytes: float) -> list[Op]:
+    """One decode step's attention for `tokens` requests whose KV lengths add up to `kv_sum`.
+
+    MLA decodes with the absorbed form: W_UK folds into the query and W_UV into the output (BF16 batched
+    matmuls over heads), and the core attends over the compressed latent [kv_lora_rank + rope] per position.
+    """
+    a = spec.attention
+    p = attention_projection_params(spec)
+    ops = []
+    for name, (k, n) in p.items():
+        if name == "kv_b":
+            continue
+        ops.append(_gemm(name, precision, tokens, k, n))
+    if a.kind == "mla":
+        h, r = a.num_heads, a.kv_lora_rank
+        # absorbed up-projections: q_nope [H, nope] -> latent [H, r], and latent -> v [H, v]
+        w = matrix_bytes("bf16", p["kv_b"][1], p["kv_b"][0])
+        ops.append(Op("absorb_uk", "gemm", "bf16", 2.0 * tokens * h * a.qk_nope_head_dim * r,
+                      w / 2 + 2.0 * tokens * h * (a.qk_nope_head_dim + r)))
+        ops.append(Op("absorb_uv", "gemm", "bf16", 2.0 * tokens * h * r * a.v_head_dim,
+                      w / 2 + 2.0 * tokens * h * (a.v_head_dim + r)))
+        flops = 2.0 * h * kv_sum * (2 * r + a.qk_rope_head_dim)
+        moved = kv_sum * a.kv_bytes_per_token(kv_bytes) + 2.0 * tokens * h * (r + a.qk_rope_head_dim + r)
+    else:
+        flops = 4.0 * a.num_heads * a.head_dim * kv_sum
+        moved = kv_sum * a.kv_bytes_per_token(kv_bytes) + 4.0 * tokens * a.num_heads * a.head_dim
+    ops.append(Op("core_attention", "attention", "bf16", flops, moved))
+    return ops
+
+
+def attention_prefill_ops(spec: MoESpec, precision: str, new_tokens: float, context_tokens: float,
+                          causal_pairs: float, kv_bytes: float) -> list[Op]:
+    """Prefill of `new_tokens` prompt tokens attending over their cached prefix and each other.
+
+    `context_tokens`: cached prefix plus new tokens of the requests (MLA re-expands their latent KV through
+    kv_b); `causal_pairs`: sum over new tokens of the positions each attends to.
+    """
+    a = spec.attention
+    p = attention_projection_params(spec)
+    ops = []
+    for name, (k, n) in p.items():
+        if name == "kv_b":
+            ops.append(_gemm(name, precision, new_tokens, k, n, apply_tokens=context_tokens))
+        else:
+            ops.append(_gemm(name, precision, new_tokens, k, n))
+    if a.kind == "mla":
+        qk, v = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+        flops = 2.0 * a.num_heads * (qk + v) * causal_pairs
+        moved = 2.0 * a.num_heads * (context_tokens * (qk + v) + new_tokens * (qk + v))
+    else:
+        flops = 4.0 * a.num_heads * a.head_dim * causal_pairs
+        moved = context_tokens * a.kv_bytes_per_token(2.0) + 4.0 * new_tokens * a.num_heads * a.head_dim
+    ops.append(Op("core_attention", "attention", "bf16", flops, moved))
+    ops.append(Op("kv_write", "elementwise", "bf16", 0.0, new_tokens * a.kv_bytes_per_token(kv_bytes)))
+    return ops
+
+
+# ---- MLPs and the rest of a layer ----------------------------------------------------------------
+
+def swiglu_ops(name: str, precision: str, tokens: float, hidden: int, intermediate: int, copies: int = 1) -> list[Op]:
+    """`copies` SwiGLU MLPs of one shape on the same tokens (gate+up fused, then down)."""
+    if copies == 0 or intermediate == 0:
+        return []
+    a = ACTIVATION_BYTES[precision]
+    flops = 6.0 * tokens * hidden * intermediate * copies
+    moved = copies * (expert_bytes(precision, hidden, intermediate) + a * tokens * (2 * hidden + 3 * intermediate))
+    return [Op(name, "gemm", precision, flops, moved, kernels=3.0)]
+
+
+def layer_misc_ops(spec: MoESpec, precision: str, tokens: float, moe: bool, kernels: int,
+                   context_tokens: float = 0.0, decode: bool = True) -> list[Op]:
+    """Memory-bound kernels around the GEMMs of one layer, for `tokens` tokens on an attention device.
+
+    Bytes are counted kernel by kernel from the shapes (BF16 activations; one quantize kernel before each
+    FP8/INT8 GEMM input): residual adds and RMSNorms, RoPE, the q/k layout copies attention kernels need (in
+    prefill also for every context token MLA re-expands), the quantize of the attention output, and in MoE
+    layers the weighted sum of the top-k expert outputs that comes back from the combine. Plus the router.
+    """
+    d, a = spec.hidden_size, spec.attention
+    quant = ACTIVATION_BYTES[precision] < 2
+    qz = (lambda n: 3.0 * n) if quant else (lambda n: 0.0)  # quantize: read BF16, write 8-bit
+    per_token = 6.0 * d + qz(d)  # residual add + input RMSNorm, quantize for the projections
+    per_ctx = 0.0
+    if a.kind == "mla":
+        h, qk = a.num_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank:
+            per_token += 4.0 * a.q_lora_rank + qz(a.q_lora_rank)  # q_a norm (+ quantize for q_b)
+        per_token += 4.0 * (a.kv_lora_rank + a.qk_rope_head_dim)  # kv_a norm, RoPE on k_pe
+        per_token += 4.0 * h * a.qk_rope_head_dim  # RoPE on q_pe
+        if decode:
+            per_token += 4.0 * h * (a.kv_lora_rank + a.qk_rope_head_dim)  # absorbed query layout
+        else:
+            per_token += 4.0 * h * qk  # query layout
+            per_ctx = 4.0 * h * qk  # key layout (k_nope from kv_b and shared k_pe) per context token
+        per_token += 2.0 * h * a.v_head_dim + qz(h * a.v_head_dim)  # attention output read, quantize for o
+    else:
+        per_token += 4.0 * (a.num_heads + a.num_kv_heads) * a.head_dim + qz(a.num_heads * a.head_dim)
+    per_token += 8.0 * d + qz(d)  # residual add + post-attention RMSNorm, quantize for the MLP / dispatch
+    if moe:
+        per_token += 2.0 * d * (spec.top_k + 1)  # weighted sum of the combined expert outputs
+    ops = [Op("elementwise", "elementwise", "bf16", 0.0, per_token * tokens + per_ctx * context_tokens,
+              kernels=float(kernels))]
+    if moe:
+        e = spec.num_experts
+        ops.append(Op("router", "gemm", "bf16", 2.0 * tokens * d * e, 2.0 * d * e + 4.0 * tokens * (d + e)))
+    return ops
+
+
+def expert_elementwise_op(precision: str, rows, hidden: int, intermediate: int, dispatch_bytes: float) -> Op:
+    """Kernels around a device's grouped expert GEMMs for `rows` routed pairs: arranging the received rows
+    by expert, SwiGLU activation (+ quantize), and reading the outputs out for the combine."""
+    quant = ACTIVATION_BYTES[precision] < 2
+    per_row = 2.0 * hidden * dispatch_bytes + 4.0 * intermediate + (1.0 if quant else 2.0) * intermediate \
+        + 2.0 * hidden
+    return Op("expert_elementwise", "elementwise", "bf16", 0.0, per_row * np.asarray(rows, dtype=np.float64),
+              kernels=3.0)
+
+
+def embedding_ops(spec: MoESpec, tokens: float, head_tokens: float) -> list[Op]:
+    """Token embedding lookup and the LM head on `head_tokens` tokens (BF16, as DeepSeek keeps them)."""
+    d, v = spec.hidden_size, spec.vocab_size
+    return [Op("embed", "elementwise", "bf16", 0.0, 2.0 * d * tokens * 2),
+            Op("lm_head", "gemm", "bf16", 2.0 * head_tokens * d * v, 2.0 * d * v + 2.0 * head_tokens * (d + v))]
+
+
+def grouped_expert_op(precision: str, rows, active_experts, hidden: int, intermediate: int) -> Op:
+    """One grouped GEMM over a device's experts: `rows` token-expert pairs over `active_experts` weight sets."""
+    a = ACTIVATION_BYTES[precision]
+    flops = 6.0 * np.asarray(rows, dtype=np.float64) * hidden * intermediate
+    moved = active_experts * expert_bytes(precision, hidden, intermediate) + a * rows * (2 * hidden + 3 * intermediate)
+    return Op("experts", "gemm", precision, flops, moved, kernels=4.0)
+
+
+# ---- weights held per device ---------------------------------------------------------------------
+
+def attention_block_bytes(spec: MoESpec, precision: str) -> float:
+    """Weights of every layer's attention, dense MLP, norms, router gates and the embeddings, as stored on an
+    attention device (GEMMs at `precision`, embeddings, gates and kv_b's absorbed halves in BF16)."""
+    a_params = attention_projection_params(spec)
+    per_layer = sum(matrix_bytes("bf16" if k == "kv_b" else precision, n, i) for k, (i, n) in a_params.items())
+    per_layer += 2.0 * 4 * spec.hidden_size  # norms
+    dense = spec.first_dense_layers * expert_bytes(precision, spec.hidden_size, spec.dense_intermediate_size) \
+        if spec.dense_intermediate_size else 0.0
+    gates = spec.num_moe_layers * 2.0 * spec.num_experts * spec.hidden_size
+    emb = 2.0 * spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    return spec.num_layers * per_layer + dense + gates + emb
+
+
+def shared_expert_bytes(spec: MoESpec, precision: str) -> float:
+    """All shared experts of all MoE layers."""
+    if not spec.num_shared_experts:
+        return 0.0
+    return spec.num_moe_layers * spec.num_shared_experts * expert_bytes(precision, spec.hidden_size,
+                                                                         spec.shared_intermediate_size)
+
+
+def kv_bytes_per_token(spec: MoESpec, kv_elem_bytes: float) -> float:
+    """KV-cache bytes one token of context holds across all layers."""
+    return spec.num_layers * spec.attention.kv_bytes_per_token(kv_elem_bytes)

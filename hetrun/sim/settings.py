@@ -1,0 +1,102 @@
+"""Simulation settings a deployment profile carries under `extra: {sim: {...}}`, validated strictly.
+
+They say which device groups run attention, dense layers and embeddings and which hold routed experts, how
+experts are laid out (redundant slots, slots per device), how the all-to-all is sent (dtypes, dedup), how
+attention kernels perform, and the runtime's fixed costs. Every number should carry its source under
+`sources`; nothing here is fitted to the results it is meant to predict.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hetrun.costmodel import DTYPE_BYTES, Efficiency
+from hetrun.errors import ProfileError
+from hetrun.profile import DeviceType, Profile
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EfficiencySpec(_Strict):
+    compute: float = Field(gt=0, le=1)
+    memory: float = Field(gt=0, le=1)
+    launch_us: float | None = Field(default=None, ge=0)
+
+
+class SimSettings(_Strict):
+    # Roles: device group ids. None: every group.
+    attention_devices: list[str] | None = None  # run attention, dense layers, embeddings and LM head (data parallel)
+    expert_devices: list[str] | None = None  # hold routed experts
+    shared_experts: Literal["local", "plan"] = "local"  # local: a replica beside each attention device (DeepSeek DP)
+    # Expert layout.
+    redundant_experts: int = Field(default=0, ge=0)
+    slots_per_device: dict[str, int] = {}  # group id -> routed-expert slots per MoE layer on each of its devices
+    # Precisions and transfer formats.
+    kv_cache_dtype: Literal["bf16", "fp16", "fp8", "int8", "fp32"] = "bf16"
+    dispatch_dtype: Literal["bf16", "fp16", "fp8", "int8", "fp32"] = "bf16"
+    combine_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dispatch_dedup: Literal["expert", "device", "node"] = "device"  # one copy per routed pair, per device, per node
+    attention_precision: dict[str, str] = {}  # group id -> matmul precision of projections (default: the device's)
+    # Execution.
+    micro_batches: Literal[1, 2] = 2  # two: DeepSeek's dual micro-batch overlap of compute and all-to-all
+    prefill_tokens_per_device: int = Field(default=16384, ge=1)  # prefill chunk each attention device computes per step
+    max_batch_per_device: int = Field(default=1024, ge=1)  # decode requests per attention device, upper bound
+    step_overhead_us: float = Field(default=0.0, ge=0)  # host work between steps (scheduling, sampling)
+    comm_sm_fraction: float = Field(default=0.0, ge=0, lt=1)  # compute units the all-to-all kernels occupy
+    routing_overdispersion: float = Field(default=1.0, ge=0)  # variance/mean of per-step expert loads (1: Poisson)
+    balance_attention: bool = True  # a load balancer evens KV length across attention devices
+    # Kernel classes other than GEMMs (GEMMs use the device type's own efficiencies unless gemm_efficiency says).
+    gemm_efficiency: dict[str, EfficiencySpec] = {}  # device type name -> efficiency of FP8/BF16 GEMMs
+    attention_efficiency: dict[str, EfficiencySpec] = {}  # device type name -> attention kernels
+    elementwise_kernels_per_layer: int = Field(default=10, ge=0)  # norms, RoPE, layouts, quantize, residual adds
+    workspace_gb: float = Field(default=2.0, ge=0)  # activations, comm buffers, graphs kept on every device
+    kv_load_gbs: float | None = Field(default=None, gt=0)  # prefix-cache read bandwidth per device (None: inter-node link)
+    sources: dict[str, str] = {}  # setting -> where its value comes from
+
+
+def sim_settings(profile: Profile) -> SimSettings:
+    """The profile's `extra.sim` block, validated, with group ids checked against the profile."""
+    raw = profile.model.extra.get("sim", {}) or {}
+    try:
+        s = SimSettings.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ProfileError(f"profile '{profile.name}': field 'extra.sim.{loc}': "
+                           f"{err['msg'].removeprefix('Value error, ')}; fix that field and retry") from None
+    groups = {d.group for d in profile.devices}
+    for field_name in ("attention_devices", "expert_devices"):
+        for g in getattr(s, field_name) or []:
+            if g not in groups:
+                raise ProfileError(f"profile '{profile.name}': extra.sim.{field_name} names '{g}', which is not a "
+                                   f"device group; groups are: {', '.join(sorted(groups))}")
+    for g in list(s.slots_per_device) + list(s.attention_precision):
+        if g not in groups:
+            raise ProfileError(f"profile '{profile.name}': extra.sim names device group '{g}', which the profile lacks; "
+                               f"groups are: {', '.join(sorted(groups))}")
+    if any(v < 0 for v in s.slots_per_device.values()):
+        raise ProfileError(f"profile '{profile.name}': extra.sim.slots_per_device must be >= 0")
+    return s
+
+
+def gemm_eff(s: SimSettings, dt: DeviceType) -> Efficiency:
+    spec = s.gemm_efficiency.get(dt.name)
+    if spec is None:
+        return Efficiency.of(dt)
+    return Efficiency(spec.compute, spec.memory, dt.launch_overhead_us if spec.launch_us is None else spec.launch_us)
+
+
+def attention_eff(s: SimSettings, dt: DeviceType) -> Efficiency:
+    spec = s.attention_efficiency.get(dt.name)
+    base = gemm_eff(s, dt)
+    if spec is None:
+        return base
+    return Efficiency(spec.compute, spec.memory, base.launch_us if spec.launch_us is None else spec.launch_us)
+
+
+def dtype_bytes(name: str) -> float:
+    return DTYPE_BYTES[name]

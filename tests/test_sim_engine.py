@@ -1,0 +1,260 @@
+"""The simulator's parts: workloads, operators, all-to-all from the plan, overlap, batch growth, memory, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hetrun.costmodel import Efficiency, expert_cost, op_seconds, roofline_seconds, transfer_seconds
+from hetrun.errors import HetrunError, PlacementError, ProfileError, WorkloadError
+from hetrun.profile import load_profile
+from hetrun.sim import simulate
+from hetrun.sim.comm import token_bytes
+from hetrun.sim.economics import kg_co2_per_million, usd_per_million
+from hetrun.sim.engine import StepModel, _schedule
+from hetrun.sim.operators import attention_decode_ops, kv_bytes_per_token
+from hetrun.sim.report import csv_text, report_dict
+from hetrun.sim.workload import LengthDist, Workload, load_workload
+from hetrun.spec import MoESpec
+
+R1 = MoESpec.from_preset("deepseek-r1")
+SMALL = MoESpec.from_preset("qwen3-30b-a3b")
+
+
+def _profile(**sim):
+    """8 H800 in one node, simulated; `sim` overrides extra.sim."""
+    base = {"redundant_experts": 0, "step_overhead_us": 0.0}
+    base.update(sim)
+    return load_profile({"name": "t8", "devices": [{"id": "g", "type": "h800", "count": 8, "per_node": 8,
+                                                    "precision": "fp8"}], "extra": {"sim": base}})
+
+
+def _two_nodes(**sim):
+    base = {"redundant_experts": 0}
+    base.update(sim)
+    return load_profile({"name": "t16", "devices": [{"id": "g", "type": "h800", "count": 16, "per_node": 8,
+                                                     "precision": "fp8"}],
+                         "links": {"inter_node": {"bandwidth_gbs": 50, "latency_us": 5, "efficiency": 0.8}},
+                         "extra": {"sim": base}})
+
+
+CHAT = load_workload("chat")
+
+
+# ---- cost model ---------------------------------------------------------------------------------------
+
+def test_roofline_takes_the_larger_of_compute_and_memory():
+    dt = load_profile("all-h800").devices[0].type
+    flops, nbytes = 1e12, 1e6
+    want = dt.launch_overhead_us * 1e-6 + flops / (dt.peak_flops("fp8") * dt.compute_efficiency)
+    assert roofline_seconds(dt, "fp8", flops, nbytes) == pytest.approx(want)
+    e = Efficiency(0.5, 0.5, 0.0)
+    assert op_seconds(dt, "fp8", 0.0, 3350e9 * 0.5, e) == pytest.approx(1.0)
+    assert expert_cost(dt, "fp8", 0, 7168, 2048, 44e6) == 0.0
+
+
+def test_transfer_seconds_and_bad_link():
+    assert transfer_seconds(50e9 * 0.8, 50, 0.8, 0.0) == pytest.approx(1.0)
+    assert transfer_seconds(0, 50, 0.8, 10.0) == 0.0
+    with pytest.raises(ProfileError):
+        transfer_seconds(1, 0, 0.8, 1.0)
+
+
+# ---- workloads ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("prompt", -5), ("prompt", 0), ("output", 0), ("output", float("nan")),
+                                         ("output", float("inf"))])
+def test_bad_lengths_are_one_line_errors(field, value):
+    with pytest.raises(WorkloadError) as e:
+        load_workload({"prompt": 100, "output": 10, field: value})
+    assert "\n" not in str(e.value) and field in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [{"cache_hit_ratio": 1.0}, {"per_user_tps": 0}, {"ttft_s": -1}, {"requests": 0},
+                                {"requests": 1.5}, {"expert_skew": -1}])
+def test_bad_workload_fields(kw):
+    with pytest.raises(WorkloadError):
+        Workload("w", LengthDist(100), LengthDist(10), **kw)
+
+
+def test_workload_from_yaml(tmp_path):
+    p = tmp_path / "w.yaml"
+    p.write_text("prompt: {mean: 500, cv: 0.5}\noutput: 100\ncache_hit_ratio: 0.25\nper_user_tps: 30\n")
+    w = load_workload(str(p))
+    assert w.name == "w" and w.sample.prompt.mean() == pytest.approx(500, rel=0.02)
+    assert w.sample.cached.sum() / w.sample.prompt.sum() == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(WorkloadError):
+        load_workload(str(tmp_path / "missing.yaml"))
+    p.write_text("prompt: 10\noutput: 10\nbogus: 1\n")
+    with pytest.raises(WorkloadError, match="bogus"):
+        load_workload(str(p))
+
+
+def test_presets_exist_and_sample_deterministically():
+    for name in ("chat", "long-context", "deepseek-prod"):
+        w = load_workload(name)
+        assert (w.sample.prompt >= 1).all() and (w.sample.output >= 1).all()
+        assert (w.sample.cached < w.sample.prompt).all()
+    a, b = load_workload("chat").replace(seed=3), load_workload("chat").replace(seed=3)
+    assert (a.sample.prompt == b.sample.prompt).all()
+
+
+def test_expert_popularity():
+    w = CHAT.replace(expert_skew=1.0)
+    p = w.expert_popularity(4, 16)
+    assert p.shape == (4, 16) and np.allclose(p.sum(1), 1) and p.max() > 4 * p.min()
+    assert np.allclose(CHAT.expert_popularity(2, 8), 1 / 8)
+
+
+# ---- operators ----------------------------------------------------------------------------------------
+
+def test_mla_kv_cache_bytes_and_8bit_option():
+    assert kv_bytes_per_token(R1, 2.0) == 61 * (512 + 64) * 2
+    assert kv_bytes_per_token(R1, 1.0) == kv_bytes_per_token(R1, 2.0) / 2
+
+
+def test_mla_decode_core_attention_flops():
+    ops = {o.name: o for o in attention_decode_ops(R1, "fp8", 10, 10 * 4000, 2.0)}
+    core = ops["core_attention"]
+    assert core.flops == pytest.approx(2 * 128 * 40000 * (2 * 512 + 64))
+    assert core.bytes >= 40000 * 576 * 2  # the latent KV is read once per request
+
+
+def test_fp8_dispatch_is_about_half_of_bf16():
+    assert token_bytes(7168, "fp8") == 7168 + 4 * 56
+    assert token_bytes(7168, "bf16") == 2 * 7168
+
+
+# ---- schedule and overlap -----------------------------------------------------------------------------
+
+def test_two_micro_batches_hide_communication_behind_compute():
+    L = 4
+    st = {k: np.full(L, v) for k, v in (("attention", 3.0), ("dispatch", 1.0), ("experts", 2.0), ("combine", 1.0))}
+    moe = np.ones(L, dtype=bool)
+    one, _ = _schedule(st, moe, 1, False)
+    assert one == pytest.approx(L * 7.0)  # sequential
+    two, tasks = _schedule({k: v / 2 for k, v in st.items()}, moe, 2, True)
+    assert two < one
+    assert two >= L * 5.0 - 1e-9  # compute alone is a lower bound
+    assert {t[0] for t in tasks} == {"compute", "comm"}
+
+
+def test_step_prefers_one_batch_when_splitting_does_not_pay():
+    m = StepModel(SMALL, _profile(micro_batches=2), CHAT)
+    n = np.ones(8)
+    fn = lambda i, t: (attention_decode_ops(SMALL, "fp8", t, t * 2000, 2.0), 0.0, True)  # noqa: E731
+    assert m.step(n, fn, n).micro_batches == 1  # one request: splitting reads every weight twice
+    big = np.full(8, 4000.0)
+    fnb = lambda i, t: (attention_decode_ops(SMALL, "fp8", t, t * 2000, 2.0), 0.0, True)  # noqa: E731
+    assert m.step(big, fnb, big).micro_batches in (1, 2)
+
+
+# ---- communication from the plan ----------------------------------------------------------------------
+
+def test_single_node_has_no_inter_node_traffic():
+    m = StepModel(SMALL, _profile(dispatch_dedup="expert"), CHAT)
+    tr = m.traffic
+    assert np.allclose(tr.send_inter, 0) and np.allclose(tr.recv_inter, 0)
+    # every routed pick that leaves its device arrives somewhere: sends equal receives
+    assert np.allclose(tr.send_intra.sum(1), tr.recv_intra.sum(1))
+    assert np.allclose(tr.routed_rows.sum(1), SMALL.top_k)
+
+
+def test_dedup_modes_order_traffic():
+    vol = {}
+    for mode in ("expert", "device", "node"):
+        m = StepModel(SMALL, _two_nodes(dispatch_dedup=mode), CHAT)
+        vol[mode] = float(m.traffic.send_inter.sum())
+        assert m.links.inter is not None
+    assert vol["node"] < vol["device"] < vol["expert"]
+
+
+def test_multi_node_profile_needs_inter_node_link():
+    p = load_profile({"name": "x", "devices": [{"id": "g", "type": "h800", "count": 16, "per_node": 8}]})
+    with pytest.raises(ProfileError, match="inter_node"):
+        StepModel(SMALL, p, CHAT)
+
+
+# ---- decode batch growth, memory, KV ------------------------------------------------------------------
+
+def test_decode_batch_grows_until_the_target_is_violated():
+    m = StepModel(SMALL, _profile(max_batch_per_device=4096), CHAT)
+    r = m.decode()
+    assert r.feasible and r.per_user_tps >= CHAT.per_user_tps
+    assert r.limit in ("target", "memory")
+    if r.limit == "target":  # one more request per device would be too slow
+        m2 = StepModel(SMALL, _profile(max_batch_per_device=int(r.batch_per_device) + 1), CHAT)
+        st = m2.decode()
+        assert st.batch_per_device == r.batch_per_device
+
+
+def test_8bit_kv_cache_halves_kv_and_admits_a_larger_batch():
+    wl = load_workload("long-context").replace(per_user_tps=1.0)
+    a = StepModel(R1, load_profile("all-h800"), wl)
+    p8 = load_profile("all-h800").model.model_dump()
+    p8["extra"]["sim"]["kv_cache_dtype"] = "fp8"
+    b = StepModel(R1, load_profile(p8), wl)
+    assert b.kv_per_token == a.kv_per_token / 2
+    ra, rb = a.decode(), b.decode()
+    assert ra.limit == "memory" and rb.batch_per_device > 1.5 * ra.batch_per_device
+
+
+def test_model_that_does_not_fit_is_a_one_line_error():
+    p = load_profile({"name": "one", "devices": [{"id": "g", "type": "h800", "count": 1, "precision": "fp8"}]})
+    with pytest.raises(PlacementError) as e:
+        simulate("deepseek-r1", p, "chat")
+    assert "does not fit" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_or_zero_prices_and_zero_bandwidth_are_errors():
+    with pytest.raises(ProfileError):  # a device type without a price does not validate
+        load_profile({"name": "p", "devices": [{"id": "x", "type": "cheap"}], "device_types": {"cheap": {
+            "name": "cheap", "vendor": "other", "kind": "gpu", "tflops": {"bf16": 1}, "precisions": ["bf16"],
+            "memory_gb": 1, "memory_bw_gbs": 1, "scale_up": {"bandwidth_gbs": 1}, "tdp_w": 1, "sources": ["x"]}}})
+    free = {"name": "free", "devices": [{"id": "g", "type": "h800", "count": 8, "per_node": 8, "price_per_hour": 0}]}
+    with pytest.raises(ProfileError, match="price"):
+        simulate(SMALL, free, "chat")
+    with pytest.raises(ProfileError):
+        load_profile({"name": "z", "devices": [{"id": "g", "type": "h800", "count": 16, "per_node": 8}],
+                      "links": {"inter_node": {"bandwidth_gbs": 0}}})
+
+
+def test_bad_sim_settings_name_the_field():
+    with pytest.raises(ProfileError, match="extra.sim.kv_cache_dtype"):
+        StepModel(SMALL, _profile(kv_cache_dtype="fp4"), CHAT)
+    with pytest.raises(ProfileError, match="attention_devices"):
+        StepModel(SMALL, _profile(attention_devices=["nope"]), CHAT)
+    with pytest.raises(ProfileError, match="slots"):
+        StepModel(SMALL, _profile(slots_per_device={"g": 3}), CHAT)
+
+
+# ---- economics and reports ----------------------------------------------------------------------------
+
+def test_usd_and_co2_arithmetic():
+    assert usd_per_million(3.6, 1.0) == pytest.approx(1e6 / 1000)
+    assert usd_per_million(3.6, 0.0) is None
+    assert kg_co2_per_million(3.6, 0.5) == pytest.approx(0.5)
+
+
+def _no_nan(text: str):
+    def bad(c):
+        raise ValueError(f"non-finite {c} in report")
+    return json.loads(text, parse_constant=bad)
+
+
+def test_infeasible_profile_reports_without_nan_or_inf():
+    r = simulate("deepseek-r1", "gpu-xeon", "chat")
+    assert r.row["decode_ok"] is False and r.row["usd_per_m_output"] is None
+    assert "tokens/s per user" in r.row["decode_note"]
+    _no_nan(json.dumps(report_dict([r])))
+    text = csv_text([r.row])
+    assert "nan" not in text.lower() and "inf," not in text.lower()
+    for v in r.row.values():
+        if isinstance(v, float):
+            assert math.isfinite(v)
+
+
+def test_unknown_phase_is_an_error():
+    with pytest.raises(HetrunError):
+        simulate(SMALL, _profile(), "chat", phases=("training",))
