@@ -123,14 +123,14 @@ def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, r
                             t0 = time.perf_counter()
                             layer(x)
                             times.append(time.perf_counter() - t0)
-                        meas = float(np.median(times))
+                        meas = float(np.min(times))  # the statistic calibration uses too (see _best_time)
                         pred = predict_moe_layer_seconds(host_profile, b, p, spec.hidden_size,
                                                          spec.moe_intermediate_size, counts, spec.top_k,
                                                          spec.num_shared_experts, spec.shared_intermediate_size,
                                                          wb, swb, spec.router.kind)
                         rows.append({"model": name, "backend": b, "precision": p, "tokens": n,
                                      "measured_ms": meas * 1e3, "predicted_ms": pred * 1e3,
-                                     "error_pct": (pred / meas - 1) * 100})
+                                     "error_pct": (pred / meas - 1) * 100, "tokens_per_expert": counts.tolist()})
     return rows
 
 
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("host_profile", nargs="?", help="calibrated host profile (for accuracy)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", metavar="PATH", help="also write the accuracy rows as JSON")
     a = p.parse_args(argv)
     ok = True
     if a.what in ("scale", "all"):
@@ -183,11 +184,22 @@ def main(argv: list[str] | None = None) -> int:
               f"({(d['decode_ratio'] - 1) * 100:+.1f}%), {d['decode_per_user_tps']:.1f} tokens/s per user, "
               f"{d['decode_batch_per_device']:.0f} requests per GPU")
         ok &= abs(d["prefill_ratio"] - 1) <= 0.25 and abs(d["decode_ratio"] - 1) <= 0.25
-    if a.what in ("accuracy", "all"):
+    if a.what == "all" and not a.host_profile:
+        print("accuracy skipped: give a host profile (`hetrun calibrate --out host.yaml`, then "
+              "`hetrun bench simulate all host.yaml`)")
+    elif a.what in ("accuracy", "all"):
         if not a.host_profile:
             print("accuracy needs a host profile: run `hetrun calibrate --out host.yaml` first", file=sys.stderr)
             return 2
-        s = print_accuracy(accuracy_table(a.host_profile, a.threads, a.quick))
+        rows = accuracy_table(a.host_profile, a.threads, a.quick)
+        s = print_accuracy(rows)
+        if a.json:
+            import json
+
+            from hetrun.sim.report import write_atomic
+
+            write_atomic(a.json, json.dumps({"rows": rows, "summary": s, "host_profile": a.host_profile,
+                                             "threads": a.threads}, indent=1))
         ok &= s["geomean_error_pct"] <= 15 and s["worst_error_pct"] <= 30
     return 0 if ok else 1
 

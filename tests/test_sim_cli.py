@@ -109,7 +109,9 @@ def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
     dt = p.model.device_types["host-onnxruntime-fp32"]
     assert 0 < dt.compute_efficiency <= 1 and 0 < dt.memory_efficiency <= 1 and dt.launch_overhead_us >= 0
     cal = p.model.extra["calibration"]
-    assert cal["copy_bandwidth_gbs"] > 0 and len(cal["samples"]) == 6
+    assert cal["copy_bandwidth_gbs"] > 0 and len(cal["samples"]) == 9  # 2 shapes x 3 counts, + 3 cold-cache
+    assert sum(s["cold"] for s in cal["samples"]) == 3 and cal["cache_bytes"] > 0
+    assert [f["hidden"] for f in cal["fits"]] == [64, 256] and "memory_efficiency_cold" in cal["fits"][1]
     small = predict_moe_layer_seconds(str(out), "onnxruntime", "fp32", 64, 128, [1, 0, 1, 0], 1)
     big = predict_moe_layer_seconds(str(out), "onnxruntime", "fp32", 256, 512, [500, 500, 500, 500], 2)
     assert 0 < small < big and math.isfinite(big)
