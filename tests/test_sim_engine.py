@@ -12,7 +12,7 @@ from hetrun.profile import load_profile
 from hetrun.sim import simulate
 from hetrun.sim.comm import token_bytes
 from hetrun.sim.economics import kg_co2_per_million, usd_per_million
-from hetrun.sim.engine import StepModel, _schedule
+from hetrun.sim.engine import KV_SAMPLES, StepModel, _schedule
 from hetrun.sim.operators import attention_decode_ops, kv_bytes_per_token
 from hetrun.sim.report import csv_text, report_dict
 from hetrun.sim.workload import LengthDist, Workload, load_workload
@@ -258,3 +258,50 @@ def test_infeasible_profile_reports_without_nan_or_inf():
 def test_unknown_phase_is_an_error():
     with pytest.raises(HetrunError):
         simulate(SMALL, _profile(), "chat", phases=("training",))
+
+
+# ---- heterogeneous deployments -----------------------------------------------------------------------
+
+def test_mixed_h800_910b_decodes_at_least_as_fast_per_node_as_all_910b():
+    # Two of mixed's four nodes are the same 910B nodes and two are faster, larger H800 nodes, so per node it
+    # must do at least as well as all-910B when requests and experts follow each device's speed.
+    mixed = simulate("deepseek-r1", "mixed-h800-910b", CHAT, phases=("decode",))
+    npu = simulate("deepseek-r1", "all-ascend-910b", CHAT, phases=("decode",))
+    dm, dn = mixed.phases["decode"], npu.phases["decode"]
+    assert dm.feasible and dn.feasible
+    assert dm.tokens_per_s / mixed.num_nodes >= dn.tokens_per_s / npu.num_nodes
+    sm = mixed.model
+    h800 = np.array([d.type.name == "h800" for d in sm.layout.devices])
+    slots = np.bincount(sm.layout.plan.device_of.ravel(), minlength=sm.layout.num_devices)
+    assert slots[h800].min() > slots[~h800].max()  # faster devices with more memory hold more experts
+    n = sm._decode_counts(float(CHAT.sample.decode_kv_samples(KV_SAMPLES, CHAT.seed + 1).mean()))(64)
+    assert n[h800].min() > n[~h800].max()  # and more requests
+    att = dm.step.stages["attention"][-1]  # [D] one MoE layer's attention per device
+    assert att[~h800].max() <= 1.25 * att[h800].max()  # attention time roughly even, not set by the 910Bs
+
+
+def test_decode_counts_are_even_on_identical_devices_and_capped_by_memory():
+    sm = StepModel(SMALL, _profile(), CHAT)
+    counts = sm._decode_counts(2000.0)
+    assert (counts(37) == 37).all()
+    mixed = StepModel(R1, load_profile("mixed-h800-910b"), CHAT)
+    counts = mixed._decode_counts(4096.0)
+    n = counts(5000)  # far past what a 910B's memory holds beside its weights
+    kv = n * 4096.0
+    slow = np.array([d.type.name != "h800" for d in mixed.layout.devices])
+    need = mixed.fixed + mixed.expert_weights + kv * mixed.kv_per_token
+    assert (need[slow] <= np.array([d.memory_bytes for d in mixed.layout.devices])[slow]).all()
+    assert (n >= 1).all()
+
+
+def test_expert_budget_leaves_attention_devices_less_of_the_step():
+    from hetrun.sim.layout import expert_budget
+    from hetrun.sim.settings import sim_settings
+
+    prof = load_profile("gpu-xeon")
+    s = sim_settings(prof)
+    att = np.array([d.group == "h800" for d in prof.devices])
+    prec = tuple(d.precision or d.type.precisions[0] for d in prof.devices)
+    assert (expert_budget(R1, prof.devices, prec, s, att, None) == 1.0).all()
+    b = expert_budget(R1, prof.devices, prec, s, att, 0.05)
+    assert (b[~att] == 1.0).all() and (b[att] < 1.0).all() and (b[att] > 0).all()

@@ -6,7 +6,10 @@ parallel), and the combine all-to-all. Devices synchronize at every all-to-all, 
 its slowest device. With two micro-batches the stages run on a compute stream and a communication stream,
 micro-batch 1's communication behind micro-batch 2's compute (DeepSeek's dual micro-batch overlap).
 
-Decode grows the batch per attention device until the per-user tokens/s target or memory is violated.
+Decode grows the batch per attention device until the per-user tokens/s target or memory is violated. On
+mixed hardware the fastest attention device holds the batch and every other one as many requests as it serves
+in the same attention time, within its memory (`equal_time_requests`); all-to-all traffic follows where the
+step's tokens actually sit.
 Prefill takes a chunk of prompt tokens per attention device and shrinks it until the TTFT target holds.
 """
 
@@ -22,7 +25,7 @@ from hetrun.errors import HetrunError, PlacementError
 from hetrun.precision import expert_bytes
 from hetrun.profile import Profile
 from hetrun.sim.comm import Links, alltoall_seconds, device_links, token_bytes, traffic
-from hetrun.sim.layout import Layout, build_layout, fixed_bytes
+from hetrun.sim.layout import Layout, attention_line, attention_speed, build_layout, equal_time_requests, fixed_bytes
 from hetrun.sim.operators import (attention_decode_ops, attention_prefill_ops, embedding_ops, expert_elementwise_op,
                                   grouped_expert_op, kv_bytes_per_token, layer_misc_ops, stage_seconds, swiglu_ops)
 from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff, sim_settings
@@ -81,13 +84,14 @@ class StepModel:
         self.workload = workload
         self.settings = settings or sim_settings(profile)
         popularity = workload.expert_popularity(spec.num_moe_layers, spec.num_experts)
-        self.layout: Layout = build_layout(spec, profile, self.settings, popularity)
+        self.layout: Layout = build_layout(spec, profile, self.settings, popularity, 1.0 / workload.per_user_tps)
         self.links: Links = device_links(self.layout)
         lay = self.layout
         D = lay.num_devices
         self.att = lay.is_attention
         self.att_share = self._attention_shares()  # [D] share of requests per attention device (sums to 1)
         self.traffic = traffic(lay, self.att_share)
+        self._traffic_cache: dict = {}
         self.kv_elem = dtype_bytes(self.settings.kv_cache_dtype)
         self.kv_per_token = kv_bytes_per_token(spec, self.kv_elem)
         self.dispatch_bytes = token_bytes(spec.hidden_size, self.settings.dispatch_dtype)
@@ -133,14 +137,39 @@ class StepModel:
         ids = lay.attention_ids
         if not len(ids):
             raise HetrunError(f"profile '{self.profile.name}': extra.sim.attention_devices leaves no device for attention")
-        kv = 4096.0
-        speed = np.zeros(lay.num_devices)
-        for i in ids:
-            ops = attention_decode_ops(self.spec, lay.attention_precision[i], 64.0, 64.0 * kv, 2.0)
-            t = stage_seconds(ops, lay.devices[i].type, {"gemm": gemm_eff(self.settings, lay.devices[i].type),
-                                                          "attention": attention_eff(self.settings, lay.devices[i].type)})
-            speed[i] = 1.0 / t
+        speed = attention_speed(self.spec, lay.devices, lay.attention_precision, self.settings, self.att)
         return speed / speed.sum()
+
+    def _decode_counts(self, mean_kv: float):
+        """b -> [D] decode requests per attention device when the fastest one holds b.
+
+        The others get as many as they can serve in the same attention time (each device's one-layer attention
+        time is a fixed part, mostly weights re-read every step, plus a part per request, both from the cost
+        model at the workload's mean KV length), and no more than their memory holds beside their weights
+        (the fastest device is left uncapped, so the batch search stops when it runs out). On identical devices
+        every device gets b."""
+        lay = self.layout
+        ref = int(np.argmax(self.att_share))
+        a0, a1 = attention_line(self.spec, lay.devices, lay.attention_precision, self.settings, self.att, mean_kv)
+        per_request = mean_kv * self.kv_per_token + self.spec.hidden_size * 2.0 * 24
+        room = np.array([d.memory_bytes for d in lay.devices]) - self.fixed - self.expert_weights
+        cap = np.maximum(np.floor(room / per_request), 1.0)  # [D] requests whose KV fits
+        cap[ref] = np.inf
+
+        return lambda b: equal_time_requests(a0, a1, self.att, ref, b, cap)
+
+    def _traffic_for(self, tokens: np.ndarray):
+        """All-to-all traffic per token when the step's tokens sit on the devices as `tokens` [D] says (the
+        precomputed speed-proportional one where they match)."""
+        w = tokens / tokens.sum()
+        if np.allclose(w, self.att_share, rtol=1e-9, atol=1e-12):
+            return self.traffic
+        key = tuple(np.round(w, 12).tolist())
+        if key not in self._traffic_cache:
+            if len(self._traffic_cache) > 64:
+                self._traffic_cache.clear()
+            self._traffic_cache[key] = traffic(self.layout, w)
+        return self._traffic_cache[key]
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self, tokens: np.ndarray, attention_ops, head_tokens: np.ndarray, trace: bool = False) -> Step:
@@ -177,7 +206,7 @@ class StepModel:
                 shared_local[i] = stage_seconds(swiglu_ops("shared", lay.precision[i], t_mb[i], spec.hidden_size,
                                                            spec.shared_intermediate_size, spec.num_shared_experts), dt, eff)
         Lm = spec.num_moe_layers
-        tr = self.traffic
+        tr = self._traffic_for(tokens)
         rows = total * tr.routed_rows  # [Lm, D] routed pairs per micro-batch
         active = self.active_slots(total * spec.top_k)  # [Lm, D] expert weight sets read
         noisy = rows + self.z_straggler * np.sqrt(s.routing_overdispersion * rows)
@@ -270,11 +299,11 @@ class StepModel:
         perm = rng.permutation(KV_SAMPLES)
         csum = np.concatenate([[0.0], np.cumsum(kv_samples[perm])])
         mean_kv = float(kv_samples.mean())
-        share = self.att_share / self.att_share.max()  # [D] relative batch per attention device
         att_ids = lay.attention_ids
+        counts = self._decode_counts(mean_kv)
 
         def batch(b: float):
-            n = np.where(self.att, np.maximum(np.rint(b * share), 1.0), 0.0)  # [D] requests per device
+            n = counts(b)  # [D] requests per device
             if s.balance_attention:
                 kv = n * mean_kv
             else:

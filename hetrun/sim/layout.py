@@ -1,9 +1,17 @@
 """Who does what in a simulated deployment: attention devices, expert devices, precisions, and the expert Plan.
 
-The Plan comes from `hetrun.planner.plan` where it can place this layout (load-aware, with replicas);
-otherwise the heterogeneous solver in `hetrun.placement.solver` places the experts directly and the result is
-wrapped in the same `Plan`. Slots per device follow the profile's `extra.sim.slots_per_device`, else speed and
-memory (`choose_slots`).
+On one device type the Plan comes from `hetrun.planner.plan` where it can place this layout (load-aware, with
+replicas). Otherwise -- several device types, roles that differ between expert devices, explicit slots, or a
+layout the planner cannot place -- the heterogeneous solver in `hetrun.placement.solver` places the experts
+directly and the result is wrapped in the same `Plan`. Slots per device follow the profile's
+`extra.sim.slots_per_device`, else speed and memory (`choose_slots`).
+
+Heterogeneous placement works on each device's remaining time budget: a decode step at the workload's
+per-user target gives every layer T seconds; an attention device first spends A_d of them on its
+share of the requests -- as many as it serves in the time the fastest attention device takes for its own
+(`equal_time_requests`) -- so its experts must finish in T - A_d. The
+solver's per-token cost of device d is scaled by T / (T - A_d) (`expert_budget`), so slots and tokens go by
+speed over what is left of the step, not by raw speed.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from hetrun.errors import HetrunError, PlacementError, PrecisionError, ProfileEr
 from hetrun.planner import Plan
 from hetrun.precision import expert_bytes
 from hetrun.profile import Device, Profile
-from hetrun.sim.operators import attention_block_bytes, shared_expert_bytes
-from hetrun.sim.settings import SimSettings, gemm_eff
+from hetrun.sim.operators import (attention_block_bytes, attention_decode_ops, layer_misc_ops, shared_expert_bytes,
+                                  stage_seconds)
+from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff
 from hetrun.spec import MoESpec
 
 log = logging.getLogger("hetrun")
@@ -27,6 +36,12 @@ log = logging.getLogger("hetrun")
 # Share of a device's memory left over after weights that expert slots may take when slots are chosen by
 # memory (the rest stays for the KV cache of attention devices).
 EXPERT_SHARE_OF_FREE_MEMORY = 0.7
+# Nominal decode point at which devices' attention speeds are compared: requests on the fastest attention device
+# and KV length per request (large enough that per-request work shows, small enough to fit anywhere).
+NOMINAL_REQUESTS = 64.0
+NOMINAL_KV = 4096.0
+# Least share of the step an expert device keeps for its experts, whatever its attention takes.
+MIN_EXPERT_BUDGET = 0.1
 
 
 @dataclass(frozen=True)
@@ -81,15 +96,76 @@ def expert_seconds_per_token(spec: MoESpec, device: Device, precision: str, sett
     return t / rows
 
 
-def build_layout(spec: MoESpec, profile: Profile, settings: SimSettings, popularity: np.ndarray) -> Layout:
-    """Roles, precisions and the expert Plan of a profile for a model; raises when the experts don't fit."""
+def attention_line(spec: MoESpec, devices, att_prec, settings: SimSettings, is_att, kv: float = NOMINAL_KV
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """([D] fixed, [D] per-request) seconds of one MoE layer's decode attention stage on each attention device
+    (attention, norms and router, for requests of `kv` context tokens; 0 off the attention devices). The fixed
+    part is mostly the attention weights, re-read every step whatever the batch."""
+    a0 = np.zeros(len(devices))
+    a1 = np.zeros(len(devices))
+    kv_elem = dtype_bytes(settings.kv_cache_dtype)
+    for i, d in enumerate(devices):
+        if not is_att[i]:
+            continue
+        eff = {"gemm": gemm_eff(settings, d.type), "attention": attention_eff(settings, d.type),
+               "elementwise": gemm_eff(settings, d.type)}
+        t = [stage_seconds(attention_decode_ops(spec, att_prec[i], n, n * kv, kv_elem)
+                           + layer_misc_ops(spec, att_prec[i], n, True, settings.elementwise_kernels_per_layer),
+                           d.type, eff) for n in (1.0, NOMINAL_REQUESTS)]
+        a1[i] = max((t[1] - t[0]) / (NOMINAL_REQUESTS - 1.0), 1e-300)
+        a0[i] = max(t[0] - a1[i], 0.0)
+    return a0, a1
+
+
+def attention_speed(spec: MoESpec, devices, att_prec, settings: SimSettings, is_att) -> np.ndarray:
+    """[D] requests per second of attention each attention device sustains at the nominal decode point (0 off
+    the attention devices)."""
+    a0, a1 = attention_line(spec, devices, att_prec, settings, is_att)
+    t = a0 + a1 * NOMINAL_REQUESTS
+    return np.where(is_att, NOMINAL_REQUESTS / np.where(t > 0, t, 1.0), 0.0)
+
+
+def equal_time_requests(a0: np.ndarray, a1: np.ndarray, is_att, ref: int, b: float,
+                        cap: np.ndarray | None = None) -> np.ndarray:
+    """[D] decode requests per attention device when device `ref` holds `b`: every other one gets as many as it
+    serves in the same attention time (`attention_line`), at most `cap` [D], at least one."""
+    T = a0[ref] + a1[ref] * b
+    n = (T - a0) / np.where(is_att, a1, 1.0)
+    if cap is not None:
+        n = np.minimum(n, cap)
+    n = np.rint(n)
+    n[ref] = b
+    return np.where(is_att, np.maximum(n, 1.0), 0.0)
+
+
+def expert_budget(spec: MoESpec, devices, att_prec, settings: SimSettings, is_att, step_s: float | None
+                  ) -> np.ndarray:
+    """[D] share of each layer's time a device has left for experts when a decode step takes `step_s` and the
+    fastest attention device holds the nominal request count, the others as many as take the same time
+    (`equal_time_requests`). None or no attention device: every device has the whole step."""
+    D = len(devices)
+    if step_s is None or not is_att.any():
+        return np.ones(D)
+    a0, a1 = attention_line(spec, devices, att_prec, settings, is_att)
+    ref = int(np.argmax(attention_speed(spec, devices, att_prec, settings, is_att)))
+    n = equal_time_requests(a0, a1, is_att, ref, NOMINAL_REQUESTS)
+    a = np.where(is_att, a0 + a1 * n, 0.0)  # [D] per layer
+    return np.clip(1.0 - a / (step_s / spec.num_layers), MIN_EXPERT_BUDGET, 1.0)
+
+
+def build_layout(spec: MoESpec, profile: Profile, settings: SimSettings, popularity: np.ndarray,
+                 step_s: float | None = None) -> Layout:
+    """Roles, precisions and the expert Plan of a profile for a model; raises when the experts don't fit.
+    `step_s`: the decode step the workload's per-user target allows; heterogeneous placements leave each
+    device the attention time of its share of requests within it (see the module docstring)."""
     devs = profile.devices
     is_att = _role_mask(profile, settings.attention_devices)
     is_exp = _role_mask(profile, settings.expert_devices)
     prec = tuple(device_precision(d) for d in devs)
     att_prec = tuple(device_precision(d, settings.attention_precision.get(d.group)) for d in devs)
     nodes = np.unique([d.node for d in devs], return_inverse=True)[1]
-    plan, planner = _plan(spec, profile, settings, popularity, is_att, is_exp, prec)
+    budget = expert_budget(spec, devs, att_prec, settings, is_att, step_s)
+    plan, planner = _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget)
     prec = tuple(plan.precision.get(d.id, p) for d, p in zip(devs, prec))  # the plan's word is final
     return Layout(profile, settings, devs, prec, att_prec, is_att, is_exp, nodes, plan, popularity, planner)
 
@@ -105,7 +181,7 @@ def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: st
     return out
 
 
-def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec) -> np.ndarray:
+def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec, budget) -> np.ndarray:
     """[D] routed-expert slots per MoE layer on each device (0 off the expert devices)."""
     devs = profile.devices
     E, L = spec.num_experts, spec.num_moe_layers
@@ -133,7 +209,7 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
         return out
     from hetrun.placement.solver import choose_slots
 
-    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) for i in ids])
+    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
     if cap.sum() < R:
         need = R * L * expert_bytes(prec[ids[0]], spec.hidden_size, spec.moe_intermediate_size) / 1e9
         raise PlacementError(f"model '{spec.name}' does not fit profile '{profile.name}': its expert devices hold at "
@@ -143,23 +219,26 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
     return out
 
 
-def _plan(spec, profile, settings, popularity, is_att, is_exp, prec) -> tuple[Plan, str]:
+def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> tuple[Plan, str]:
     devs = profile.devices
     L, E, S = spec.num_moe_layers, spec.num_experts, spec.num_shared_experts
-    slots = _slots(spec, profile, settings, is_att, is_exp, prec)
+    slots = _slots(spec, profile, settings, is_att, is_exp, prec, budget)
     load = popularity * 1e6  # [L, E] tokens in proportion to popularity
     ids = np.nonzero(slots)[0]
     precision = {d.id: p for d, p in zip(devs, prec)}
     att = np.nonzero(is_att)[0]
     shared = np.full((L, S), int(att[0]) if len(att) else int(ids[0]), dtype=np.int64)
-    if is_exp.all() and not settings.slots_per_device:
+    # The planner's cost model sees neither attention work nor the weights re-read each step, so it places only
+    # where every device is alike; mixed device types go to the solver with their remaining time budgets.
+    uniform = len({d.type.name for d in devs}) == 1 and (is_att.all() or not is_att.any())
+    if is_exp.all() and not settings.slots_per_device and uniform:
         p = _planner_plan(spec, profile, settings, load, is_att, prec)
         if p is not None:
             return p, "hetrun.planner.plan"
 
     from hetrun.placement.solver import solve_placement
 
-    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) for i in ids])
+    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
     node_of = np.array([devs[i].node for i in ids])
     price = np.array([devs[i].price_per_hour / 3600.0 for i in ids])
     try:
