@@ -104,9 +104,7 @@ def readme_case() -> dict:
 
 def gpu_max_over_mean(p, w: np.ndarray) -> np.ndarray:
     """[L] max / mean tokens per device of a plan under load w [L, E]."""
-    rows = np.arange(p.num_layers)[:, None]
-    loads = np.zeros((p.num_layers, len(p.device_ids)))
-    np.add.at(loads, (np.broadcast_to(rows, p.device_of.shape), p.device_of), w[rows, p.phy2log] * p.share)
+    loads = p.per_device(np.take_along_axis(w, p.phy2log, 1) * p.share)  # [L, D]
     return loads.max(1) / loads.mean(1)
 
 

@@ -183,7 +183,7 @@ class MoELayer:
             if self.weights.shared_gate is not None:
                 ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
             out += ys
-        np.add.at(stats.tokens_per_expert[self.index], ids.reshape(-1).numpy(), 1)
+        stats.tokens_per_expert[self.index] += torch.bincount(ids.reshape(-1), minlength=len(self.replica_count)).numpy()
         stats.calls += 1
         stats.layer_s += time.perf_counter() - t0
         return out.to(hidden.dtype)

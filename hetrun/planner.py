@@ -110,6 +110,13 @@ class Plan:
         if missing:
             raise PlacementError(f"plan has no precision for devices {sorted(missing)}")
 
+    def per_device(self, per_slot: np.ndarray) -> np.ndarray:
+        """Sum a per-slot quantity [L, R] over the slots of each device: [L, D]."""
+        out = np.zeros((self.num_layers, len(self.device_ids)))
+        np.add.at(out, (np.repeat(np.arange(self.num_layers), self.num_slots), self.device_of.ravel()),
+                  np.asarray(per_slot, dtype=float).ravel())
+        return out
+
     def slots_on(self, layer: int, device: int) -> np.ndarray:
         """Physical slot ids of MoE layer `layer` (0-based among MoE layers) on device index `device`."""
         return np.nonzero(self.device_of[layer] == device)[0]

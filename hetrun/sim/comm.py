@@ -45,12 +45,8 @@ class Links:
 
 def pick_probability(layout: Layout) -> np.ndarray:
     """[L, D] chance that one routed pick of a layer lands on each device."""
-    plan, p = layout.plan, layout.popularity
-    L, D = plan.num_layers, layout.num_devices
-    w = np.take_along_axis(p, plan.phy2log, 1) * plan.share  # [L, R]
-    out = np.zeros((L, D))
-    np.add.at(out, (np.repeat(np.arange(L), plan.num_slots), plan.device_of.ravel()), w.ravel())
-    return out
+    plan = layout.plan
+    return plan.per_device(np.take_along_axis(layout.popularity, plan.phy2log, 1) * plan.share)
 
 
 def _node_hit(layout: Layout, pi: np.ndarray) -> np.ndarray:

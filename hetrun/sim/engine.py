@@ -123,12 +123,7 @@ class StepModel:
 
     def active_slots(self, picks: float) -> np.ndarray:
         """[L, D] expected expert slots that receive at least one of `picks` routed picks (their weights are read)."""
-        lay = self.layout
-        hit = -np.expm1(-picks * self.slot_pick)  # [L, R] 1 - exp(-n p)
-        out = np.zeros((lay.plan.num_layers, lay.num_devices))
-        np.add.at(out, (np.repeat(np.arange(lay.plan.num_layers), lay.plan.num_slots), lay.plan.device_of.ravel()),
-                  hit.ravel())
-        return out
+        return self.layout.plan.per_device(-np.expm1(-picks * self.slot_pick))  # [L, R] 1 - exp(-n p) -> [L, D]
 
     # ---- roles -----------------------------------------------------------------------------------
     def _attention_shares(self) -> np.ndarray:
