@@ -103,7 +103,9 @@ def test_identical_to_deploy_in_a_new_process(bundles, local_model_dir):
               "for b in sys.argv[1:]:\n"
               "    assert hetrun.cli.main(['run', b, '--prompt-ids', '7,40,9,200,13', '--max-new-tokens', '10', "
               "'--json', '--logits']) == 0\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    # the same torch threads as this process: on AVX-512 CPUs torch's reductions split by thread count, so the
+    # last bits of a dense layer depend on it (deploy and bundle agree bit for bit at equal thread counts)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", script, *[str(b[0]) for b in bundles.values()]], capture_output=True,
                           text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
