@@ -68,6 +68,28 @@ def test_expert_error_against_fp32(runtime, precision, expert):
     assert FLOORS[precision] <= err < BOUNDS[precision]
 
 
+@pytest.mark.parametrize("precision", ["int4", "int4-g32"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int4_expert_error_is_the_formats_own(runtime, precision, expert):
+    """The issue's INT4 bounds (12.5% / 9%) are one matrix's noise floor (tests/test_kernels_int.py measures each
+    runtime's MatMulNBits against them). Through a SwiGLU expert the errors of gate, up and down compound: torch,
+    running the expert in float64 on the same round-to-nearest weights, measures what the runtimes measure."""
+    import torch
+
+    from hetrun.kernels.int4 import quantize_int4
+
+    require(runtime)
+    w, x, ref = expert
+    y, _ = run_graph(runtime, w, precision, x)
+    q = {k: torch.from_numpy(quantize_int4(getattr(w, k), FORMATS[precision].group).dequantize()).double()
+         for k in ("gate", "up", "down")}
+    xt = torch.from_numpy(x).double()  # [T, D]
+    emulated = ((torch.nn.functional.silu(xt @ q["gate"].T) * (xt @ q["up"].T)) @ q["down"].T).numpy()  # [T, D]
+    err, floor = rel(y, ref), rel(emulated, ref)
+    print(f"{precision} on {runtime}: {100 * err:.2f}% vs torch on the same INT4 weights {100 * floor:.2f}%")
+    assert abs(err - floor) < 0.002 and rel(y, emulated) < 1e-4
+
+
 @pytest.mark.parametrize("precision", [p for p in FORMATS if p != "fp32"])
 def test_runtimes_compute_the_same_numbers(precision, expert):
     for r in RUNTIMES:
@@ -75,6 +97,11 @@ def test_runtimes_compute_the_same_numbers(precision, expert):
     w, x, ref = expert
     y_ort, _ = run_graph("onnxruntime", w, precision, x)
     y_ov, _ = run_graph("openvino", w, precision, x)
+    if precision == "bf16" and cpu_backend("openvino", "bf16", 2).precision_hint("CPU") == "bf16":
+        # A CPU with native BF16: OpenVINO computes in BF16 (its own rounding of intermediates, BF16 accumulation
+        # order); both runtimes stay within the format's bound of FP32, and of each other.
+        assert rel(y_ov, y_ort) < BOUNDS["bf16"] and rel(y_ov, ref) < BOUNDS["bf16"]
+        return
     # Only FP32 summation order differs (it moves a few values across a rounding boundary).
     assert rel(y_ov, y_ort) < 1e-4 * max(1.0, rel(y_ort, ref) / 0.01)
 
