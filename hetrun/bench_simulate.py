@@ -13,6 +13,7 @@ geometric-mean error and 30% worst case. It needs a quiet machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -96,7 +97,7 @@ def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, r
     import torch
 
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import predict_moe_layer_seconds
+    from hetrun.calibrate import BATCHES, ROUNDS, typical_time
     from hetrun.spec import MoESpec
 
     rows = []
@@ -111,27 +112,49 @@ def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, r
                 wb, swb = _weight_bytes(w, p, b)
                 layer = rt.layers[0]
                 with torch.no_grad():
-                    for n in tokens:
-                        x = torch.randn(n, spec.hidden_size, generator=g) * 0.5
-                        for _ in range(3):  # warm-up: lazy initialization in torch and the runtimes
-                            layer(x)
-                        rt.stats.reset()
-                        layer(x)
-                        counts = rt.stats.tokens_per_expert[0].copy()
-                        times = []
-                        for _ in range(reps):
-                            t0 = time.perf_counter()
-                            layer(x)
-                            times.append(time.perf_counter() - t0)
-                        meas = float(np.min(times))  # the statistic calibration uses too (see _best_time)
-                        pred = predict_moe_layer_seconds(host_profile, b, p, spec.hidden_size,
-                                                         spec.moe_intermediate_size, counts, spec.top_k,
-                                                         spec.num_shared_experts, spec.shared_intermediate_size,
-                                                         wb, swb, spec.router.kind)
-                        rows.append({"model": name, "backend": b, "precision": p, "tokens": n,
-                                     "measured_ms": meas * 1e3, "predicted_ms": pred * 1e3,
-                                     "error_pct": (pred / meas - 1) * 100, "tokens_per_expert": counts.tolist()})
+                    cases = {n: _layer_case(layer, rt, spec, n, g, predict_args=(host_profile, b, p, wb, swb))
+                             for n in tokens}
+                    measured = {n: [] for n in tokens}
+                    for _ in range(ROUNDS):  # the counts in turn, as calibration times them
+                        for n in tokens:
+                            measured[n].append(typical_time(cases[n]["call"], max(reps, BATCHES), budget_s=0.5))
+                for n in tokens:
+                    meas, pred = min(measured[n]), cases[n]["predicted"]
+                    rows.append({"model": name, "backend": b, "precision": p, "tokens": n,
+                                 "measured_ms": meas * 1e3, "predicted_ms": pred * 1e3,
+                                 "error_pct": (pred / meas - 1) * 100, "tokens_per_expert": cases[n]["counts"]})
+                del rt, layer, cases
+                gc.collect()  # this runtime's sessions and threads go before the next is timed
     return rows
+
+
+def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:
+    """BATCHES inputs of n tokens, a call that runs them in turn, and the mean predicted seconds over them."""
+    import torch
+
+    from hetrun.calibrate import BATCHES, predict_moe_layer_seconds
+
+    host_profile, b, p, wb, swb = predict_args
+    # several batches in turn, so that a few tokens do not always meet the same experts
+    xs = [torch.randn(n, spec.hidden_size, generator=g) * 0.5 for _ in range(BATCHES)]
+    preds, counts = [], []
+    for x in xs:
+        for _ in range(2):  # warm-up: lazy initialization in torch and the runtimes
+            layer(x)
+        rt.stats.reset()
+        layer(x)
+        counts.append(rt.stats.tokens_per_expert[0].copy())
+        preds.append(predict_moe_layer_seconds(host_profile, b, p, spec.hidden_size, spec.moe_intermediate_size,
+                                               counts[-1], spec.top_k, spec.num_shared_experts,
+                                               spec.shared_intermediate_size, wb, swb, spec.router.kind,
+                                               spec.num_experts))
+    turn = [0]
+
+    def call():
+        layer(xs[turn[0] % BATCHES])
+        turn[0] += 1
+
+    return {"call": call, "predicted": float(np.mean(preds)), "counts": np.sum(counts, axis=0).tolist()}
 
 
 def accuracy_summary(rows: list[dict]) -> dict:

@@ -1,24 +1,31 @@
 """Calibrate this machine: measure the real CPU backends and write a host device profile with fitted efficiencies.
 
 What is measured (and nothing else is assumed):
-  * single SwiGLU experts on onnxruntime and OpenVINO at several token counts and precisions, for a small
-    shape (launch-bound) and a large one (memory- then compute-bound), a few copies in rotation so that the
-    weights are read the way a layer reads them;
+  * expert calls on onnxruntime and OpenVINO per precision, for a ladder of expert shapes (launch-bound to
+    compute-bound) and row counts 1 to 2048, timed inside the real dispatcher: a calibration MoE layer of each
+    shape (8 experts, top-2) runs several batches in turn and logs every call's rows and wall time. A call is
+    thus timed where it runs in a deployment: between the router's and the combine's torch work, with the
+    layer's weights rotating through the cache, and with row counts that change from call to call;
   * memory copy bandwidth (numpy, 256 MB);
-  * the dispatcher's own time (routing, permute, combine, copies) on a calibration MoE layer whose shape is
-    neither of the validation layers.
+  * the dispatcher's own time (routing, permute, combine, copies) on four calibration MoE layers, none shaped
+    like the validation layers, fitted as fixed + per call + per MB routed + per MB through shared experts +
+    per router score.
+Every timing is the median of many calls, taken twice some seconds apart; the faster round counts (a slow
+spell of a shared two-core machine then spoils one round, not the result).
 Per (backend, precision) the roofline t = launch + max(FLOPs / (peak x ce), bytes / (bandwidth x me)) is
 fitted in log space; `peak` is the best FLOP rate measured for that pair, `bandwidth` the copy bandwidth.
 The result is a deployment profile with one device type per (backend, precision) (`host-<backend>-<precision>`)
-and the dispatcher model under `extra.calibration`.
+and the measured calls and the dispatcher model under `extra.calibration`.
 
 `predict_moe_layer_seconds` then predicts a real MoE layer from a profile written here: the dispatcher's time
-plus, per expert that receives tokens, the fitted roofline of its device type.
+plus, per expert that receives tokens, one call of its shape and row count, interpolated from the measured
+calls (log-log, between the two measured shapes around it), or the fitted roofline outside the measured shapes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import logging
 import math
 import os
@@ -34,13 +41,13 @@ from hetrun.errors import HetrunError, ProfileError
 
 log = logging.getLogger("hetrun")
 
-TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 QUICK_TOKENS = (1, 16, 256)
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
-SHAPES = ((32, 64), (128, 384), (512, 1024), (1536, 2048))  # (hidden, intermediate): launch-bound to compute-bound
+# (hidden, intermediate), launch-bound to compute-bound: a geometric ladder of expert sizes (about 4x in
+# hidden x intermediate per step), so that any expert in the range lies between two measured neighbours
+SHAPES = ((32, 64), (64, 128), (128, 384), (256, 512), (512, 1024), (1536, 2048))
 BACKENDS = ("onnxruntime", "openvino")
-ROTATE_BYTES = 96e6  # expert copies rotated per measurement: about this many bytes of weights
-COLD_TOKENS = 64  # token counts up to this are also measured with the cache flushed (memory-bound)
 WARM_MEMORY_MAX = 10.0  # weights in cache read at most this many times faster than the DRAM copy bandwidth
 
 
@@ -60,75 +67,117 @@ class Sample:
         return 6.0 * self.tokens * self.hidden * self.intermediate
 
 
-def _host_device(backend: str):
-    from hetrun.profile import load_profile
-
-    prof = load_profile({"name": "calibration", "devices": [{"id": "host", "type": "host-cpu", "backend": backend}]})
-    return prof.devices[0]
-
-
-def _best_time(fn, reps: int, budget_s: float) -> float:
-    """Shortest of `reps` timed calls after one warm-up: on a machine other jobs share, the minimum is the
-    estimate of the undisturbed time (as timeit reports); calibration and validation use the same statistic."""
+def typical_time(fn, reps: int, budget_s: float, max_reps: int = 400, statistic=np.median) -> float:
+    """Median seconds of timed calls after one warm-up: at least `reps` calls, more (up to `max_reps`) while
+    `budget_s` lasts. Calibration and validation both use it: a median of many calls is stable from run to run
+    on a machine with two cores, where the shortest call of a few is not (thread wake-ups vary)."""
     fn()  # warm-up
     times = []
     start = time.perf_counter()
-    for _ in range(reps):
+    while len(times) < max_reps:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
+        if len(times) >= reps and time.perf_counter() - start > budget_s:
             break
-    return float(np.min(times))
+    return float(statistic(times))
 
 
-def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, shapes=SHAPES, reps: int = 7,
+CALL_EXPERTS, CALL_TOP_K = 8, 2  # calibration layers: 8 experts, top-2, so a call gets about tokens / 4 rows
+MAX_LAYER_FLOPS = 60e9  # largest calibration layer call; bigger token counts are extrapolated linearly
+BATCHES = 4  # different inputs per token count, timed in turn (calibration and validation alike)
+ROUNDS = 2  # every timing is taken this many times, seconds apart; the fastest round's median counts
+
+
+def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, shapes=SHAPES, rounds: int = ROUNDS,
                     threads: int | None = None, progress=None) -> list[Sample]:
-    """Best seconds of one expert call per (backend, precision, shape, token count)."""
-    from hetrun.backends.registry import probe_backend, require_backend
-    from hetrun.graphs import FORMATS, ExpertWeights, build_expert_graph
+    """Median seconds of one expert call per (backend, precision, shape, rows per call), timed inside the real
+    dispatcher: a calibration MoE layer of that expert shape (8 experts, top-2) runs batches of about 4x the
+    rows, and every call's rows and wall time are logged. Calls are timed where they run in a deployment:
+    between the router's and combine's torch work, with the layer's weights rotating through the cache."""
+    import torch
 
-    rng = np.random.default_rng(0)
-    out: list[Sample] = []
-    for b in backends:
-        if not probe_backend(b).ok:
-            log.warning("calibrate: backend %s is not available here (%s); skipped", b, probe_backend(b).reason)
-            continue
-        dev = _host_device(b)
-        for p in precisions:
-            if p not in FORMATS:
-                log.warning("calibrate: no expert graph for %s here; skipped", p)
+    from hetrun.backends.registry import probe_backend
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # routing and combine run on torch: give it the same threads
+    try:
+        out: list[Sample] = []
+        for b in backends:
+            if not probe_backend(b).ok:
+                log.warning("calibrate: backend %s is not available here (%s); skipped", b, probe_backend(b).reason)
                 continue
-            backend = require_backend(b)(dev, p, threads)
-            for d, i in shapes:
-                w = ExpertWeights((rng.standard_normal((i, d)) * d ** -0.5).astype(np.float32),
-                                  (rng.standard_normal((i, d)) * d ** -0.5).astype(np.float32),
-                                  (rng.standard_normal((d, i)) * i ** -0.5).astype(np.float32))
-                target = backend.graph_target() if hasattr(backend, "graph_target") else b
-                g = build_expert_graph(w, p, target=target)
-                copies = max(1, min(8, int(ROTATE_BYTES // max(g.weight_bytes, 1))))
-                sessions = [backend.load(g.serialize(), f"cal{k}", g.meta) for k in range(copies)]
-                for n in tokens:
-                    x = rng.standard_normal((n, d)).astype(np.float32)
-                    for sess in sessions:  # a runtime's first call at a new token count sets up that shape
-                        sess.run(x)
-                    k = [0]
+            for p in precisions:
+                for d, i in shapes:
+                    out += _measure_shape(b, p, d, i, tokens, rounds, threads, progress)
+                    gc.collect()  # the layer's sessions and threads go before the next are timed
+        return out
+    finally:
+        torch.set_num_threads(before)
 
-                    def call():
-                        sessions[k[0] % copies].run(x)
-                        k[0] += 1
 
-                    sec = _best_time(call, max(reps, copies), budget_s=3.0)
-                    out.append(Sample(b, p, d, i, n, sec, float(g.weight_bytes)))
-                    if progress:
-                        progress(out[-1])
-                    if (d, i) == shapes[-1] and n <= COLD_TOKENS:  # weights streamed from DRAM
-                        sec = _cold_time(sessions[0], x, reps)
-                        out.append(Sample(b, p, d, i, n, sec, float(g.weight_bytes), cold=True))
-                        if progress:
-                            progress(out[-1])
-    _FLUSH.clear()
+def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_rounds: int, threads,
+                   progress) -> list[Sample]:
+    import torch
+
+    from hetrun.dispatch import ExpertRuntime
+    from hetrun.graphs import FORMATS, build_expert_graph
+    from hetrun.moe_weights import random_layer_weights
+    from hetrun.planner import simple_plan
+    from hetrun.profile import load_profile
+    from hetrun.spec import MoESpec, RouterSpec
+
+    if precision not in FORMATS:
+        log.warning("calibrate: no expert graph for %s here; skipped", precision)
+        return []
+    spec = MoESpec(f"calibrate-{d}x{i}", "mixtral", 1, d, i, CALL_EXPERTS, RouterSpec("softmax_topk", CALL_TOP_K, True))
+    prof = load_profile({"name": "calibration", "devices": [{"id": "host", "type": "host-cpu", "backend": backend,
+                                                                "precision": precision}]})
+    weights = random_layer_weights(spec, 0, seed=d * 7 + i)
+    rt = ExpertRuntime(simple_plan(spec, prof, precision), prof, [weights], threads=threads)
+    target = "openvino" if backend == "openvino" else backend
+    wb = float(build_expert_graph(weights.experts[0], precision, target=target).weight_bytes)
+    layer, g = rt.layers[0], torch.Generator().manual_seed(d + i)
+    counts = [n for n in tokens if 6.0 * n * CALL_EXPERTS * d * i <= MAX_LAYER_FLOPS]
+    # several batches per count, timed in turn: each call meets other experts with other row counts, as in a
+    # deployment (a runtime that sees one row count over and over caches its shape-dependent work)
+    batches = {n: [torch.randn(n * CALL_EXPERTS // CALL_TOP_K, d, generator=g) for _ in range(BATCHES)]
+               for n in counts}
+    rounds: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
+    with torch.no_grad():
+        for _ in range(n_rounds):  # the counts in turn, n_rounds times: a slow spell of the machine hits one round
+            for n in counts:
+                rounds[n].append(_median_call(rt, layer, batches[n], n))
+    out = []
+    for n in counts:
+        rows, sec = min(rounds[n], key=lambda r: r[1])
+        out.append(Sample(backend, precision, d, i, int(round(rows)), sec, wb))
+        if progress:
+            progress(out[-1])
     return out
+
+
+def _median_call(rt, layer, xs, n: int) -> tuple[float, float]:
+    """(rows, seconds): the median expert call with about `n` rows while the layer runs the batches `xs` in turn."""
+    turn = [0]
+
+    def call():
+        layer(xs[turn[0] % len(xs)])
+        turn[0] += 1
+
+    warm = time.perf_counter()  # a runtime's first calls at new row counts set up those shapes
+    for k in range(40):
+        call()
+        if k >= len(xs) - 1 and time.perf_counter() - warm > 0.02:
+            break
+    rt.stats.call_log = []
+    typical_time(call, len(xs), budget_s=0.12, max_reps=100)  # each layer call logs CALL_EXPERTS calls
+    rows, secs = np.array(rt.stats.call_log).T  # [calls], [calls]
+    rt.stats.call_log = None
+    near = np.abs(rows - n) <= n // 4  # calls whose row count is close to n
+    rows, secs = (rows[near], secs[near]) if near.any() else (rows, secs)
+    return float(np.median(rows)), float(np.median(secs))
 
 
 def cache_bytes() -> float:
@@ -147,46 +196,32 @@ def cache_bytes() -> float:
         return 32.0 * 2 ** 20
 
 
-_FLUSH: list = []
-
-
-def _cold_time(session, x, reps: int) -> float:
-    """Best seconds of a call right after a copy twice the size of the last-level cache evicted it."""
-    if not _FLUSH:
-        n = int(2 * cache_bytes() // 8)
-        _FLUSH.extend([np.ones(n), np.empty(n)])
-    src, dst = _FLUSH
-    times = []
-    for _ in range(max(3, reps)):
-        np.copyto(dst, src)
-        t = time.perf_counter()
-        session.run(x)
-        times.append(time.perf_counter() - t)
-    return float(np.min(times))
-
-
 def measure_copy_bandwidth(nbytes: int = 256 * 2 ** 20, reps: int = 5) -> float:
     """GB/s of a large memory copy (bytes read plus bytes written, per second)."""
     a = np.ones(nbytes // 8, dtype=np.float64)
     b = np.empty_like(a)
-    sec = _best_time(lambda: np.copyto(b, a), reps, budget_s=5.0)
+    sec = typical_time(lambda: np.copyto(b, a), reps, budget_s=5.0, max_reps=reps, statistic=np.min)
     return 2.0 * a.nbytes / sec / 1e9
 
 
 def _dispatch_layers():
-    """Calibration MoE layers, one per router kind, shaped unlike the validation layers (tiny, mixtral-bench)."""
+    """Calibration MoE layers, shaped unlike the validation layers (tiny, mixtral-bench): router kinds, expert
+    counts, top-k and shared experts vary so that each term of the dispatcher model can be told apart."""
     from hetrun.spec import MoESpec, RouterSpec
 
     soft = MoESpec("dispatch-softmax", "mixtral", 1, 256, 640, 6, RouterSpec("softmax_topk", 2, True))
+    wide = MoESpec("dispatch-softmax-wide", "qwen2_moe", 1, 48, 32, 40, RouterSpec("softmax_topk", 6, True))
+    shared = MoESpec("dispatch-softmax-shared", "qwen2_moe", 1, 128, 32, 8, RouterSpec("softmax_topk", 1, True),
+                     num_shared_experts=3, shared_intermediate_size=32)
     grouped = MoESpec("dispatch-grouped", "deepseek_v3", 2, 96, 64, 16, RouterSpec("sigmoid_grouped", 4, True, 4, 2, 2.0),
                       num_shared_experts=1, shared_intermediate_size=64, first_dense_layers=1, dense_intermediate_size=96)
-    return soft, grouped
+    return soft, wide, shared, grouped
 
 
 def measure_dispatch(backend: str = "onnxruntime", tokens=(1, 16, 256, 1024), reps: int = 5,
                      threads: int | None = None) -> list[dict]:
-    """The real dispatcher's own time (routing, permute, per-call loop, combine; expert graphs excluded) on two
-    calibration layers: {router, tokens, calls, bytes, seconds} per case."""
+    """The real dispatcher's own time (routing, permute, per-call loop, combine; expert graphs excluded) on the
+    calibration layers: one row of `dispatch_features` plus the median seconds per (layer, token count)."""
     import torch
 
     from hetrun.profile import load_profile
@@ -217,18 +252,33 @@ def _dispatch_cases(out, g, prof, threads, tokens, reps) -> None:
                            [random_layer_weights(spec, spec.first_dense_layers)], threads=threads)
         layer = rt.layers[0]
         with torch.no_grad():
-            for n in tokens:
-                x = torch.randn(n, spec.hidden_size, generator=g)
+            xs = {n: torch.randn(n, spec.hidden_size, generator=g) for n in tokens}
+            for x in xs.values():
                 for _ in range(5):  # first calls pay for lazy initialization in torch and the runtimes
                     layer(x)
-                over, calls = [], 0
-                for _ in range(reps):
-                    rt.stats.reset()
-                    layer(x)
-                    over.append(rt.stats.layer_s - rt.stats.expert_s)
-                    calls = int((rt.stats.tokens_per_expert[0] > 0).sum()) + spec.num_shared_experts
-                out.append({"router": spec.router.kind, "tokens": n, "calls": calls,
-                            "bytes": dispatch_bytes(n, spec.top_k, spec.hidden_size), "seconds": float(np.min(over))})
+            best: dict[int, float] = {}
+            for _ in range(ROUNDS):  # the counts in turn, ROUNDS times; the fastest round's median counts
+                for n, x in xs.items():
+                    over, start = [], time.perf_counter()
+                    while len(over) < 200 and (len(over) < max(reps, 5) or time.perf_counter() - start < 0.15):
+                        rt.stats.reset()
+                        layer(x)
+                        over.append(rt.stats.layer_s - rt.stats.expert_s)
+                    best[n] = min(best.get(n, math.inf), float(np.median(over)))
+            for n, x in xs.items():
+                rt.stats.reset()
+                layer(x)
+                calls = int((rt.stats.tokens_per_expert[0] > 0).sum()) + spec.num_shared_experts
+                out.append(dict(dispatch_features(spec.router.kind, n, calls, spec.top_k, spec.hidden_size,
+                                                  spec.num_experts, spec.num_shared_experts), seconds=best[n]))
+
+
+def dispatch_features(router: str, tokens: int, calls: int, top_k: int, hidden: int, experts: int,
+                      shared: int) -> dict:
+    """What the dispatcher's time depends on: expert calls, bytes it permutes and combines for routed and for
+    shared experts, and router work (tokens x experts)."""
+    return {"router": router, "tokens": tokens, "calls": calls, "bytes": dispatch_bytes(tokens, top_k, hidden),
+            "shared_bytes": 2.0 * tokens * hidden * 4.0 * shared, "router_work": float(tokens * experts)}
 
 
 def dispatch_bytes(tokens: int, top_k: int, hidden: int) -> float:
@@ -272,17 +322,31 @@ def fit_roofline(flops, bytes_, seconds, peak_flops: float, bandwidth: float,
     return float(ce), float(me), float(lat), float(np.sqrt(np.mean(best.fun ** 2)))
 
 
+DISPATCH_TERMS = (("calls", "per_call_us", 1.0), ("bytes", "us_per_mb", 1e-6), ("shared_bytes", "us_per_shared_mb", 1e-6),
+                  ("router_work", "us_per_k_router", 1e-3))
+
+
 def fit_dispatch(rows: list[dict]) -> dict:
-    """Dispatcher time = fixed[router kind] + per_call x expert calls + per_byte x bytes: non-negative least squares
-    on relative error."""
+    """Dispatcher time = fixed[router kind] + per_call x expert calls + per MB routed + per MB through shared
+    experts + per 1000 token x expert router scores: non-negative least squares on relative error."""
     from scipy.optimize import nnls
 
     kinds = sorted({r["router"] for r in rows})
-    A = np.array([[1.0 if r["router"] == k else 0.0 for k in kinds] + [r["calls"], r["bytes"] * 1e-6] for r in rows])
+    A = np.array([[1.0 if r["router"] == k else 0.0 for k in kinds] + [r.get(f, 0.0) * u for f, _, u in DISPATCH_TERMS]
+                  for r in rows])
     t = np.array([r["seconds"] for r in rows]) * 1e6  # microseconds
     x, _ = nnls(A / t[:, None], np.ones(len(t)))
-    return {"fixed_us": {k: float(v) for k, v in zip(kinds, x[:len(kinds)])}, "per_call_us": float(x[-2]),
-            "us_per_mb": float(x[-1])}
+    out = {"fixed_us": {k: float(v) for k, v in zip(kinds, x[:len(kinds)])}}
+    out.update({name: float(v) for (_, name, _), v in zip(DISPATCH_TERMS, x[len(kinds):])})
+    return out
+
+
+def dispatch_seconds(fit: dict, features: dict) -> float:
+    """Seconds of the dispatcher's own work for one layer call, from a `fit_dispatch` result."""
+    fixed = fit["fixed_us"].get(features["router"]) if isinstance(fit["fixed_us"], dict) else fit["fixed_us"]
+    if fixed is None:
+        raise ProfileError(f"the calibration has no dispatcher fit for {features['router']} routers; recalibrate")
+    return (fixed + sum(fit.get(name, 0.0) * features.get(f, 0.0) * u for f, name, u in DISPATCH_TERMS)) * 1e-6
 
 
 def type_name(backend: str, precision: str) -> str:
@@ -436,11 +500,11 @@ def calibrate(out: str | Path, quick: bool = False, backends=BACKENDS, precision
     """Measure, fit, write the host profile to `out`; returns (path, profile dict)."""
     tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
     shapes = shapes or (SHAPES if not quick else SHAPES[1:3])
-    samples = measure_experts(backends, precisions, tokens, shapes, reps=3 if quick else 7, threads=threads,
+    samples = measure_experts(backends, precisions, tokens, shapes, rounds=1 if quick else ROUNDS, threads=threads,
                               progress=progress)
     copy = measure_copy_bandwidth(64 * 2 ** 20 if quick else 256 * 2 ** 20)
     disp_rows = measure_dispatch(backends[0] if backends else "onnxruntime",
-                                 tokens=(1, 64, 512) if quick else (1, 4, 16, 64, 256, 1024), reps=3 if quick else 15,
+                                 tokens=(1, 64, 512) if quick else (1, 4, 16, 64, 256, 1024, 2048), reps=3 if quick else 15,
                                  threads=threads)
     dispatch = fit_dispatch(disp_rows)
     dispatch["samples"] = disp_rows
@@ -471,12 +535,47 @@ def _params_for(cal: dict, backend: str, precision: str, hidden: int, intermedia
             "peak_flops": fs[-1]["peak_gflops"] * 1e9, "overlap": mix("overlap") if "overlap" in lo else 1.0}
 
 
+def _log_interp(x: float, xs, ys) -> float:
+    """Piecewise-linear interpolation of log y in log x through the points (xs ascending); linear in x
+    beyond the last point (time grows in proportion to work there), the first value below the first."""
+    lx, ly = np.log(np.asarray(xs, dtype=np.float64)), np.log(np.asarray(ys, dtype=np.float64))
+    if x >= xs[-1] and len(xs) > 1:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(ys[-1] + max(slope, 0.0) * (x - xs[-1]))
+    return float(np.exp(np.interp(math.log(x), lx, ly)))
+
+
+def measured_call_seconds(cal: dict, backend: str, precision: str, hidden: int, intermediate: int,
+                          tokens: int) -> float | None:
+    """Seconds of one expert call interpolated from the calibration's own timings: in log token count along
+    each measured shape, then in log(hidden x intermediate) between the two shapes around this one. None when
+    the shape is outside the measured range (the fitted roofline answers then)."""
+    rows = [s for s in cal.get("samples", ()) if s["backend"] == backend and s["precision"] == precision
+            and not s["cold"]]
+    areas = sorted({s["hidden"] * s["intermediate"] for s in rows})
+    a = hidden * intermediate
+    if len(areas) < 2 or not areas[0] <= a <= areas[-1]:
+        return None
+    j = min(int(np.searchsorted(areas, a)), len(areas) - 1)
+    lo, hi = areas[max(j - 1, 0)], areas[j]
+
+    def along_tokens(area: int) -> float:
+        pts = sorted((s["tokens"], s["seconds"]) for s in rows if s["hidden"] * s["intermediate"] == area)
+        ns = [p[0] for p in pts]
+        ts = np.minimum.accumulate([p[1] for p in pts][::-1])[::-1]  # more rows never take less time
+        return _log_interp(tokens, ns, ts.tolist())
+
+    return _log_interp(a, [lo, hi], [along_tokens(lo), along_tokens(hi)]) if hi != lo else along_tokens(lo)
+
+
 def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int, intermediate: int,
                               tokens_per_expert, top_k: int, shared: int = 0, shared_intermediate: int = 0,
                               weight_bytes: float | None = None, shared_weight_bytes: float | None = None,
-                              router: str = "softmax_topk") -> float:
+                              router: str = "softmax_topk", num_experts: int | None = None) -> float:
     """Predicted seconds of one real MoE layer call on this host: the dispatcher's time plus, for each expert
-    that receives tokens (and each shared expert), the fitted roofline of the (backend, precision) type."""
+    that receives tokens (and each shared expert), the time of one call of that shape and token count: the
+    calibration's measured calls interpolated where the shape lies among the measured ones, else the fitted
+    roofline of the (backend, precision) type."""
     from hetrun.precision import expert_bytes
     from hetrun.profile import load_profile
 
@@ -498,6 +597,9 @@ def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int
     cold = working_set > 0.8 * float(cal.get("cache_bytes", cache_bytes()))
 
     def call_seconds(n: int, d: int, i: int, w: float) -> float:
+        measured = measured_call_seconds(cal, backend, precision, d, i, n)
+        if measured is not None:
+            return measured
         q = _params_for(cal, backend, precision, d, i, cold)
         f, b = expert_flops_bytes(n, d, i, w, 4.0)  # the graphs take and return FP32 activations
         return float(host_expert_seconds(f, b, q["peak_flops"], cal["copy_bandwidth_gbs"] * 1e9,
@@ -507,10 +609,6 @@ def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int
     t = sum(call_seconds(int(n), hidden, intermediate, wb) for n in counts if n > 0)
     if shared:
         t += shared * call_seconds(total_tokens, hidden, shared_intermediate, swb)
-    d = cal["dispatch"]
-    fixed = d["fixed_us"].get(router) if isinstance(d["fixed_us"], dict) else d["fixed_us"]
-    if fixed is None:
-        raise ProfileError(f"profile '{prof.name}' has no dispatcher calibration for {router} routers; recalibrate")
     calls = int((counts > 0).sum()) + shared
-    t += (fixed + d["per_call_us"] * calls + d["us_per_mb"] * dispatch_bytes(total_tokens, top_k, hidden) * 1e-6) * 1e-6
-    return float(t)
+    feats = dispatch_features(router, total_tokens, calls, top_k, hidden, num_experts or len(counts), shared)
+    return float(t + dispatch_seconds(cal["dispatch"], feats))

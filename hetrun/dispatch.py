@@ -33,6 +33,7 @@ class DispatchStats:
     expert_s: float = 0.0  # inside expert graphs; the rest of layer_s is routing, permute, combine and copies
     calls: int = 0
     faults: list = field(default_factory=list)
+    call_log: list | None = None  # (rows, seconds) of every expert call while a list is set (calibration)
 
     @classmethod
     def empty(cls, layers: int, experts: int, devices: int) -> "DispatchStats":
@@ -222,5 +223,7 @@ class MoELayer:
         dt = time.perf_counter() - t0
         stats.wall_s_per_device[device] += dt
         stats.expert_s += dt
+        if stats.call_log is not None:
+            stats.call_log.append((rows.shape[0], dt))
         stats.modeled_s_per_device[device] += session.modeled_seconds(rows.shape[0])
         return y

@@ -109,14 +109,57 @@ def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
     dt = p.model.device_types["host-onnxruntime-fp32"]
     assert 0 < dt.compute_efficiency <= 1 and 0 < dt.memory_efficiency <= 1 and dt.launch_overhead_us >= 0
     cal = p.model.extra["calibration"]
-    assert cal["copy_bandwidth_gbs"] > 0 and len(cal["samples"]) == 9  # 2 shapes x 3 counts, + 3 cold-cache
-    assert sum(s["cold"] for s in cal["samples"]) == 3 and cal["cache_bytes"] > 0
-    assert [f["hidden"] for f in cal["fits"]] == [64, 256] and "memory_efficiency_cold" in cal["fits"][1]
+    assert cal["copy_bandwidth_gbs"] > 0 and len(cal["samples"]) == 6 and cal["cache_bytes"] > 0  # 2 shapes x 3
+    assert [s["hidden"] for s in cal["samples"]] == [64] * 3 + [256] * 3
+    assert all(abs(s["tokens"] - n) <= n // 4 for s, n in zip(cal["samples"], (1, 8, 64) * 2))  # rows per call
+    assert [f["hidden"] for f in cal["fits"]] == [64, 256]
     small = predict_moe_layer_seconds(str(out), "onnxruntime", "fp32", 64, 128, [1, 0, 1, 0], 1)
     big = predict_moe_layer_seconds(str(out), "onnxruntime", "fp32", 256, 512, [500, 500, 500, 500], 2)
     assert 0 < small < big and math.isfinite(big)
+    # between the measured shapes the prediction interpolates the measured calls; outside, the roofline answers
+    from hetrun.calibrate import measured_call_seconds
+
+    lo, hi = (measured_call_seconds(cal, "onnxruntime", "fp32", d, i, 8) for d, i in ((64, 128), (256, 512)))
+    mid = measured_call_seconds(cal, "onnxruntime", "fp32", 128, 256, 8)
+    assert min(lo, hi) <= mid <= max(lo, hi)
+    assert measured_call_seconds(cal, "onnxruntime", "fp32", 1024, 4096, 8) is None
     with pytest.raises(Exception, match="calibrate"):
         predict_moe_layer_seconds(str(out), "openvino", "fp32", 64, 128, [1], 1)
+
+
+def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
+    from hetrun.calibrate import measured_call_seconds
+
+    def sample(d, i, n, sec):
+        return {"backend": "onnxruntime", "precision": "fp32", "hidden": d, "intermediate": i, "tokens": n,
+                "seconds": sec, "cold": False}
+
+    cal = {"samples": [sample(64, 64, 1, 10e-6), sample(64, 64, 4, 40e-6), sample(64, 64, 16, 30e-6),
+                       sample(64, 64, 64, 120e-6), sample(256, 256, 1, 100e-6), sample(256, 256, 64, 1200e-6)]}
+    t = lambda d, n: measured_call_seconds(cal, "onnxruntime", "fp32", d, d, n)  # noqa: E731
+    assert t(64, 1) == pytest.approx(10e-6) and t(64, 64) == pytest.approx(120e-6)
+    assert t(64, 4) == pytest.approx(30e-6)  # 40 us at 4 rows, above the 30 us at 16: a noisy sample, capped
+    assert t(64, 2) == pytest.approx(10e-6 * 3 ** 0.5)  # log-log between 1 and 4 rows
+    assert t(128, 1) == pytest.approx((10e-6 * 100e-6) ** 0.5)  # halfway in log area
+    assert t(64, 128) == pytest.approx(120e-6 + 90e-6 / 48 * 64)  # past the last count: linear in rows
+    assert t(32, 1) is None and t(512, 1) is None
+
+
+def test_dispatcher_fit_recovers_its_terms():
+    from hetrun.calibrate import dispatch_features, dispatch_seconds, fit_dispatch
+
+    truth = {"fixed_us": {"softmax_topk": 200.0, "sigmoid_grouped": 300.0}, "per_call_us": 5.0, "us_per_mb": 250.0,
+             "us_per_shared_mb": 80.0, "us_per_k_router": 20.0}
+    rows = []
+    for router, d, e, k, sh in (("softmax_topk", 256, 6, 2, 0), ("softmax_topk", 48, 40, 6, 0),
+                                ("softmax_topk", 128, 8, 1, 3), ("sigmoid_grouped", 96, 16, 4, 1)):
+        for n in (1, 4, 16, 64, 256, 1024, 2048):
+            f = dispatch_features(router, n, min(e, n * k) + sh, k, d, e, sh)
+            rows.append(dict(f, seconds=dispatch_seconds(truth, f)))
+    fit = fit_dispatch(rows)
+    for key in ("per_call_us", "us_per_mb", "us_per_shared_mb", "us_per_k_router"):
+        assert fit[key] == pytest.approx(truth[key], rel=1e-3)
+    assert fit["fixed_us"] == pytest.approx(truth["fixed_us"], rel=1e-3)
 
 
 def test_calibrate_cli_quick(tmp_path, capsys):

@@ -191,7 +191,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         d = cal["dispatch"]
         fixed = ", ".join(f"{k} {v:.0f} us" for k, v in d["fixed_us"].items())
         print(f"dispatcher: fixed {fixed} per layer, {d['per_call_us']:.1f} us per expert call, "
-              f"{d['us_per_mb']:.1f} us per MB moved")
+              f"{d['us_per_mb']:.1f} us per MB routed, {d.get('us_per_shared_mb', 0.0):.1f} us per MB through shared "
+              f"experts, {d.get('us_per_k_router', 0.0):.2f} us per 1000 router scores")
         print(f"wrote {path}")
     if args.validate:
         from hetrun.bench_simulate import accuracy_table, print_accuracy
