@@ -194,10 +194,13 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"{d['us_per_mb']:.1f} us per MB routed, {d.get('us_per_shared_mb', 0.0):.1f} us per MB through shared "
               f"experts, {d.get('us_per_k_router', 0.0):.2f} us per 1000 router scores")
         print(f"wrote {path}")
-    if args.validate:
-        from hetrun.bench_simulate import accuracy_table, print_accuracy
+    if args.validate:  # in a fresh process: calibration's hundreds of sessions leave this one slower (10-20% here)
+        import subprocess
 
-        print_accuracy(accuracy_table(path, threads=args.threads, quick=args.quick))
+        cmd = [sys.executable, "-m", "hetrun.bench_simulate", "accuracy", str(path)]
+        cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quick"] if args.quick else [])
+        sys.stdout.flush()
+        subprocess.run(cmd, check=False)
     return 0
 
 
