@@ -84,7 +84,7 @@ def typical_time(fn, reps: int, budget_s: float, max_reps: int = 400, statistic=
 
 
 CALL_EXPERTS, CALL_TOP_K = 8, 2  # calibration layers: 8 experts, top-2, so a call gets about tokens / 4 rows
-MAX_LAYER_FLOPS = 60e9  # largest calibration layer call; bigger token counts are extrapolated linearly
+MAX_LAYER_FLOPS = 80e9  # largest calibration layer call; bigger token counts are extrapolated linearly
 BATCHES = 4  # different inputs per token count, timed in turn (calibration and validation alike)
 ROUNDS = 2  # every timing is taken this many times, seconds apart; the fastest round's median counts
 
@@ -550,6 +550,8 @@ def measured_call_seconds(cal: dict, backend: str, precision: str, hidden: int, 
     """Seconds of one expert call interpolated from the calibration's own timings: in log token count along
     each measured shape, then in log(hidden x intermediate) between the two shapes around this one. None when
     the shape is outside the measured range (the fitted roofline answers then)."""
+    from scipy.optimize import isotonic_regression
+
     rows = [s for s in cal.get("samples", ()) if s["backend"] == backend and s["precision"] == precision
             and not s["cold"]]
     areas = sorted({s["hidden"] * s["intermediate"] for s in rows})
@@ -562,7 +564,7 @@ def measured_call_seconds(cal: dict, backend: str, precision: str, hidden: int, 
     def along_tokens(area: int) -> float:
         pts = sorted((s["tokens"], s["seconds"]) for s in rows if s["hidden"] * s["intermediate"] == area)
         ns = [p[0] for p in pts]
-        ts = np.minimum.accumulate([p[1] for p in pts][::-1])[::-1]  # more rows never take less time
+        ts = np.exp(isotonic_regression(np.log([p[1] for p in pts])).x)  # more rows never take less time
         return _log_interp(tokens, ns, ts.tolist())
 
     return _log_interp(a, [lo, hi], [along_tokens(lo), along_tokens(hi)]) if hi != lo else along_tokens(lo)

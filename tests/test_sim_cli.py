@@ -138,10 +138,11 @@ def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
                        sample(64, 64, 64, 120e-6), sample(256, 256, 1, 100e-6), sample(256, 256, 64, 1200e-6)]}
     t = lambda d, n: measured_call_seconds(cal, "onnxruntime", "fp32", d, d, n)  # noqa: E731
     assert t(64, 1) == pytest.approx(10e-6) and t(64, 64) == pytest.approx(120e-6)
-    assert t(64, 4) == pytest.approx(30e-6)  # 40 us at 4 rows, above the 30 us at 16: a noisy sample, capped
-    assert t(64, 2) == pytest.approx(10e-6 * 3 ** 0.5)  # log-log between 1 and 4 rows
+    pooled = (40e-6 * 30e-6) ** 0.5  # 40 us at 4 rows above 30 us at 16: noise; both become their log mean
+    assert t(64, 4) == pytest.approx(pooled) and t(64, 16) == pytest.approx(pooled)
+    assert t(64, 2) == pytest.approx(10e-6 * (pooled / 10e-6) ** 0.5)  # log-log between 1 and 4 rows
     assert t(128, 1) == pytest.approx((10e-6 * 100e-6) ** 0.5)  # halfway in log area
-    assert t(64, 128) == pytest.approx(120e-6 + 90e-6 / 48 * 64)  # past the last count: linear in rows
+    assert t(64, 128) == pytest.approx(120e-6 + (120e-6 - pooled) / 48 * 64)  # past the last count: linear
     assert t(32, 1) is None and t(512, 1) is None
 
 
