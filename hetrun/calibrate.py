@@ -60,7 +60,6 @@ class Sample:
     tokens: int
     seconds: float
     weight_bytes: float
-    cold: bool = False  # the last-level cache was flushed before each call: weights come from DRAM
 
     @property
     def flops(self) -> float:
@@ -376,19 +375,16 @@ def host_expert_seconds(flops, bytes_, peak_flops: float, bandwidth: float, ce: 
 def fit_pair(samples: list[Sample], copy_gbs: float) -> list[dict]:
     """Fits of one (backend, precision) on its calibration shapes, jointly: one launch overhead and one
     compute/memory overlap for the runtime, a compute and a memory efficiency per shape (GEMM efficiency and
-    the cache level the weights live in depend on the shape), and for the shape with cold-cache samples the
-    memory efficiency when weights stream from DRAM. Least squares on log time."""
+    the cache level the weights live in depend on the shape). Least squares on log time."""
     from scipy.optimize import least_squares
 
-    rate = max(x.flops / x.seconds for x in samples if not x.cold)
+    rate = max(x.flops / x.seconds for x in samples)
     bw = copy_gbs * 1e9
     shapes = sorted({(x.hidden, x.intermediate) for x in samples}, key=lambda s_: s_[0] * s_[1])
-    warm = [x for x in samples if not x.cold]
-    cold = [x for x in samples if x.cold]
-    k = np.array([shapes.index((x.hidden, x.intermediate)) for x in warm])
-    f = np.array([x.flops for x in warm])
-    b = np.array([_act_bytes(x) for x in warm])
-    t = np.array([x.seconds for x in warm])
+    k = np.array([shapes.index((x.hidden, x.intermediate)) for x in samples])
+    f = np.array([x.flops for x in samples])
+    b = np.array([_act_bytes(x) for x in samples])
+    t = np.array([x.seconds for x in samples])
     tmin = float(t.min() * 1e6)
     n = len(shapes)
 
@@ -414,14 +410,6 @@ def fit_pair(samples: list[Sample], copy_gbs: float) -> list[dict]:
         fit = {"hidden": d, "intermediate": i, "peak_gflops": rate / 1e9, "compute_efficiency": float(v[2 + j]),
                "memory_efficiency": float(v[2 + n + j]), "launch_us": float(v[0]), "overlap": float(v[1]),
                "rms_log_error": float(np.sqrt(np.mean(res ** 2))) if len(res) else 0.0, "samples": int((k == j).sum())}
-        cs = [x for x in cold if (x.hidden, x.intermediate) == (d, i)]
-        if cs:
-            fc = np.array([x.flops for x in cs])
-            bc = np.array([_act_bytes(x) for x in cs])
-            tc = np.array([x.seconds for x in cs])
-            rc = least_squares(lambda m: np.log(host_expert_seconds(fc, bc, rate, bw, v[2 + j], m[0], v[0], v[1]) / tc),
-                               [min(1.0, float(v[2 + n + j]))], bounds=([1e-3], [50.0]))
-            fit["memory_efficiency_cold"] = float(rc.x[0])
         out.append(fit)
     return out
 
@@ -429,8 +417,8 @@ def fit_pair(samples: list[Sample], copy_gbs: float) -> list[dict]:
 def build_host_profile(samples: list[Sample], copy_gbs: float, dispatch: dict, note: str = "") -> dict:
     """A deployment profile (plain dict) with one fitted device type per measured (backend, precision).
 
-    The device type holds the fit of the largest calibration shape with weights streaming from DRAM (what a big
-    model sees); `extra.calibration.fits` holds every shape's warm-cache fit too, for `predict_moe_layer_seconds`.
+    The device type holds the fit of the largest calibration shape, whose layer streams its weights from DRAM (what a
+    big model sees); `extra.calibration.fits` holds every shape's fit, for `predict_moe_layer_seconds`'s fallback.
     """
     if not samples:
         raise HetrunError("no expert timings to fit; is any CPU backend available? (hetrun devices)")
@@ -452,10 +440,10 @@ def build_host_profile(samples: list[Sample], copy_gbs: float, dispatch: dict, n
                 "tdp_w": 65.0, "idle_w": 10.0, "price_per_hour": 0.1, "real_backends": [b],
                 "sources": [f"hetrun calibrate {_dt.date.today().isoformat()}: peak = best measured FLOP rate, "
                             "memory_bw = numpy copy bandwidth; efficiencies and launch fitted to "
-                            f"{len(ss)} expert timings (largest shape, weights from DRAM)",
+                            f"{len(ss)} expert calls timed in calibration MoE layers (largest shape)",
                             "tdp_w, idle_w and price_per_hour are editable assumptions"],
                 "compute_efficiency": round(big["compute_efficiency"], 4),
-                "memory_efficiency": round(min(1.0, big.get("memory_efficiency_cold", big["memory_efficiency"])), 4),
+                "memory_efficiency": round(min(1.0, big["memory_efficiency"]), 4),
                 "launch_overhead_us": round(big["launch_us"], 2)}
             fits += [dict(f, backend=b, precision=p) for f in shape_fits]
     devices = []
@@ -515,9 +503,9 @@ def calibrate(out: str | Path, quick: bool = False, backends=BACKENDS, precision
 
 # ---- prediction -----------------------------------------------------------------------------------
 
-def _params_for(cal: dict, backend: str, precision: str, hidden: int, intermediate: int, cold: bool) -> dict:
+def _params_for(cal: dict, backend: str, precision: str, hidden: int, intermediate: int) -> dict:
     """Roofline parameters for one expert shape: the calibration shapes' fits interpolated in log(hidden x
-    intermediate) (clamped to the measured range); DRAM memory efficiency when `cold`."""
+    intermediate) (clamped to the measured range)."""
     fs = sorted((f for f in cal["fits"] if f["backend"] == backend and f["precision"] == precision),
                 key=lambda f: f["hidden"] * f["intermediate"])
     if not fs:
@@ -529,8 +517,6 @@ def _params_for(cal: dict, backend: str, precision: str, hidden: int, intermedia
     a = 0.0 if hi is lo else min(1.0, max(0.0, (x - xs[fs.index(lo)]) / (xs[fs.index(hi)] - xs[fs.index(lo)])))
     mix = lambda k: math.exp((1 - a) * math.log(max(lo[k], 1e-9)) + a * math.log(max(hi[k], 1e-9)))  # noqa: E731
     me = mix("memory_efficiency")
-    if cold:
-        me = next((f["memory_efficiency_cold"] for f in reversed(fs) if "memory_efficiency_cold" in f), me)
     return {"compute_efficiency": mix("compute_efficiency"), "memory_efficiency": me, "launch_us": mix("launch_us"),
             "peak_flops": fs[-1]["peak_gflops"] * 1e9, "overlap": mix("overlap") if "overlap" in lo else 1.0}
 
@@ -553,7 +539,7 @@ def measured_call_seconds(cal: dict, backend: str, precision: str, hidden: int, 
     from scipy.optimize import isotonic_regression
 
     rows = [s for s in cal.get("samples", ()) if s["backend"] == backend and s["precision"] == precision
-            and not s["cold"]]
+            and not s.get("cold")]  # earlier calibrations also timed calls after flushing the cache
     areas = sorted({s["hidden"] * s["intermediate"] for s in rows})
     a = hidden * intermediate
     if len(areas) < 2 or not areas[0] <= a <= areas[-1]:
@@ -594,15 +580,12 @@ def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int
     swb = shared_weight_bytes if shared_weight_bytes is not None else expert_bytes(precision, hidden,
                                                                                    shared_intermediate or 1)
     total_tokens = int(counts.sum()) // max(top_k, 1)
-    # weights touched by one call; past the last-level cache they stream from DRAM on every call
-    working_set = int((counts > 0).sum()) * wb + shared * swb
-    cold = working_set > 0.8 * float(cal.get("cache_bytes", cache_bytes()))
 
     def call_seconds(n: int, d: int, i: int, w: float) -> float:
         measured = measured_call_seconds(cal, backend, precision, d, i, n)
         if measured is not None:
             return measured
-        q = _params_for(cal, backend, precision, d, i, cold)
+        q = _params_for(cal, backend, precision, d, i)
         f, b = expert_flops_bytes(n, d, i, w, 4.0)  # the graphs take and return FP32 activations
         return float(host_expert_seconds(f, b, q["peak_flops"], cal["copy_bandwidth_gbs"] * 1e9,
                                          q["compute_efficiency"], q["memory_efficiency"], q["launch_us"],

@@ -168,7 +168,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     path, prof = calibrate(args.out, quick=args.quick, backends=backends, precisions=precisions, threads=args.threads,
                            progress=None if args.json else
                            (lambda s: print(f"  {s.backend:11s} {s.precision:5s} {s.hidden}x{s.intermediate} "
-                                            f"{s.tokens:5d} tokens{' (cold cache)' if s.cold else ''}: "
+                                            f"{s.tokens:5d} rows: "
                                             f"{s.seconds * 1e3:8.3f} ms", flush=True)))
     cal = prof["extra"]["calibration"]
     if args.json:
@@ -179,13 +179,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title=f"fitted host device types (copy bandwidth {cal['copy_bandwidth_gbs']:.1f} GB/s)")
-        for col in ("backend", "precision", "shape", "peak GFLOP/s", "compute eff", "memory eff (DRAM)",
+        for col in ("backend", "precision", "shape", "peak GFLOP/s", "compute eff", "memory eff",
                     "launch us", "rms log err"):
             t.add_column(col)
         for f in cal["fits"]:
-            cold = f" ({f['memory_efficiency_cold']:.3f})" if "memory_efficiency_cold" in f else ""
             t.add_row(f["backend"], f["precision"], f"{f['hidden']}x{f['intermediate']}", f"{f['peak_gflops']:.1f}",
-                      f"{f['compute_efficiency']:.3f}", f"{f['memory_efficiency']:.3f}{cold}", f"{f['launch_us']:.1f}",
+                      f"{f['compute_efficiency']:.3f}", f"{f['memory_efficiency']:.3f}", f"{f['launch_us']:.1f}",
                       f"{f['rms_log_error']:.3f}")
         Console().print(t)
         d = cal["dispatch"]
