@@ -132,7 +132,7 @@ def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:
     """BATCHES inputs of n tokens, a call that runs them in turn, and the mean predicted seconds over them."""
     import torch
 
-    from hetrun.calibrate import BATCHES, predict_moe_layer_seconds
+    from hetrun.calibrate import BATCHES, in_turn, predict_moe_layer_seconds
 
     host_profile, b, p, wb, swb = predict_args
     # several batches in turn, so that a few tokens do not always meet the same experts
@@ -148,13 +148,7 @@ def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:
                                                counts[-1], spec.top_k, spec.num_shared_experts,
                                                spec.shared_intermediate_size, wb, swb, spec.router.kind,
                                                spec.num_experts))
-    turn = [0]
-
-    def call():
-        layer(xs[turn[0] % BATCHES])
-        turn[0] += 1
-
-    return {"call": call, "predicted": float(np.mean(preds)), "counts": np.sum(counts, axis=0).tolist()}
+    return {"call": in_turn(layer, xs), "predicted": float(np.mean(preds)), "counts": np.sum(counts, axis=0).tolist()}
 
 
 def accuracy_summary(rows: list[dict]) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import itertools
 import logging
 import math
 import os
@@ -157,14 +158,15 @@ def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_round
     return out
 
 
+def in_turn(fn, inputs):
+    """A call that runs `fn` on the next of `inputs` each time, round and round."""
+    it = itertools.cycle(inputs)
+    return lambda: fn(next(it))
+
+
 def _median_call(rt, layer, xs, n: int) -> tuple[float, float]:
     """(rows, seconds): the median expert call with about `n` rows while the layer runs the batches `xs` in turn."""
-    turn = [0]
-
-    def call():
-        layer(xs[turn[0] % len(xs)])
-        turn[0] += 1
-
+    call = in_turn(layer, xs)
     warm = time.perf_counter()  # a runtime's first calls at new row counts set up those shapes
     for k in range(40):
         call()
