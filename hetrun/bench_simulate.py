@@ -68,29 +68,22 @@ def _layer_runtime(spec, backend: str, precision: str, threads):
 
 
 def _weight_bytes(w, precision: str, backend: str) -> tuple[float, float | None]:
-    from hetrun.graphs import build_expert_graph
+    from hetrun.calibrate import graph_weight_bytes
 
-    target = "openvino" if backend == "openvino" else backend
-    routed = float(build_expert_graph(w.experts[0], precision, target=target).weight_bytes)
-    shared = float(build_expert_graph(w.shared[0], precision, target=target).weight_bytes) if w.shared else None
-    return routed, shared
+    shared = graph_weight_bytes(w.shared[0], precision, backend) if w.shared else None
+    return graph_weight_bytes(w.experts[0], precision, backend), shared
 
 
 def accuracy_table(host_profile, threads: int | None = None, quick: bool = False, specs=ACCURACY_SPECS,
                    backends=("onnxruntime", "openvino"), precisions=ACCURACY_PRECISIONS, tokens=ACCURACY_TOKENS,
                    reps: int = 7) -> list[dict]:
     """Measured and predicted seconds of real MoE layer calls, one row per case."""
-    import torch
+    from hetrun.calibrate import torch_threads
 
     if quick:
         tokens, reps = (1, 64, 1024), 3
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)  # the dispatcher's routing and combine run on torch
-    try:
+    with torch_threads(threads):
         return _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps) -> list[dict]:

@@ -24,6 +24,7 @@ calls (log-log, between the two measured shapes around it), or the fitted roofli
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import itertools
@@ -67,17 +68,19 @@ class Sample:
         return 6.0 * self.tokens * self.hidden * self.intermediate
 
 
-def typical_time(fn, reps: int, budget_s: float, max_reps: int = 400, statistic=np.median) -> float:
+def typical_time(fn, reps: int, budget_s: float, max_reps: int = 400, statistic=np.median,
+                 self_timed: bool = False) -> float:
     """Median seconds of timed calls after one warm-up: at least `reps` calls, more (up to `max_reps`) while
     `budget_s` lasts. Calibration and validation both use it: a median of many calls is stable from run to run
-    on a machine with two cores, where the shortest call of a few is not (thread wake-ups vary)."""
+    on a machine with two cores, where the shortest call of a few is not (thread wake-ups vary).
+    `self_timed`: `fn` returns the seconds to count (part of its own wall time)."""
     fn()  # warm-up
     times = []
     start = time.perf_counter()
     while len(times) < max_reps:
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        own = fn()
+        times.append(own if self_timed else time.perf_counter() - t)
         if len(times) >= reps and time.perf_counter() - start > budget_s:
             break
     return float(statistic(times))
@@ -95,15 +98,10 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
     dispatcher: a calibration MoE layer of that expert shape (8 experts, top-2) runs batches of about 4x the
     rows, and every call's rows and wall time are logged. Calls are timed where they run in a deployment:
     between the router's and combine's torch work, with the layer's weights rotating through the cache."""
-    import torch
-
     from hetrun.backends.registry import probe_backend
 
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)  # routing and combine run on torch: give it the same threads
-    try:
-        out: list[Sample] = []
+    out: list[Sample] = []
+    with torch_threads(threads):
         for b in backends:
             if not probe_backend(b).ok:
                 log.warning("calibrate: backend %s is not available here (%s); skipped", b, probe_backend(b).reason)
@@ -112,7 +110,19 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
                 for d, i in shapes:
                     out += _measure_shape(b, p, d, i, tokens, rounds, threads, progress)
                     gc.collect()  # the layer's sessions and threads go before the next are timed
-        return out
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch runs the dispatcher's routing and combine: give it `threads` (when set) inside, as before outside."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -122,7 +132,7 @@ def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_round
     import torch
 
     from hetrun.dispatch import ExpertRuntime
-    from hetrun.graphs import FORMATS, build_expert_graph
+    from hetrun.graphs import FORMATS
     from hetrun.moe_weights import random_layer_weights
     from hetrun.planner import simple_plan
     from hetrun.profile import load_profile
@@ -136,8 +146,7 @@ def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_round
                                                                 "precision": precision}]})
     weights = random_layer_weights(spec, 0, seed=d * 7 + i)
     rt = ExpertRuntime(simple_plan(spec, prof, precision), prof, [weights], threads=threads)
-    target = "openvino" if backend == "openvino" else backend
-    wb = float(build_expert_graph(weights.experts[0], precision, target=target).weight_bytes)
+    wb = graph_weight_bytes(weights.experts[0], precision, backend)
     layer, g = rt.layers[0], torch.Generator().manual_seed(d + i)
     counts = [n for n in tokens if 6.0 * n * CALL_EXPERTS * d * i <= MAX_LAYER_FLOPS]
     # several batches per count, timed in turn: each call meets other experts with other row counts, as in a
@@ -179,6 +188,13 @@ def _median_call(rt, layer, xs, n: int) -> tuple[float, float]:
     near = np.abs(rows - n) <= n // 4  # calls whose row count is close to n
     rows, secs = (rows[near], secs[near]) if near.any() else (rows, secs)
     return float(np.median(rows)), float(np.median(secs))
+
+
+def graph_weight_bytes(w, precision: str, backend: str) -> float:
+    """Stored weight bytes of one expert's graph at `precision` as `backend` loads it (scales included)."""
+    from hetrun.graphs import build_expert_graph
+
+    return float(build_expert_graph(w, precision, target="openvino" if backend == "openvino" else backend).weight_bytes)
 
 
 def cache_bytes() -> float:
@@ -230,14 +246,8 @@ def measure_dispatch(backend: str = "onnxruntime", tokens=(1, 16, 256, 1024), re
     prof = load_profile({"name": "host-dispatch", "devices": [{"id": "host", "type": "host-cpu", "backend": backend,
                                                                   "precision": "fp32"}]})
     out = []
-    g = torch.Generator().manual_seed(0)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)  # routing and combine run on torch: give it the same threads
-    try:
-        _dispatch_cases(out, g, prof, threads, tokens, reps)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads):
+        _dispatch_cases(out, torch.Generator().manual_seed(0), prof, threads, tokens, reps)
     return out
 
 
@@ -260,12 +270,13 @@ def _dispatch_cases(out, g, prof, threads, tokens, reps) -> None:
             best: dict[int, float] = {}
             for _ in range(ROUNDS):  # the counts in turn, ROUNDS times; the fastest round's median counts
                 for n, x in xs.items():
-                    over, start = [], time.perf_counter()
-                    while len(over) < 200 and (len(over) < max(reps, 5) or time.perf_counter() - start < 0.15):
+                    def own_time(x=x):  # the layer's wall time less its expert calls
                         rt.stats.reset()
                         layer(x)
-                        over.append(rt.stats.layer_s - rt.stats.expert_s)
-                    best[n] = min(best.get(n, math.inf), float(np.median(over)))
+                        return rt.stats.layer_s - rt.stats.expert_s
+
+                    sec = typical_time(own_time, max(reps, 5), budget_s=0.15, max_reps=200, self_timed=True)
+                    best[n] = min(best.get(n, math.inf), sec)
             for n, x in xs.items():
                 rt.stats.reset()
                 layer(x)
@@ -518,8 +529,8 @@ def _params_for(cal: dict, backend: str, precision: str, hidden: int, intermedia
     lo, hi = fs[max(0, min(j - 1, len(fs) - 1))], fs[min(j, len(fs) - 1)]
     a = 0.0 if hi is lo else min(1.0, max(0.0, (x - xs[fs.index(lo)]) / (xs[fs.index(hi)] - xs[fs.index(lo)])))
     mix = lambda k: math.exp((1 - a) * math.log(max(lo[k], 1e-9)) + a * math.log(max(hi[k], 1e-9)))  # noqa: E731
-    me = mix("memory_efficiency")
-    return {"compute_efficiency": mix("compute_efficiency"), "memory_efficiency": me, "launch_us": mix("launch_us"),
+    return {"compute_efficiency": mix("compute_efficiency"), "memory_efficiency": mix("memory_efficiency"),
+            "launch_us": mix("launch_us"),
             "peak_flops": fs[-1]["peak_gflops"] * 1e9, "overlap": mix("overlap") if "overlap" in lo else 1.0}
 
 
