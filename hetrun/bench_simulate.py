@@ -79,7 +79,9 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
                    reps: int = 7) -> list[dict]:
     """Measured and predicted seconds of real MoE layer calls, one row per case."""
     from hetrun.calibrate import torch_threads
+    from hetrun.profile import load_profile
 
+    host_profile = load_profile(host_profile)  # once: every case's prediction reads it
     if quick:
         tokens, reps = (1, 64, 1024), 3
     with torch_threads(threads):
@@ -87,38 +89,47 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
 
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps) -> list[dict]:
-    import torch
-
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import BATCHES, ROUNDS, typical_time
+    from hetrun.calibrate import ROUNDS
     from hetrun.spec import MoESpec
 
+    runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok
+            for p in precisions]
+    measured: dict[tuple, float] = {}
+    cases: dict[tuple, dict] = {}
+    for _ in range(ROUNDS):  # sweeps over every case, layers built anew, as calibration times them
+        for spec, b, p in runs:
+            for n, case in _measure_layer(spec, b, p, tokens, reps, threads, host_profile).items():
+                key = (spec.name, b, p, n)
+                measured[key] = min(measured.get(key, math.inf), case["seconds"])
+                cases.setdefault(key, case)
+            gc.collect()  # this runtime's sessions and threads go before the next is timed
     rows = []
-    g = torch.Generator().manual_seed(1)
-    for name in specs:
-        spec = MoESpec.from_preset(name)
-        for b in backends:
-            if not probe_backend(b).ok:
-                continue
-            for p in precisions:
-                rt, w = _layer_runtime(spec, b, p, threads)
-                wb, swb = _weight_bytes(w, p, b)
-                layer = rt.layers[0]
-                with torch.no_grad():
-                    cases = {n: _layer_case(layer, rt, spec, n, g, predict_args=(host_profile, b, p, wb, swb))
-                             for n in tokens}
-                    measured = {n: [] for n in tokens}
-                    for _ in range(ROUNDS):  # the counts in turn, as calibration times them
-                        for n in tokens:
-                            measured[n].append(typical_time(cases[n]["call"], max(reps, BATCHES), budget_s=0.5))
-                for n in tokens:
-                    meas, pred = min(measured[n]), cases[n]["predicted"]
-                    rows.append({"model": name, "backend": b, "precision": p, "tokens": n,
-                                 "measured_ms": meas * 1e3, "predicted_ms": pred * 1e3,
-                                 "error_pct": (pred / meas - 1) * 100, "tokens_per_expert": cases[n]["counts"]})
-                del rt, layer, cases
-                gc.collect()  # this runtime's sessions and threads go before the next is timed
+    for (name, b, p, n), case in cases.items():
+        meas, pred = measured[(name, b, p, n)], case["predicted"]
+        rows.append({"model": name, "backend": b, "precision": p, "tokens": n, "measured_ms": meas * 1e3,
+                     "predicted_ms": pred * 1e3, "error_pct": (pred / meas - 1) * 100,
+                     "tokens_per_expert": case["counts"]})
     return rows
+
+
+def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profile) -> dict[int, dict]:
+    """Per token count: the layer's median wall time on its batches in turn, the prediction, the routing."""
+    import torch
+
+    from hetrun.calibrate import BATCHES, typical_time
+
+    rt, w = _layer_runtime(spec, b, p, threads)
+    wb, swb = _weight_bytes(w, p, b)
+    layer = rt.layers[0]
+    out = {}
+    with torch.no_grad():
+        for n in tokens:
+            g = torch.Generator().manual_seed(n)  # the same batches in every sweep and on every runtime
+            case = _layer_case(layer, rt, spec, n, g, predict_args=(host_profile, b, p, wb, swb))
+            case["seconds"] = typical_time(case.pop("call"), max(reps, BATCHES), budget_s=0.5)
+            out[n] = case
+    return out
 
 
 def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:

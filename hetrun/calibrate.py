@@ -10,8 +10,9 @@ What is measured (and nothing else is assumed):
   * the dispatcher's own time (routing, permute, combine, copies) on four calibration MoE layers, none shaped
     like the validation layers, fitted as fixed + per call + per MB routed + per MB through shared experts +
     per router score.
-Every timing is the median of many calls, taken twice some seconds apart; the faster round counts (a slow
-spell of a shared two-core machine then spoils one round, not the result).
+Every timing is the median of many calls. The whole ladder is swept twice, minutes apart, with every layer built
+anew; per point the faster sweep counts (a slow spell of a shared two-core machine, seconds to minutes long, then
+spoils one sweep's points, not the result).
 Per (backend, precision) the roofline t = launch + max(FLOPs / (peak x ce), bytes / (bandwidth x me)) is
 fitted in log space; `peak` is the best FLOP rate measured for that pair, `bandwidth` the copy bandwidth.
 The result is a deployment profile with one device type per (backend, precision) (`host-<backend>-<precision>`)
@@ -89,7 +90,7 @@ def typical_time(fn, reps: int, budget_s: float, max_reps: int = 400, statistic=
 CALL_EXPERTS, CALL_TOP_K = 8, 2  # calibration layers: 8 experts, top-2, so a call gets about tokens / 4 rows
 MAX_LAYER_FLOPS = 80e9  # largest calibration layer call; bigger token counts are extrapolated linearly
 BATCHES = 4  # different inputs per token count, timed in turn (calibration and validation alike)
-ROUNDS = 2  # every timing is taken this many times, seconds apart; the fastest round's median counts
+ROUNDS = 2  # sweeps over everything timed, minutes apart, runtimes built anew; the fastest sweep's median counts
 
 
 def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, shapes=SHAPES, rounds: int = ROUNDS,
@@ -97,20 +98,36 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
     """Median seconds of one expert call per (backend, precision, shape, rows per call), timed inside the real
     dispatcher: a calibration MoE layer of that expert shape (8 experts, top-2) runs batches of about 4x the
     rows, and every call's rows and wall time are logged. Calls are timed where they run in a deployment:
-    between the router's and combine's torch work, with the layer's weights rotating through the cache."""
-    from hetrun.backends.registry import probe_backend
+    between the router's and combine's torch work, with the layer's weights rotating through the cache.
 
-    out: list[Sample] = []
-    with torch_threads(threads):
-        for b in backends:
-            if not probe_backend(b).ok:
-                log.warning("calibrate: backend %s is not available here (%s); skipped", b, probe_backend(b).reason)
+    The whole ladder is swept `rounds` times, minutes apart, with the layers built anew each sweep; per point the
+    fastest sweep counts. A shared machine's slow spells last seconds to minutes, so one spoils a sweep's points,
+    not the result. `progress(sweep, sample)` hears every measurement."""
+    from hetrun.backends.registry import probe_backend
+    from hetrun.graphs import FORMATS
+
+    pairs = []
+    for b in backends:
+        if not probe_backend(b).ok:
+            log.warning("calibrate: backend %s is not available here (%s); skipped", b, probe_backend(b).reason)
+            continue
+        for p in precisions:
+            if p not in FORMATS:
+                log.warning("calibrate: no expert graph for %s here; skipped", p)
                 continue
-            for p in precisions:
-                for d, i in shapes:
-                    out += _measure_shape(b, p, d, i, tokens, rounds, threads, progress)
-                    gc.collect()  # the layer's sessions and threads go before the next are timed
-    return out
+            pairs += [(b, p, d, i) for d, i in shapes]
+    best: dict[tuple, Sample] = {}
+    with torch_threads(threads):
+        for sweep in range(rounds):
+            for b, p, d, i in pairs:
+                for s in _measure_shape(b, p, d, i, tokens, threads):
+                    key = (b, p, d, i, s.tokens)
+                    if key not in best or s.seconds < best[key].seconds:
+                        best[key] = s
+                    if progress:
+                        progress(sweep, s)
+                gc.collect()  # the layer's sessions and threads go before the next are timed
+    return list(best.values())
 
 
 @contextlib.contextmanager
@@ -127,20 +144,15 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_rounds: int, threads,
-                   progress) -> list[Sample]:
+def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, threads) -> list[Sample]:
     import torch
 
     from hetrun.dispatch import ExpertRuntime
-    from hetrun.graphs import FORMATS
     from hetrun.moe_weights import random_layer_weights
     from hetrun.planner import simple_plan
     from hetrun.profile import load_profile
     from hetrun.spec import MoESpec, RouterSpec
 
-    if precision not in FORMATS:
-        log.warning("calibrate: no expert graph for %s here; skipped", precision)
-        return []
     spec = MoESpec(f"calibrate-{d}x{i}", "mixtral", 1, d, i, CALL_EXPERTS, RouterSpec("softmax_topk", CALL_TOP_K, True))
     prof = load_profile({"name": "calibration", "devices": [{"id": "host", "type": "host-cpu", "backend": backend,
                                                                 "precision": precision}]})
@@ -149,21 +161,14 @@ def _measure_shape(backend: str, precision: str, d: int, i: int, tokens, n_round
     wb = graph_weight_bytes(weights.experts[0], precision, backend)
     layer, g = rt.layers[0], torch.Generator().manual_seed(d + i)
     counts = [n for n in tokens if 6.0 * n * CALL_EXPERTS * d * i <= MAX_LAYER_FLOPS]
-    # several batches per count, timed in turn: each call meets other experts with other row counts, as in a
-    # deployment (a runtime that sees one row count over and over caches its shape-dependent work)
-    batches = {n: [torch.randn(n * CALL_EXPERTS // CALL_TOP_K, d, generator=g) for _ in range(BATCHES)]
-               for n in counts}
-    rounds: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
-    with torch.no_grad():
-        for _ in range(n_rounds):  # the counts in turn, n_rounds times: a slow spell of the machine hits one round
-            for n in counts:
-                rounds[n].append(_median_call(rt, layer, batches[n], n))
     out = []
-    for n in counts:
-        rows, sec = min(rounds[n], key=lambda r: r[1])
-        out.append(Sample(backend, precision, d, i, int(round(rows)), sec, wb))
-        if progress:
-            progress(out[-1])
+    with torch.no_grad():
+        for n in counts:
+            # several batches per count, timed in turn: each call meets other experts with other row counts, as
+            # in a deployment (a runtime that sees one row count over and over caches its shape-dependent work)
+            xs = [torch.randn(n * CALL_EXPERTS // CALL_TOP_K, d, generator=g) for _ in range(BATCHES)]
+            rows, sec = _median_call(rt, layer, xs, n)
+            out.append(Sample(backend, precision, d, i, int(round(rows)), sec, wb))
     return out
 
 

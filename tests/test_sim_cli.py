@@ -127,6 +127,27 @@ def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
         predict_moe_layer_seconds(str(out), "openvino", "fp32", 64, 128, [1], 1)
 
 
+def test_calibration_sweeps_the_ladder_in_turn_and_keeps_each_points_fastest_sweep(monkeypatch):
+    import hetrun.calibrate as c
+
+    built = []
+    slow = {(0, 64): 3.0, (1, 32): 2.0}  # (sweep, hidden): a slow spell in sweep 1 for one shape, sweep 2 another
+
+    def fake_shape(b, p, d, i, tokens, threads):
+        sweep = len(built) // 2  # two shapes per sweep: each sweep builds every layer anew
+        built.append((b, p, d, i))
+        return [c.Sample(b, p, d, i, n, n * d * 1e-6 * slow.get((sweep, d), 1.0), 1.0) for n in tokens]
+
+    monkeypatch.setattr(c, "_measure_shape", fake_shape)
+    heard = []
+    got = c.measure_experts(("onnxruntime",), ("fp32",), tokens=(1, 4), shapes=((32, 64), (64, 128)), rounds=2,
+                            progress=lambda sweep, s: heard.append((sweep, s.hidden, s.tokens)))
+    assert built == [("onnxruntime", "fp32", 32, 64), ("onnxruntime", "fp32", 64, 128)] * 2
+    assert [h[0] for h in heard] == [0] * 4 + [1] * 4
+    assert [(s.hidden, s.tokens, s.seconds) for s in got] == [(32, 1, pytest.approx(32e-6)), (32, 4, pytest.approx(128e-6)),
+                                                              (64, 1, pytest.approx(64e-6)), (64, 4, pytest.approx(256e-6))]
+
+
 def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
     from hetrun.calibrate import measured_call_seconds
 

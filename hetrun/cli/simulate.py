@@ -167,9 +167,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise HetrunError("give at least one backend and one precision to calibrate")
     path, prof = calibrate(args.out, quick=args.quick, backends=backends, precisions=precisions, threads=args.threads,
                            progress=None if args.json else
-                           (lambda s: print(f"  {s.backend:11s} {s.precision:5s} {s.hidden}x{s.intermediate} "
-                                            f"{s.tokens:5d} rows: "
-                                            f"{s.seconds * 1e3:8.3f} ms", flush=True)))
+                           (lambda sweep, s: print(f"  sweep {sweep + 1} {s.backend:11s} {s.precision:5s} "
+                                                   f"{s.hidden}x{s.intermediate} {s.tokens:5d} rows: "
+                                                   f"{s.seconds * 1e3:8.3f} ms", flush=True)))
     cal = prof["extra"]["calibration"]
     if args.json:
         print_json({"path": str(path), "fits": cal["fits"], "copy_bandwidth_gbs": cal["copy_bandwidth_gbs"],
