@@ -77,29 +77,35 @@ def _weight_bytes(w, precision: str, backend: str) -> tuple[float, float | None]
 def accuracy_table(host_profile, threads: int | None = None, quick: bool = False, specs=ACCURACY_SPECS,
                    backends=("onnxruntime", "openvino"), precisions=ACCURACY_PRECISIONS, tokens=ACCURACY_TOKENS,
                    reps: int = 7) -> list[dict]:
-    """Measured and predicted seconds of real MoE layer calls, one row per case."""
-    from hetrun.calibrate import torch_threads
+    """Measured and predicted seconds of real MoE layer calls, one row per case. Each case is measured in
+    sweeps over all cases, as calibration measures (`hetrun.calibrate.sweeps_for`); its fastest sweep counts."""
+    from hetrun.calibrate import SWEEPS, torch_threads
     from hetrun.profile import load_profile
 
     host_profile = load_profile(host_profile)  # once: every case's prediction reads it
-    if quick:
-        tokens, reps = (1, 64, 1024), 3
+    sweeps = SWEEPS
+    if quick:  # as `hetrun calibrate --quick`: one sweep
+        tokens, reps, sweeps = (1, 64, 1024), 3, 1
     with torch_threads(threads):
-        return _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps)
+        return _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps)
 
 
-def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps) -> list[dict]:
+def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps) -> list[dict]:
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import ROUNDS
+    from hetrun.calibrate import SWEEPS, sweeps_for
     from hetrun.spec import MoESpec
 
     runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok
             for p in precisions]
     measured: dict[tuple, float] = {}
     cases: dict[tuple, dict] = {}
-    for _ in range(ROUNDS):  # sweeps over every case, layers built anew, as calibration times them
+    for sweep in range(sweeps):  # sweeps over every case, layers built anew, as calibration times them
         for spec, b, p in runs:
-            for n, case in _measure_layer(spec, b, p, tokens, reps, threads, host_profile).items():
+            todo = [n for n in tokens if (spec.name, b, p, n) not in measured
+                    or sweep < sweeps_for(measured[(spec.name, b, p, n)], sweeps)]
+            if not todo:
+                continue
+            for n, case in _measure_layer(spec, b, p, todo, reps, threads, host_profile).items():
                 key = (spec.name, b, p, n)
                 measured[key] = min(measured.get(key, math.inf), case["seconds"])
                 cases.setdefault(key, case)
