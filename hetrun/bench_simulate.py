@@ -133,7 +133,7 @@ def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profil
         for n in tokens:
             g = torch.Generator().manual_seed(n)  # the same batches in every sweep and on every runtime
             case = _layer_case(layer, rt, spec, n, g, predict_args=(host_profile, b, p, wb, swb))
-            case["seconds"] = typical_time(case.pop("call"), max(reps, BATCHES), budget_s=0.5)
+            case["seconds"] = typical_time(case.pop("call"), max(reps, BATCHES), budget_s=0.2)
             out[n] = case
     return out
 

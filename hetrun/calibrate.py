@@ -92,7 +92,7 @@ CALL_EXPERTS, CALL_TOP_K = 8, 2  # calibration layers: 8 experts, top-2, so a ca
 MAX_LAYER_FLOPS = 80e9  # largest calibration layer call; bigger token counts are extrapolated linearly
 BATCHES = 4  # different inputs per token count, timed in turn (calibration and validation alike)
 SWEEPS = 4  # sweeps over everything timed, minutes apart, runtimes built anew; per point the fastest counts
-LONG_LAYER_S = 0.05  # layer calls this long average over the machine's swings: their points are swept twice
+LONG_LAYER_S = 0.15  # layer calls this long average over the machine's swings: their points are swept twice
 DISPATCH_ROUNDS = 2  # the dispatcher's own time: token counts in turn, this many times
 
 
@@ -207,7 +207,7 @@ def _call_time(rt, layer, xs, n: int) -> tuple[float, float]:
         if k >= len(xs) - 1 and time.perf_counter() - warm > 0.02:
             break
     rt.stats.call_log = []
-    typical_time(call, len(xs), budget_s=0.12, max_reps=100)  # each layer call logs its expert calls
+    typical_time(call, len(xs), budget_s=0.06, max_reps=100)  # each layer call logs its expert calls
     rows, secs = np.array(rt.stats.call_log).T  # [calls], [calls]
     rt.stats.call_log = None
     near = np.abs(rows - n) <= n // 4  # calls whose row count is close to n

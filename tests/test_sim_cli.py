@@ -136,19 +136,19 @@ def test_calibration_sweeps_the_ladder_in_turn_and_keeps_each_points_fastest_swe
     def fake_shape(b, p, d, i, counts, threads):
         sweep = sum(1 for x in built if x[2] == d)  # each sweep builds the layer anew
         built.append((b, p, d, i, tuple(counts)))
-        # a call of n rows: n ms; with 8 calls a layer, 1 row is short (8 ms) and 8 rows long (64 ms)
-        return {n: c.Sample(b, p, d, i, n, n * 1e-3 * slow.get((sweep, d), 1.0), 1.0) for n in counts}
+        # a call of n rows: 5n ms; with 8 calls a layer, 1 row is short (40 ms) and 8 rows long (320 ms)
+        return {n: c.Sample(b, p, d, i, n, n * 5e-3 * slow.get((sweep, d), 1.0), 1.0) for n in counts}
 
     monkeypatch.setattr(c, "_measure_shape", fake_shape)
     heard = []
     got = c.measure_experts(("onnxruntime",), ("fp32",), tokens=(1, 8), shapes=((32, 64), (64, 128)), rounds=4,
                             progress=lambda sweep, s: heard.append((sweep, s.hidden, s.tokens)))
-    assert c.sweeps_for(8e-3, 4) == 4 and c.sweeps_for(64e-3, 4) == 2  # long layer calls: two sweeps do
+    assert c.sweeps_for(8e-3, 4) == 4 and c.sweeps_for(0.2, 4) == 2  # long layer calls: two sweeps do
     assert built == [("onnxruntime", "fp32", 32, 64, (1, 8)), ("onnxruntime", "fp32", 64, 128, (1, 8))] * 2 + \
         [("onnxruntime", "fp32", 32, 64, (1,)), ("onnxruntime", "fp32", 64, 128, (1,))] * 2
     assert [h[0] for h in heard] == [0] * 4 + [1] * 4 + [2] * 2 + [3] * 2
-    assert [(s.hidden, s.tokens, s.seconds) for s in got] == [(32, 1, pytest.approx(1e-3)), (32, 8, pytest.approx(8e-3)),
-                                                              (64, 1, pytest.approx(1e-3)), (64, 8, pytest.approx(8e-3))]
+    assert [(s.hidden, s.tokens, s.seconds) for s in got] == [(32, 1, pytest.approx(5e-3)), (32, 8, pytest.approx(40e-3)),
+                                                              (64, 1, pytest.approx(5e-3)), (64, 8, pytest.approx(40e-3))]
 
 
 def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
