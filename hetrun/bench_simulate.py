@@ -92,7 +92,7 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps) -> list[dict]:
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import SWEEPS, sweeps_for
+    from hetrun.calibrate import sweeps_for
     from hetrun.spec import MoESpec
 
     runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok

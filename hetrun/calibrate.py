@@ -136,8 +136,9 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
                 if not todo:
                     continue
                 for n, s in _measure_shape(b, p, d, i, todo, threads).items():
-                    if (b, p, d, i, n) not in best or s.seconds < best[(b, p, d, i, n)].seconds:
-                        best[(b, p, d, i, n)] = s
+                    key = (b, p, d, i, n)
+                    if key not in best or s.seconds < best[key].seconds:
+                        best[key] = s
                     if progress:
                         progress(sweep, s)
                 gc.collect()  # the layer's sessions and threads go before the next are timed
