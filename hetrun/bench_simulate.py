@@ -13,7 +13,6 @@ geometric-mean error and 30% worst case. It needs a quiet machine.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import time
@@ -92,31 +91,17 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps) -> list[dict]:
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import sweeps_for
+    from hetrun.calibrate import fastest_of_sweeps
     from hetrun.spec import MoESpec
 
     runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok
             for p in precisions]
-    measured: dict[tuple, float] = {}
-    cases: dict[tuple, dict] = {}
-    for sweep in range(sweeps):  # sweeps over every case, layers built anew, as calibration times them
-        for spec, b, p in runs:
-            todo = [n for n in tokens if (spec.name, b, p, n) not in measured
-                    or sweep < sweeps_for(measured[(spec.name, b, p, n)], sweeps)]
-            if not todo:
-                continue
-            for n, case in _measure_layer(spec, b, p, todo, reps, threads, host_profile).items():
-                key = (spec.name, b, p, n)
-                measured[key] = min(measured.get(key, math.inf), case["seconds"])
-                cases.setdefault(key, case)
-            gc.collect()  # this runtime's sessions and threads go before the next is timed
-    rows = []
-    for (name, b, p, n), case in cases.items():
-        meas, pred = measured[(name, b, p, n)], case["predicted"]
-        rows.append({"model": name, "backend": b, "precision": p, "tokens": n, "measured_ms": meas * 1e3,
-                     "predicted_ms": pred * 1e3, "error_pct": (pred / meas - 1) * 100,
-                     "tokens_per_expert": case["counts"]})
-    return rows
+    best = fastest_of_sweeps(runs, lambda u: tokens,
+                             lambda u, todo: _measure_layer(*u, todo, reps, threads, host_profile),
+                             lambda c: c["seconds"], lambda c: c["seconds"], sweeps)
+    return [{"model": spec.name, "backend": b, "precision": p, "tokens": n, "measured_ms": c["seconds"] * 1e3,
+             "predicted_ms": c["predicted"] * 1e3, "error_pct": (c["predicted"] / c["seconds"] - 1) * 100,
+             "tokens_per_expert": c["counts"]} for ((spec, b, p), n), c in best.items()]
 
 
 def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profile) -> dict[int, dict]:

@@ -126,23 +126,34 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
                 log.warning("calibrate: no expert graph for %s here; skipped", p)
                 continue
             pairs += [(b, p, d, i) for d, i in shapes]
-    best: dict[tuple, Sample] = {}
     with torch_threads(threads):
-        for sweep in range(rounds):
-            for b, p, d, i in pairs:
-                todo = [n for n in tokens if 6.0 * n * CALL_EXPERTS * d * i <= MAX_LAYER_FLOPS and (
-                    (b, p, d, i, n) not in best
-                    or sweep < sweeps_for(best[(b, p, d, i, n)].seconds * CALL_EXPERTS, rounds))]
-                if not todo:
-                    continue
-                for n, s in _measure_shape(b, p, d, i, todo, threads).items():
-                    key = (b, p, d, i, n)
-                    if key not in best or s.seconds < best[key].seconds:
-                        best[key] = s
-                    if progress:
-                        progress(sweep, s)
-                gc.collect()  # the layer's sessions and threads go before the next are timed
+        best = fastest_of_sweeps(
+            pairs, lambda u: [n for n in tokens if 6.0 * n * CALL_EXPERTS * u[2] * u[3] <= MAX_LAYER_FLOPS],
+            lambda u, todo: _measure_shape(*u, todo, threads), lambda s: s.seconds,
+            lambda s: s.seconds * CALL_EXPERTS, rounds, progress)
     return list(best.values())
+
+
+def fastest_of_sweeps(units, counts, measure, seconds, layer_seconds, sweeps: int = SWEEPS, progress=None) -> dict:
+    """{(unit, count): fastest result} over up to `sweeps` sweeps through all `units` in turn, minutes apart.
+
+    `counts(unit)` lists a unit's counts; `measure(unit, todo)` builds the unit anew, measures those counts and
+    returns {count: result}; `seconds(result)` ranks results; `layer_seconds(result)` tells `sweeps_for` how many
+    sweeps the point gets. Calibration and the accuracy bench both measure this way."""
+    best: dict[tuple, object] = {}
+    for sweep in range(sweeps):
+        for u in units:
+            todo = [n for n in counts(u)
+                    if (u, n) not in best or sweep < sweeps_for(layer_seconds(best[(u, n)]), sweeps)]
+            if not todo:
+                continue
+            for n, r in measure(u, todo).items():
+                if (u, n) not in best or seconds(r) < seconds(best[(u, n)]):
+                    best[(u, n)] = r
+                if progress:
+                    progress(sweep, r)
+            gc.collect()  # the unit's sessions and threads go before the next are timed
+    return best
 
 
 @contextlib.contextmanager
