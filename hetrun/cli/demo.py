@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
                         "precision": plan.precision[dev.id], "experts": experts, "shared_experts": int(shared),
                         "tokens": int(stats.tokens_per_device[i]), "modeled_ms": stats.modeled_s_per_device[i] * 1e3,
                         "measured_ms": stats.wall_s_per_device[i] * 1e3})
-    result = {"model": "tiny (DeepSeek-V3 style, briefly trained on a synthetic language)", "profile": runtime.profile.name,
+    result = {"model": "tiny DeepSeek-V3-style model, briefly trained on a synthetic language", "profile": runtime.profile.name,
               "generated_tokens_match": bool(torch.equal(want, got)), "reference_tokens": want.tolist(),
               "hetrun_tokens": got.tolist(), "top1_agreement": agree, "max_logit_diff_rel": max_diff,
               "devices": devices}
@@ -62,24 +62,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print(r: dict) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    # Fits 80 columns (a pipe, a CI log): device over SKU, backend over precision, one line per layer.
     c = Console()
-    c.print(f"[bold]hetrun demo[/]: {r['model']} deployed on profile '{r['profile']}'")
-    t = Table(title="where each expert ran")
-    for col in ("device", "type", "backend", "prec.", "routed experts by layer", "shared", "tokens",
-                "modeled ms", "host ms"):
-        t.add_column(col, overflow="fold")
+    c.print(f"[bold]hetrun demo[/]: {r['model']}, deployed on profile '{r['profile']}'")
+    t = Table(title="where each expert ran", box=box.SIMPLE_HEAD)
+    t.add_column("device\n[dim]SKU[/]", no_wrap=True)
+    t.add_column("backend\nprecision", no_wrap=True)
+    t.add_column("experts per layer", overflow="fold", min_width=14)
+    for col in ("tokens", "modeled\nms", "host\nms"):
+        t.add_column(col, justify="right", no_wrap=True)
     for d in r["devices"]:
-        experts = " ".join(f"{k}:{','.join(map(str, v))}" for k, v in d["experts"].items())
-        t.add_row(d["device"], d["type"], d["backend"], d["precision"], experts, str(d["shared_experts"]),
+        lines = [f"{k}: {' '.join(map(str, v)) or '-'}" for k, v in d["experts"].items()]
+        if d["shared_experts"]:
+            lines.append(f"shared: {d['shared_experts']}")
+        t.add_row(f"{d['device']}\n[dim]{d['type']}[/]", f"{d['backend']}\n{d['precision']}", "\n".join(lines),
                   str(d["tokens"]), f"{d['modeled_ms']:.3f}", f"{d['measured_ms']:.1f}")
     c.print(t)
     match = "[green]identical[/]" if r["generated_tokens_match"] else "[yellow]different[/]"
-    c.print(f"untouched model : {r['reference_tokens']}")
-    c.print(f"hetrun          : {r['hetrun_tokens']}  ({match})")
-    c.print(f"top-1 agreement with the untouched model: {r['top1_agreement'] * 100:.1f}% of positions; "
+    c.print(f"untouched model: {r['reference_tokens']}")
+    c.print(f"hetrun:          {r['hetrun_tokens']}")
+    c.print(f"generated tokens: {match}; top-1 agreement {r['top1_agreement'] * 100:.1f}% of positions; "
             f"max logit difference {r['max_logit_diff_rel'] * 100:.3f}% of the logits' scale")
 
 
