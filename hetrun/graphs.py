@@ -20,7 +20,8 @@ activations are rounded on their way in:
 `target` is the backend that will run the graph (Backend.graph_target()). "openvino" gets a form that
 OpenVINO's CPU plugin computes faithfully in f32; every other name gets standard ONNX. OpenVINO 2026.4 on CPUs
 without native BF16 computes narrow-float Casts wrongly: f32->bf16 drops bits 0-14 before rounding (about
-twice BF16's error), f32->f16->f32 pairs are removed (no FP16 rounding or overflow at all), and f32->f8e4m3
+twice BF16's error; 2026.4.1 removes f32->bf16->f32 pairs instead), f32->f16->f32 pairs are removed (no FP16
+rounding or overflow at all), and f32->f8e4m3
 rounds twice (via f16) and ignores `saturate`. Graphs for OpenVINO therefore round in FP32 arithmetic
 (Veltkamp splitting for normal numbers, Round on the subnormal grid, the formats' overflow and saturation),
 which gives bit for bit what onnxruntime's Casts give. Those graphs need f32 execution: on a device that

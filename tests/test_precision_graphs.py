@@ -203,15 +203,16 @@ def test_arithmetic_rounding_is_bit_exact(run, fmt):
 
 
 def test_openvino_casts_to_bf16_misround():
-    """Why graphs for OpenVINO round arithmetically: its CPU Convert f32->bf16 drops bits 0-14 before rounding.
-    If this starts failing, OpenVINO fixed it and the workaround in hetrun.graphs can go."""
+    """Why graphs for OpenVINO round arithmetically: its CPU plugin does not round f32->bf16->f32 Casts to BF16.
+    OpenVINO 2026.4.0 dropped bits 0-14 before rounding; 2026.4.1 removes the Cast pair (no rounding at all).
+    If this starts failing, OpenVINO rounds correctly and the workaround in hetrun's graphs can go."""
     if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU converts to BF16 natively")
     x = np.random.default_rng(0).standard_normal((1, 4096)).astype(np.float32)
     got = run_ov(rounding_graph("bf16", arithmetic=False), x)
     bits = x.view(np.uint32) & np.uint32(0xFFFF8000)  # bits 0-14 dropped, then round half to even at bit 15
     as_ov = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-    np.testing.assert_array_equal(got, as_ov)
+    assert np.array_equal(got, as_ov) or np.array_equal(got, x)  # one of the two known misroundings
     assert np.mean(got != x.astype(ml_dtypes.bfloat16).astype(np.float32)) > 0.1
 
 
