@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+
 from hetrun.errors import BackendUnavailable
 
 log = logging.getLogger("hetrun")
@@ -162,7 +162,7 @@ class AscendBackend(Backend):
 
     def load_torch(self, graph: bytes, device: str, int8_kernel: bool) -> ExpertSession:
         """The torch path on one torch device (`npu:N` here; tests pass `cpu` with a stand-in INT8 kernel)."""
-        from hetrun.backends.expert_weights import read_expert_matrices
+        from hetrun.backends.graph_matrices import read_expert_matrices
         from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 
         m = read_expert_matrices(graph)

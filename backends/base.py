@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from hetrun.formats import base_precision
+
 if TYPE_CHECKING:
     from hetrun.profile import Device
 
@@ -70,12 +72,10 @@ class Backend(abc.ABC):
     @classmethod
     def supports(cls, precision: str) -> bool:
         """Whether this backend executes expert graphs of this precision (a variant such as fp8-w8a16: its base)."""
-        from hetrun.profile import PRECISION_BASE
-
-        return PRECISION_BASE.get(precision, precision) in cls.caps.precisions
+        return base_precision(precision) in cls.caps.precisions
 
     def graph_target(self) -> str:
-        """The `target` to build this backend's expert graphs for (see hetrun.graphs.build_expert_graph)."""
+        """The `target` to build this backend's expert graphs for (see hetrun.runtime.graphs.build_expert_graph)."""
         return self.caps.name
 
     @abc.abstractmethod

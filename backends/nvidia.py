@@ -21,8 +21,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+
 from hetrun.errors import BackendUnavailable
 
 log = logging.getLogger("hetrun")
@@ -198,7 +198,7 @@ class NvidiaBackend(Backend):
 
     def _load_fp8(self, graph: bytes, name: str, gpu: CudaDevice) -> ExpertSession | None:
         """The torch FP8 path, or None (with one warning) when no scaling mode works on this GPU."""
-        from hetrun.backends.expert_weights import read_expert_matrices
+        from hetrun.backends.graph_matrices import read_expert_matrices
         from hetrun.backends.torch_expert import TorchExpertSession
 
         m = read_expert_matrices(graph)
@@ -217,7 +217,7 @@ class NvidiaBackend(Backend):
         return None
 
     def _load_torch_dense(self, graph: bytes, gpu: CudaDevice) -> ExpertSession:
-        from hetrun.backends.expert_weights import read_expert_matrices
+        from hetrun.backends.graph_matrices import read_expert_matrices
         from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 
         m = read_expert_matrices(graph)
@@ -356,7 +356,6 @@ def emulated_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out
     a [M, K] and b [K, N] are FP8; scales are tensor-wise [] / [1], row-wise [M, 1] and [1, N], or DeepSeek
     block-wise [M, ceil(K/128)] and [ceil(K/128), ceil(N/128)].
     """
-    import torch
 
     m, k = a.shape
     n = b.shape[1]

@@ -8,9 +8,9 @@ import logging
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from hetrun.errors import BackendUnavailable, HetrunError
-
 from hetrun.backends.base import Availability, Backend
+
+from hetrun.errors import BackendUnavailable, HetrunError
 
 if TYPE_CHECKING:
     from hetrun.profile import Device, DeviceType
@@ -18,30 +18,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("hetrun")
 _auto_reported: set[tuple[str, str, str]] = set()
 
-BUILTIN = {
-    "onnxruntime": "hetrun.backends.ort:OnnxRuntimeBackend",
-    "openvino": "hetrun.backends.ov:OpenVinoBackend",
-    "simulated": "hetrun.backends.simulated:SimulatedBackend",
-    "nvidia": "hetrun.backends.nvidia:NvidiaBackend",
-    "ascend": "hetrun.backends.ascend:AscendBackend",
-}
+ENTRY_POINT_GROUP = "hetrun.backends"
+
+
+@functools.cache
+def _entry_points() -> dict[str, str]:
+    # name -> "module:Class" of every backend registered under the entry-point group (hetrun's own, declared in
+    # its pyproject.toml, and other distributions'); the only list of backends there is.
+    return {ep.name: ep.value for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)}
 
 
 def backend_names() -> list[str]:
-    """Every backend known: built-in ones and those other packages register under `hetrun.backends`."""
-    names = dict(BUILTIN)
-    for ep in entry_points(group="hetrun.backends"):
-        names.setdefault(ep.name, ep.value)
-    return list(names)
+    """Every backend known: hetrun's own and those other packages register under the `hetrun.backends` entry points."""
+    return list(_entry_points())
 
 
 def _target(name: str) -> str:
-    if name in BUILTIN:
-        return BUILTIN[name]
-    for ep in entry_points(group="hetrun.backends"):
-        if ep.name == name:
-            return ep.value
-    raise HetrunError(f"unknown backend '{name}'; known backends: {', '.join(backend_names())}")
+    found = _entry_points().get(name)
+    if found is None:
+        raise HetrunError(f"unknown backend '{name}'; known backends: {', '.join(backend_names()) or 'none'} "
+                          "(reinstall hetrun if this list is empty: backends are registered as entry points)")
+    return found
 
 
 @functools.cache
@@ -88,24 +85,7 @@ def has_device(name: str, device_type: "DeviceType") -> bool:
     if not probe_backend(name).ok:
         return False
     finder = getattr(cls, "has_device", None)
-    if finder is not None:
-        return bool(finder(device_type))
-    if name == "onnxruntime":
-        return _onnxruntime_has_device(device_type)
-    return True
-
-
-def _onnxruntime_has_device(device_type: "DeviceType") -> bool:
-    from hetrun.backends.ort import PROVIDERS
-
-    providers = set(probe_backend("onnxruntime").devices)
-    if not providers & set(PROVIDERS.get(device_type.kind, [])):
-        return False
-    if device_type.kind == "gpu":  # the CUDA EP is listed even on machines without a GPU
-        return device_type.vendor == "nvidia" and probe_backend("nvidia").ok
-    if device_type.kind == "npu":
-        return device_type.vendor == "huawei" and probe_backend("ascend").ok
-    return True
+    return True if finder is None else bool(finder(device_type))
 
 
 def resolve_backend(device: "Device") -> str:
@@ -135,6 +115,7 @@ def resolve_backend(device: "Device") -> str:
 
 def reset_probes() -> None:
     """Forget cached probes and `auto` reports (tests; or after installing drivers in a running process)."""
+    _entry_points.cache_clear()
     backend_class.cache_clear()
     probe_backend.cache_clear()
     _auto_reported.clear()

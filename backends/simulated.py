@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
-from hetrun.backends.ort import session_options
-from hetrun.costmodel import expert_cost
+from hetrun.backends.onnxruntime import session_options
+
+from hetrun.roofline import expert_seconds
 
 
 class SimulatedBackend(Backend):
@@ -46,6 +46,5 @@ class SimulatedSession(ExpertSession):
 
     def modeled_seconds(self, tokens: int) -> float:
         m = self.meta
-        act = 1.0 if self.backend.precision == "fp8" else 2.0
-        return expert_cost(self.backend.device.type, self.backend.precision, tokens, m["hidden"], m["intermediate"],
-                           m["weight_bytes"], act)
+        return expert_seconds(self.backend.device.type, self.backend.precision, tokens, m["hidden"], m["intermediate"],
+                              m["weight_bytes"])

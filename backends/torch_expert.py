@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-
 from hetrun.backends.base import ExpertSession
 
 # torch dtype name per graph precision for dense (unquantized) matmuls.

@@ -41,15 +41,15 @@ __all__ = ["HetrunError", "MoESpec", "Profile", "RouterSpec", "deploy", "load_pr
 def __getattr__(name):
     # Heavy pieces (torch, onnx, runtimes) load on first use, not at import.
     if name == "deploy":
-        from hetrun.deployment import deploy
+        from hetrun.runtime.deploy import deploy
         return deploy
     if name == "plan":
-        from hetrun.planner import plan
+        from hetrun.placement.planner import plan
         return plan
     if name == "load":
         from hetrun.bundle import load
         return load
     if name == "dispatch":
-        import hetrun.dispatch as dispatch
+        import hetrun.runtime.dispatch as dispatch
         return dispatch
     raise AttributeError(f"module 'hetrun' has no attribute {name!r}")

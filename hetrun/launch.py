@@ -89,8 +89,8 @@ def load_model(name: str):
 
 
 def _plan(args, spec, profile):
-    from hetrun.planner import Plan
-    from hetrun.planner import plan as make_plan
+    from hetrun.placement.plan import Plan
+    from hetrun.placement.planner import plan as make_plan
 
     if args.plan is None:
         return make_plan(spec, profile, precision=args.precision, redundant_experts=args.redundant_experts)
@@ -125,11 +125,11 @@ def run(args) -> int:
     import transformers
 
     import hetrun
-    from hetrun.distributed.files import write_atomic
     from hetrun.distributed.moe import set_tracing
     from hetrun.distributed.stats import format_stats_table
     from hetrun.distributed.trace import merge_chrome_trace
     from hetrun.distributed.world import current_world, in_distributed_launch
+    from hetrun.files import write_atomic
     from hetrun.spec import MoESpec
 
     transformers.logging.set_verbosity_error()

@@ -11,26 +11,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hetrun.backends.registry import backend_names
 from hetrun.errors import PrecisionError, ProfileError
-
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp8-w8a16", "int4-g32")
-# Variants of a catalog precision: a device that has the base runs them (see hetrun.graphs.FORMATS).
-PRECISION_BASE = {"fp8-w8a16": "fp8", "int4-g32": "int4"}
-BACKEND_NAMES = ("onnxruntime", "openvino", "simulated", "nvidia", "ascend", "auto")
+from hetrun.formats import PRECISIONS, base_precision
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A schema that refuses unknown fields and is immutable once validated (profiles, settings, manifests)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LinkSpec(_Strict):
+class LinkSpec(StrictModel):
     name: str = ""
     bandwidth_gbs: float = Field(gt=0, description="one direction, GB/s")
     latency_us: float = Field(default=5.0, ge=0)
     efficiency: float = Field(default=0.8, gt=0, le=1)
 
 
-class DeviceType(_Strict):
+class DeviceType(StrictModel):
     """One SKU in the device catalog."""
 
     name: str
@@ -71,7 +70,7 @@ class DeviceType(_Strict):
         return max(self.tflops.get("bf16", 0), self.tflops.get("fp16", 0), self.tflops.get("fp32", 0)) * 1e12
 
 
-class DeviceGroup(_Strict):
+class DeviceGroup(StrictModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: str
     count: int = Field(default=1, ge=1, le=100_000)
@@ -84,14 +83,15 @@ class DeviceGroup(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {self.backend!r}; use one of {', '.join(BACKEND_NAMES)}")
+        known = [*backend_names(), "auto"]
+        if self.backend not in known:
+            raise ValueError(f"unknown backend {self.backend!r}; use one of {', '.join(known)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         return self
 
 
-class PinRule(_Strict):
+class PinRule(StrictModel):
     """Put matching experts on a device group (llama.cpp `-ot`, KTransformers rules)."""
 
     device: str
@@ -101,7 +101,7 @@ class PinRule(_Strict):
     load_above_percentile: float | None = Field(default=None, ge=0, le=100)
 
 
-class DistributedLayout(_Strict):
+class DistributedLayout(StrictModel):
     """How the profile's devices map onto torch.distributed ranks; hetrun.distributed reads it under torchrun."""
 
     # per_group: one rank per device group; per_device: one rank per device; or explicit lists of group/device ids.
@@ -115,7 +115,7 @@ class DistributedLayout(_Strict):
     heartbeat_s: float = Field(default=0.25, gt=0, le=10)
 
 
-class ProfileModel(_Strict):
+class ProfileModel(StrictModel):
     name: str
     description: str = ""
     devices: list[DeviceGroup] = Field(min_length=1)
@@ -267,7 +267,7 @@ def _build(data: Any, source: str) -> Profile:
             raise ProfileError(f"profile '{source}': unknown device type '{g.type}' in group '{g.id}'; "
                                f"known types: {', '.join(sorted(catalog))} (or define it under device_types)")
         dt = catalog[g.type]
-        if g.precision is not None and PRECISION_BASE.get(g.precision, g.precision) not in dt.precisions:
+        if g.precision is not None and base_precision(g.precision) not in dt.precisions:
             raise PrecisionError(f"device '{g.id}' ({dt.name}) cannot run {g.precision}; it supports "
                                  f"{', '.join(dt.precisions)}; request one of those or leave precision unset")
         for i in range(g.count):

@@ -28,7 +28,7 @@ def equivalence_rank(case_path: str) -> int:
     import torch
 
     import hetrun
-    from hetrun.planner import Plan
+    from hetrun.placement.plan import Plan
 
     with open(case_path) as f:
         case = json.load(f)
@@ -80,10 +80,9 @@ def _prepare() -> None:
     import openvino  # noqa: F401
     import transformers
 
-    import hetrun.deployment  # noqa: F401
     import hetrun.distributed.moe  # noqa: F401
     import hetrun.launch  # noqa: F401
-
+    import hetrun.runtime.deploy  # noqa: F401
     from hetrun.tiny_models import FAMILY_SPECS, tiny_model
 
     transformers.logging.set_verbosity_error()
@@ -146,7 +145,7 @@ def start_world(req: dict) -> dict:
             try:
                 _redirect(os.path.join(out, f"rank{r}.out"), os.path.join(out, f"rank{r}.err"))
                 if req.get("break_openvino_on") == r:  # this rank's OpenVINO expert sessions raise
-                    from hetrun.backends.ov import OvSession
+                    from hetrun.backends.openvino import OvSession
 
                     def broken(self, x):
                         raise RuntimeError("injected OpenVINO fault")

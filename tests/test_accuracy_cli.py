@@ -6,7 +6,7 @@ import pytest
 
 from hetrun.cli import main
 from hetrun.cli.bench import BENCHMARKS
-from hetrun.precision import expert_bytes
+from hetrun.formats import expert_bytes
 
 
 def run_json(capsys, argv):
@@ -83,7 +83,7 @@ def test_bench_precision_runs_every_precision_on_both_runtimes(capsys):
     r = run_json(capsys, ["bench", "precision", "--hidden", "64", "--intermediate", "128", "--tokens", "1,3",
                           "--rounds", "1", "--seconds", "0.001", "--json"])
     got = {(x["runtime"], x["precision"]) for x in r["results"]}
-    from hetrun.graphs import FORMATS
+    from hetrun.formats import FORMATS
     assert got == {(rt, p) for rt in ("onnxruntime", "openvino") for p in FORMATS} - set(r["skipped"])
     for x in r["results"]:
         assert x["weight_bytes"] == expert_bytes(x["precision"], 64, 128)

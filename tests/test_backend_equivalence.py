@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from hetrun.backends.registry import backend_names, probe_backend
 
 import hetrun
-from hetrun.backends.registry import backend_names, probe_backend
 from tests.conftest import FAMILIES
 
 # Device type each backend drives in this suite; vendor backends need their hardware.

@@ -72,7 +72,7 @@ def test_layout_graphs_and_checksums(bundles):
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic token axis
         assert e.path == f"experts/L{e.layer}/{'E' if e.kind == 'routed' else 'S'}{e.index}.{e.precision}.onnx"
     # every graph the plan runs is there: routed slots and shared experts at their device's precision
-    from hetrun.planner import Plan
+    from hetrun.placement.plan import Plan
 
     plan = Plan.from_dict(man.plan)
     have = {e.key for e in man.experts}
@@ -140,7 +140,7 @@ def test_load_aware_plan_with_replicas(tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["export", "tiny", "--profile", "mixed-demo", "-o", str(out), "--load", str(table), "--redundant", "4",
                  "--no-progress"]) == 0
-    from hetrun.planner import Plan
+    from hetrun.placement.plan import Plan
 
     man = verify(out)
     plan = Plan.from_dict(man.plan)
@@ -213,9 +213,9 @@ def test_export_is_reproducible(tmp_path):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    import hetrun.graphs
+    import hetrun.runtime.graphs
 
-    real, calls = hetrun.graphs.build_expert_graph, []
+    real, calls = hetrun.runtime.graphs.build_expert_graph, []
 
     def failing(w, precision="fp32", *args, **kwargs):
         calls.append(1)
@@ -223,7 +223,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if interrupted midway
         return real(w, precision, *args, **kwargs)
 
-    monkeypatch.setattr(hetrun.graphs, "build_expert_graph", failing)
+    monkeypatch.setattr(hetrun.runtime.graphs, "build_expert_graph", failing)
     with pytest.raises(KeyboardInterrupt):
         export("tiny", "mixed-demo", tmp_path / "b", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,6 @@ from hetrun.cli import main
 from hetrun.errors import BundleError
 
 
-
 def graph_file(root: Path, kind: str = "routed") -> str:
     """The bundle path of the first graph of a kind (routed or shared) in MoE layer 0 (the plan decides precisions)."""
     return sorted(e["path"] for e in json.loads((root / MANIFEST).read_text())["experts"]

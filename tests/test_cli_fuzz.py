@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hetrun.backends.registry import backend_names
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hetrun.bundle import MANIFEST, export
 from hetrun.cli import main
-from hetrun.profile import BACKEND_NAMES, PRECISIONS, device_catalog
+from hetrun.formats import PRECISIONS
+from hetrun.profile import device_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = dict(deadline=None, derandomize=True, database=None,
@@ -130,7 +132,7 @@ def bad_profiles(draw):
     elif how == "count-big":
         dev["count"] = draw(st.integers(min_value=100_001, max_value=10**30))
     elif how == "backend":
-        dev["backend"] = draw(st.one_of(NAMES.filter(lambda b: b not in BACKEND_NAMES), st.integers()))
+        dev["backend"] = draw(st.one_of(NAMES.filter(lambda b: b not in [*backend_names(), "auto"]), st.integers()))
     elif how == "precision":
         dev["precision"] = draw(NAMES.filter(lambda x: x not in PRECISIONS))
     elif how == "id-chars":

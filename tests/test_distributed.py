@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import hetrun
-from hetrun.distributed.layout import resolve_layout
+from hetrun.distributed.ranks import resolve_layout
 from hetrun.errors import ProfileError
-from hetrun.planner import Plan, simple_plan
-from hetrun.precision import plan_precisions
+from hetrun.placement.plan import Plan
+from hetrun.placement.planner import simple_plan
+from hetrun.placement.precisions import plan_precisions
 from hetrun.profile import load_profile
 from hetrun.tiny_models import FAMILY_SPECS
 from tests.conftest import FAMILIES
@@ -241,7 +242,7 @@ def test_torchrun_launch_prints_rank_stats_and_writes_one_merged_trace(tmp_path)
 
 def test_wrong_world_size_and_unavailable_collectives(ranks, tmp_path, caplog):
     from hetrun.distributed.collectives import choose_collective, probe_collective
-    from hetrun.distributed.layout import wanted_collective
+    from hetrun.distributed.ranks import wanted_collective
     from hetrun.errors import BackendUnavailable
 
     codes = ranks.run(2, tmp_path, "launch", ["--model", "tiny:olmoe", "--profile", "loopback-4"], deadline=60)

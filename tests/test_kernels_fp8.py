@@ -5,12 +5,11 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
+from hetrun.kernels.fp8 import FP8_FORMATS, Fp8Tensor, expand_block_scale, fake_quant_fp8, quantize_fp8
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
-
-from hetrun.kernels.fp8 import FP8_FORMATS, Fp8Tensor, expand_block_scale, fake_quant_fp8, quantize_fp8
 
 TORCH_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # OpenVINO's CPU plugin would otherwise compile for BF16 on this machine.

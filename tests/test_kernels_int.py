@@ -4,11 +4,10 @@ import onnx
 import onnxruntime as ort
 import openvino as ov
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from hetrun.kernels.gptq import gptq_quantize_int4
 from hetrun.kernels.int4 import Int4Tensor, int4_codes, int4_grid, quantize_int4, to_matmulnbits, to_onnx_int4
 from hetrun.kernels.int8 import quantize_int8
+from onnx import TensorProto, helper, numpy_helper
 
 # f32, or OpenVINO's CPU plugin compiles for BF16 on this machine; and no dynamic quantization:
 # with it on (the default for compressed weights), OpenVINO quantizes the activations to INT8 in

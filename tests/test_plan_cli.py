@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hetrun.cli import main
-from hetrun.planner import Plan
+from hetrun.placement.plan import Plan
 
 
 def run_cli(capsys, *argv):

@@ -10,9 +10,11 @@ import torch
 import hetrun
 from hetrun.errors import HetrunError, PlacementError, PrecisionError
 from hetrun.placement import eplb_policy, evaluate_placement, gpu_loads
-from hetrun.placement.costs import DeviceModel, predict, scale_load
+from hetrun.placement.device_model import DeviceModel, predict, scale_load
 from hetrun.placement.pins import parse_pin
-from hetrun.planner import Plan, eplb_baseline, plan, simple_plan
+from hetrun.placement.plan import Plan
+from hetrun.placement.planner import eplb_baseline, plan, simple_plan
+from hetrun.placement.rebalance import rebalance_plan
 from hetrun.profile import load_profile
 from hetrun.spec import MoESpec, RouterSpec
 
@@ -146,7 +148,7 @@ def test_predicted_memory_counts_weights_at_each_precision_and_reserved():
         got = p.predicted["devices"][dev.id]
         assert got["memory_used_bytes"] == pytest.approx(want)
         assert got["memory_used_bytes"] + got["memory_free_bytes"] == pytest.approx(dev.memory_bytes)
-    from hetrun.precision import expert_bytes
+    from hetrun.formats import expert_bytes
     assert model.expert_bytes[0] == expert_bytes("fp8", 7168, 2048)  # scales counted
     assert model.expert_bytes[8] == expert_bytes("fp16", 7168, 2048)
 
@@ -208,12 +210,12 @@ def test_rebalance_moves_at_most_k_and_reports_bytes():
     p = plan(R1_SHORT, MIXED, load=w, redundant_experts=24)
     new_w = w * rng.uniform(0.2, 3.0, w.shape)
     model = DeviceModel.from_dict(p.predicted["model"])
-    stay, zero = p.rebalance(new_w, max_moves=0)  # token shares re-split, no expert moves
+    stay, zero = rebalance_plan(p, new_w, max_moves=0)  # token shares re-split, no expert moves
     assert zero == 0 and (stay.phy2log == p.phy2log).all()
     old = predict(R1_SHORT, model, p.phy2log, p.device_of, p.share, p.shared_device_of,
                   scale_load(new_w, R1_SHORT, model.step_tokens))
     assert stay.predicted["step_time_s"] <= old["step_time_s"] * (1 + 1e-6)
-    q, moved = Plan.from_json(p.to_json()).rebalance(new_w, max_moves=6)  # the cost model travels with the plan
+    q, moved = rebalance_plan(Plan.from_json(p.to_json()), new_w, max_moves=6)  # the cost model travels with the plan
     changed = np.argwhere(q.phy2log != p.phy2log)
     assert 0 < len(changed) <= 6 and (q.device_of == p.device_of).all()
     gained = {(li, q.phy2log[li, s], q.device_of[li, s]) for li, s in changed} - \
@@ -227,10 +229,10 @@ def test_rebalance_moves_at_most_k_and_reports_bytes():
 
 def test_rebalance_of_a_simple_plan_needs_its_profile():
     p = simple_plan(TINY, "cpu")
-    q, _ = p.rebalance(np.arange(24, dtype=float).reshape(2, 12) + 1, max_moves=0)  # built-in profile by name
+    q, _ = rebalance_plan(p, np.arange(24, dtype=float).reshape(2, 12) + 1, max_moves=0)  # built-in profile by name
     assert q.predicted["step_time_s"] > 0
     with pytest.raises(PlacementError, match="other devices than the plan"):
-        p.rebalance(np.ones((2, 12)), max_moves=1, profile="mixed-demo")
+        rebalance_plan(p, np.ones((2, 12)), max_moves=1, profile="mixed-demo")
 
 
 def test_load_from_files_and_dispatch_stats(tmp_path):

@@ -7,13 +7,15 @@ import numpy as np
 import onnx
 import openvino as ov
 import pytest
+from hetrun.backends.registry import probe_backend, require_backend
+from hetrun.kernels.fp8 import fake_quant_fp8
 from onnx import TensorProto, helper
 
-from hetrun.backends.registry import probe_backend, require_backend
-from hetrun.bench_precision import cpu_backend, gaussian_expert
-from hetrun.graphs import FORMATS, ExpertWeights, _Builder, build_expert_graph
-from hetrun.kernels.fp8 import fake_quant_fp8
-from hetrun.profile import PRECISIONS, load_profile
+from hetrun.bench.precision import cpu_backend, gaussian_expert
+from hetrun.formats import FORMATS, PRECISIONS
+from hetrun.profile import load_profile
+from hetrun.runtime.graphs import _Builder, build_expert_graph
+from hetrun.runtime.weights import ExpertWeights
 
 RUNTIMES = ["onnxruntime", "openvino"]
 D, I = 256, 512
@@ -75,7 +77,6 @@ def test_int4_expert_error_is_the_formats_own(runtime, precision, expert):
     runtime's MatMulNBits against them). Through a SwiGLU expert the errors of gate, up and down compound: torch,
     running the expert in float64 on the same round-to-nearest weights, measures what the runtimes measure."""
     import torch
-
     from hetrun.kernels.int4 import quantize_int4
 
     require(runtime)

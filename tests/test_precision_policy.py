@@ -5,15 +5,18 @@ import logging
 
 import numpy as np
 import pytest
+from hetrun.backends.simulated import SimulatedBackend
 
 import hetrun
-from hetrun.backends.simulated import SimulatedBackend
+import hetrun.runtime.weights
 from hetrun.errors import PrecisionError
-from hetrun.graphs import FORMATS, build_expert_graph
-from hetrun.moe_weights import random_layer_weights
-from hetrun.planner import simple_plan
-from hetrun.precision import base_precision, device_precision, device_weight_bytes, expert_bytes, matrix_bytes, plan_precisions
+from hetrun.formats import FORMATS, base_precision, expert_bytes, matrix_bytes
+from hetrun.placement.plan import device_weight_bytes
+from hetrun.placement.planner import simple_plan
+from hetrun.placement.precisions import device_precision, plan_precisions
 from hetrun.profile import load_profile
+from hetrun.runtime.graphs import build_expert_graph
+from hetrun.runtime.weights import random_layer_weights
 from hetrun.spec import MoESpec
 from hetrun.tiny_models import tiny_model
 
@@ -78,7 +81,7 @@ def test_no_warning_without_fallback(caplog):
 @pytest.mark.parametrize("d,i", [(256, 512), (72, 48), (200, 300), (130, 33)])
 def test_matrix_bytes_agree_with_the_graphs(precision, d, i):
     rng = np.random.default_rng(0)
-    w = hetrun.graphs.ExpertWeights(*(rng.standard_normal(s).astype(np.float32) for s in [(i, d), (i, d), (d, i)]))
+    w = hetrun.runtime.weights.ExpertWeights(*(rng.standard_normal(s).astype(np.float32) for s in [(i, d), (i, d), (d, i)]))
     for target in ("onnxruntime", "openvino"):
         assert build_expert_graph(w, precision, target=target).weight_bytes == expert_bytes(precision, d, i)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hetrun.moe_weights import find_moe_blocks
-from hetrun.routing import route, router_logits
+from hetrun.runtime.routing import route, router_logits
+from hetrun.runtime.weights import find_moe_blocks
 from hetrun.spec import MoESpec
 from tests.conftest import FAMILIES
 

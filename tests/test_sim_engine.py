@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from hetrun.costmodel import Efficiency, expert_cost, op_seconds, roofline_seconds, transfer_seconds
 from hetrun.errors import HetrunError, PlacementError, ProfileError, WorkloadError
 from hetrun.profile import load_profile
+from hetrun.roofline import Efficiency, expert_seconds, op_seconds, transfer_seconds
 from hetrun.sim import simulate
 from hetrun.sim.comm import token_bytes
 from hetrun.sim.economics import kg_co2_per_million, usd_per_million
@@ -48,10 +48,10 @@ def test_roofline_takes_the_larger_of_compute_and_memory():
     dt = load_profile("all-h800").devices[0].type
     flops, nbytes = 1e12, 1e6
     want = dt.launch_overhead_us * 1e-6 + flops / (dt.peak_flops("fp8") * dt.compute_efficiency)
-    assert roofline_seconds(dt, "fp8", flops, nbytes) == pytest.approx(want)
+    assert op_seconds(dt, "fp8", flops, nbytes) == pytest.approx(want)
     e = Efficiency(0.5, 0.5, 0.0)
     assert op_seconds(dt, "fp8", 0.0, 3350e9 * 0.5, e) == pytest.approx(1.0)
-    assert expert_cost(dt, "fp8", 0, 7168, 2048, 44e6) == 0.0
+    assert expert_seconds(dt, "fp8", 0, 7168, 2048, 44e6) == 0.0
 
 
 def test_transfer_seconds_and_bad_link():
@@ -295,7 +295,7 @@ def test_decode_counts_are_even_on_identical_devices_and_capped_by_memory():
 
 
 def test_expert_budget_leaves_attention_devices_less_of_the_step():
-    from hetrun.sim.layout import expert_budget
+    from hetrun.sim.roles import expert_budget
     from hetrun.sim.settings import sim_settings
 
     prof = load_profile("gpu-xeon")

@@ -7,26 +7,27 @@ import importlib.machinery
 import logging
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+import tomllib
 import torch
-from onnx import TensorProto, helper, numpy_helper
-
-from hetrun.backends import ascend, nvidia, ov, registry
+from hetrun.backends import ascend, nvidia, registry
+from hetrun.backends import openvino as ov
 from hetrun.backends.base import Availability, BackendCaps
-from hetrun.backends.expert_weights import read_expert_matrices
+from hetrun.backends.graph_matrices import read_expert_matrices
 from hetrun.backends.torch_expert import DenseLinear, TorchExpertSession
-from hetrun.errors import BackendUnavailable
-from hetrun.graphs import ExpertWeights, build_expert_graph
 from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
 from hetrun.kernels.int8 import quantize_int8
+from onnx import TensorProto, helper, numpy_helper
+
+from hetrun.errors import BackendUnavailable
 from hetrun.profile import load_profile
+from hetrun.runtime.graphs import build_expert_graph
+from hetrun.runtime.weights import ExpertWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-# --- graphs whose weights are stored quantized, built like hetrun.graphs does it ------------------------------------
+# --- graphs whose weights are stored quantized, built like hetrun.runtime.graphs does it ------------------------------------
 
 def quantized_expert_graph(w: ExpertWeights, fmt: str, stored_transposed: bool = False) -> bytes:
     """SwiGLU expert with weights as DequantizeLinear(initializer): fp8 in 128x128 blocks or int8 per channel.
@@ -604,7 +605,7 @@ def test_onnxruntime_counts_as_a_gpu_backend_only_with_a_gpu(monkeypatch):
 
 
 def test_precision_follows_the_backend_auto_resolves_to(monkeypatch, caplog):
-    from hetrun.precision import device_precision
+    from hetrun.placement.precisions import device_precision
 
     ascend_machine(monkeypatch, torch_npu=False, libs=("libhccl.so", "libascend_hal.so"), cann_ep=True)
     narrow = BackendCaps("ascend", frozenset({"fp16"}), frozenset({"npu"}), True)

@@ -28,8 +28,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hetrun.bundle.manifest import (BUNDLE_FORMAT, FORMAT_VERSION, MANIFEST, ExpertEntry, FileEntry, Manifest,
-                                    ModelEntry, file_digest, needed_graphs)
+from hetrun.bundle.manifest import (
+    BUNDLE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ExpertEntry,
+    FileEntry,
+    Manifest,
+    ModelEntry,
+    file_digest,
+    needed_graphs,
+)
 from hetrun.errors import BundleError, HetrunError, SpecError
 from hetrun.profile import Profile, load_profile
 from hetrun.spec import SUPPORTED_FAMILIES, MoESpec
@@ -217,7 +226,7 @@ def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike"
     The bundle is written to a temporary directory beside `out` and renamed into place at the end, so an
     interrupted export never leaves a directory that `hetrun run` accepts. Returns the manifest.
     """
-    from hetrun.planner import plan as make_plan
+    from hetrun.placement.planner import plan as make_plan
 
     out = Path(out)
     _check_target(out, force)
@@ -248,7 +257,7 @@ def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile,
     import yaml
 
     from hetrun import __version__
-    from hetrun.moe_weights import find_moe_blocks
+    from hetrun.runtime.weights import find_moe_blocks
 
     blocks = find_moe_blocks(module)
     if len(blocks) != plan.num_layers:
@@ -281,7 +290,7 @@ def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile,
 
 
 def graph_targets(prof: Profile, plan) -> dict[str, str]:
-    """Device id -> the graph `target` its backend asks for (see hetrun.graphs.build_expert_graph).
+    """Device id -> the graph `target` its backend asks for (see hetrun.runtime.graphs.build_expert_graph).
 
     A backend that cannot be set up here (not installed, no device) gets its name as the target: standard ONNX.
     """
@@ -322,8 +331,8 @@ def _write_experts(w: _Writer, spec: MoESpec, plan, blocks, keys, name: str, pro
     import onnx
     from tqdm import tqdm
 
-    from hetrun import graphs
-    from hetrun.moe_weights import layer_weights_from_block
+    from hetrun.runtime import graphs
+    from hetrun.runtime.weights import layer_weights_from_block
 
     by_layer: dict[int, list] = {}
     for k in keys:

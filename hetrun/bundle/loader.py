@@ -8,11 +8,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hetrun.bundle.manifest import (Manifest, bundled_profile, check_bundle, manifest_plan, onnx_external_refs,
-                                    parse_onnx, read_file)
-from hetrun.dispatch import ExpertRuntime
+from hetrun.bundle.manifest import (
+    Manifest,
+    bundled_profile,
+    check_bundle,
+    manifest_plan,
+    onnx_external_refs,
+    parse_onnx,
+    read_file,
+)
 from hetrun.errors import BundleError, HetrunError
 from hetrun.profile import Profile, load_profile
+from hetrun.runtime.dispatch import ExpertRuntime
 
 log = logging.getLogger("hetrun")
 _warned: set[tuple[str, str]] = set()
@@ -77,7 +84,7 @@ class BundleRuntime(ExpertRuntime):
 
 def check_profile_fits(plan, profile: Profile) -> None:
     """Raise a one-line BundleError unless every device of the plan is in `profile` and runs the plan's precision."""
-    from hetrun.precision import device_precision
+    from hetrun.placement.precisions import device_precision
 
     have = {d.id: d for d in profile.devices}
     problems = []
@@ -164,8 +171,8 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     is accepted only if every device of the plan is in it and runs the plan's precision.
     The runtime is attached as `model.hetrun`, the manifest as `model.hetrun_manifest`.
     """
-    from hetrun.deployment import HetrunMoEBlock
-    from hetrun.moe_weights import MoELayerWeights, find_moe_blocks
+    from hetrun.runtime.deploy import HetrunMoEBlock
+    from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
     from hetrun.spec import MoESpec
 
     report = check_bundle(bundle_dir)

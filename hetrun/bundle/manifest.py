@@ -18,7 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hetrun.errors import BundleError, HetrunError
-from hetrun.profile import PRECISIONS, Profile, load_profile
+from hetrun.formats import PRECISIONS
+from hetrun.profile import Profile, load_profile
 
 BUNDLE_FORMAT = "hetrun-bundle"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ class FileEntry(_Strict):
 class ExpertEntry(_Strict):
     """One expert graph: which expert of which layer, at which precision, for which backend target.
 
-    `target` is what the backend's graph_target() asked for at export (hetrun.graphs.build_expert_graph); `meta`
+    `target` is what the backend's graph_target() asked for at export (hetrun.runtime.graphs.build_expert_graph); `meta`
     is the graph's meta (sizes the backend charges). Graphs of two targets that came out identical share a path.
     """
 
@@ -285,7 +286,7 @@ def _check_consistency(man: Manifest) -> None:
 
 def manifest_plan(man: Manifest):
     """The manifest's Plan, or a BundleError naming manifest.json."""
-    from hetrun.planner import Plan
+    from hetrun.placement.plan import Plan
 
     try:
         plan = Plan.from_dict(man.plan)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import pkgutil
 import sys
@@ -58,12 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _version() -> str:
     from hetrun import __version__
     return f"hetrun {__version__}"
-
-
-def print_json(obj) -> None:
-    """Write one JSON document to stdout (for --json)."""
-    json.dump(obj, sys.stdout, indent=2, default=float)
-    sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

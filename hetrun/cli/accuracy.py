@@ -14,8 +14,9 @@ import argparse
 import copy
 import dataclasses
 
-from hetrun.cli import Command, print_json
+from hetrun.cli import Command
 from hetrun.errors import HetrunError
+from hetrun.files import print_json
 
 # --model names: the tiny presets of hetrun.tiny_models ("tiny" is the DeepSeek-V3-style preset).
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
@@ -45,7 +46,7 @@ def _moe_inputs(model, ids) -> tuple[list, "object"]:
     """Hidden states [T, D] entering each MoE block (in model order), and the logits, of one forward pass."""
     import torch
 
-    from hetrun.moe_weights import find_moe_blocks
+    from hetrun.runtime.weights import find_moe_blocks
 
     seen, hooks = {}, []
     blocks = find_moe_blocks(model)
@@ -96,7 +97,7 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
                     tokens: int = 25, seed: int = 0, threads: int | None = None, weights: str = "trained") -> dict:
     """Accuracy of `model` deployed on `profile` against FP32, per device precision and end to end (see module doc)."""
     import hetrun
-    from hetrun.precision import device_weight_bytes
+    from hetrun.placement.plan import device_weight_bytes
     from hetrun.profile import load_profile
     from hetrun.tiny_models import markov_tokens, tiny_model, trained_tiny_model
 

@@ -10,11 +10,11 @@ from hetrun.errors import HetrunError
 
 # Benchmark name -> "module:function"; the function takes the remaining arguments and returns an exit code.
 BENCHMARKS = {
-    "precision": "hetrun.bench_precision:main",
-    "moe": "hetrun.bench_moe:main",
-    "placement": "hetrun.bench_placement:main",
-    "simulate": "hetrun.bench_simulate:main",
-    "distributed": "hetrun.bench_distributed:main",
+    "precision": "hetrun.bench.precision:main",
+    "moe": "hetrun.bench.moe:main",
+    "placement": "hetrun.bench.placement:main",
+    "simulate": "hetrun.bench.simulate:main",
+    "distributed": "hetrun.bench.distributed:main",
 }
 
 

@@ -7,10 +7,11 @@ import math
 import sys
 import time
 
-from hetrun.cli import Command, print_json
+from hetrun.cli import Command
 from hetrun.errors import BundleError, HetrunError
+from hetrun.files import print_json
+from hetrun.formats import PRECISIONS as PRECISION_CHOICES
 
-from hetrun.profile import PRECISIONS as PRECISION_CHOICES
 MAX_NEW_TOKENS = 4096
 MAX_FILES_SHOWN = 60  # `hetrun inspect` lists every file of smaller bundles, only the failing ones of larger
 

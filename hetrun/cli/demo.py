@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from hetrun.cli import Command, print_json
+from hetrun.cli import Command
+from hetrun.files import print_json
 
 
 def _add(p: argparse.ArgumentParser) -> None:

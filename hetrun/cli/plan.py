@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
-from hetrun.cli import Command, print_json
+from hetrun.cli import Command
 from hetrun.errors import HetrunError, SpecError
+from hetrun.files import print_json, write_atomic
 
 
 def _add(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hetrun.placement.loads import model_load
-    from hetrun.planner import eplb_baseline, plan
+    from hetrun.placement.planner import eplb_baseline, plan
     from hetrun.profile import load_profile
 
     for target in (args.output if args.output != "-" else None, args.heatmap):
@@ -78,9 +78,9 @@ def _run(args: argparse.Namespace) -> int:
                   step_tokens=args.step_tokens)
     eplb = eplb_baseline(result, load) if args.policy == "auto" else None
     if args.output != "-":
-        _write_atomic(args.output, result.to_json().encode())
+        write_atomic(args.output, result.to_json())
     if args.heatmap:
-        _write_atomic(args.heatmap, heatmap_png(result, load))
+        write_atomic(args.heatmap, heatmap_png(result, load))
     summary = _summary(result, eplb, args)
     if args.json:
         print_json(summary)
@@ -148,7 +148,7 @@ def heatmap_png(result, load=None) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from hetrun.placement.costs import scale_load
+    from hetrun.placement.device_model import scale_load
 
     spec = result.spec
     L, E, D = result.num_layers, spec.num_experts, len(result.device_ids)
@@ -179,25 +179,6 @@ def heatmap_png(result, load=None) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise HetrunError(f"cannot write '{path}': folder '{folder}' does not exist")
-    fd, tmp = tempfile.mkstemp(dir=str(folder), prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise HetrunError(f"cannot write '{path}': {e.strerror}") from None
 
 
 COMMANDS = {

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from hetrun.cli import Command, print_json
+from hetrun.cli import Command
 from hetrun.errors import HetrunError
+from hetrun.files import print_json
 
 DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
 
@@ -41,7 +42,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _outputs(results, comparison, args, title: str) -> None:
-    from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict, write_atomic
+    from hetrun.files import write_atomic
+    from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict
 
     rows = [r.row for r in results]
     if args.csv:
@@ -89,8 +91,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _fleet(args, r) -> dict:
     from hetrun.sim import simulate
-    from hetrun.sim.economics import (DEEPSEEK_FLEET, DEEPSEEK_R1_PRICE, daily_revenue, fleet_cost_per_day,
-                                      fleet_for_volume)
+    from hetrun.sim.economics import (
+        DEEPSEEK_FLEET,
+        DEEPSEEK_R1_PRICE,
+        daily_revenue,
+        fleet_cost_per_day,
+        fleet_for_volume,
+    )
     from hetrun.sim.workload import DEEPSEEK_DAY
 
     pre = r
@@ -159,7 +166,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from hetrun.calibrate import calibrate
+    from hetrun.calibrate.run import calibrate
 
     backends = tuple(x for x in args.backends.split(",") if x)
     precisions = tuple(x for x in args.precisions.split(",") if x)
@@ -196,7 +203,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.validate:  # in a fresh process: calibration's hundreds of sessions leave this one slower (10-20% here)
         import subprocess
 
-        cmd = [sys.executable, "-m", "hetrun.bench_simulate", "accuracy", str(path)]
+        cmd = [sys.executable, "-m", "hetrun.bench.simulate", "accuracy", str(path)]
         cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quick"] if args.quick else [])
         sys.stdout.flush()
         subprocess.run(cmd, check=False)

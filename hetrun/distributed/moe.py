@@ -20,16 +20,16 @@ import time
 import numpy as np
 import torch
 
-from hetrun.dispatch import ExpertRuntime, MoELayer
-from hetrun.distributed.layout import RankLayout, resolve_layout
+from hetrun.distributed.ranks import RankLayout, resolve_layout
 from hetrun.distributed.stats import RankStats
 from hetrun.distributed.trace import Tracer
 from hetrun.distributed.world import RankFailure, World, join_world
 from hetrun.errors import HetrunError, PlacementError
-from hetrun.moe_weights import MoELayerWeights
-from hetrun.planner import Plan
+from hetrun.placement.plan import Plan
 from hetrun.profile import Profile, load_profile
-from hetrun.routing import route, router_logits
+from hetrun.runtime.dispatch import ExpertRuntime, MoELayer
+from hetrun.runtime.routing import route, router_logits
+from hetrun.runtime.weights import MoELayerWeights
 
 log = logging.getLogger("hetrun")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from hetrun.distributed.collectives import buffer_device, choose_collective
-from hetrun.distributed.layout import RankLayout, wanted_collective
+from hetrun.distributed.ranks import RankLayout, wanted_collective
 from hetrun.errors import HetrunError, ProfileError
 from hetrun.profile import Profile
 

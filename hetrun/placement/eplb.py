@@ -2,7 +2,7 @@
 
 Same signature, return values and slot convention as DeepSeek's ``eplb.rebalance_experts``:
 physical slot ``r`` lives on GPU ``r // (num_replicas // num_gpus)`` and GPUs are numbered
-node by node. It assumes identical GPUs; ``hetrun.placement.solver`` handles mixed ones.
+node by node. It assumes identical GPUs; ``hetrun.placement.search`` handles mixed ones.
 
 Load tables: a layer whose load row is all zero is placed as if its load were uniform; a table
 that is zero everywhere is rejected, because there is nothing to balance.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from hetrun.errors import PlacementError
+from hetrun.placement.loads import load_matrix
 
 
 def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
@@ -41,7 +42,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 def eplb_policy(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
                 policy: str = "hierarchical"):
     """``rebalance_experts`` with the policy forced: "hierarchical" or "global"."""
-    w = check_load(weight)  # [L, E]
+    w = load_matrix(weight)  # [L, E]
     if policy not in ("hierarchical", "global"):
         raise PlacementError(f"unknown EPLB policy {policy!r}; use 'hierarchical' or 'global'")
     _check_sizes(w.shape[1], num_replicas, num_groups, num_nodes, num_gpus, policy == "hierarchical")
@@ -66,26 +67,6 @@ def gpu_loads(weight, phy2log, num_gpus: int, cost=None) -> np.ndarray:
     per_slot = w[rows, p2l] / cnt[rows, p2l]  # [L, R]
     loads = per_slot.reshape(w.shape[0], num_gpus, -1).sum(-1)  # [L, G]
     return loads if cost is None else loads * np.asarray(cost, dtype=np.float64)
-
-
-def check_load(weight, uniform_zero_rows: bool = True) -> np.ndarray:
-    """[L, E] float64 copy of a load table, or PlacementError saying what is wrong with it.
-
-    Rows that are zero everywhere become uniform when ``uniform_zero_rows`` (a layer without
-    statistics is placed as if all experts were equally hot); a table that is zero everywhere
-    is rejected."""
-    if hasattr(weight, "detach"):
-        weight = weight.detach().cpu().numpy()
-    w = np.array(weight, dtype=np.float64)
-    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-        raise PlacementError(f"expert load must be a non-empty [layers, experts] table, got shape {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise PlacementError("expert load has negative, NaN or infinite entries; pass token counts >= 0")
-    if not w.any():
-        raise PlacementError("expert load is zero everywhere; record routing statistics first or pass a uniform load")
-    if uniform_zero_rows:
-        w[~w.any(axis=1)] = 1.0
-    return w
 
 
 def _check_sizes(num_experts: int, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,

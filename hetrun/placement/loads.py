@@ -36,7 +36,7 @@ def read_load(source) -> np.ndarray:
     return table
 
 
-def check_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np.ndarray:
+def check_model_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np.ndarray:
     """`table` as [L, E] float64 after checking it fits `spec` and holds finite token counts >= 0, not all zero."""
     L, E = spec.num_moe_layers, spec.num_experts
     w = np.asarray(table, dtype=np.float64)
@@ -58,12 +58,33 @@ def check_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np
     return w
 
 
+def load_matrix(weight, uniform_zero_rows: bool = True) -> np.ndarray:
+    """[L, E] float64 copy of a load table, or PlacementError saying what is wrong with it.
+
+    Rows that are zero everywhere become uniform when ``uniform_zero_rows`` (a layer without
+    statistics is placed as if all experts were equally hot); a table that is zero everywhere
+    is rejected."""
+    if hasattr(weight, "detach"):
+        weight = weight.detach().cpu().numpy()
+    w = np.array(weight, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise PlacementError(f"expert load must be a non-empty [layers, experts] table, got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise PlacementError("expert load has negative, NaN or infinite entries; pass token counts >= 0")
+    if not w.any():
+        raise PlacementError("expert load is zero everywhere; record routing statistics first or pass a uniform load")
+    if uniform_zero_rows:
+        w[~w.any(axis=1)] = 1.0
+    return w
+
+
+
 def model_load(source, spec: MoESpec) -> np.ndarray | None:
     """The checked [L, E] table of `source` for `spec`, or None (uniform) when `source` is None."""
     if source is None:
         return None
     where = f"load table '{source}'" if isinstance(source, (str, os.PathLike)) else "load table"
-    return check_load(read_load(source), spec, where)
+    return check_model_load(read_load(source), spec, where)
 
 
 def _read_file(p: Path) -> np.ndarray:

@@ -10,6 +10,7 @@ queueing), economics ($, J, CO2), run (simulate/compare), report (table, JSON, C
 """
 
 from hetrun.sim.run import Comparison, SimResult, compare, simulate
-from hetrun.sim.workload import PRESETS as WORKLOADS, LengthDist, Workload, load_workload
+from hetrun.sim.workload import PRESETS as WORKLOADS
+from hetrun.sim.workload import LengthDist, Workload, load_workload
 
 __all__ = ["Comparison", "LengthDist", "SimResult", "WORKLOADS", "Workload", "compare", "load_workload", "simulate"]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetrun.costmodel import transfer_seconds
 from hetrun.errors import ProfileError
 from hetrun.profile import LinkSpec
-from hetrun.sim.layout import Layout
+from hetrun.roofline import transfer_seconds
+from hetrun.sim.roles import Layout
 from hetrun.sim.settings import dtype_bytes
 
 

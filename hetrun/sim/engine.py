@@ -20,14 +20,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetrun.costmodel import op_seconds
 from hetrun.errors import HetrunError, PlacementError
-from hetrun.precision import expert_bytes
+from hetrun.formats import expert_bytes
 from hetrun.profile import Profile
+from hetrun.roofline import op_seconds
 from hetrun.sim.comm import Links, alltoall_seconds, device_links, token_bytes, traffic
-from hetrun.sim.layout import Layout, attention_line, attention_speed, build_layout, equal_time_requests, fixed_bytes
-from hetrun.sim.operators import (attention_decode_ops, attention_prefill_ops, embedding_ops, expert_elementwise_op,
-                                  grouped_expert_op, kv_bytes_per_token, layer_misc_ops, stage_seconds, swiglu_ops)
+from hetrun.sim.operators import (
+    attention_decode_ops,
+    attention_prefill_ops,
+    embedding_ops,
+    expert_elementwise_op,
+    grouped_expert_op,
+    kv_bytes_per_token,
+    layer_misc_ops,
+    stage_seconds,
+    swiglu_ops,
+)
+from hetrun.sim.roles import Layout, attention_line, attention_speed, build_layout, equal_time_requests, fixed_bytes
 from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff, sim_settings
 from hetrun.sim.workload import Workload
 from hetrun.spec import MoESpec

@@ -2,7 +2,7 @@
 
 Attention covers MLA (DeepSeek-V2/V3: low-rank Q and KV, decode with the absorbed up-projections, prefill with
 the KV up-projection expanded over the whole context) and GQA. Everything returns plain numbers or numpy
-arrays; `stage_seconds` turns a list of `Op` into device time with the roofline of hetrun.costmodel.
+arrays; `stage_seconds` turns a list of `Op` into device time with the roofline of hetrun.roofline.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetrun.costmodel import ACTIVATION_BYTES, Efficiency, op_seconds
-from hetrun.precision import expert_bytes, matrix_bytes
+from hetrun.formats import activation_bytes, expert_bytes, matrix_bytes
 from hetrun.profile import DeviceType
+from hetrun.roofline import Efficiency, op_seconds
 from hetrun.spec import MoESpec
 
 
@@ -41,7 +41,7 @@ def stage_seconds(ops: list[Op], device: DeviceType, eff: dict[str, Efficiency])
 
 def _gemm(name: str, precision: str, tokens: float, k: int, n: int, apply_tokens: float | None = None) -> Op:
     """x [tokens, k] @ W [k, n]: weights read once, activations in and out."""
-    a = ACTIVATION_BYTES[precision]
+    a = activation_bytes(precision)
     t = tokens if apply_tokens is None else apply_tokens
     return Op(name, "gemm", precision, 2.0 * t * k * n, matrix_bytes(precision, n, k) + a * t * (k + n) * 1.0)
 
@@ -126,7 +126,7 @@ def swiglu_ops(name: str, precision: str, tokens: float, hidden: int, intermedia
     """`copies` SwiGLU MLPs of one shape on the same tokens (gate+up fused, then down)."""
     if copies == 0 or intermediate == 0:
         return []
-    a = ACTIVATION_BYTES[precision]
+    a = activation_bytes(precision)
     flops = 6.0 * tokens * hidden * intermediate * copies
     moved = copies * (expert_bytes(precision, hidden, intermediate) + a * tokens * (2 * hidden + 3 * intermediate))
     return [Op(name, "gemm", precision, flops, moved, kernels=3.0)]
@@ -142,7 +142,7 @@ def layer_misc_ops(spec: MoESpec, precision: str, tokens: float, moe: bool, kern
     layers the weighted sum of the top-k expert outputs that comes back from the combine. Plus the router.
     """
     d, a = spec.hidden_size, spec.attention
-    quant = ACTIVATION_BYTES[precision] < 2
+    quant = activation_bytes(precision) < 2
     qz = (lambda n: 3.0 * n) if quant else (lambda n: 0.0)  # quantize: read BF16, write 8-bit
     per_token = 6.0 * d + qz(d)  # residual add + input RMSNorm, quantize for the projections
     per_ctx = 0.0
@@ -174,7 +174,7 @@ def layer_misc_ops(spec: MoESpec, precision: str, tokens: float, moe: bool, kern
 def expert_elementwise_op(precision: str, rows, hidden: int, intermediate: int, dispatch_bytes: float) -> Op:
     """Kernels around a device's grouped expert GEMMs for `rows` routed pairs: arranging the received rows
     by expert, SwiGLU activation (+ quantize), and reading the outputs out for the combine."""
-    quant = ACTIVATION_BYTES[precision] < 2
+    quant = activation_bytes(precision) < 2
     per_row = 2.0 * hidden * dispatch_bytes + 4.0 * intermediate + (1.0 if quant else 2.0) * intermediate \
         + 2.0 * hidden
     return Op("expert_elementwise", "elementwise", "bf16", 0.0, per_row * np.asarray(rows, dtype=np.float64),
@@ -190,7 +190,7 @@ def embedding_ops(spec: MoESpec, tokens: float, head_tokens: float) -> list[Op]:
 
 def grouped_expert_op(precision: str, rows, active_experts, hidden: int, intermediate: int) -> Op:
     """One grouped GEMM over a device's experts: `rows` token-expert pairs over `active_experts` weight sets."""
-    a = ACTIVATION_BYTES[precision]
+    a = activation_bytes(precision)
     flops = 6.0 * np.asarray(rows, dtype=np.float64) * hidden * intermediate
     moved = active_experts * expert_bytes(precision, hidden, intermediate) + a * rows * (2 * hidden + 3 * intermediate)
     return Op("experts", "gemm", precision, flops, moved, kernels=4.0)

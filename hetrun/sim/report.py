@@ -9,9 +9,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -123,26 +120,6 @@ def report_dict(results: list[SimResult], comparison: Comparison | None = None) 
         out["hexgen"] = comparison.hexgen
         out["statements"] = comparison.statements
     return _finite_only(out)
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a file through a temporary file and os.replace."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise HetrunError(f"cannot write '{path}': folder '{path.parent}' does not exist")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent or "."), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise HetrunError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -14,8 +14,13 @@ import numpy as np
 
 from hetrun.errors import HetrunError
 from hetrun.profile import Profile, load_profile
-from hetrun.sim.economics import (DEEPSEEK_R1_PRICE, ApiPrice, kg_co2_per_million, profile_price_per_hour,
-                                  usd_per_million)
+from hetrun.sim.economics import (
+    DEEPSEEK_R1_PRICE,
+    ApiPrice,
+    kg_co2_per_million,
+    profile_price_per_hour,
+    usd_per_million,
+)
 from hetrun.sim.engine import PhaseResult, StepModel
 from hetrun.sim.workload import Workload, load_workload
 from hetrun.spec import MoESpec

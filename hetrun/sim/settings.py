@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hetrun.costmodel import DTYPE_BYTES, Efficiency
 from hetrun.errors import ProfileError
+from hetrun.formats import DTYPE_BYTES
 from hetrun.profile import DeviceType, Profile
+from hetrun.roofline import Efficiency
 
 
 class _Strict(BaseModel):

@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from hetrun.graphs import FORMATS
+    from hetrun.formats import FORMATS
 
     p = _Parser(prog="hetrun bench precision", description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024, help="expert hidden size D (default 1024, Mixtral-bench)")
@@ -54,7 +54,7 @@ def _csv(text: str, kind=str) -> list:
 
 def gaussian_expert(hidden: int, intermediate: int, seed: int = 0):
     """A SwiGLU expert with Gaussian weights scaled by 1/sqrt(fan-in)."""
-    from hetrun.graphs import ExpertWeights
+    from hetrun.runtime.weights import ExpertWeights
 
     rng = np.random.default_rng(seed)
     return ExpertWeights((rng.standard_normal((intermediate, hidden)) / np.sqrt(hidden)).astype(np.float32),
@@ -105,7 +105,8 @@ def run_bench(hidden: int = 1024, intermediate: int = 2816, tokens=DEFAULT_TOKEN
               progress=None) -> dict:
     """Measure every (runtime, precision) expert graph; see the module docstring. Returns a JSON-able dict."""
     from hetrun.backends.registry import probe_backend
-    from hetrun.graphs import FORMATS, build_expert_graph
+    from hetrun.formats import FORMATS
+    from hetrun.runtime.graphs import build_expert_graph
 
     precisions = list(precisions or FORMATS)
     if "bf16" not in precisions:
@@ -188,8 +189,8 @@ def _print(report: dict, bandwidth: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hetrun bench precision`."""
-    from hetrun.cli import print_json
     from hetrun.errors import HetrunError
+    from hetrun.files import print_json
     from hetrun.profile import device_catalog
 
     args = _parser().parse_args(argv)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from hetrun.dispatch import ExpertRuntime, MoELayer
 from hetrun.errors import HetrunError, SpecError
-from hetrun.moe_weights import model_layer_weights
-from hetrun.planner import Plan
-from hetrun.planner import plan as make_plan
+from hetrun.placement.plan import Plan
+from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
+from hetrun.runtime.dispatch import ExpertRuntime, MoELayer
+from hetrun.runtime.weights import model_layer_weights
 from hetrun.spec import MoESpec
 
 

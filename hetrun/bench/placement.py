@@ -59,7 +59,8 @@ def timed(fn, repeat: int):
 
 
 def r1_cases(args) -> list[dict]:
-    from hetrun.planner import eplb_baseline, plan
+    from hetrun.placement.planner import eplb_baseline, plan
+    from hetrun.placement.rebalance import rebalance_plan
     from hetrun.spec import MoESpec
 
     spec = MoESpec.from_preset("deepseek-r1")
@@ -81,14 +82,14 @@ def r1_cases(args) -> list[dict]:
                "eplb_ms": eplb["step_time_s"] * 1e3, "eplb_slots": eplb["slots"],
                "routed_ms": pr["routed_step_time_s"] * 1e3, "eplb_routed_ms": eplb["routed_step_time_s"] * 1e3}
         if args.rebalance:
-            (_, moved), rb, _ = timed(lambda: p.rebalance(drifted, max_moves=32), 1)
+            (_, moved), rb, _ = timed(lambda: rebalance_plan(p, drifted, max_moves=32), 1)
             row.update({"rebalance32_s": rb, "rebalance_bytes": moved})
         rows.append(row)
     return rows
 
 
 def readme_case() -> dict:
-    from hetrun.planner import plan
+    from hetrun.placement.planner import plan
     from hetrun.spec import MoESpec
 
     spec = MoESpec.from_preset("tiny").replace(num_shared_experts=0, shared_intermediate_size=0)  # 2 x 12, 4 groups
@@ -110,7 +111,7 @@ def gpu_max_over_mean(p, w: np.ndarray) -> np.ndarray:
 
 def zipf_identical_cases(seeds: int) -> list[dict]:
     from hetrun.placement.eplb import eplb_policy, gpu_loads
-    from hetrun.planner import plan
+    from hetrun.placement.planner import plan
     from hetrun.spec import MoESpec, RouterSpec
 
     rows = []

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from hetrun.backends.base import ExpertSession
 from hetrun.backends.registry import require_backend, resolve_backend
+
 from hetrun.errors import HetrunError, PlacementError
-from hetrun.graphs import build_expert_graph
-from hetrun.moe_weights import MoELayerWeights
-from hetrun.planner import Plan
+from hetrun.placement.plan import Plan
 from hetrun.profile import Device, Profile, load_profile
-from hetrun.routing import route, router_logits
+from hetrun.runtime.graphs import build_expert_graph
+from hetrun.runtime.routing import route, router_logits
+from hetrun.runtime.weights import MoELayerWeights
 
 log = logging.getLogger("hetrun")
 
@@ -153,7 +153,7 @@ class MoELayer:
         stats = self.runtime.stats
         t0 = time.perf_counter()
         x = hidden.detach().float().contiguous()  # [T, D]
-        t, k = x.shape[0], self.router.top_k
+        k = self.router.top_k
         logits = router_logits(x.to(hidden.dtype), self.weights.gate.to(hidden.dtype), self.router)  # [T, E]
         ids, weights = route(logits, self.router, self.weights.correction_bias)  # [T, K], [T, K]
         slots = self.slots_for(ids)  # [T*K]

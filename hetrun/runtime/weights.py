@@ -1,4 +1,4 @@
-"""The weights of each MoE layer: read from a transformers model, or drawn at random for a spec."""
+"""Expert and MoE-layer weights in hetrun's layout: read from a transformers model, or drawn at random for a spec."""
 
 from __future__ import annotations
 
@@ -8,8 +8,30 @@ import numpy as np
 import torch
 
 from hetrun.errors import SpecError
-from hetrun.graphs import ExpertWeights
 from hetrun.spec import MoESpec
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's weights as the model stores them (nn.Linear layout: [out, in])."""
+
+    gate: np.ndarray  # [I, D]
+    up: np.ndarray  # [I, D]
+    down: np.ndarray  # [D, I]
+
+    @property
+    def hidden(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[0]
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """FP32 numpy reference output [N, D] for x [N, D]."""
+        g = x @ self.gate.T  # [N, I]
+        u = x @ self.up.T  # [N, I]
+        return ((g / (1.0 + np.exp(-g))) * u) @ self.down.T  # [N, D]
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetrun.costmodel import ACTIVATION_BYTES, op_seconds
 from hetrun.errors import HetrunError, PlacementError, PrecisionError, ProfileError
-from hetrun.planner import Plan
-from hetrun.precision import expert_bytes
+from hetrun.formats import activation_bytes, expert_bytes
+from hetrun.placement.plan import Plan
+from hetrun.placement.precisions import device_precision
 from hetrun.profile import Device, Profile
-from hetrun.sim.operators import (attention_block_bytes, attention_decode_ops, layer_misc_ops, shared_expert_bytes,
-                                  stage_seconds)
+from hetrun.roofline import op_seconds
+from hetrun.sim.operators import (
+    attention_block_bytes,
+    attention_decode_ops,
+    layer_misc_ops,
+    shared_expert_bytes,
+    stage_seconds,
+)
 from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff
 from hetrun.spec import MoESpec
 
@@ -71,15 +77,6 @@ class Layout:
         return np.nonzero(self.is_expert)[0]
 
 
-def device_precision(device: Device, override: str | None = None) -> str:
-    """The simulated device's matmul precision: the profile's explicit one, else the device's best."""
-    p = override or device.precision or device.type.precisions[0]
-    if p not in device.type.precisions:
-        raise PrecisionError(f"device '{device.id}' ({device.type.name}) has no {p}; it supports "
-                             f"{', '.join(device.type.precisions)}")
-    return p
-
-
 def _role_mask(profile: Profile, groups: list[str] | None) -> np.ndarray:
     if groups is None:
         return np.ones(len(profile.devices), dtype=bool)
@@ -89,7 +86,7 @@ def _role_mask(profile: Profile, groups: list[str] | None) -> np.ndarray:
 def expert_seconds_per_token(spec: MoESpec, device: Device, precision: str, settings: SimSettings,
                              rows: float = 256.0) -> float:
     """Seconds per routed token for one expert on `device` at a typical batch of `rows` tokens."""
-    a = ACTIVATION_BYTES[precision]
+    a = activation_bytes(precision)
     d, i = spec.hidden_size, spec.moe_intermediate_size
     t = op_seconds(device.type, precision, 6.0 * rows * d * i,
                    expert_bytes(precision, d, i) + a * rows * (2 * d + 3 * i), gemm_eff(settings, device.type))
@@ -207,7 +204,7 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
             raise ProfileError(f"profile '{profile.name}': slots_per_device add up to {out.sum()} slots per layer, "
                                f"but {E} experts + {settings.redundant_experts} redundant need {R}; fix one of them")
         return out
-    from hetrun.placement.solver import choose_slots
+    from hetrun.placement.search import choose_slots
 
     cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
     if cap.sum() < R:
@@ -221,7 +218,7 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
 
 def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> tuple[Plan, str]:
     devs = profile.devices
-    L, E, S = spec.num_moe_layers, spec.num_experts, spec.num_shared_experts
+    L, S = spec.num_moe_layers, spec.num_shared_experts
     slots = _slots(spec, profile, settings, is_att, is_exp, prec, budget)
     load = popularity * 1e6  # [L, E] tokens in proportion to popularity
     ids = np.nonzero(slots)[0]
@@ -236,7 +233,7 @@ def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> 
         if p is not None:
             return p, "hetrun.planner.plan"
 
-    from hetrun.placement.solver import solve_placement
+    from hetrun.placement.search import solve_placement
 
     cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
     node_of = np.array([devs[i].node for i in ids])
@@ -265,7 +262,7 @@ _planner_warned: set[str] = set()
 def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
     """The planner's Plan for this profile, with the memory the simulation keeps on each device (attention
     weights, shared experts, workspace and KV headroom) passed as reserved_gb; None when it cannot place it."""
-    from hetrun.planner import plan as planner_plan
+    from hetrun.placement.planner import plan as planner_plan
 
     data = profile.model.model_dump()
     for g in data["devices"]:

@@ -2,15 +2,15 @@
 this host against one process; the all-to-all share of step time and the bytes moved, against the prediction for
 the same plan on the calibrated loopback link (profiles/loopback-2.yaml, loopback-4.yaml).
 
-    python -m hetrun.bench_distributed                 # 1 process vs 2 and 4 ranks, both dense layouts
-    python -m hetrun.bench_distributed --calibrate     # first fit the loopback link (gloo over 127.0.0.1)
+    python -m hetrun.bench.distributed                 # 1 process vs 2 and 4 ranks, both dense layouts
+    python -m hetrun.bench.distributed --calibrate     # first fit the loopback link (gloo over 127.0.0.1)
 
 Ranks start with torchrun (torch.distributed.run). Every rank routes the same hidden states: with dense parts on
 every rank (DP-attention + EP) rank r takes tokens [r*T/W, (r+1)*T/W); with dense parts on rank 0 it takes them all.
 The prediction routes the same tokens, counts the rows each rank sends and receives, and charges
   count exchange: link latency;  dispatch, combine: latency + max(sent, received) bytes / (bandwidth x efficiency)
   (hetrun.sim.comm.alltoall_seconds when the simulator is installed, the same formula otherwise);
-  experts: hetrun.costmodel.expert_cost on the profile's device type per local slot, summed per rank.
+  experts: hetrun.roofline.expert_seconds on the profile's device type per local slot, summed per rank.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _setup(profile, tokens: int, precision: str):
     """Spec, plan (round robin over the profile's devices), layer weights and hidden states [T, D]."""
     import torch
 
-    from hetrun.moe_weights import random_layer_weights
-    from hetrun.planner import simple_plan
+    from hetrun.placement.planner import simple_plan
+    from hetrun.runtime.weights import random_layer_weights
     from hetrun.spec import MoESpec
 
     spec = MoESpec.from_preset(SPEC)
@@ -74,7 +74,7 @@ def one_process(profile_name: str, tokens: int, reps: int, warmup: int, precisio
     """Median step time of the whole layer in one process (every device here), and its expert share."""
     import torch
 
-    from hetrun.dispatch import ExpertRuntime
+    from hetrun.runtime.dispatch import ExpertRuntime
 
     profile = _profile(profile_name)
     spec, plan, weights, hidden = _setup(profile, tokens, precision)
@@ -99,9 +99,9 @@ def worker(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from hetrun.distributed.files import write_atomic
     from hetrun.distributed.moe import distributed_runtime
     from hetrun.distributed.world import current_world
+    from hetrun.files import write_atomic
 
     torch.set_num_threads(1)
     profile = _profile(args.profile, args.dense)
@@ -163,10 +163,10 @@ def calibrate_worker(args) -> int:
     import torch.distributed as dist
 
     from hetrun.backends.registry import require_backend
-    from hetrun.distributed.files import write_atomic
-    from hetrun.distributed.layout import resolve_layout
+    from hetrun.distributed.ranks import resolve_layout
     from hetrun.distributed.world import join_world
-    from hetrun.graphs import build_expert_graph
+    from hetrun.files import write_atomic
+    from hetrun.runtime.graphs import build_expert_graph
 
     torch.set_num_threads(1)
     profile = _profile(args.profile)
@@ -222,7 +222,7 @@ def calibrated_profile(name: str, cal: dict):
     Every rank gets a device type of its own (ranks differ: OpenVINO and onnxruntime run the same expert at
     different speeds), scaled from the profile's type by the rate measured on that rank.
     """
-    from hetrun.distributed.layout import resolve_layout
+    from hetrun.distributed.ranks import resolve_layout
     from hetrun.profile import load_profile
 
     prof = load_profile(name)
@@ -251,12 +251,11 @@ def calibrated_profile(name: str, cal: dict):
 
 def predict(profile_name, dense: str, tokens: int, precision: str) -> dict:
     """Step time, all-to-all share and bytes the cost model gives for this plan, tokens and loopback link."""
-    import torch
 
-    from hetrun.costmodel import expert_cost
-    from hetrun.distributed.layout import resolve_layout
-    from hetrun.graphs import build_expert_graph
-    from hetrun.routing import route, router_logits
+    from hetrun.distributed.ranks import resolve_layout
+    from hetrun.roofline import expert_seconds
+    from hetrun.runtime.graphs import build_expert_graph
+    from hetrun.runtime.routing import route, router_logits
 
     profile = _profile(profile_name, dense)
     layout = resolve_layout(profile)
@@ -284,7 +283,7 @@ def predict(profile_name, dense: str, tokens: int, precision: str) -> dict:
     compute = np.zeros(w)
     for r_slot, n in enumerate(per_slot.tolist()):
         dev = profile.group(plan.device_ids[plan.device_of[0][r_slot]])[0]
-        compute[slot_rank[r_slot]] += expert_cost(dev.type, precision, n, spec.hidden_size, spec.moe_intermediate_size,
+        compute[slot_rank[r_slot]] += expert_seconds(dev.type, precision, n, spec.hidden_size, spec.moe_intermediate_size,
                                                   graph.weight_bytes, 4.0 if precision == "fp32" else 2.0)
     step = header + 2 * float(a2a.max()) + float(compute.max())
     return {"step_s": step, "a2a_s": 2 * float(a2a.max()), "header_s": header, "expert_s": float(compute.max()),
@@ -314,7 +313,7 @@ def _alltoall_seconds(links, sent, received, token_bytes: float) -> np.ndarray:
 
 def _torchrun(world: int, argv: list[str], timeout: float) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           "-m", "hetrun.bench_distributed", *argv]
+           "-m", "hetrun.bench.distributed", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -389,12 +388,12 @@ def _print(result: dict) -> None:
               "all_to_all_single; (incl. wait) = the largest a2a share of any rank, waiting for that rank included; "
               "counts = the per-step token-count all_gather; MB/step = bytes between ranks, both directions.")
         print(f"predicted: {result['runs'][0]['predicted']['model']} on the loopback link, "
-              "hetrun.costmodel.expert_cost on its device type, same plan and tokens; 1-proc: every device in one "
+              "hetrun.roofline.expert_seconds on its device type, same plan and tokens; 1-proc: every device in one "
               "process, best of 1 and all threads per session.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetrun.bench_distributed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hetrun.bench.distributed", description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,4", help="world sizes to run, comma-separated")
     p.add_argument("--dense", default="every_rank,rank0", help="dense layouts: every_rank, rank0 or both")
     p.add_argument("--tokens", type=int, default=512)
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print(result)
     if args.json:
-        from hetrun.distributed.files import write_atomic
+        from hetrun.files import write_atomic
 
         write_atomic(args.json, json.dumps(result, indent=1))
     return 0

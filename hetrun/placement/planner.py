@@ -1,14 +1,14 @@
 """The Plan: for every MoE layer, which physical expert slots exist, where each lives, and each device's precision.
 
 `plan()` makes one from a model shape, a hardware profile and, optionally, a measured load table:
-1. precision per device: hetrun.precision.plan_precisions (an explicit request a device cannot run is an error; a
+1. precision per device: hetrun.placement.precisions.plan_precisions (an explicit request a device cannot run is an error; a
    device whose backend cannot run its preferred precision falls back with one warning);
 2. cost per routed token on each device, compute at its precision plus its share of all-to-all traffic, and the
-   memory each expert takes there (hetrun.placement.costs);
+   memory each expert takes there (hetrun.placement.device_model);
 3. pins (hetrun.placement.pins) turn into a mask of where each expert may go;
 4. slots per device and layer: as many as speed warrants, capped by memory (`choose_slots`), more where pins need
    them; layers pinned to a subset of devices are planned apart from the others;
-5. the heterogeneous solver (hetrun.placement.solver) places experts and replicas on the slots and splits each
+5. the heterogeneous solver (hetrun.placement.search) places experts and replicas on the slots and splits each
    replicated expert's tokens between its replicas (`share`), minimising the busiest device's modeled time, then
    dollars, then replicas. On identical devices it is never worse than EPLB, whose placements it also tries.
    `policy="eplb"` places with DeepSeek's EPLB instead (equal slots per device, even token split);
@@ -17,211 +17,37 @@
    shrinks by the time they take (see `_solve`); or, after routed placement and layer by layer, to the device that
    finishes them soonest with memory to spare ("balanced"). Predicted times include them;
 7. `predicted` holds per-device tokens, time and memory, per-layer step times and their lower bound, and what
-   `Plan.rebalance` needs to move experts later without the profile.
+   hetrun.placement.rebalance needs to move experts later without the profile.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from hetrun.errors import PlacementError
-from hetrun.precision import plan_precisions
+from hetrun.placement.device_model import (
+    DeviceModel,
+    check_fits,
+    device_model,
+    plan_figures,
+    planner_settings,
+    predict,
+    scale_load,
+    shared_aware_cost,
+    slot_capacity,
+    step_tokens_of,
+)
+from hetrun.placement.eplb import eplb_policy
+from hetrun.placement.loads import check_model_load, model_load, read_load
+from hetrun.placement.pins import pin_mask, pin_rules
+from hetrun.placement.plan import Plan
+from hetrun.placement.precisions import plan_precisions
+from hetrun.placement.search import choose_slots, solve_placement
 from hetrun.profile import Profile, load_profile
 from hetrun.spec import MoESpec
 
-PLAN_FORMAT = 1
 POLICIES = ("auto", "eplb")
 SHARED_POLICIES = ("dense", "balanced")
-
-
-@dataclass(frozen=True)
-class Plan:
-    spec: MoESpec
-    profile_name: str
-    device_ids: tuple[str, ...]  # device index -> device id
-    precision: dict[str, str]  # device id -> precision
-    phy2log: np.ndarray  # [L, R] logical expert of each physical slot
-    device_of: np.ndarray  # [L, R] device index of each slot
-    share: np.ndarray  # [L, R] fraction of its expert's tokens each slot takes (sums to 1 per expert)
-    shared_device_of: np.ndarray  # [L, S] device index of each shared expert
-    predicted: dict = field(default_factory=dict)  # per-device load, time, memory (filled by the planner)
-
-    def __post_init__(self):
-        self.validate()
-
-    # ---- EPLB-compatible views ------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return self.phy2log.shape[0]
-
-    @property
-    def num_slots(self) -> int:
-        return self.phy2log.shape[1]
-
-    @property
-    def logcnt(self) -> np.ndarray:
-        """Replicas per logical expert [L, E]."""
-        e = self.spec.num_experts
-        return np.stack([np.bincount(row, minlength=e) for row in self.phy2log])
-
-    @property
-    def log2phy(self) -> np.ndarray:
-        """Physical slots of each logical expert [L, E, maxcnt], -1 padded."""
-        cnt = self.logcnt
-        out = -np.ones((self.num_layers, self.spec.num_experts, int(cnt.max())), dtype=np.int64)
-        for li, row in enumerate(self.phy2log):
-            fill = np.zeros(self.spec.num_experts, dtype=np.int64)
-            for r, e in enumerate(row):
-                out[li, e, fill[e]] = r
-                fill[e] += 1
-        return out
-
-    def validate(self) -> None:
-        """Raise PlacementError unless every expert has a slot, shares sum to one and devices exist."""
-        L, E = self.spec.num_moe_layers, self.spec.num_experts
-        if self.phy2log.ndim != 2 or self.phy2log.shape[1] == 0:
-            raise PlacementError(f"plan phy2log must be a non-empty [layers, slots] array, got shape {self.phy2log.shape}")
-        if self.phy2log.shape != self.device_of.shape or self.phy2log.shape != self.share.shape:
-            raise PlacementError("plan arrays phy2log, device_of and share must have the same [L, R] shape")
-        if self.phy2log.shape[0] != L:
-            raise PlacementError(f"plan has {self.phy2log.shape[0]} layers, model '{self.spec.name}' has {L} MoE layers; re-plan")
-        if self.phy2log.min() < 0 or self.phy2log.max() >= E:
-            raise PlacementError(f"plan names experts outside 0..{E - 1}; re-plan")
-        if (self.logcnt == 0).any():
-            li, e = np.argwhere(self.logcnt == 0)[0]
-            raise PlacementError(f"plan leaves expert {e} of MoE layer {li} without a slot; re-plan")
-        if self.device_of.min() < 0 or self.device_of.max() >= len(self.device_ids):
-            raise PlacementError("plan names a device index outside the profile; re-plan")
-        if self.shared_device_of.shape != (L, self.spec.num_shared_experts):
-            raise PlacementError(f"plan shared_device_of must be [{L}, {self.spec.num_shared_experts}] (MoE layers x "
-                                 f"shared experts), got {list(self.shared_device_of.shape)}; re-plan")
-        if self.shared_device_of.size and (self.shared_device_of.min() < 0
-                                           or self.shared_device_of.max() >= len(self.device_ids)):
-            raise PlacementError("plan puts a shared expert on a device index outside the profile; re-plan")
-        sums = np.zeros((L, E))
-        for li in range(L):
-            np.add.at(sums[li], self.phy2log[li], self.share[li])
-        if not np.isfinite(self.share).all() or (self.share < 0).any() or not np.allclose(sums, 1.0, atol=1e-6):
-            raise PlacementError("plan shares must be non-negative and sum to 1 over each expert's replicas")
-        missing = set(self.device_ids) - set(self.precision)
-        if missing:
-            raise PlacementError(f"plan has no precision for devices {sorted(missing)}")
-
-    def per_device(self, per_slot: np.ndarray) -> np.ndarray:
-        """Sum a per-slot quantity [L, R] over the slots of each device: [L, D]."""
-        out = np.zeros((self.num_layers, len(self.device_ids)))
-        np.add.at(out, (np.repeat(np.arange(self.num_layers), self.num_slots), self.device_of.ravel()),
-                  np.asarray(per_slot, dtype=float).ravel())
-        return out
-
-    def slots_on(self, layer: int, device: int) -> np.ndarray:
-        """Physical slot ids of MoE layer `layer` (0-based among MoE layers) on device index `device`."""
-        return np.nonzero(self.device_of[layer] == device)[0]
-
-    # ---- serialization --------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "spec": self.spec.to_dict(), "profile": self.profile_name,
-                "device_ids": list(self.device_ids), "precision": dict(self.precision),
-                "phy2log": self.phy2log.tolist(), "device_of": self.device_of.tolist(), "share": self.share.tolist(),
-                "shared_device_of": self.shared_device_of.tolist(), "predicted": self.predicted}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        try:
-            if d.get("format") != PLAN_FORMAT:
-                raise PlacementError(f"plan format {d.get('format')!r} is not {PLAN_FORMAT}; re-plan with this hetrun")
-            return cls(MoESpec.from_dict(d["spec"]), d["profile"], tuple(d["device_ids"]), dict(d["precision"]),
-                       np.asarray(d["phy2log"], dtype=np.int64), np.asarray(d["device_of"], dtype=np.int64),
-                       np.asarray(d["share"], dtype=np.float64),
-                       np.asarray(d["shared_device_of"], dtype=np.int64).reshape(len(d["phy2log"]), -1),
-                       d.get("predicted", {}))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PlacementError(f"malformed plan: {type(e).__name__}: {e}; write plans with Plan.to_json()") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise PlacementError(f"plan is not valid JSON: {e}") from None
-
-    # ---- load changes ---------------------------------------------------------------------------
-    def rebalance(self, new_load, max_moves: int, profile: "Profile | str | None" = None) -> tuple["Plan", int]:
-        """A plan for `new_load` [L, E] that changes the expert of at most `max_moves` slots, and the bytes to move.
-
-        Token shares are re-split for free (they are routing, not weights); then, one at a time, the slot change
-        that lowers a layer's modeled step time most (shared experts' time counted as in `plan()`) is made (a
-        spare replica becomes a replica of a busy expert), never raising a layer's modeled time. Bytes count each
-        (layer, expert, device) copy a device gains, at its precision. Pins recorded in the plan still hold
-        (percentile rules judged on the new load). Plans from `plan()` carry their cost model; others need
-        `profile` (or a built-in profile of their name). Layers with different slot layouts share the budget in
-        proportion to their number.
-        """
-        from hetrun.placement.costs import scale_load, shared_aware_cost
-        from hetrun.placement.loads import check_load, read_load
-        from hetrun.placement.pins import pin_mask, pin_rules
-        from hetrun.placement.solver import evaluate_placement, rebalance
-
-        if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves < 0:
-            raise PlacementError(f"max_moves must be a whole number >= 0, got {max_moves!r}")
-        model = self._device_model(profile)
-        w = scale_load(check_load(read_load(new_load), self.spec, "new load table"), self.spec, model.step_tokens)
-        L, E, D = self.num_layers, self.spec.num_experts, len(self.device_ids)
-        order = np.argsort(self.device_of, axis=1, kind="stable")  # slots device by device, as the solver keeps them
-        p2l = np.take_along_axis(self.phy2log, order, 1)
-        dev = np.take_along_axis(self.device_of, order, 1)
-        rules = pin_rules(self.predicted.get("pins"))
-        allowed = pin_mask(rules, list(zip(model.device_ids, model.groups)), w)
-        shared_cnt = np.zeros((L, D))
-        S = self.shared_device_of.shape[1]
-        np.add.at(shared_cnt, (np.repeat(np.arange(L), S), self.shared_device_of.ravel()), 1)
-        compute = shared_aware_cost(self.spec, model, w, shared_cnt) - model.comm_s  # [L, D] as the planner saw it
-        new_p2l, new_share = p2l.copy(), np.zeros_like(self.share)
-        layouts, block = np.unique(dev, axis=0, return_inverse=True)
-        block = block.reshape(-1)
-        budget = np.bincount(block, minlength=len(layouts)) * int(max_moves) // L  # [B] moves per layout
-        budget[np.argmax(np.bincount(block))] += int(max_moves) - budget.sum()
-        held = set(((np.arange(L)[:, None] * E + p2l) * D + dev).ravel().tolist())
-        gained: set[int] = set()
-        for b, layout in enumerate(layouts):
-            idx = np.flatnonzero(block == b)
-            base = evaluate_placement(p2l[idx], layout, w[idx], compute[idx], comm_cost=model.comm_s)
-            new, moved = rebalance(base, w[idx], compute[idx], max_moves=int(budget[b]), comm_cost=model.comm_s,
-                                   allowed=None if allowed is None else allowed[idx])
-            new_p2l[idx], new_share[idx] = new.phy2log, new.share
-            for li, s in moved.tolist():
-                key = (int(idx[li]) * E + int(new.phy2log[li, s])) * D + int(layout[s])
-                if key not in held:
-                    gained.add(key)
-        moved_bytes = int(sum(model.expert_bytes[k % D] for k in gained))
-        shared = self.shared_device_of
-        predicted = _predicted(self.spec, model, new_p2l, dev, new_share, shared, w, rules,
-                               self.predicted.get("policy", "auto"), self.predicted.get("shared_experts", "given"),
-                               self.predicted.get("load", "table"))
-        predicted["rebalanced"] = {"max_moves": int(max_moves), "bytes_moved": moved_bytes}
-        return Plan(self.spec, self.profile_name, self.device_ids, dict(self.precision), new_p2l, dev, new_share,
-                    shared.copy(), predicted), moved_bytes
-
-    def _device_model(self, profile):
-        from hetrun.placement.costs import DeviceModel, device_model, step_tokens_of
-
-        if "model" in self.predicted and profile is None:
-            model = DeviceModel.from_dict(self.predicted["model"])
-            if model.device_ids != self.device_ids:
-                raise PlacementError("plan's device model names other devices than the plan; re-plan")
-            return model
-        prof = load_profile(profile if profile is not None else self.profile_name)
-        if tuple(d.id for d in prof.devices) != self.device_ids:
-            ids = ", ".join(self.device_ids[:3]) + (", ..." if len(self.device_ids) > 3 else "")
-            raise PlacementError(f"profile '{prof.name}' has other devices than the plan ({ids}); pass the profile "
-                                 "the plan was made for")
-        return device_model(self.spec, prof, self.precision, step_tokens_of(prof, None))
 
 
 def simple_plan(spec: MoESpec, profile: Profile | str, precision: str | None = None) -> Plan:
@@ -252,11 +78,6 @@ def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: in
         shared_experts: "dense" or "balanced"; default the profile's `extra.planner.shared_experts`, else "dense".
         step_tokens: tokens per step for the predicted times; default the profile's `extra.planner.step_tokens`.
     """
-    from hetrun.placement.costs import (check_fits, device_model, planner_settings, scale_load, slot_capacity,
-                                        step_tokens_of)
-    from hetrun.placement.loads import model_load
-    from hetrun.placement.pins import pin_mask, pin_rules
-
     profile = load_profile(profile)
     settings = planner_settings(profile)
     if policy not in POLICIES:
@@ -291,12 +112,12 @@ def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: in
     else:
         shared_on = dense if shared_policy == "dense" and S else None
         p2l, dev, share = _solve(spec, model, w, R, allowed, free, shared_on)
-        how = "hetrun.placement.solver"
+        how = "hetrun.placement.solver"  # the solver: search, shares and bounds
     if shared_policy == "dense":
         shared_of = np.full((L, S), dense, dtype=np.int64)
     else:
         shared_of = _balanced_shared(spec, model, p2l, dev, share, w, free)
-    predicted = _predicted(spec, model, p2l, dev, share, shared_of, w, rules, policy, shared_policy,
+    predicted = plan_figures(spec, model, p2l, dev, share, shared_of, w, rules, policy, shared_policy,
                            "uniform" if table is None else "table")
     predicted["placed_by"] = how
     return Plan(spec, profile.name, model.device_ids, precisions, p2l, dev, share, shared_of, predicted)
@@ -311,14 +132,11 @@ def eplb_baseline(plan: Plan, load=None) -> dict:
     nodes allow it) and global policies, the one with the shorter modeled step counts. Returns the predicted
     figures plus `slots` and `policy`.
     """
-    from hetrun.placement.costs import DeviceModel, predict, scale_load
-    from hetrun.placement.loads import check_load, read_load
-
     if "model" not in plan.predicted:
         raise PlacementError("this plan carries no cost model; make it with hetrun.plan() to compare it with EPLB")
     model = DeviceModel.from_dict(plan.predicted["model"])
     spec = plan.spec
-    table = None if load is None else check_load(read_load(load), spec)
+    table = None if load is None else check_model_load(read_load(load), spec)
     w = scale_load(table, spec, model.step_tokens)
     D = len(model.device_ids)
     R = -(-plan.num_slots // D) * D
@@ -354,9 +172,6 @@ def _solve(spec: MoESpec, model, w: np.ndarray, R: int, allowed, free: np.ndarra
     B_l), T_l the layer's fluid step time (all work spread over all devices by speed): at that balance it then
     ends with everyone else, its shared experts included.
     """
-    from hetrun.placement.costs import check_fits, shared_aware_cost
-    from hetrun.placement.solver import choose_slots, solve_placement
-
     L, E = w.shape
     D = len(model.device_ids)
     shared_cnt = np.zeros((L, D))
@@ -458,8 +273,6 @@ def _eplb(spec: MoESpec, model, w: np.ndarray, R: int, capacity: np.ndarray):
 def _eplb_map(spec: MoESpec, model, w: np.ndarray, R: int, force_global: bool = False):
     """(phy2log, device_of, share, policy) of EPLB with R slots (a multiple of the device count) over every device:
     hierarchical where the nodes are equal, numbered in device order and the groups split over them, else global."""
-    from hetrun.placement.eplb import eplb_policy
-
     D = len(model.device_ids)
     nodes, first, count = np.unique(model.node, return_index=True, return_counts=True)
     in_order = (count == count[0]).all() and (model.node == np.repeat(model.node[np.sort(first)], count[0])).all()
@@ -492,13 +305,4 @@ def _balanced_shared(spec: MoESpec, model, p2l, dev, share, w, free) -> np.ndarr
             out[li, s] = d
             time[li, d] = finish[d]
             room[d] -= model.shared_bytes[d]
-    return out
-
-
-def _predicted(spec, model, p2l, dev, share, shared_of, w, rules, policy, shared_policy, load_kind) -> dict:
-    from hetrun.placement.costs import predict
-
-    out = predict(spec, model, p2l, dev, share, shared_of, w)
-    out.update({"policy": policy, "shared_experts": shared_policy, "load": load_kind,
-                "pins": [r.model_dump(exclude_none=True) for r in rules], "model": model.to_dict()})
     return out

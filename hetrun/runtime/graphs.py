@@ -33,60 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx
+from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
+from hetrun.kernels.gptq import gptq_quantize_int4
+from hetrun.kernels.int4 import quantize_int4, to_matmulnbits
+from hetrun.kernels.int8 import quantize_int8
 from onnx import TensorProto, helper, numpy_helper
+
+from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
+from hetrun.runtime.weights import ExpertWeights
 
 OPSET = 21
 IR_VERSION = 10
-FP8_BLOCK = 128  # DeepSeek-V3: 128x128 weight blocks, 1x128 activation tiles
-E4M3_MAX = 448.0
-
-
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One expert's weights as the model stores them (nn.Linear layout: [out, in])."""
-
-    gate: np.ndarray  # [I, D]
-    up: np.ndarray  # [I, D]
-    down: np.ndarray  # [D, I]
-
-    @property
-    def hidden(self) -> int:
-        return self.gate.shape[1]
-
-    @property
-    def intermediate(self) -> int:
-        return self.gate.shape[0]
-
-    def reference(self, x: np.ndarray) -> np.ndarray:
-        """FP32 numpy reference output [N, D] for x [N, D]."""
-        g = x @ self.gate.T  # [N, I]
-        u = x @ self.up.T  # [N, I]
-        return ((g / (1.0 + np.exp(-g))) * u) @ self.down.T  # [N, D]
-
-
-@dataclass(frozen=True)
-class GraphFormat:
-    """One expert-graph precision: what the device catalog calls it (`base`) and how it stores weights."""
-
-    name: str
-    base: str  # the device-catalog precision a device needs to run it
-    weights: str  # weight storage, for reports
-    activations: str  # activation precision, for reports
-    group: int = 0  # INT4 group size along K
-
-
-FORMATS: dict[str, GraphFormat] = {f.name: f for f in (
-    GraphFormat("fp32", "fp32", "FP32", "FP32"),
-    GraphFormat("fp16", "fp16", "FP16", "FP16, FP32 accumulation"),
-    GraphFormat("bf16", "bf16", "BF16", "BF16, FP32 accumulation"),
-    GraphFormat("fp8", "fp8", "E4M3, 128x128 block scales", "E4M3, 1x128 tile scales"),
-    GraphFormat("fp8-w8a16", "fp8", "E4M3, 128x128 block scales", "FP32"),
-    GraphFormat("int8", "int8", "INT8, per-channel scales", "FP32"),
-    GraphFormat("int4", "int4", "INT4, group 128, zero points", "FP32", group=128),
-    GraphFormat("int4-g32", "int4", "INT4, group 32, zero points", "FP32", group=32),
-)}
 
 
 @dataclass(frozen=True)
@@ -95,7 +55,7 @@ class ExpertGraph:
     precision: str
     hidden: int
     intermediate: int
-    weight_bytes: int  # bytes the format stores: values, scales and zero points (one scale per block); see precision.matrix_bytes
+    weight_bytes: int  # bytes the format stores: values, scales and zero points (one scale per block); see formats.matrix_bytes
     target: str = "onnxruntime"
     onnx_bytes: int = 0  # bytes of the graph's weight initializers (block scales repeated per row, as ONNX wants them)
     quantizer: str = ""  # "rtn" or "gptq" for INT4
@@ -239,7 +199,7 @@ def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
 
 # ---- builders: each stores both matrices and sets b.out -------------------------------------------------------
 
-def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
         wt = np.ascontiguousarray(m.rows(k).T)  # [K, N]
@@ -248,9 +208,9 @@ def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     """FP16/BF16: weights stored narrow, activations rounded to it around each matmul, products accumulated in FP32."""
-    np_dtype = np.float16 if fmt.name == "fp16" else _bf16_dtype()
+    np_dtype = np.float16 if fmt.name == "fp16" else ml_dtypes.bfloat16
     mats = {}
     for k in ("gate_up", "down"):
         wt = np.ascontiguousarray(m.rows(k).T).astype(np_dtype)  # [K, N]
@@ -270,8 +230,6 @@ def _fp8_weight(b: _Builder, parts: tuple[np.ndarray, ...]) -> str:
     block scales (ONNX blocks along one axis only) then stack like the rows. OpenVINO runs blocked
     DequantizeLinear only when K is a multiple of the block, so a ragged last block gets its own node.
     """
-    from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
-
     data, scales = [], []
     for p in parts:
         q = quantize_fp8(p, "e4m3", "block", FP8_BLOCK)
@@ -312,7 +270,7 @@ def _fp8_tiles(b: _Builder, x: str, k: int) -> str:
     return deq
 
 
-def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
+def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {k: _fp8_weight(b, getattr(m, k)) for k in ("gate_up", "down")}
     dims = {"gate_up": w.hidden, "down": w.intermediate}
     if fmt.name == "fp8":  # W8A8: activations quantized online per 1x128 tile
@@ -321,9 +279,7 @@ def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) ->
         b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
-    from hetrun.kernels.int8 import quantize_int8
-
+def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
         q = quantize_int8(m.rows(k), axis=0)  # data [N, K], scale [N]
@@ -333,10 +289,7 @@ def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -> None:
-    from hetrun.kernels.gptq import gptq_quantize_int4
-    from hetrun.kernels.int4 import quantize_int4, to_matmulnbits
-
+def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     b.quantizer = "gptq" if m.calibration else "rtn"
     nodes = {}
     for k in ("gate_up", "down"):
@@ -356,13 +309,7 @@ def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: GraphFormat) -
     b.out = b.swiglu("x", matmul)
 
 
-def _bf16_dtype():
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16
-
-
-_BUILDERS: dict[str, Callable[[ExpertWeights, _Builder, _Matrices, GraphFormat], None]] = {
+_BUILDERS: dict[str, Callable[[ExpertWeights, _Builder, _Matrices, Format], None]] = {
     "fp32": _build_fp32, "fp16": _build_float16ish, "bf16": _build_float16ish, "fp8": _build_fp8,
     "fp8-w8a16": _build_fp8, "int8": _build_int8, "int4": _build_int4, "int4-g32": _build_int4,
 }

@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from hetrun.dispatch import ExpertRuntime
-from hetrun.moe_weights import layer_weights_from_block
-from hetrun.planner import simple_plan
+from hetrun.placement.planner import simple_plan
+from hetrun.runtime.dispatch import ExpertRuntime
+from hetrun.runtime.weights import layer_weights_from_block
 from hetrun.spec import MoESpec
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

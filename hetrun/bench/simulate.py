@@ -1,8 +1,8 @@
 """Benchmarks of the simulator: its speed at full scale, and its accuracy against real CPU runs.
 
-    python -m hetrun.bench_simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
-    python -m hetrun.bench_simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
-    python -m hetrun.bench_simulate deepseek              # simulated vs published DeepSeek serving
+    python -m hetrun.bench.simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
+    python -m hetrun.bench.simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
+    python -m hetrun.bench.simulate deepseek              # simulated vs published DeepSeek serving
 
 `scale` must finish in under 10 s. `accuracy` runs the tiny and Mixtral-shaped (mixtral-bench) MoE layers
 through the real dispatcher on onnxruntime and OpenVINO for 1 to 2048 tokens and compares each wall time
@@ -53,10 +53,10 @@ def deepseek() -> dict:
 
 
 def _layer_runtime(spec, backend: str, precision: str, threads):
-    from hetrun.dispatch import ExpertRuntime
-    from hetrun.moe_weights import random_layer_weights
-    from hetrun.planner import simple_plan
+    from hetrun.placement.planner import simple_plan
     from hetrun.profile import load_profile
+    from hetrun.runtime.dispatch import ExpertRuntime
+    from hetrun.runtime.weights import random_layer_weights
 
     prof = load_profile({"name": f"bench-{backend}", "devices": [
         {"id": "host", "type": "host-cpu", "backend": backend, "precision": precision}]})
@@ -67,7 +67,7 @@ def _layer_runtime(spec, backend: str, precision: str, threads):
 
 
 def _weight_bytes(w, precision: str, backend: str) -> tuple[float, float | None]:
-    from hetrun.calibrate import graph_weight_bytes
+    from hetrun.calibrate.run import graph_weight_bytes
 
     shared = graph_weight_bytes(w.shared[0], precision, backend) if w.shared else None
     return graph_weight_bytes(w.experts[0], precision, backend), shared
@@ -78,7 +78,7 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
                    reps: int = 7) -> list[dict]:
     """Measured and predicted seconds of real MoE layer calls, one row per case. Each case is measured in
     sweeps over all cases, as calibration measures (`hetrun.calibrate.sweeps_for`); its fastest sweep counts."""
-    from hetrun.calibrate import SWEEPS, torch_threads
+    from hetrun.calibrate.run import SWEEPS, torch_threads
     from hetrun.profile import load_profile
 
     host_profile = load_profile(host_profile)  # once: every case's prediction reads it
@@ -91,7 +91,7 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps) -> list[dict]:
     from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate import fastest_of_sweeps
+    from hetrun.calibrate.run import fastest_of_sweeps
     from hetrun.spec import MoESpec
 
     runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok
@@ -108,7 +108,7 @@ def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profil
     """Per token count: the layer's median wall time on its batches in turn, the prediction, the routing."""
     import torch
 
-    from hetrun.calibrate import BATCHES, typical_time
+    from hetrun.calibrate.run import BATCHES, typical_time
 
     rt, w = _layer_runtime(spec, b, p, threads)
     wb, swb = _weight_bytes(w, p, b)
@@ -127,7 +127,7 @@ def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:
     """BATCHES inputs of n tokens, a call that runs them in turn, and the mean predicted seconds over them."""
     import torch
 
-    from hetrun.calibrate import BATCHES, in_turn, predict_moe_layer_seconds
+    from hetrun.calibrate.run import BATCHES, in_turn, predict_moe_layer_seconds
 
     host_profile, b, p, wb, swb = predict_args
     # several batches in turn, so that a few tokens do not always meet the same experts
@@ -172,7 +172,7 @@ def print_accuracy(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetrun.bench_simulate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m hetrun.bench.simulate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("scale", "accuracy", "deepseek", "all"), nargs="?", default="scale")
     p.add_argument("host_profile", nargs="?", help="calibrated host profile (for accuracy)")
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             import json
 
-            from hetrun.sim.report import write_atomic
+            from hetrun.files import write_atomic
 
             write_atomic(a.json, json.dumps({"rows": rows, "summary": s, "host_profile": a.host_profile,
                                              "threads": a.threads}, indent=1))

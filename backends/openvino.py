@@ -11,9 +11,10 @@ import io
 import logging
 
 import numpy as np
-
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+
 from hetrun.errors import BackendUnavailable
+from hetrun.formats import base_precision
 
 log = logging.getLogger("hetrun")
 
@@ -87,13 +88,11 @@ class OpenVinoBackend(Backend):
     def precision_hint(self, device_string: str) -> str:
         """INFERENCE_PRECISION_HINT for this backend's precision on that device."""
         family = device_family(device_string)
-        from hetrun.profile import PRECISION_BASE
-
-        base = PRECISION_BASE.get(self.precision, self.precision)  # fp8-w8a16 -> fp8, int4-g32 -> int4
+        base = base_precision(self.precision)  # fp8-w8a16 -> fp8, int4-g32 -> int4
         hint = PRECISION_HINTS.get(family, PRECISION_HINTS["CPU"]).get(base, "f32")
         if family == "CPU" and hint == "bf16" and "BF16" not in _cpu_capabilities():
             # Without native BF16, the bf16 hint emulates BF16 everywhere (5-50x slower) and OpenVINO's f32->bf16
-            # Convert misrounds; in f32 the graph for target "openvino" rounds to BF16 exactly (see hetrun.graphs).
+            # Convert misrounds; in f32 the graph for target "openvino" rounds to BF16 exactly (see hetrun.runtime.graphs).
             hint = "f32"
         if family == "NPU" and self.precision in ("fp32", "bf16") and f"npu:{self.precision}" not in _warned:
             _warned.add(f"npu:{self.precision}")

@@ -2,8 +2,8 @@
 
 Cost model (the planner minimises the slowest device's modeled time per MoE layer):
 - Compute: a routed token through one expert on device d takes `compute_s[d]` seconds, the roofline time
-  (hetrun.costmodel.expert_cost) of one call of `rows` tokens divided by `rows`, at the device's precision, with
-  weights stored as hetrun.precision.expert_bytes counts them (scales included). `rows` is the average number of
+  (hetrun.roofline.expert_seconds) of one call of `rows` tokens divided by `rows`, at the device's precision, with
+  weights stored as hetrun.formats.expert_bytes counts them (scales included). `rows` is the average number of
   tokens an expert sees per step: step_tokens x top_k / num_experts, at least 1. A step is `step_tokens` tokens
   (default 4096; the profile's `extra.planner.step_tokens` or plan(step_tokens=...) changes it); each layer's load
   table row is scaled to step_tokens x top_k routed tokens, so predicted times are seconds per step.
@@ -26,10 +26,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from hetrun.costmodel import ACTIVATION_BYTES, expert_cost
 from hetrun.errors import PlacementError
-from hetrun.precision import expert_bytes
+from hetrun.formats import activation_bytes, expert_bytes
+from hetrun.placement.bounds import lower_bound
+from hetrun.placement.shares import row_sum
 from hetrun.profile import Profile
+from hetrun.roofline import expert_seconds
 from hetrun.spec import MoESpec
 
 DEFAULT_STEP_TOKENS = 4096
@@ -104,15 +106,14 @@ def step_tokens_of(profile: Profile, step_tokens: int | None) -> int:
 def device_model(spec: MoESpec, profile: Profile, precision: dict[str, str], step_tokens: int) -> DeviceModel:
     """The planning figures of every device of `profile` running `spec` at `precision` (device id -> precision)."""
     devs = profile.devices
-    D = len(devs)
     h, i, i_s = spec.hidden_size, spec.moe_intermediate_size, spec.shared_intermediate_size
     rows = max(1.0, step_tokens * spec.top_k / spec.num_experts)
     prec = tuple(precision[d.id] for d in devs)
     eb = np.array([expert_bytes(p, h, i) for p in prec], dtype=np.float64)
     sb = np.array([expert_bytes(p, h, i_s) if spec.num_shared_experts else 0 for p in prec], dtype=np.float64)
-    act = np.array([ACTIVATION_BYTES.get(p, 2.0) for p in prec])
-    compute = np.array([expert_cost(d.type, p, rows, h, i, b, a) / rows for d, p, b, a in zip(devs, prec, eb, act)])
-    shared = np.array([expert_cost(d.type, p, step_tokens, h, i_s, b, a) / step_tokens
+    act = np.array([activation_bytes(p) for p in prec])
+    compute = np.array([expert_seconds(d.type, p, rows, h, i, b, a) / rows for d, p, b, a in zip(devs, prec, eb, act)])
+    shared = np.array([expert_seconds(d.type, p, step_tokens, h, i_s, b, a) / step_tokens
                        if spec.num_shared_experts else 0.0 for d, p, b, a in zip(devs, prec, sb, act)])
     return DeviceModel(
         device_ids=tuple(d.id for d in devs), groups=tuple(d.group for d in devs), precision=prec,
@@ -242,19 +243,19 @@ def predict(spec: MoESpec, model: DeviceModel, phy2log, device_of, share, shared
     L, R = p2l.shape
     E, D = spec.num_experts, len(model.device_ids)
     rows = np.arange(L)[:, None]
-    tokens = _row_sum(dev, w[rows, p2l] * share, D)  # [L, D] routed tokens per device
+    tokens = row_sum(dev, w[rows, p2l] * share, D)  # [L, D] routed tokens per device
     routed = tokens * model.cost  # [L, D]
     shared_tokens = w.sum(1) / spec.top_k  # [L] every token passes every shared expert
-    shared_cnt = _row_sum(shared_of, 1.0, D) if shared_of.size else np.zeros((L, D))  # [L, D]
+    shared_cnt = row_sum(shared_of, 1.0, D) if shared_of.size else np.zeros((L, D))  # [L, D]
     time = routed + shared_cnt * shared_tokens[:, None] * model.shared_s  # [L, D]
 
     copies = np.bincount(np.unique((rows * E + p2l) * D + dev) % D, minlength=D)  # [D] (layer, expert) copies
     shared_total = shared_cnt.sum(0)  # [D]
     weights = copies * model.expert_bytes + shared_total * model.shared_bytes
     used = weights + model.reserved_bytes
-    cnt = _row_sum(p2l, 1.0, E)  # [L, E] replicas per expert
-    replica_slots = _row_sum(dev, (cnt[rows, p2l] > 1).astype(np.float64), D).sum(0)  # [D]
-    slots = _row_sum(dev, 1.0, D)  # [L, D]
+    cnt = row_sum(p2l, 1.0, E)  # [L, E] replicas per expert
+    replica_slots = row_sum(dev, (cnt[rows, p2l] > 1).astype(np.float64), D).sum(0)  # [D]
+    slots = row_sum(dev, 1.0, D)  # [L, D]
 
     bound = _bound(w, slots, shared_cnt, shared_tokens, model)  # [L]
     step = time.max(1)
@@ -278,9 +279,7 @@ def predict(spec: MoESpec, model: DeviceModel, phy2log, device_of, share, shared
 
 def _bound(w, slots, shared_cnt, shared_tokens, model: DeviceModel) -> np.ndarray:
     # [L] lower bound on each layer's step time, shared experts included: they join as experts with the load
-    # that takes their time on the device where that is least, on the slots they occupy (see solver.lower_bound).
-    from hetrun.placement.solver import lower_bound
-
+    # that takes their time on the device where that is least, on the slots they occupy (see bounds.lower_bound).
     L, E = w.shape
     S = int(shared_cnt[0].sum())
     if S and (model.shared_s > 0).any():
@@ -294,9 +293,9 @@ def _bound(w, slots, shared_cnt, shared_tokens, model: DeviceModel) -> np.ndarra
     return bound
 
 
-def _row_sum(idx: np.ndarray, values, width: int) -> np.ndarray:
-    # [L, width] sums of values [L, n] (or a scalar) into columns idx [L, n], row by row.
-    L = idx.shape[0]
-    flat = (idx + width * np.arange(L)[:, None]).ravel()
-    v = np.broadcast_to(np.asarray(values, dtype=np.float64), idx.shape).ravel()
-    return np.bincount(flat, weights=v, minlength=L * width).reshape(L, width)
+def plan_figures(spec, model, p2l, dev, share, shared_of, w, rules, policy, shared_policy, load_kind) -> dict:
+    """`predict` plus what a Plan records of how it was made (policy, load kind, pins, the device model itself)."""
+    out = predict(spec, model, p2l, dev, share, shared_of, w)
+    out.update({"policy": policy, "shared_experts": shared_policy, "load": load_kind,
+                "pins": [r.model_dump(exclude_none=True) for r in rules], "model": model.to_dict()})
+    return out

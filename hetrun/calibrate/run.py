@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrun.costmodel import expert_flops_bytes
 from hetrun.errors import HetrunError, ProfileError
+from hetrun.roofline import swiglu_flops_bytes
 
 log = logging.getLogger("hetrun")
 
@@ -114,7 +114,7 @@ def measure_experts(backends=BACKENDS, precisions=PRECISIONS, tokens=TOKENS, sha
     spells last seconds to minutes, so one spoils a sweep's points, not the result. `progress(sweep, sample)`
     hears every measurement."""
     from hetrun.backends.registry import probe_backend
-    from hetrun.graphs import FORMATS
+    from hetrun.formats import FORMATS
 
     pairs = []
     for b in backends:
@@ -174,10 +174,10 @@ def _measure_shape(backend: str, precision: str, d: int, i: int, counts, threads
     """One calibration layer of this expert shape, built anew: per token count, its mean expert call."""
     import torch
 
-    from hetrun.dispatch import ExpertRuntime
-    from hetrun.moe_weights import random_layer_weights
-    from hetrun.planner import simple_plan
+    from hetrun.placement.planner import simple_plan
     from hetrun.profile import load_profile
+    from hetrun.runtime.dispatch import ExpertRuntime
+    from hetrun.runtime.weights import random_layer_weights
     from hetrun.spec import MoESpec, RouterSpec
 
     spec = MoESpec(f"calibrate-{d}x{i}", "mixtral", 1, d, i, CALL_EXPERTS, RouterSpec("softmax_topk", CALL_TOP_K, True))
@@ -229,7 +229,7 @@ def _call_time(rt, layer, xs, n: int) -> tuple[float, float]:
 
 def graph_weight_bytes(w, precision: str, backend: str) -> float:
     """Stored weight bytes of one expert's graph at `precision` as `backend` loads it (scales included)."""
-    from hetrun.graphs import build_expert_graph
+    from hetrun.runtime.graphs import build_expert_graph
 
     return float(build_expert_graph(w, precision, target="openvino" if backend == "openvino" else backend).weight_bytes)
 
@@ -291,9 +291,9 @@ def measure_dispatch(backend: str = "onnxruntime", tokens=(1, 16, 256, 1024), re
 def _dispatch_cases(out, g, prof, threads, tokens, reps) -> None:
     import torch
 
-    from hetrun.dispatch import ExpertRuntime
-    from hetrun.moe_weights import random_layer_weights
-    from hetrun.planner import simple_plan
+    from hetrun.placement.planner import simple_plan
+    from hetrun.runtime.dispatch import ExpertRuntime
+    from hetrun.runtime.weights import random_layer_weights
 
     for spec in _dispatch_layers():
         rt = ExpertRuntime(simple_plan(spec, prof, "fp32"), prof,
@@ -524,8 +524,8 @@ def write_profile(path: str | Path, profile: dict) -> Path:
     """Validate the profile, then write it as YAML atomically."""
     import yaml
 
+    from hetrun.files import write_atomic
     from hetrun.profile import load_profile
-    from hetrun.sim.report import write_atomic
 
     load_profile(profile)  # refuse to write something hetrun cannot read back
     path = Path(path)
@@ -614,7 +614,7 @@ def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int
     that receives tokens (and each shared expert), the time of one call of that shape and token count: the
     calibration's measured calls interpolated where the shape lies among the measured ones, else the fitted
     roofline of the (backend, precision) type."""
-    from hetrun.precision import expert_bytes
+    from hetrun.formats import expert_bytes
     from hetrun.profile import load_profile
 
     prof = load_profile(profile)
@@ -636,7 +636,7 @@ def predict_moe_layer_seconds(profile, backend: str, precision: str, hidden: int
         if measured is not None:
             return measured
         q = _params_for(cal, backend, precision, d, i)
-        f, b = expert_flops_bytes(n, d, i, w, 4.0)  # the graphs take and return FP32 activations
+        f, b = swiglu_flops_bytes(n, d, i, w, 4.0)  # the graphs take and return FP32 activations
         return float(host_expert_seconds(f, b, q["peak_flops"], cal["copy_bandwidth_gbs"] * 1e9,
                                          q["compute_efficiency"], q["memory_efficiency"], q["launch_us"],
                                          q["overlap"]))

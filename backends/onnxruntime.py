@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
+import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+
 from hetrun.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from hetrun.profile import DeviceType
 
 # Execution providers in priority order, per catalog device kind.
 PROVIDERS = {
@@ -32,6 +37,20 @@ class OnnxRuntimeBackend(Backend):
             return Availability(False, f"onnxruntime is not installed ({e})")
         providers = tuple(ort.get_available_providers())
         return Availability(True, devices=providers, details={"version": ort.__version__})
+
+    @classmethod
+    def has_device(cls, device_type: "DeviceType") -> bool:
+        """Whether an execution provider for this catalog type is installed and finds such a device here."""
+        from hetrun.backends.registry import probe_backend  # the registry loads backend modules: no import at the top
+
+        providers = set(probe_backend("onnxruntime").devices)
+        if not providers & set(PROVIDERS.get(device_type.kind, [])):
+            return False
+        if device_type.kind == "gpu":  # the CUDA EP is listed even on machines without a GPU
+            return device_type.vendor == "nvidia" and probe_backend("nvidia").ok
+        if device_type.kind == "npu":
+            return device_type.vendor == "huawei" and probe_backend("ascend").ok
+        return True
 
     def providers(self) -> list[str]:
         """Execution providers for this device, best first; raises when none is installed."""

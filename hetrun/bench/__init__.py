@@ -1,0 +1,1 @@
+"""hetrun's benchmarks, one module each; `hetrun bench NAME` runs them."""
