@@ -1,6 +1,7 @@
 """hetrun: deploy one Mixture-of-Experts model across mixed accelerators."""
 
 import os
+from importlib.metadata import version
 
 # torch auto-loads torch_npu at `import torch`; without Huawei's CANN that import fails and takes hetrun down before
 # the Ascend backend's probe can explain what is missing. The Ascend backend imports torch_npu itself.
@@ -33,7 +34,7 @@ from hetrun.errors import HetrunError
 from hetrun.profile import Profile, load_profile
 from hetrun.spec import MoESpec, RouterSpec
 
-__version__ = "0.1.0"
+__version__ = version("hetrun")  # one source: pyproject.toml
 
 __all__ = ["HetrunError", "MoESpec", "Profile", "RouterSpec", "deploy", "load_profile", "plan", "load", "__version__"]
 
@@ -41,7 +42,7 @@ __all__ = ["HetrunError", "MoESpec", "Profile", "RouterSpec", "deploy", "load_pr
 def __getattr__(name):
     # Heavy pieces (torch, onnx, runtimes) load on first use, not at import.
     if name == "deploy":
-        from hetrun.runtime.deploy import deploy
+        from hetrun.deployment import deploy
         return deploy
     if name == "plan":
         from hetrun.placement.planner import plan

@@ -11,12 +11,15 @@ attention) through an `Efficiency`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hetrun.errors import ProfileError
 from hetrun.formats import activation_bytes
-from hetrun.profile import DeviceType
+
+if TYPE_CHECKING:
+    from hetrun.profile import DeviceType
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Efficiency:
                                f"memory={self.memory}, launch_us={self.launch_us}")
 
     @classmethod
-    def of(cls, device: DeviceType) -> "Efficiency":
+    def of(cls, device: "DeviceType") -> "Efficiency":
         """The device type's own (GEMM) efficiencies."""
         return cls(device.compute_efficiency, device.memory_efficiency, device.launch_overhead_us)
 
@@ -47,7 +50,7 @@ def roofline(flops, bytes_moved, peak_flops: float, bandwidth: float, compute_ef
     return float(out) if out.ndim == 0 else out
 
 
-def op_seconds(device: DeviceType, precision: str, flops, bytes_moved, eff: Efficiency | None = None,
+def op_seconds(device: "DeviceType", precision: str, flops, bytes_moved, eff: Efficiency | None = None,
                kernels: float = 1.0):
     """Roofline seconds of an operator on `device` at `precision` (its own efficiencies unless `eff` is given)."""
     e = eff or Efficiency.of(device)
@@ -64,7 +67,7 @@ def swiglu_flops_bytes(tokens, hidden: int, intermediate: int, weight_bytes, act
     return flops, moved
 
 
-def expert_seconds(device: DeviceType, precision: str, tokens: int, hidden: int, intermediate: int,
+def expert_seconds(device: "DeviceType", precision: str, tokens: int, hidden: int, intermediate: int,
                    weight_bytes: float, act_bytes: float | None = None, eff: Efficiency | None = None) -> float:
     """Modeled seconds for `tokens` tokens through one SwiGLU expert (weights read once per call); activations
     move at the format's own width unless `act_bytes` says otherwise."""

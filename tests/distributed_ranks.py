@@ -80,9 +80,9 @@ def _prepare() -> None:
     import openvino  # noqa: F401
     import transformers
 
+    import hetrun.deployment  # noqa: F401
     import hetrun.distributed.moe  # noqa: F401
     import hetrun.launch  # noqa: F401
-    import hetrun.runtime.deploy  # noqa: F401
     from hetrun.tiny_models import FAMILY_SPECS, tiny_model
 
     transformers.logging.set_verbosity_error()

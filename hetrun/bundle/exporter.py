@@ -23,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -256,7 +257,6 @@ def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile,
            fallback_id: str | None, keys, progress: bool) -> Manifest:
     import yaml
 
-    from hetrun import __version__
     from hetrun.runtime.weights import find_moe_blocks
 
     blocks = find_moe_blocks(module)
@@ -277,7 +277,7 @@ def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile,
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SpecError(f"model weights are {dtype}; hetrun bundles hold float32, bfloat16 or float16 models")
     manifest = Manifest(
-        format=BUNDLE_FORMAT, format_version=FORMAT_VERSION, hetrun_version=__version__,
+        format=BUNDLE_FORMAT, format_version=FORMAT_VERSION, hetrun_version=version("hetrun"),
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=ModelEntry(name=source.name, source=source.kind, family=spec.family, dtype=dtype, seed=source.seed),
         spec=_jsonable(spec.to_dict()), plan=_jsonable(plan.to_dict()), precision=dict(plan.precision), targets=targets,

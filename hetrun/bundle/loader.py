@@ -19,7 +19,7 @@ from hetrun.bundle.manifest import (
 )
 from hetrun.errors import BundleError, HetrunError
 from hetrun.profile import Profile, load_profile
-from hetrun.runtime.dispatch import ExpertRuntime
+from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 
 log = logging.getLogger("hetrun")
 _warned: set[tuple[str, str]] = set()
@@ -171,7 +171,6 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     is accepted only if every device of the plan is in it and runs the plan's precision.
     The runtime is attached as `model.hetrun`, the manifest as `model.hetrun_manifest`.
     """
-    from hetrun.runtime.deploy import HetrunMoEBlock
     from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
     from hetrun.spec import MoESpec
 
@@ -204,10 +203,7 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
             tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])),
             None if gate is None else gate.weight.detach().float().clone()))
     runtime = BundleRuntime(plan, prof, weights, threads=threads, progress=progress)
-    for (_, path, _), layer in zip(blocks, runtime.layers):
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, HetrunMoEBlock(layer))
+    swap_moe_blocks(model, [path for _, path, _ in blocks], runtime.layers)
     model.hetrun = runtime
     model.hetrun_manifest = man
     return model

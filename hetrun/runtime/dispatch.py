@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from hetrun.backends.base import ExpertSession
 from hetrun.backends.registry import require_backend, resolve_backend
-
 from hetrun.errors import HetrunError, PlacementError
 from hetrun.placement.plan import Plan
 from hetrun.profile import Device, Profile, load_profile
@@ -227,3 +227,23 @@ class MoELayer:
             stats.call_log.append((rows.shape[0], dt))
         stats.modeled_s_per_device[device] += session.modeled_seconds(rows.shape[0])
         return y
+
+
+class HetrunMoEBlock(torch.nn.Module):
+    """Stands where a transformers MoE block stood: hidden [B, S, D] -> [B, S, D] through hetrun's dispatcher."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        return self.layer(hidden_states.reshape(-1, shape[-1])).reshape(shape)
+
+
+def swap_moe_blocks(model: torch.nn.Module, paths: list[str], layers: list[MoELayer]) -> None:
+    """Put a HetrunMoEBlock of each layer where the MoE block at that module path stood."""
+    for path, layer in zip(paths, layers):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, HetrunMoEBlock(layer))

@@ -36,13 +36,13 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
 from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
 from hetrun.kernels.gptq import gptq_quantize_int4
 from hetrun.kernels.int4 import quantize_int4, to_matmulnbits
 from hetrun.kernels.int8 import quantize_int8
-from onnx import TensorProto, helper, numpy_helper
-
-from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
 from hetrun.runtime.weights import ExpertWeights
 
 OPSET = 21

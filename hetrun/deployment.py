@@ -1,28 +1,21 @@
-"""deploy(): swap a transformers model's MoE blocks for hetrun's dispatcher; everything else stays as it was."""
+"""deploy(): swap a transformers model's MoE blocks for hetrun's dispatcher; everything else stays as it was.
+
+The API edge of the deploy path: the profile is resolved once here, the plan made, and the runtime chosen: one
+process (hetrun.runtime.dispatch) or, when the profile lays out ranks, torch.distributed (hetrun.distributed).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from hetrun.distributed.moe import distributed_runtime
 from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
-from hetrun.runtime.dispatch import ExpertRuntime, MoELayer
+from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.weights import model_layer_weights
 from hetrun.spec import MoESpec
-
-
-class HetrunMoEBlock(torch.nn.Module):
-    """Stands where a transformers MoE block stood: hidden [B, S, D] -> [B, S, D] through hetrun's dispatcher."""
-
-    def __init__(self, layer: MoELayer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        return self.layer(hidden_states.reshape(-1, shape[-1])).reshape(shape)
 
 
 def deploy(model: torch.nn.Module, profile: "str | Profile" = "mixed-demo", precision: str | None = None,
@@ -45,14 +38,10 @@ def deploy(model: torch.nn.Module, profile: "str | Profile" = "mixed-demo", prec
     weights = [w for _, w in layers]
     runtime = None
     if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
-        from hetrun.distributed.moe import distributed_runtime
         runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
     if runtime is None:  # one process runs every device
         runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
-    for (path, _), layer in zip(layers, runtime.layers):
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, HetrunMoEBlock(layer))
+    swap_moe_blocks(model, [path for path, _ in layers], runtime.layers)
     model.hetrun = runtime
     return model
 
