@@ -12,10 +12,11 @@ same profile runs in one process. Under torchrun:
 A rank that dies, hangs (distributed.timeout_s) or fails makes the others raise RankFailure naming it.
 `python -m hetrun.launch` wraps all this; `python -m hetrun.bench.distributed` measures it.
 
-    layout.py       which devices each rank owns, who holds the dense parts
+    ranks.py        which devices each rank owns, who holds the dense parts
     collectives.py  gloo / nccl / hccl probes and the device token buffers live on
     world.py        process groups with the profile's timeout, heartbeats, RankFailure naming the failed rank
-    moe.py          DistributedRuntime and DistributedMoELayer (dispatch, expert compute, combine)
+    moe.py          CollectiveExchange (dispatch and combine with all_to_all_single around MoELayer's compute)
+                    and DistributedRuntime (this rank's devices, its world, finish())
     stats.py        per-rank statistics, gathered to rank 0
     trace.py        per-rank Chrome-trace spans, merged on rank 0
 """

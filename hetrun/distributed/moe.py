@@ -1,6 +1,7 @@
 """Expert parallelism across processes: each rank runs its own devices' experts; tokens move with all_to_all_single.
 
-One MoE step on every rank, in lockstep:
+The layer is hetrun.runtime.dispatch's MoELayer; only its exchange differs (CollectiveExchange instead of
+LocalExchange). One MoE step on every rank, in lockstep:
   1. count exchange: all_gather of [status, deployment, layer, tokens per expert slot, tokens per shared expert];
      ranks with no tokens of their own (finished, or expert-only) take part with zero counts;
   2. dispatch: all_to_all_single with uneven splits sends each (token, expert) row to the rank owning its slot;
@@ -16,9 +17,11 @@ import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hetrun.distributed.ranks import RankLayout, resolve_layout
 from hetrun.distributed.stats import RankStats
@@ -26,9 +29,8 @@ from hetrun.distributed.trace import Tracer
 from hetrun.distributed.world import RankFailure, World, join_world
 from hetrun.errors import HetrunError, PlacementError
 from hetrun.placement.plan import Plan
-from hetrun.profile import Profile, load_profile
-from hetrun.runtime.dispatch import ExpertRuntime, MoELayer
-from hetrun.runtime.routing import route, router_logits
+from hetrun.profile import Profile
+from hetrun.runtime.dispatch import Exchange, ExpertRuntime, MoELayer, RoutedRows
 from hetrun.runtime.weights import MoELayerWeights
 
 log = logging.getLogger("hetrun")
@@ -44,65 +46,62 @@ def set_tracing(enabled: bool) -> None:
     _TRACING = bool(enabled)
 
 
-class DistributedMoELayer(MoELayer):
-    """One MoE layer whose expert slots live on several ranks: hidden [T, D] -> [T, D], in step with every rank."""
+@dataclass(frozen=True)
+class LayerRanks:
+    """Which rank owns what in one MoE layer."""
 
-    runtime: "DistributedRuntime"
+    slot_rank: np.ndarray  # [R] rank owning each slot
+    shared_rank: np.ndarray  # [S] rank owning each shared expert
+    my_slots: np.ndarray  # [Q_r] this rank's slots, ascending
+    my_shared: np.ndarray  # [Q_s] this rank's shared experts
+    shared_on: list[list[int]]  # per rank, its shared experts
 
-    def __init__(self, runtime: "DistributedRuntime", index: int, weights: MoELayerWeights):
-        super().__init__(runtime, index, weights)  # compiles only this rank's slots (runtime.local_devices)
-        me = runtime.world.rank
-        self.hidden = weights.gate.shape[1]
-        self.slot_rank = runtime.rank_of_device[self.device_of]  # [R] rank owning each slot
-        self.shared_rank = runtime.rank_of_device[np.asarray(self.shared_devices, dtype=np.int64)]  # [S]
-        self.my_slots = np.nonzero(self.slot_rank == me)[0]  # [Q_r] ascending
-        self.my_shared = np.nonzero(self.shared_rank == me)[0]  # [Q_s]
-        self.shared_on = [np.nonzero(self.shared_rank == j)[0].tolist() for j in range(runtime.world.size)]
+
+class CollectiveExchange(Exchange):
+    """Rows move between ranks with all_to_all_single; each rank computes its own slots (MoELayer.run_slot)."""
+
+    def __init__(self, runtime: "DistributedRuntime"):
+        self.runtime = runtime
+        self._ranks: dict[int, LayerRanks] = {}
+        self._start_us = 0.0
+
+    def ranks(self, layer: MoELayer) -> LayerRanks:
+        """The rank map of `layer`, computed once."""
+        if layer.index not in self._ranks:
+            rt, me = self.runtime, self.runtime.world.rank
+            slot_rank = rt.rank_of_device[layer.device_of]  # [R]
+            shared_rank = rt.rank_of_device[np.asarray(layer.shared_devices, dtype=np.int64)]  # [S]
+            self._ranks[layer.index] = LayerRanks(
+                slot_rank, shared_rank, np.nonzero(slot_rank == me)[0], np.nonzero(shared_rank == me)[0],
+                [np.nonzero(shared_rank == j)[0].tolist() for j in range(rt.world.size)])
+        return self._ranks[layer.index]
 
     # ---- the rank with tokens --------------------------------------------------------------------
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rt = self.runtime
-        rt.check_callable()
-        stats = rt.stats
-        t0 = time.perf_counter()
-        start_us = rt.tracer.now_us()
-        x = hidden.detach().float().contiguous()  # [T, D]
-        k = self.router.top_k
-        logits = router_logits(x.to(hidden.dtype), self.weights.gate.to(hidden.dtype), self.router)  # [T, E]
-        ids, weights = route(logits, self.router, self.weights.correction_bias)  # [T, K], [T, K]
-        slots = self.slots_for(ids)  # [T*K]
-        order = torch.argsort(slots, stable=True)  # [T*K] the one-process permutation, grouping pairs by slot
-        token_of = order // k  # [T*K]
-        counts = torch.bincount(slots, minlength=self.num_slots).numpy()  # [R]
-        x_np = x.numpy()
-        permuted = x_np[token_of.numpy()]  # [T*K, D] contiguous per slot
-        header = np.concatenate([[ACTIVE, rt.seq, self.index], counts, np.full(len(self.shared_rank), x.shape[0])])
-        table = rt.exchange_header(header.astype(np.int64))  # [W, H]
-        out_rows, shared_out = self._exchange(table, x_np, permuted, slots[order].numpy())
+    def begin(self, layer: MoELayer) -> None:
+        self.runtime.check_callable()
+        self._start_us = self.runtime.tracer.now_us()
 
-        y = torch.from_numpy(out_rows) * weights.reshape(-1)[order, None].float()  # [T*K, D]
-        out = torch.zeros_like(x).index_add_(0, token_of, y)  # [T, D]
-        for ys_np in shared_out:
-            ys = torch.from_numpy(ys_np)  # [T, D]
-            if self.weights.shared_gate is not None:
-                ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
-            out += ys
-        np.add.at(stats.tokens_per_expert[self.index], ids.reshape(-1).numpy(), 1)
-        stats.calls += 1
-        dt = time.perf_counter() - t0
-        stats.layer_s += dt
-        rt.rank_stats.step_s += dt
+    def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[np.ndarray, list[np.ndarray]]:
+        rt = self.runtime
+        ranks = self.ranks(layer)
+        header = np.concatenate([[ACTIVE, rt.seq, layer.index], routed.counts,
+                                 np.full(len(ranks.shared_rank), routed.x.shape[0])])
+        table = rt.exchange_header(header.astype(np.int64))  # [W, H]
+        return self._exchange(layer, table, routed.x, routed.rows, routed.slot_of_row)
+
+    def end(self, layer: MoELayer, tokens: int, seconds: float) -> None:
+        rt = self.runtime
+        rt.rank_stats.step_s += seconds
         rt.rank_stats.active_steps += 1
-        rt.tracer.add(f"MoE layer {self.index}", "moe", start_us, rt.tracer.now_us(), tokens=int(x.shape[0]))
-        return out.to(hidden.dtype)
+        rt.tracer.add(f"MoE layer {layer.index}", "moe", self._start_us, rt.tracer.now_us(), tokens=tokens)
 
     # ---- every rank --------------------------------------------------------------------------------
-    def serve(self, table: np.ndarray) -> None:
-        """Take part in a step of this layer without tokens of its own: receive, compute, send back."""
-        empty = np.empty((0, self.hidden), np.float32)
-        self._exchange(table, empty, empty, np.empty(0, np.int64))
+    def serve(self, layer: MoELayer, table: np.ndarray) -> None:
+        """Take part in a step of `layer` without tokens of its own: receive, compute, send back."""
+        empty = np.empty((0, layer.weights.gate.shape[1]), np.float32)
+        self._exchange(layer, table, empty, empty, np.empty(0, np.int64))
 
-    def _exchange(self, table: np.ndarray, x_np: np.ndarray, permuted: np.ndarray,
+    def _exchange(self, layer: MoELayer, table: np.ndarray, x_np: np.ndarray, permuted: np.ndarray,
                   sorted_slots: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Dispatch rows to the slots' ranks, run this rank's slots, combine; returns rows in `permuted` order.
 
@@ -110,7 +109,7 @@ class DistributedMoELayer(MoELayer):
         others (who name it when its connections drop) instead of trying to finish.
         """
         try:
-            return self._move_and_compute(table, x_np, permuted, sorted_slots)
+            return self._move_and_compute(layer, table, x_np, permuted, sorted_slots)
         except RankFailure:
             raise
         except BaseException as e:
@@ -118,39 +117,38 @@ class DistributedMoELayer(MoELayer):
             self.runtime.world.post_failure(self.runtime.failed)
             raise
 
-    def _move_and_compute(self, table: np.ndarray, x_np: np.ndarray, permuted: np.ndarray,
+    def _move_and_compute(self, layer: MoELayer, table: np.ndarray, x_np: np.ndarray, permuted: np.ndarray,
                           sorted_slots: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        rt, rs = self.runtime, self.runtime.rank_stats
-        w, me, t, d = rt.world.size, rt.world.rank, x_np.shape[0], self.hidden
+        rt, rs, ranks = self.runtime, self.runtime.rank_stats, self.ranks(layer)
+        w, me, t, d = rt.world.size, rt.world.rank, x_np.shape[0], layer.weights.gate.shape[1]
         # Sender: rows grouped by destination rank, in slot order within each; shared experts take every token.
-        dest = self.slot_rank[sorted_slots]  # [T*K]
+        dest = ranks.slot_rank[sorted_slots]  # [T*K]
         send_perm = np.argsort(dest, kind="stable")  # [T*K]
         routed = np.bincount(dest, minlength=w)  # [W]
         routed_off = np.concatenate([[0], np.cumsum(routed)])
         parts = []
         for j in range(w):
             parts.append(permuted[send_perm[routed_off[j]:routed_off[j + 1]]])
-            parts.extend([x_np] * len(self.shared_on[j]))
+            parts.extend([x_np] * len(ranks.shared_on[j]))
         send = np.concatenate(parts) if parts else np.empty((0, d), np.float32)  # [sum(send_sizes), D]
-        send_sizes = routed + np.array([len(s) * t for s in self.shared_on], dtype=np.int64)  # [W]
+        send_sizes = routed + np.array([len(s) * t for s in ranks.shared_on], dtype=np.int64)  # [W]
         # Receiver: rows from each source rank, per local routed slot then per local shared expert.
-        r_all = self.num_slots
-        counts = np.concatenate([table[:, HEADER_FIXED + self.my_slots],
-                                 table[:, HEADER_FIXED + r_all + self.my_shared]], axis=1)  # [W, Q]
+        counts = np.concatenate([table[:, HEADER_FIXED + ranks.my_slots],
+                                 table[:, HEADER_FIXED + layer.num_slots + ranks.my_shared]], axis=1)  # [W, Q]
         recv_sizes = counts.sum(axis=1)  # [W]
 
-        recv = self._all_to_all("dispatch", send, recv_sizes, send_sizes)  # [sum(recv_sizes), D]
-        done = self._compute(recv, counts)  # [sum(recv_sizes), D]
-        back = self._all_to_all("combine", done, send_sizes, recv_sizes)  # [sum(send_sizes), D]
+        recv = self._all_to_all(layer, "dispatch", send, recv_sizes, send_sizes)  # [sum(recv_sizes), D]
+        done = self._compute(layer, recv, counts)  # [sum(recv_sizes), D]
+        back = self._all_to_all(layer, "combine", done, send_sizes, recv_sizes)  # [sum(send_sizes), D]
 
         out_rows = np.empty_like(permuted)  # [T*K, D]
-        shared_out: list[np.ndarray] = [np.empty(0)] * len(self.shared_rank)
+        shared_out: list[np.ndarray] = [np.empty(0)] * len(ranks.shared_rank)
         pos = 0
         for j in range(w):
             n = int(routed[j])
             out_rows[send_perm[routed_off[j]:routed_off[j + 1]]] = back[pos:pos + n]
             pos += n
-            for s in self.shared_on[j]:
+            for s in ranks.shared_on[j]:
                 shared_out[s] = back[pos:pos + t]
                 pos += t
         others = np.arange(w) != me
@@ -163,53 +161,45 @@ class DistributedMoELayer(MoELayer):
         rs.bytes_received += int(recv_sizes[others].sum() + send_sizes[others].sum()) * row
         return out_rows, shared_out
 
-    def _all_to_all(self, what: str, rows: np.ndarray, out_sizes: np.ndarray, in_sizes: np.ndarray) -> np.ndarray:
-        import torch.distributed as dist
-
+    def _all_to_all(self, layer: MoELayer, what: str, rows: np.ndarray, out_sizes: np.ndarray,
+                    in_sizes: np.ndarray) -> np.ndarray:
         rt = self.runtime
         dev = rt.world.device
         src = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         if dev.type != "cpu":
             src = src.to(dev)
-        dst = torch.empty((int(out_sizes.sum()), self.hidden), dtype=torch.float32, device=dev)
+        dst = torch.empty((int(out_sizes.sum()), rows.shape[1]), dtype=torch.float32, device=dev)
         t0, s_us = time.perf_counter(), rt.tracer.now_us()
-        rt.world.run(f"{what} of MoE layer {self.index}", dist.all_to_all_single, dst, src,
+        rt.world.run(f"{what} of MoE layer {layer.index}", dist.all_to_all_single, dst, src,
                      out_sizes.tolist(), in_sizes.tolist(), group=rt.world.data_group)
         rt.rank_stats.a2a_s += time.perf_counter() - t0
-        rt.tracer.add(f"{what} L{self.index}", "comm", s_us, rt.tracer.now_us(),
+        rt.tracer.add(f"{what} L{layer.index}", "comm", s_us, rt.tracer.now_us(),
                       rows_out=int(in_sizes.sum()), rows_in=int(out_sizes.sum()))
         return dst.cpu().numpy() if dev.type != "cpu" else dst.numpy()
 
-    def _compute(self, recv: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    def _compute(self, layer: MoELayer, recv: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Run every local slot on its rows from all source ranks; rows are laid out source-major."""
-        rt, rs, stats = self.runtime, self.runtime.rank_stats, self.runtime.stats
+        rt, rs, ranks = self.runtime, self.runtime.rank_stats, self.ranks(layer)
         w, q = counts.shape
         chunk = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])[:-1]  # [W] where each source's rows start
         start = chunk[:, None] + np.cumsum(counts, axis=1) - counts  # [W, Q]
         out = np.empty_like(recv)
-        n_routed = len(self.my_slots)
+        n_routed = len(ranks.my_slots)
         for c in range(q):
             idx = np.concatenate([np.arange(start[i, c], start[i, c] + counts[i, c]) for i in range(w)])
             if len(idx) == 0:
                 rs.empty_slots += int(c < n_routed)
                 continue
-            rows = recv[idx]
             s_us = rt.tracer.now_us()
             t0 = time.perf_counter()
             if c < n_routed:
-                r = int(self.my_slots[c])
-                dev = int(self.device_of[r])
-                try:
-                    out[idx] = self._run(self.sessions[r], dev, rows)
-                except Exception as fault:  # noqa: BLE001 -- fail over inside this rank, as MoELayer does
-                    dev, out[idx] = self._failover(r, rows, fault)
-                stats.tokens_per_device[dev] += len(idx)
-                name = f"L{self.index}.E{int(self.phy2log[r])} slot {r}"
+                r = int(ranks.my_slots[c])
+                out[idx] = layer.run_slot(r, recv[idx])  # fails over inside this rank, as in one process
+                name, dev = f"L{layer.index}.E{int(layer.phy2log[r])} slot {r}", int(layer.device_of[r])
             else:
-                s = int(self.my_shared[c - n_routed])
-                dev = int(self.shared_devices[s])
-                out[idx] = self._run(self.shared_sessions[s], dev, rows)
-                name = f"L{self.index}.S{s}"
+                s = int(ranks.my_shared[c - n_routed])
+                out[idx] = layer.run_shared(s, recv[idx])
+                name, dev = f"L{layer.index}.S{s}", int(layer.shared_devices[s])
             rs.expert_s += time.perf_counter() - t0
             rt.tracer.add(name, "experts", s_us, rt.tracer.now_us(), rows=len(idx), device=rt.devices[dev].id)
         return out
@@ -218,13 +208,8 @@ class DistributedMoELayer(MoELayer):
 class DistributedRuntime(ExpertRuntime):
     """This rank's share of a plan: its devices' expert graphs, the world it steps with, and its statistics."""
 
-    layer_class = DistributedMoELayer
-
-    def __init__(self, plan: Plan, profile: "Profile | str", weights: list[MoELayerWeights], world: World,
+    def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights], world: World,
                  layout: RankLayout, threads: int | None = None, progress: bool = False):
-        import torch.distributed as dist
-
-        profile = load_profile(profile)
         self.world, self.layout = world, layout
         self.holds_dense = layout.holds_dense(world.rank)
         missing = [i for i in plan.device_ids if not any(i in ids for ids in layout.ranks)]
@@ -245,7 +230,8 @@ class DistributedRuntime(ExpertRuntime):
         world.start_heartbeat()
         world.phase = "compiling experts"
         local = {i for i, r in enumerate(self.rank_of_device.tolist()) if r == world.rank}
-        super().__init__(plan, profile, weights, threads=threads, progress=progress, local_devices=local)
+        super().__init__(plan, profile, weights, threads=threads, progress=progress, local_devices=local,
+                         exchange=CollectiveExchange(self))
         self.header_len = HEADER_FIXED + plan.num_slots + plan.shared_device_of.shape[1]
 
         digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
@@ -281,8 +267,6 @@ class DistributedRuntime(ExpertRuntime):
 
     def exchange_header(self, header: np.ndarray) -> np.ndarray:
         """All ranks' step headers [W, H]; raises when ranks are out of step."""
-        import torch.distributed as dist
-
         rs = self.rank_stats
         table = torch.empty(self.world.size * self.header_len, dtype=torch.int64)
         t0, s_us = time.perf_counter(), self.tracer.now_us()
@@ -310,8 +294,6 @@ class DistributedRuntime(ExpertRuntime):
         Returns, on rank 0, one dict per rank with `stats`, `trace` and `payload`; None on other ranks.
         Calling it again returns the same.
         """
-        import torch.distributed as dist
-
         if self.closed:
             return self.report or None
         if self.failed is not None:
@@ -328,7 +310,7 @@ class DistributedRuntime(ExpertRuntime):
                 break
             layer = int(table[active][0, 2])
             s_us = self.tracer.now_us()
-            self.layers[layer].serve(table)
+            self.exchange.serve(self.layers[layer], table)
             self.rank_stats.step_s += time.perf_counter() - t0
             self.tracer.add(f"serve MoE layer {layer}", "moe", s_us, self.tracer.now_us())
         rs = self.rank_stats
@@ -357,14 +339,13 @@ class DistributedRuntime(ExpertRuntime):
                 log.error("finishing the deployment at exit failed: %s", e)
 
 
-def distributed_runtime(plan: Plan, profile: "Profile | str", weights: list[MoELayerWeights],
+def distributed_runtime(plan: Plan, profile: Profile, weights: list[MoELayerWeights],
                         threads: int | None = None, progress: bool = False) -> DistributedRuntime | None:
     """This rank's runtime when the process is a rank of a torchrun launch and the profile lays out ranks; else None.
 
     On ranks that hold no dense parts (`distributed.dense: rank0`), this serves expert requests until rank 0
     finishes (`model.hetrun.finish()`, or at its exit) before it returns.
     """
-    profile = load_profile(profile)
     layout = resolve_layout(profile)
     if layout is None:
         return None

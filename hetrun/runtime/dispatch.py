@@ -1,4 +1,17 @@
-"""The dispatcher: route tokens, permute them per expert slot, run each device's experts, combine, keep statistics."""
+"""The dispatcher: route tokens, permute them per expert slot, run each device's experts, combine, keep statistics.
+
+One MoE layer call, hidden [T, D] -> [T, D]:
+
+    route          router logits -> top-k expert ids and weights                  [T, K]
+    slots          each (token, k) pair -> a physical slot (replicas split by the plan's shares)   [T*K]
+    permute        token rows grouped by slot                                   RoutedRows [T*K, D]
+    exchange       rows -> the devices holding their slots -> expert outputs     [T*K, D] + shared [T, D]
+                   (communication lives here: LocalExchange in one process, hetrun.distributed's
+                   CollectiveExchange across ranks; compute is always MoELayer.run_slot / run_shared)
+    combine        weighted sum of each token's K rows, plus its shared experts   [T, D]
+
+Compute never knows where rows came from; communication never knows what an expert does.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +26,7 @@ from hetrun.backends.base import ExpertSession
 from hetrun.backends.registry import require_backend, resolve_backend
 from hetrun.errors import HetrunError, PlacementError
 from hetrun.placement.plan import Plan
-from hetrun.profile import Device, Profile, load_profile
+from hetrun.profile import Device, Profile
 from hetrun.runtime.graphs import build_expert_graph
 from hetrun.runtime.routing import route, router_logits
 from hetrun.runtime.weights import MoELayerWeights
@@ -54,22 +67,25 @@ class DispatchStats:
 
 
 class ExpertRuntime:
-    """Every expert graph of a plan compiled on its device's backend, ready to dispatch to."""
+    """Every expert graph of a plan compiled on its device's backend, ready to dispatch to.
 
-    layer_class: type | None = None  # MoELayer unless a subclass swaps it (hetrun.distributed does)
+    `profile` is the resolved Profile (hetrun.deploy resolves it once). `local_devices`: the device indices this
+    process runs (None: all). `exchange` moves each layer's rows to the devices of their slots and back;
+    default: LocalExchange, every device in this process.
+    """
 
-    def __init__(self, plan: Plan, profile: Profile | str, weights: list[MoELayerWeights], threads: int | None = None,
-                 progress: bool = False, local_devices: "set[int] | None" = None):
+    def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights], threads: int | None = None,
+                 progress: bool = False, local_devices: "set[int] | None" = None, exchange: "Exchange | None" = None):
         self.plan = plan
-        self.profile = load_profile(profile)
+        self.profile = profile
+        self.exchange = exchange or LocalExchange()
         self.devices: tuple[Device, ...] = tuple(self._device(i) for i in plan.device_ids)
         self.stats = DispatchStats.empty(plan.num_layers, plan.spec.num_experts, len(self.devices))
         # Device indices whose experts this process compiles and runs; None: all of them (one process).
         self.local_devices = None if local_devices is None else frozenset(local_devices)
         self.backends = [require_backend(resolve_backend(d))(d, plan.precision[d.id], threads) if self.is_local(i) else None
                          for i, d in enumerate(self.devices)]
-        layer_class = self.layer_class or MoELayer
-        self.layers = [layer_class(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
+        self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
 
     def is_local(self, device: int) -> bool:
         """Whether this process runs the experts of device index `device`."""
@@ -150,7 +166,8 @@ class MoELayer:
         return self.slot_table[flat, j]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        stats = self.runtime.stats
+        stats, exchange = self.runtime.stats, self.runtime.exchange
+        exchange.begin(self)
         t0 = time.perf_counter()
         x = hidden.detach().float().contiguous()  # [T, D]
         k = self.router.top_k
@@ -159,35 +176,38 @@ class MoELayer:
         slots = self.slots_for(ids)  # [T*K]
         order = torch.argsort(slots, stable=True)  # [T*K] permutation grouping pairs by slot
         token_of = order // k  # [T*K] source token of each permuted row
-        counts = torch.bincount(slots, minlength=self.num_slots).tolist()  # [R]
         x_np = x.numpy()
-        permuted = x_np[token_of.numpy()]  # [T*K, D] contiguous per slot
-        out_rows = np.empty_like(permuted)
-
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        for r in np.argsort(self.device_of, kind="stable").tolist():  # device by device
-            n = counts[r]
-            if n == 0:
-                continue
-            rows = permuted[offsets[r]:offsets[r + 1]]
-            d = int(self.device_of[r])
-            try:
-                out_rows[offsets[r]:offsets[r + 1]] = self._run(self.sessions[r], d, rows)
-            except Exception as fault:  # noqa: BLE001 -- any backend failure: fail over, don't drop tokens
-                d, out_rows[offsets[r]:offsets[r + 1]] = self._failover(r, rows, fault)
-            stats.tokens_per_device[d] += n
+        routed = RoutedRows(x_np, x_np[token_of.numpy()], slots[order].numpy(),
+                            torch.bincount(slots, minlength=self.num_slots).numpy())
+        out_rows, shared_out = exchange(self, routed)  # [T*K, D], S x [T, D]
 
         y = torch.from_numpy(out_rows) * weights.reshape(-1)[order, None].float()  # [T*K, D]
         out = torch.zeros_like(x).index_add_(0, token_of, y)  # [T, D]
-        for sess, d in zip(self.shared_sessions, self.shared_devices):
-            ys = torch.from_numpy(self._run(sess, d, x_np))  # [T, D]
+        for ys_np in shared_out:
+            ys = torch.from_numpy(ys_np)  # [T, D]
             if self.weights.shared_gate is not None:
                 ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
             out += ys
         stats.tokens_per_expert[self.index] += torch.bincount(ids.reshape(-1), minlength=len(self.replica_count)).numpy()
         stats.calls += 1
-        stats.layer_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats.layer_s += dt
+        exchange.end(self, x.shape[0], dt)
         return out.to(hidden.dtype)
+
+    def run_slot(self, slot: int, rows: np.ndarray) -> np.ndarray:
+        """Rows [N, D] through slot `slot`'s expert on its device; a failing device hands them on (_failover)."""
+        d = int(self.device_of[slot])
+        try:
+            y = self._run(self.sessions[slot], d, rows)
+        except Exception as fault:  # noqa: BLE001 -- any backend failure: fail over, don't drop tokens
+            d, y = self._failover(slot, rows, fault)
+        self.runtime.stats.tokens_per_device[d] += len(rows)
+        return y
+
+    def run_shared(self, index: int, rows: np.ndarray) -> np.ndarray:
+        """Rows [N, D] through shared expert `index` on its device."""
+        return self._run(self.shared_sessions[index], self.shared_devices[index], rows)
 
     def _failover(self, slot: int, rows: np.ndarray, fault: Exception) -> tuple[int, np.ndarray]:
         """Run a failed slot's tokens on a replica of the same expert on another device, else the fallback device."""
@@ -227,6 +247,42 @@ class MoELayer:
             stats.call_log.append((rows.shape[0], dt))
         stats.modeled_s_per_device[device] += session.modeled_seconds(rows.shape[0])
         return y
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """One layer call's token rows, grouped by the physical slot they go to."""
+
+    x: np.ndarray  # [T, D] the layer's input (shared experts take every token)
+    rows: np.ndarray  # [T*K, D] one row per (token, k) pair, grouped by slot in ascending slot order
+    slot_of_row: np.ndarray  # [T*K] slot of each row, ascending
+    counts: np.ndarray  # [R] rows per slot
+
+
+class Exchange:
+    """How a layer's rows reach the devices that hold their slots, and their outputs come back."""
+
+    def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(outputs [T*K, D] in the order of routed.rows, one [T, D] per shared expert)."""
+        raise NotImplementedError
+
+    def begin(self, layer: MoELayer) -> None:
+        """Called as a layer call starts, before routing."""
+
+    def end(self, layer: MoELayer, tokens: int, seconds: float) -> None:
+        """Called as a layer call of `tokens` tokens ends, `seconds` after it began."""
+
+
+class LocalExchange(Exchange):
+    """Every device in this process: no communication, devices in turn."""
+
+    def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = np.empty_like(routed.rows)  # [T*K, D]
+        offsets = np.concatenate([[0], np.cumsum(routed.counts)])
+        for r in np.argsort(layer.device_of, kind="stable").tolist():  # device by device
+            if routed.counts[r]:
+                out[offsets[r]:offsets[r + 1]] = layer.run_slot(r, routed.rows[offsets[r]:offsets[r + 1]])
+        return out, [layer.run_shared(s, routed.x) for s in range(len(layer.shared_sessions))]
 
 
 class HetrunMoEBlock(torch.nn.Module):
