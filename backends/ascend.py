@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.nvidia import OrtGpuSession
+from hetrun.backends.registry import probe_backend
+from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 
 from hetrun.errors import BackendUnavailable
 
@@ -94,7 +97,7 @@ def explain_import_error(err: str) -> str:
 
 def _cann_ep_available() -> bool:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when an NPU expert runs, never by a probe
     except ImportError:
         return False
     return "CANNExecutionProvider" in ort.get_available_providers()
@@ -140,13 +143,9 @@ class AscendBackend(Backend):
     @classmethod
     def has_device(cls, device_type) -> bool:
         """Whether a device of this catalog type is here: a Huawei NPU that torch_npu or the CANN EP can drive."""
-        from hetrun.backends.registry import probe_backend
-
         return device_type.kind == "npu" and device_type.vendor == "huawei" and probe_backend("ascend").ok
 
     def _availability(self) -> Availability:
-        from hetrun.backends.registry import probe_backend
-
         avail = probe_backend("ascend")
         if not avail.ok:
             raise BackendUnavailable(f"device '{self.device.id}' wants an Ascend NPU: {avail.reason}; "
@@ -162,8 +161,7 @@ class AscendBackend(Backend):
 
     def load_torch(self, graph: bytes, device: str, int8_kernel: bool) -> ExpertSession:
         """The torch path on one torch device (`npu:N` here; tests pass `cpu` with a stand-in INT8 kernel)."""
-        from hetrun.backends.graph_matrices import read_expert_matrices
-        from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
 
         m = read_expert_matrices(graph)
         if self.precision == "int8":
@@ -183,7 +181,7 @@ class AscendBackend(Backend):
                                   f"torch {dtype} matmul on {device}")
 
     def _load_cann(self, graph: bytes) -> ExpertSession:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: only when an expert loads
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -195,8 +193,6 @@ class AscendBackend(Backend):
         except Exception as e:  # noqa: BLE001 -- CANN runtime errors carry the fix in their text
             raise BackendUnavailable(f"onnxruntime's CANN EP cannot open an expert for '{self.device.id}': "
                                      f"{' '.join(str(e).split())[:300]}") from None
-        from hetrun.backends.nvidia import OrtGpuSession
-
         return OrtGpuSession(sess)
 
 
@@ -216,7 +212,7 @@ class Int8WeightLinear:
     """
 
     def __init__(self, q, device: str, kernel=None):
-        import torch
+        import torch  # heavy: loaded only when an NPU expert runs, never by a probe
 
         col = q.column_scale() if q.zero is None else _column(q.scale)
         zero = None if q.zero is None else _column(q.zero)
@@ -229,11 +225,11 @@ class Int8WeightLinear:
         self.offset = None if zero is None else torch.from_numpy(-zero).to(device=device, dtype=torch.bfloat16)  # [N]
 
     def __call__(self, x):
-        import torch
+        import torch  # heavy: loaded only when an NPU expert runs, never by a probe
 
         kernel = self.kernel
         if kernel is None:
-            import torch_npu
+            import torch_npu  # vendor stack: loaded only when an NPU expert runs, never by a probe
 
             kernel = torch_npu.npu_weight_quant_batchmatmul
         return kernel(x.to(torch.bfloat16), self.weight, self.scale, self.offset).float()

@@ -117,7 +117,7 @@ def _weight_input(node: onnx.NodeProto, const: set[str]) -> str | None:
 
 def _evaluate_weights(model: onnx.ModelProto, weighted: list[onnx.NodeProto], const: set[str]) -> list[np.ndarray]:
     """Each weight matmul's effective [K, N] float32 matrix, computed by onnxruntime from the graph's own nodes."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: only when weights are read back from a graph
 
     g = model.graph
     const_nodes = [n for n in g.node if n.output and all(o in const for o in n.output)]

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.registry import probe_backend
+from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
+from hetrun.kernels.fp8 import quantize_fp8
 
 from hetrun.errors import BackendUnavailable
 
@@ -67,7 +70,7 @@ def visible_cuda_devices() -> tuple[tuple[CudaDevice, ...], str]:
 def _torch_cuda_devices() -> tuple[tuple[CudaDevice, ...], str] | None:
     """Devices as a CUDA build of torch sees them; None when torch is missing or a CPU build."""
     try:
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
     except ImportError:
         return None
     if not torch.version.cuda:
@@ -114,7 +117,7 @@ def _driver_devices() -> tuple[tuple[CudaDevice, ...], str]:
 def torch_cuda_ready() -> bool:
     """Whether torch is a CUDA build that sees a device (the FP8 and torch paths need it)."""
     try:
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
     except ImportError:
         return False
     return bool(torch.version.cuda) and torch.cuda.is_available()
@@ -123,7 +126,7 @@ def torch_cuda_ready() -> bool:
 def ort_providers() -> tuple[str, ...]:
     """Execution providers onnxruntime offers here, plugin EPs included; () when onnxruntime is missing."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when a GPU expert runs or the probe asks
     except ImportError:
         return ()
     names = list(ort.get_available_providers())
@@ -169,8 +172,6 @@ class NvidiaBackend(Backend):
     @classmethod
     def has_device(cls, device_type) -> bool:
         """Whether a device of this catalog type is here: an NVIDIA GPU and a runtime to drive it."""
-        from hetrun.backends.registry import probe_backend
-
         return device_type.kind == "gpu" and device_type.vendor == "nvidia" and probe_backend("nvidia").ok
 
     def cuda_device(self) -> CudaDevice:
@@ -198,9 +199,7 @@ class NvidiaBackend(Backend):
 
     def _load_fp8(self, graph: bytes, name: str, gpu: CudaDevice) -> ExpertSession | None:
         """The torch FP8 path, or None (with one warning) when no scaling mode works on this GPU."""
-        from hetrun.backends.graph_matrices import read_expert_matrices
-        from hetrun.backends.torch_expert import TorchExpertSession
-
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
         m = read_expert_matrices(graph)
         device = f"cuda:{gpu.index}"
         problems = []
@@ -217,9 +216,7 @@ class NvidiaBackend(Backend):
         return None
 
     def _load_torch_dense(self, graph: bytes, gpu: CudaDevice) -> ExpertSession:
-        from hetrun.backends.graph_matrices import read_expert_matrices
-        from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
-
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
         m = read_expert_matrices(graph)
         device = f"cuda:{gpu.index}"
         dtype = DENSE_DTYPES.get(self.precision, "float32")  # quantized graphs: their dequantized weights in FP32
@@ -227,7 +224,7 @@ class NvidiaBackend(Backend):
                                   f"torch {dtype} matmul on {device}")
 
     def _load_ort(self, graph: bytes, gpu: CudaDevice, meta: dict) -> ExpertSession:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when a GPU expert runs or the probe asks
 
         opts = ort.SessionOptions()
         # Level-2 fusions turn INT8 DequantizeLinear+MatMul into dynamically quantized INT8 activations: not the graph's
@@ -265,7 +262,7 @@ class NvidiaBackend(Backend):
 
 
 def _input_name(graph: bytes) -> str:
-    import onnx
+    import onnx  # heavy: loaded only when a GPU expert runs or the probe asks
 
     return onnx.load_from_string(graph).graph.input[0].name
 
@@ -296,8 +293,6 @@ def fp8_weight(m, w: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
     The graph's own E4M3 codes are used when its scales already have that granularity; otherwise the graph's
     dequantized weight is quantized again (FP8 of an FP8 weight: a second rounding, visible in the error).
     """
-    from hetrun.kernels.fp8 import quantize_fp8
-
     if m is not None and m.is_e4m3:
         grid = m.block_grid(BLOCK, BLOCK) if mode == "block" else m.column_scale()
         if grid is not None:
@@ -326,14 +321,14 @@ class ConcatColumns:
         self.parts = parts
 
     def __call__(self, x):
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
 
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
 def quantize_activations(x, mode: str):
     """E4M3 codes [M, K] and scales of activations x [M, K]: per 1x128 tile [M, ceil(K/128)] or per row [M, 1]."""
-    import torch
+    import torch  # heavy: loaded only when a GPU expert runs or the probe asks
 
     m, k = x.shape
     a = x.abs()
@@ -380,7 +375,7 @@ class Fp8Linear:
     """
 
     def __init__(self, m, w: np.ndarray, mode: str, device: str, scaled_mm=None, check: bool = True):
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
 
         if mode not in ("block", "row"):
             raise ValueError(f"FP8 scaling mode must be 'block' or 'row', got {mode!r}")
@@ -400,7 +395,7 @@ class Fp8Linear:
             self._check(w)
 
     def __call__(self, x):
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
 
         rows = x.shape[0]
         pad = -rows % 16  # cuBLASLt FP8 kernels want 16-aligned leading dimensions; zero rows cost nothing here
@@ -415,7 +410,7 @@ class Fp8Linear:
 
     def _check(self, w: np.ndarray) -> None:
         """Run one small product through the real op and its emulation; raise Fp8Unsupported when they disagree."""
-        import torch
+        import torch  # heavy: loaded only when a GPU expert runs or the probe asks
 
         x = torch.randn(32, w.shape[0], generator=torch.Generator().manual_seed(0)).to(self.device)  # [32, K]
         qa, sa = quantize_activations(x, self.mode)

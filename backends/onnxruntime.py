@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
 
@@ -32,7 +33,7 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def probe(cls) -> Availability:
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
         except ImportError as e:
             return Availability(False, f"onnxruntime is not installed ({e})")
         providers = tuple(ort.get_available_providers())
@@ -41,8 +42,6 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def has_device(cls, device_type: "DeviceType") -> bool:
         """Whether an execution provider for this catalog type is installed and finds such a device here."""
-        from hetrun.backends.registry import probe_backend  # the registry loads backend modules: no import at the top
-
         providers = set(probe_backend("onnxruntime").devices)
         if not providers & set(PROVIDERS.get(device_type.kind, [])):
             return False
@@ -54,7 +53,7 @@ class OnnxRuntimeBackend(Backend):
 
     def providers(self) -> list[str]:
         """Execution providers for this device, best first; raises when none is installed."""
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
 
         have = set(ort.get_available_providers())
         wanted = PROVIDERS.get(self.device.type.kind, [])
@@ -67,7 +66,7 @@ class OnnxRuntimeBackend(Backend):
         return chosen
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
 
         return OrtSession(ort.InferenceSession(graph, sess_options=session_options(self.threads),
                                                providers=self.providers()))
@@ -75,7 +74,7 @@ class OnnxRuntimeBackend(Backend):
 
 def session_options(threads: int | None):
     """onnxruntime session options for expert graphs that share the host's cores with torch."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

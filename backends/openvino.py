@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
 from hetrun.formats import base_precision
@@ -53,7 +54,7 @@ class OpenVinoBackend(Backend):
     @classmethod
     def probe(cls) -> Availability:
         try:
-            import openvino as ov
+            import openvino as ov  # heavy: loaded only on probe or load, so the registry stays light
         except ImportError as e:
             return Availability(False, f"openvino is not installed ({e}): pip install hetrun[intel]")
         try:
@@ -67,8 +68,6 @@ class OpenVinoBackend(Backend):
     @classmethod
     def has_device(cls, device_type) -> bool:
         """Whether OpenVINO lists a device of this catalog type's kind (Intel GPUs only for gpu types)."""
-        from hetrun.backends.registry import probe_backend
-
         family = DEVICE_STRINGS.get(device_type.kind)
         if family is None or (device_type.kind in ("gpu", "npu") and device_type.vendor != "intel"):
             return False
@@ -154,7 +153,7 @@ def _supported_properties(core, device: str) -> set[str] | None:
 
 
 def _core():
-    import openvino as ov
+    import openvino as ov  # heavy: loaded only on probe or load, so the registry stays light
 
     global _CORE
     if _CORE is None:

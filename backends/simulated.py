@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 from hetrun.backends.onnxruntime import session_options
+from hetrun.backends.registry import probe_backend
 
 from hetrun.roofline import expert_seconds
 
@@ -19,15 +20,13 @@ class SimulatedBackend(Backend):
 
     @classmethod
     def probe(cls) -> Availability:
-        from hetrun.backends.registry import probe_backend
-
         host = probe_backend("onnxruntime")
         if not host.ok:
             return Availability(False, f"the simulated backend executes graphs with onnxruntime: {host.reason}")
         return Availability(True, devices=("host CPU",))
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: loaded only when an expert loads
 
         opts = session_options(self.threads)
         sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])

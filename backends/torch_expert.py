@@ -15,7 +15,7 @@ class DenseLinear:
     """x [M, K] float32 -> x @ W [M, N] float32, with x and W in `dtype` and the product rounded to it (FP32 accumulation)."""
 
     def __init__(self, w: np.ndarray, dtype: str, device: str):
-        import torch
+        import torch  # heavy: loaded only when a torch-path expert runs
 
         self.dtype = getattr(torch, dtype)
         self.w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device=device, dtype=self.dtype)  # [K, N]
@@ -34,7 +34,7 @@ class TorchExpertSession(ExpertSession):
         self.path = path  # how this expert runs, for reports: e.g. "torch fp8 block-scaled _scaled_mm on cuda:0"
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        import torch
+        import torch  # heavy: loaded only when a torch-path expert runs
 
         with torch.inference_mode():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)  # [N, D]

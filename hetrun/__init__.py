@@ -1,6 +1,9 @@
 """hetrun: deploy one Mixture-of-Experts model across mixed accelerators."""
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 from importlib.metadata import version
 
 # torch auto-loads torch_npu at `import torch`; without Huawei's CANN that import fails and takes hetrun down before
@@ -15,10 +18,6 @@ def _map_source_kernels() -> None:
     # prefers any regular package of that name wherever it is installed. A wheel installs the folder as
     # hetrun/kernels/; setuptools' editable finder cannot map a namespace subpackage (pypa/setuptools#4248), so in a
     # source checkout or an editable install hetrun maps it here.
-    import importlib.machinery
-    import importlib.util
-    import sys
-
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isdir(os.path.join(root, "kernels")):
@@ -40,7 +39,7 @@ __all__ = ["HetrunError", "MoESpec", "Profile", "RouterSpec", "deploy", "load_pr
 
 
 def __getattr__(name):
-    # Heavy pieces (torch, onnx, runtimes) load on first use, not at import.
+    # Heavy pieces (torch, onnx, runtimes) load on first use, not at `import hetrun`.
     if name == "deploy":
         from hetrun.deployment import deploy
         return deploy

@@ -18,7 +18,21 @@ import logging
 import os
 import sys
 
+import torch
+import transformers
+
+from hetrun.deployment import deploy
+from hetrun.distributed.moe import set_tracing
+from hetrun.distributed.stats import format_stats_table
+from hetrun.distributed.trace import merge_chrome_trace
+from hetrun.distributed.world import RankFailure, current_world, in_distributed_launch
 from hetrun.errors import HetrunError
+from hetrun.files import write_atomic
+from hetrun.placement.plan import Plan
+from hetrun.placement.planner import plan as make_plan
+from hetrun.profile import Profile, load_profile
+from hetrun.spec import MoESpec
+from hetrun.tiny_models import FAMILY_SPECS, tiny_model
 
 log = logging.getLogger("hetrun")
 
@@ -57,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_prompts(text: str | None, vocab: int) -> list[list[int]]:
     """Prompts from '1,2,3;4,5'; a seeded random 8-token prompt when None."""
     if text is None:
-        import torch
-
         return [torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(0)).tolist()]
     try:
         prompts = [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";") if part.strip()]
@@ -74,14 +86,10 @@ def parse_prompts(text: str | None, vocab: int) -> list[list[int]]:
 def load_model(name: str):
     """A transformers MoE model in eval mode: tiny:FAMILY, or a folder / hub name."""
     if name.startswith("tiny:"):
-        from hetrun.tiny_models import FAMILY_SPECS, tiny_model
-
         family = name.split(":", 1)[1]
         if family not in FAMILY_SPECS:
             raise HetrunError(f"unknown tiny model '{family}'; use tiny:{' or tiny:'.join(FAMILY_SPECS)}")
         return tiny_model(family)
-    import transformers
-
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(name).eval()
     except (OSError, ValueError) as e:
@@ -89,9 +97,6 @@ def load_model(name: str):
 
 
 def _plan(args, spec, profile):
-    from hetrun.placement.plan import Plan
-    from hetrun.placement.planner import plan as make_plan
-
     if args.plan is None:
         return make_plan(spec, profile, precision=args.precision, redundant_experts=args.redundant_experts)
     try:
@@ -105,8 +110,6 @@ def _plan(args, spec, profile):
 
 
 def _profile(args):
-    from hetrun.profile import Profile, load_profile
-
     profile = load_profile(args.profile)
     if profile.model.distributed is None:
         raise HetrunError(f"profile '{profile.name}' has no distributed: section saying which devices each rank owns; "
@@ -121,17 +124,6 @@ def _profile(args):
 
 def run(args) -> int:
     """One launch on this rank; returns the exit code."""
-    import torch
-    import transformers
-
-    import hetrun
-    from hetrun.distributed.moe import set_tracing
-    from hetrun.distributed.stats import format_stats_table
-    from hetrun.distributed.trace import merge_chrome_trace
-    from hetrun.distributed.world import current_world, in_distributed_launch
-    from hetrun.files import write_atomic
-    from hetrun.spec import MoESpec
-
     transformers.logging.set_verbosity_error()
     if args.max_new_tokens < 1 or args.repeat < 1:
         raise HetrunError("--max-new-tokens and --repeat must be at least 1")
@@ -145,7 +137,7 @@ def run(args) -> int:
     plan = _plan(args, spec, profile)
     if rank == 0 and args.plan_out:
         write_atomic(args.plan_out, plan.to_json())
-    model = hetrun.deploy(model, profile, precision=args.precision, plan=plan, threads=args.threads)
+    model = deploy(model, profile, precision=args.precision, plan=plan, threads=args.threads)
     rt = model.hetrun
     holds_dense = getattr(rt, "holds_dense", True)
     layout = getattr(rt, "layout", None)
@@ -215,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; under torchrun every rank runs it."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, format=f"hetrun[rank {rank}]: %(levelname)s: %(message)s")
-    from hetrun.distributed.world import RankFailure, current_world
-
     try:
         args = build_parser().parse_args(argv)
         return run(args)
@@ -239,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stop(message: str, code: int) -> int:
     print(message, file=sys.stderr, flush=True)
-    from hetrun.distributed.world import current_world
-
     world = current_world()
     if world is not None:  # a broken process group can hang or abort in teardown: leave now
         world.stop_heartbeat()

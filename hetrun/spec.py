@@ -195,7 +195,7 @@ class MoESpec:
 
     def to_hf_config(self, **overrides: Any):
         """A transformers config of this shape (for building small random models to test against)."""
-        import transformers as tf
+        import transformers as tf  # heavy: spec is imported by every command; only tests build configs
 
         a = self.attention
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,

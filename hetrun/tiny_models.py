@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 
 from hetrun.spec import MoESpec, RouterSpec
 
@@ -35,8 +36,6 @@ def random_model(spec: MoESpec, seed: int = 0, bias_scale: float = 0.1) -> torch
 
     DeepSeek-V3 models get a non-zero e_score_correction_bias. The global RNG is left as it was.
     """
-    import transformers
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(random_config(spec)).eval()

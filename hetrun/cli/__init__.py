@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from hetrun import __version__
 from hetrun.errors import HetrunError
 
 
@@ -55,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from hetrun import __version__
     return f"hetrun {__version__}"
 
 

@@ -14,9 +14,14 @@ import argparse
 import copy
 import dataclasses
 
+import numpy as np
+
+import hetrun
 from hetrun.cli import Command
 from hetrun.errors import HetrunError
 from hetrun.files import print_json
+from hetrun.placement.plan import device_weight_bytes
+from hetrun.profile import load_profile
 
 # --model names: the tiny presets of hetrun.tiny_models ("tiny" is the DeepSeek-V3-style preset).
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
@@ -26,14 +31,14 @@ PROMPT_SEED = 1234
 
 def prompt_ids(vocab: int, prompts: int = 8, tokens: int = 25, seed: int = PROMPT_SEED):
     """The fixed prompt set: uniform random token ids [prompts, tokens] from a seeded generator."""
-    import torch
+    import torch  # heavy: torch loads only when this command runs
 
     return torch.randint(0, vocab, (prompts, tokens), generator=torch.Generator().manual_seed(seed))
 
 
 def logit_agreement(got, want) -> dict:
     """Relative error of logits [..., V] against FP32 ones (None when any is not finite) and top-1 agreement."""
-    import torch
+    import torch  # heavy: torch loads only when this command runs
 
     finite = bool(torch.isfinite(got).all())
     same = got.argmax(-1) == want.argmax(-1)
@@ -44,9 +49,9 @@ def logit_agreement(got, want) -> dict:
 
 def _moe_inputs(model, ids) -> tuple[list, "object"]:
     """Hidden states [T, D] entering each MoE block (in model order), and the logits, of one forward pass."""
-    import torch
+    import torch  # heavy: torch loads only when this command runs
 
-    from hetrun.runtime.weights import find_moe_blocks
+    from hetrun.runtime.weights import find_moe_blocks  # imports torch: only when this command runs
 
     seen, hooks = {}, []
     blocks = find_moe_blocks(model)
@@ -64,8 +69,6 @@ def _moe_inputs(model, ids) -> tuple[list, "object"]:
 
 def _expert_errors(runtime, inputs: list) -> dict[int, dict]:
     """Per device index: relative errors of each of its experts (routed and shared) against FP32."""
-    import numpy as np
-
     out: dict[int, dict] = {}
     for layer, x in zip(runtime.layers, inputs):
         x = np.ascontiguousarray(x.float().numpy())  # [T, D]
@@ -96,10 +99,11 @@ def _alone_profile(profile, device) -> dict:
 def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | None = None, prompts: int = 8,
                     tokens: int = 25, seed: int = 0, threads: int | None = None, weights: str = "trained") -> dict:
     """Accuracy of `model` deployed on `profile` against FP32, per device precision and end to end (see module doc)."""
-    import hetrun
-    from hetrun.placement.plan import device_weight_bytes
-    from hetrun.profile import load_profile
-    from hetrun.tiny_models import markov_tokens, tiny_model, trained_tiny_model
+    from hetrun.tiny_models import (  # imports torch: only when this command runs
+        markov_tokens,
+        tiny_model,
+        trained_tiny_model,
+    )
 
     if model not in MODELS:
         raise HetrunError(f"unknown model '{model}'; use one of: {', '.join(MODELS)}")
@@ -117,7 +121,7 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
     inputs, want = _moe_inputs(reference, ids)
 
     deployed = hetrun.deploy(copy.deepcopy(reference), prof, precision=precision, threads=threads)
-    import torch
+    import torch  # heavy: torch loads only when this command runs
 
     with torch.no_grad():
         got = deployed(ids).logits
@@ -156,8 +160,8 @@ def _pct(v) -> str:
 
 
 def _print(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     dep = report["deployment"]
     t = Table(title=f"accuracy of model {report['model']} ({report['family']}) on profile {report['profile']} "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
+import hetrun
 from hetrun.cli import Command
 from hetrun.files import print_json
 
@@ -17,12 +19,9 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import copy
+    import torch  # heavy: torch loads only when this command runs
 
-    import torch
-
-    import hetrun
-    from hetrun.tiny_models import markov_tokens, trained_tiny_model
+    from hetrun.tiny_models import markov_tokens, trained_tiny_model  # imports torch: only when this command runs
 
     if args.tokens < 1:
         raise hetrun.HetrunError("--tokens must be at least 1")
@@ -63,9 +62,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print(r: dict) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+    from rich import box  # display: loaded when a table is printed
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     # Fits 80 columns (a pipe, a CI log): device over SKU, backend over precision, one line per layer.
     c = Console()

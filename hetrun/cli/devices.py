@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from hetrun.backends.registry import backend_class, backend_names, probe_backend, resolve_backend
 from hetrun.cli import Command
 from hetrun.files import print_json
+from hetrun.profile import builtin_profiles, device_catalog, load_profile
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from hetrun.backends.registry import backend_class, backend_names, probe_backend
-
     rows = []
     for name in backend_names():
         avail = probe_backend(name)
@@ -24,9 +24,9 @@ def _devices(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"backends": rows, "devices": found, "auto": auto})
         return 0
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.markup import escape  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     console = Console()
     t = Table(title="hetrun backends on this machine")
@@ -57,8 +57,6 @@ def _devices(args: argparse.Namespace) -> int:
 
 def real_devices() -> list[dict]:
     """Every real accelerator and CPU the vendor backends find, with what each can do."""
-    from hetrun.backends.registry import probe_backend
-
     out = []
     nv = probe_backend("nvidia").details
     for dev in nv.get("devices", []):
@@ -81,9 +79,6 @@ def real_devices() -> list[dict]:
 
 
 def _auto_resolution(profile: str) -> list[dict]:
-    from hetrun.backends.registry import resolve_backend
-    from hetrun.profile import load_profile
-
     seen, out = set(), []
     for dev in load_profile(profile).devices:
         if dev.group not in seen:
@@ -98,15 +93,13 @@ def _fmt(v) -> str:
 
 
 def _profiles(args: argparse.Namespace) -> int:
-    from hetrun.profile import builtin_profiles, device_catalog
-
     profiles = builtin_profiles()
     catalog = device_catalog()
     if args.json:
         print_json({"profiles": profiles, "device_types": {k: v.model_dump() for k, v in catalog.items()}})
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     t = Table(title="built-in deployment profiles (use a name or a YAML path with --profile)")
     t.add_column("name")

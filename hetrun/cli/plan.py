@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
+
+import numpy as np
 
 from hetrun.cli import Command
 from hetrun.errors import HetrunError, SpecError
 from hetrun.files import print_json, write_atomic
+from hetrun.placement.device_model import scale_load
+from hetrun.placement.loads import model_load
+from hetrun.placement.pins import describe, pin_rules
+from hetrun.placement.planner import eplb_baseline, plan
+from hetrun.profile import load_profile
+from hetrun.spec import PRESETS, MoESpec
 
 
 def _add(p: argparse.ArgumentParser) -> None:
@@ -41,8 +50,6 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 def load_spec(name: str):
     """A MoESpec from a preset name, a transformers model directory or a config.json file."""
-    from hetrun.spec import PRESETS, MoESpec
-
     path = Path(name)
     if name.lower() in PRESETS or not (path.exists() or os.sep in name or name.endswith(".json")):
         return MoESpec.from_preset(name)
@@ -51,7 +58,7 @@ def load_spec(name: str):
         raise SpecError(f"model '{name}' is neither a preset nor a file or directory with config.json; "
                         f"use one of: {', '.join(PRESETS)}")
     try:
-        import transformers
+        import transformers  # heavy: only when this command runs
 
         cfg = transformers.AutoConfig.from_pretrained(str(config.parent if config.name == "config.json" else config))
     except (OSError, ValueError, KeyError) as e:
@@ -60,12 +67,6 @@ def load_spec(name: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from hetrun.placement.loads import model_load
-    from hetrun.placement.planner import eplb_baseline, plan
-    from hetrun.profile import load_profile
-
     for target in (args.output if args.output != "-" else None, args.heatmap):
         folder = Path(target).parent if target else None
         if folder is not None and str(folder) and not folder.is_dir():
@@ -101,9 +102,9 @@ def _summary(result, eplb, args) -> dict:
 
 
 def _print(s: dict, np) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.markup import escape  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     console = Console()
     if not console.is_terminal:  # a pipe or file: no terminal width to respect
@@ -130,8 +131,6 @@ def _print(s: dict, np) -> None:
         print(f"EPLB on the same devices ({e['slots']} equal slots, even split, same cost model): "
               f"{e['step_time_s'] * 1e3:.3f} ms; this plan is {100 * (1 - step / e['step_time_s']):.1f}% faster")
     if s["pins"]:
-        from hetrun.placement.pins import describe, pin_rules
-
         print("pins: " + "; ".join(describe(r) for r in pin_rules(s["pins"])))
     for k in ("plan", "heatmap"):
         if s[k]:
@@ -140,15 +139,10 @@ def _print(s: dict, np) -> None:
 
 def heatmap_png(result, load=None) -> bytes:
     """PNG of where the routed tokens go: per MoE layer and device, and per expert and device (all layers)."""
-    import io
-
-    import matplotlib
+    import matplotlib  # heavy: only when a chart is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from hetrun.placement.device_model import scale_load
+    import matplotlib.pyplot as plt  # heavy: only when a chart is drawn
 
     spec = result.spec
     L, E, D = result.num_layers, spec.num_experts, len(result.device_ids)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import torch
+import torch.distributed as dist
+
 from hetrun.backends.base import Availability
 from hetrun.errors import BackendUnavailable
 
@@ -16,11 +19,6 @@ _warned: set[str] = set()
 
 def probe_collective(name: str) -> Availability:
     """Whether torch.distributed can run collective backend `name` in this process, and why not. Never raises."""
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError as e:  # pragma: no cover - torch is a dependency
-        return Availability(False, f"torch is not importable ({e})")
     if not dist.is_available():
         return Availability(False, "this torch build has no torch.distributed")
     if name == "gloo":
@@ -67,8 +65,6 @@ def choose_collective(wanted: str, explicit: bool) -> str:
 
 def buffer_device(collective: str, local_rank: int):
     """The torch device that token buffers must live on for this collective backend."""
-    import torch
-
     if collective == "nccl":
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     if collective == "hccl":

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
 from hetrun.distributed.collectives import buffer_device, choose_collective
 from hetrun.distributed.ranks import RankLayout, wanted_collective
 from hetrun.errors import HetrunError, ProfileError
@@ -96,8 +99,6 @@ class World:
     """The ranks of one hetrun deployment: process groups with the profile's timeout, the store, heartbeats."""
 
     def __init__(self, layout: RankLayout, collective: str, rank: int, size: int, local_rank: int, store):
-        import torch.distributed as dist
-
         self.layout, self.collective = layout, collective
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.store = store  # a PrefixStore over the rendezvous store, or None when torch hides it
@@ -241,8 +242,6 @@ class World:
     # ---- start and end ---------------------------------------------------------------------------
     def handshake(self, info: dict) -> list[dict]:
         """Wait (up to startup_timeout_s) until every rank is ready, then exchange `info`; names missing ranks."""
-        import torch.distributed as dist
-
         if self.broken is not None:
             raise self.broken
         self.phase = "startup barrier"
@@ -265,8 +264,6 @@ class World:
         After a failure it only stops the heartbeat: a broken process group cannot be torn down cleanly.
         """
         global _WORLD
-        import torch.distributed as dist
-
         self.stop_heartbeat()
         if self.broken is None and barrier:
             try:
@@ -297,10 +294,6 @@ def current_world() -> World | None:
 
 def in_distributed_launch() -> bool:
     """Whether this process is a rank: torch.distributed is initialized, or torchrun's RANK/WORLD_SIZE are set."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return False
     if not dist.is_available():
         return False
     return dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
@@ -311,9 +304,6 @@ def join_world(profile: Profile, layout: RankLayout) -> World | None:
     global _WORLD, _OWNS_DEFAULT_GROUP
     if not in_distributed_launch():
         return None
-    import torch
-    import torch.distributed as dist
-
     size = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
     if size != layout.world_size:
         raise ProfileError(f"profile '{layout.profile_name}' lays out {layout.world_size} ranks but {size} processes "
@@ -344,7 +334,7 @@ def join_world(profile: Profile, layout: RankLayout) -> World | None:
         _OWNS_DEFAULT_GROUP = True
     store = None
     try:
-        from torch.distributed import PrefixStore
+        from torch.distributed import PrefixStore  # inside the try: a private API that may move
         from torch.distributed.distributed_c10d import _get_default_store
 
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

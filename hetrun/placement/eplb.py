@@ -174,6 +174,6 @@ def _log2phy(phy2log: np.ndarray, rank: np.ndarray, logcnt: np.ndarray) -> np.nd
 def _like(template, a: np.ndarray):
     a = np.ascontiguousarray(a, dtype=np.int64)
     if hasattr(template, "detach"):
-        import torch
+        import torch  # only when the caller passed torch tensors: placement does not need torch
         return torch.from_numpy(a)
     return a

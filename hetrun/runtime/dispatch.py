@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from hetrun.backends.base import ExpertSession
 from hetrun.backends.registry import require_backend, resolve_backend
@@ -108,7 +109,6 @@ class ExpertRuntime:
 def _iter(items, progress: bool, desc: str):
     if not progress:
         return items
-    from tqdm import tqdm
     return tqdm(items, desc=desc, unit="layer")
 
 
