@@ -4,7 +4,9 @@
     model = hetrun.load("bundle/")                              # verified, then rebuilt; experts run from the ONNX files
     hetrun.bundle.inspect_bundle("bundle/")                     # what is inside, and which checks pass
 
-Names load lazily: checking a bundle needs neither torch nor transformers.
+Names load lazily, from the module that holds each: `import hetrun.bundle` (which the command line does at start)
+imports nothing, checking a bundle (integrity, summary) needs no torch, and only export and load bring in torch,
+transformers and the runtime.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import importlib
 _WHERE = {
     "export": "exporter", "preset_model": "exporter",
     "BundleRuntime": "loader", "check_profile_fits": "loader", "greedy": "loader", "load": "loader",
-    "BUNDLE_FORMAT": "manifest", "FORMAT_VERSION": "manifest", "MANIFEST": "manifest", "BundleReport": "manifest",
-    "Manifest": "manifest", "check_bundle": "manifest", "manifest_plan": "manifest", "verify": "manifest",
+    "BUNDLE_FORMAT": "manifest", "FORMAT_VERSION": "manifest", "MANIFEST": "manifest", "Manifest": "manifest",
+    "manifest_plan": "manifest",
+    "BundleReport": "integrity", "check_bundle": "integrity", "verify": "integrity",
     "inspect_bundle": "summary",
 }
 

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
+import transformers
+import yaml
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from hetrun.backends.registry import backend_class
+from hetrun.bundle.integrity import file_digest
 from hetrun.bundle.manifest import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,
@@ -37,12 +44,15 @@ from hetrun.bundle.manifest import (
     FileEntry,
     Manifest,
     ModelEntry,
-    file_digest,
     needed_graphs,
 )
 from hetrun.errors import BundleError, HetrunError, SpecError
+from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
-from hetrun.spec import SUPPORTED_FAMILIES, MoESpec
+from hetrun.runtime import graphs
+from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block
+from hetrun.spec import PRESETS, SUPPORTED_FAMILIES, MoESpec
+from hetrun.tiny_models import random_config, random_model
 
 log = logging.getLogger("hetrun")
 
@@ -64,8 +74,6 @@ class ModelSource:
 
 def preset_model(name: str, seed: int = 0, bias_scale: float = 0.1):
     """A random transformers model of a preset's shape, the same for the same (name, seed) in every process."""
-    from hetrun.tiny_models import random_model
-
     return random_model(_preset_spec(name), seed, bias_scale)
 
 
@@ -94,21 +102,15 @@ def model_source(model: Any, seed: int = 0) -> ModelSource:
     if os.sep in text or text.startswith(".") or path.exists():
         raise SpecError(f"model directory '{text}' not found; give a local transformers model directory or a preset "
                         f"name ({', '.join(_preset_names())})")
-    from hetrun.tiny_models import random_config
-
     spec = _preset_spec(text)
     return ModelSource("preset", text, random_config(spec), lambda: preset_model(text, seed), seed)
 
 
 def _preset_names() -> list[str]:
-    from hetrun.spec import PRESETS
-
     return [k for k, v in PRESETS.items() if v.family in SUPPORTED_FAMILIES and v.total_params() <= MAX_RANDOM_PARAMS]
 
 
 def _directory_source(path: Path) -> ModelSource:
-    import transformers
-
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SpecError(f"'{path}' has no config.json; give a transformers model directory (save_pretrained writes one)")
@@ -127,8 +129,6 @@ def _directory_source(path: Path) -> ModelSource:
 
 def config_from_json(data: bytes, where: str, error=BundleError):
     """A transformers config from config.json bytes, for a supported family only (never remote code)."""
-    import transformers
-
     try:
         d = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -227,8 +227,6 @@ def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike"
     The bundle is written to a temporary directory beside `out` and renamed into place at the end, so an
     interrupted export never leaves a directory that `hetrun run` accepts. Returns the manifest.
     """
-    from hetrun.placement.planner import plan as make_plan
-
     out = Path(out)
     _check_target(out, force)
     prof = load_profile(profile)
@@ -255,10 +253,6 @@ def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike"
 
 def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile, plan, targets: dict[str, str],
            fallback_id: str | None, keys, progress: bool) -> Manifest:
-    import yaml
-
-    from hetrun.runtime.weights import find_moe_blocks
-
     blocks = find_moe_blocks(module)
     if len(blocks) != plan.num_layers:
         raise SpecError(f"model has {len(blocks)} MoE blocks but its config describes {plan.num_layers} MoE layers; "
@@ -285,7 +279,7 @@ def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile,
         profile="profile.yaml", config="config.json", dense=[DENSE_FILE], experts=experts, files=dict(w.files),
         generation_config="generation_config.json" if generation is not None else None)
     with open(tmp / MANIFEST, "w") as f:
-        f.write(json.dumps(manifest.model_dump(mode="json"), indent=1, allow_nan=False))
+        f.write(manifest.to_json())
     return manifest
 
 
@@ -294,8 +288,6 @@ def graph_targets(prof: Profile, plan) -> dict[str, str]:
 
     A backend that cannot be set up here (not installed, no device) gets its name as the target: standard ONNX.
     """
-    from hetrun.backends.registry import backend_class
-
     devices = {d.id: d for d in prof.devices}
     out = {}
     for did in plan.device_ids:
@@ -328,12 +320,6 @@ def _graph_keys(plan, targets: dict[str, str], fallback_id: str | None) -> list[
 
 
 def _write_experts(w: _Writer, spec: MoESpec, plan, blocks, keys, name: str, progress: bool) -> list[ExpertEntry]:
-    import onnx
-    from tqdm import tqdm
-
-    from hetrun.runtime import graphs
-    from hetrun.runtime.weights import layer_weights_from_block
-
     by_layer: dict[int, list] = {}
     for k in keys:
         by_layer.setdefault(k[0], []).append(k)
@@ -380,8 +366,6 @@ def _check_graph_shape(model) -> None:
 
 def _save_dense(module, moe_paths: list[str], path: Path) -> None:
     """Every tensor of the state dict except routed and shared expert weights, tied tensors stored once."""
-    from safetensors.torch import save_file
-
     tensors, seen = {}, {}
     for key, t in module.state_dict().items():
         if is_expert_key(key, moe_paths):

@@ -8,18 +8,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hetrun.bundle.manifest import (
-    Manifest,
-    bundled_profile,
-    check_bundle,
-    manifest_plan,
-    onnx_external_refs,
-    parse_onnx,
-    read_file,
-)
+import torch
+import transformers
+from onnx.external_data_helper import load_external_data_for_model
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from hetrun.bundle.exporter import config_from_json, is_expert_key
+from hetrun.bundle.integrity import bundled_profile, check_bundle, onnx_external_refs, parse_onnx, read_file
+from hetrun.bundle.manifest import Manifest, manifest_plan
 from hetrun.errors import BundleError, HetrunError
+from hetrun.placement.precisions import device_precision
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
+from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
+from hetrun.spec import MoESpec
 
 log = logging.getLogger("hetrun")
 _warned: set[tuple[str, str]] = set()
@@ -53,8 +56,6 @@ class GraphStore:
         data = read_file(self.root, entry.path, self.manifest.files[entry.path])
         model = parse_onnx(entry.path, data)
         if onnx_external_refs(model):  # locations were checked to stay inside the bundle when it was verified
-            from onnx.external_data_helper import load_external_data_for_model
-
             load_external_data_for_model(model, str(self.root / PurePosixPath(entry.path).parent))
             data = model.SerializeToString()
         return data, dict(entry.meta)
@@ -84,8 +85,6 @@ class BundleRuntime(ExpertRuntime):
 
 def check_profile_fits(plan, profile: Profile) -> None:
     """Raise a one-line BundleError unless every device of the plan is in `profile` and runs the plan's precision."""
-    from hetrun.placement.precisions import device_precision
-
     have = {d.id: d for d in profile.devices}
     problems = []
     for did in plan.device_ids:
@@ -113,13 +112,6 @@ def check_profile_fits(plan, profile: Profile) -> None:
 
 def _dense_model(root: Path, man: Manifest, moe_paths_of):
     """The transformers model from config.json with the bundle's dense weights; expert weights stay unloaded."""
-    import torch
-    import transformers
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    from hetrun.bundle.exporter import config_from_json, is_expert_key
-
     config = config_from_json(read_file(root, man.config, man.files[man.config]), man.config)
     with torch.random.fork_rng(devices=[]):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, man.model.dtype)).eval()
@@ -171,9 +163,6 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     is accepted only if every device of the plan is in it and runs the plan's precision.
     The runtime is attached as `model.hetrun`, the manifest as `model.hetrun_manifest`.
     """
-    from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
-    from hetrun.spec import MoESpec
-
     report = check_bundle(bundle_dir)
     report.raise_first()
     root, man = report.root, report.manifest
@@ -211,8 +200,6 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
 
 def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
     """Greedy generation from one prompt: the new token ids and the logits [V] at the prompt's last position."""
-    import torch
-
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)  # [1, T]
     gen = model.generation_config
     pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id

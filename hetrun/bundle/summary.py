@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from hetrun.bundle.manifest import bundled_profile, check_bundle, manifest_plan
+from hetrun.bundle.integrity import bundled_profile, check_bundle
+from hetrun.bundle.manifest import manifest_plan
 from hetrun.errors import HetrunError
 
 

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 
+import hetrun.bundle  # names load lazily: export and run bring in torch only when they run
 from hetrun.cli import Command
 from hetrun.errors import BundleError, HetrunError
 from hetrun.files import print_json
@@ -73,11 +74,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hetrun.bundle import export
-
     t0 = time.perf_counter()
-    man = export(args.model, args.profile, args.output, precision=args.precision, load=args.load,
-                 redundant_experts=args.redundant, force=args.force, progress=not args.no_progress, seed=args.seed)
+    man = hetrun.bundle.export(args.model, args.profile, args.output, precision=args.precision, load=args.load,
+                               redundant_experts=args.redundant, force=args.force, progress=not args.no_progress,
+                               seed=args.seed)
     seconds = time.perf_counter() - t0
     size = sum(f.size for f in man.files.values())
     graphs: dict[str, int] = {}
@@ -111,15 +111,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hetrun.bundle import greedy, load
-
-    model = load(args.bundle, profile=args.profile, threads=args.threads)
+    model = hetrun.bundle.load(args.bundle, profile=args.profile, threads=args.threads)
     vocab = model.config.vocab_size
     bad = [i for i in args.prompt_ids if i >= vocab]
     if bad:
         raise HetrunError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab} tokens (0..{vocab - 1})")
     t0 = time.perf_counter()
-    out = greedy(model, args.prompt_ids, args.max_new_tokens)
+    out = hetrun.bundle.greedy(model, args.prompt_ids, args.max_new_tokens)
     seconds = time.perf_counter() - t0
     if not all(math.isfinite(v) for v in out["last_logits"]):
         raise HetrunError("the model produced NaN or infinite logits on this prompt (a precision too narrow for its "
@@ -134,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
             doc["last_logits"] = out["last_logits"]
         print_json(doc)
         return 0
-    from rich.console import Console
+    from rich.console import Console  # heavy: only for the table of a run without --json
     from rich.table import Table
 
     print(f"prompt:    {' '.join(map(str, args.prompt_ids))}")
@@ -157,9 +155,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from hetrun.bundle import inspect_bundle
-
-    info = inspect_bundle(args.bundle)
+    info = hetrun.bundle.inspect_bundle(args.bundle)
     if args.json:
         print_json(info)
     else:
@@ -173,7 +169,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _print_inspect(info: dict) -> None:
-    from rich.console import Console
+    from rich.console import Console  # heavy: only for the tables of an inspect without --json
     from rich.markup import escape
     from rich.table import Table
 
