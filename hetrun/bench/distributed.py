@@ -2,14 +2,15 @@
 this host against one process; the all-to-all share of step time and the bytes moved, against the prediction for
 the same plan on the calibrated loopback link (profiles/loopback-2.yaml, loopback-4.yaml).
 
-    python -m hetrun.bench.distributed                 # 1 process vs 2 and 4 ranks, both dense layouts
-    python -m hetrun.bench.distributed --calibrate     # first fit the loopback link (gloo over 127.0.0.1)
+    hetrun bench distributed                 # 1 process vs 2 and 4 ranks, both dense layouts
+    hetrun bench distributed --calibrate     # first fit the loopback link (gloo over 127.0.0.1)
 
-Ranks start with torchrun (torch.distributed.run). Every rank routes the same hidden states: with dense parts on
-every rank (DP-attention + EP) rank r takes tokens [r*T/W, (r+1)*T/W); with dense parts on rank 0 it takes them all.
+Ranks start with torchrun (torch.distributed.run), each running `hetrun bench distributed --worker`. Every rank
+routes the same hidden states: with dense parts on every rank (DP-attention + EP) rank r takes tokens
+[r*T/W, (r+1)*T/W); with dense parts on rank 0 it takes them all.
 The prediction routes the same tokens, counts the rows each rank sends and receives, and charges
   count exchange: link latency;  dispatch, combine: latency + max(sent, received) bytes / (bandwidth x efficiency)
-  (hetrun.sim.comm.alltoall_seconds when the simulator is installed, the same formula otherwise);
+  (hetrun.sim.comm.alltoall_seconds);
   experts: hetrun.roofline.expert_seconds on the profile's device type per local slot, summed per rank.
 """
 
@@ -25,8 +26,25 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
+from hetrun.backends.registry import require_backend
+from hetrun.bench import Benchmark, comma_list
+from hetrun.distributed.moe import distributed_runtime
+from hetrun.distributed.ranks import resolve_layout
+from hetrun.distributed.world import current_world, join_world
 from hetrun.errors import HetrunError
+from hetrun.files import write_atomic
+from hetrun.placement.planner import simple_plan
+from hetrun.profile import Profile, load_profile
+from hetrun.roofline import expert_seconds, swiglu_flops_bytes
+from hetrun.runtime.dispatch import ExpertRuntime
+from hetrun.runtime.graphs import build_expert_graph
+from hetrun.runtime.routing import route, router_logits
+from hetrun.runtime.weights import random_layer_weights
+from hetrun.sim.comm import Links, alltoall_seconds
+from hetrun.spec import MoESpec
 
 SPEC = "mixtral-bench"
 
@@ -36,8 +54,6 @@ def _cores() -> int:
 
 
 def _profile(name, dense: str | None = None):
-    from hetrun.profile import Profile, load_profile
-
     prof = load_profile(name)
     if prof.model.distributed is None:
         raise HetrunError(f"profile '{prof.name}' has no distributed: section; use loopback-2 or loopback-4")
@@ -49,12 +65,6 @@ def _profile(name, dense: str | None = None):
 
 def _setup(profile, tokens: int, precision: str):
     """Spec, plan (round robin over the profile's devices), layer weights and hidden states [T, D]."""
-    import torch
-
-    from hetrun.placement.planner import simple_plan
-    from hetrun.runtime.weights import random_layer_weights
-    from hetrun.spec import MoESpec
-
     spec = MoESpec.from_preset(SPEC)
     weights = random_layer_weights(spec, 0, seed=0)
     hidden = torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(1))  # [T, D]
@@ -72,10 +82,6 @@ def _token_slice(tokens: int, world: int, rank: int, dense: str) -> slice:
 
 def one_process(profile_name: str, tokens: int, reps: int, warmup: int, precision: str, threads: int) -> dict:
     """Median step time of the whole layer in one process (every device here), and its expert share."""
-    import torch
-
-    from hetrun.runtime.dispatch import ExpertRuntime
-
     profile = _profile(profile_name)
     spec, plan, weights, hidden = _setup(profile, tokens, precision)
     rt = ExpertRuntime(plan, profile, [weights], threads=threads)
@@ -96,13 +102,6 @@ def one_process(profile_name: str, tokens: int, reps: int, warmup: int, precisio
 
 def worker(args) -> int:
     """One rank of the timed run; rank 0 writes the merged result to --result."""
-    import torch
-    import torch.distributed as dist
-
-    from hetrun.distributed.moe import distributed_runtime
-    from hetrun.distributed.world import current_world
-    from hetrun.files import write_atomic
-
     torch.set_num_threads(1)
     profile = _profile(args.profile, args.dense)
     spec, plan, weights, hidden = _setup(profile, args.tokens, args.precision)
@@ -159,15 +158,6 @@ def _merge(gathered: list[dict], args) -> dict:
 
 def calibrate_worker(args) -> int:
     """Time all_to_all_single of growing equal splits and each rank's expert throughput while all ranks compute."""
-    import torch
-    import torch.distributed as dist
-
-    from hetrun.backends.registry import require_backend
-    from hetrun.distributed.ranks import resolve_layout
-    from hetrun.distributed.world import join_world
-    from hetrun.files import write_atomic
-    from hetrun.runtime.graphs import build_expert_graph
-
     torch.set_num_threads(1)
     profile = _profile(args.profile)
     world = join_world(profile, resolve_layout(profile))
@@ -201,8 +191,9 @@ def calibrate_worker(args) -> int:
     for _ in range(args.reps):
         for sess in sessions:
             sess.run(x)
-    calls = args.reps * len(sessions)
-    flops = 6.0 * x.shape[0] * spec.hidden_size * spec.moe_intermediate_size * calls / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    call_flops, _ = swiglu_flops_bytes(x.shape[0], spec.hidden_size, spec.moe_intermediate_size, 0.0, 0.0)
+    flops = float(call_flops) * args.reps * len(sessions) / elapsed
     mine = {"a2a": results, "expert_flops": flops}
     out = [None] * w if world.rank == 0 else None
     world.run("gathering calibration", dist.gather_object, mine, out, dst=0, group=world.control_group)
@@ -222,9 +213,6 @@ def calibrated_profile(name: str, cal: dict):
     Every rank gets a device type of its own (ranks differ: OpenVINO and onnxruntime run the same expert at
     different speeds), scaled from the profile's type by the rate measured on that rank.
     """
-    from hetrun.distributed.ranks import resolve_layout
-    from hetrun.profile import load_profile
-
     prof = load_profile(name)
     layout = resolve_layout(prof)
     data = prof.model.model_dump()
@@ -251,12 +239,6 @@ def calibrated_profile(name: str, cal: dict):
 
 def predict(profile_name, dense: str, tokens: int, precision: str) -> dict:
     """Step time, all-to-all share and bytes the cost model gives for this plan, tokens and loopback link."""
-
-    from hetrun.distributed.ranks import resolve_layout
-    from hetrun.roofline import expert_seconds
-    from hetrun.runtime.graphs import build_expert_graph
-    from hetrun.runtime.routing import route, router_logits
-
     profile = _profile(profile_name, dense)
     layout = resolve_layout(profile)
     spec, plan, weights, hidden = _setup(profile, tokens, precision)
@@ -276,44 +258,28 @@ def predict(profile_name, dense: str, tokens: int, precision: str) -> dict:
     token_bytes = spec.hidden_size * 4.0  # fp32 on the wire
     devices = [profile.group(layout.ranks[r][0])[0] for r in range(w)]
     links = [profile.link(devices[r], devices[(r + 1) % w]) for r in range(w)]
-    a2a = _alltoall_seconds(links, sent, received, token_bytes)  # [W]
+    zero = np.zeros(w)
+    a2a = np.asarray(alltoall_seconds(Links(None, tuple(links)), zero, zero, sent.astype(float),
+                                      received.astype(float), token_bytes))  # [W]
     header = max(x.latency_us for x in links) * 1e-6
     graph = build_expert_graph(weights.experts[0], precision)
     per_slot = np.bincount(slots, minlength=plan.num_slots)  # [R]
     compute = np.zeros(w)
     for r_slot, n in enumerate(per_slot.tolist()):
         dev = profile.group(plan.device_ids[plan.device_of[0][r_slot]])[0]
-        compute[slot_rank[r_slot]] += expert_seconds(dev.type, precision, n, spec.hidden_size, spec.moe_intermediate_size,
-                                                  graph.weight_bytes, 4.0 if precision == "fp32" else 2.0)
+        compute[slot_rank[r_slot]] += expert_seconds(dev.type, precision, n, spec.hidden_size,
+                                                     spec.moe_intermediate_size, graph.weight_bytes,
+                                                     4.0 if precision == "fp32" else 2.0)
     step = header + 2 * float(a2a.max()) + float(compute.max())
     return {"step_s": step, "a2a_s": 2 * float(a2a.max()), "header_s": header, "expert_s": float(compute.max()),
-            "bytes_per_step": float(2 * sent.sum() * token_bytes), "model": _COMM_MODEL}
-
-
-_COMM_MODEL = "hetrun.sim.comm.alltoall_seconds"
-
-
-def _alltoall_seconds(links, sent, received, token_bytes: float) -> np.ndarray:
-    global _COMM_MODEL
-    try:
-        from hetrun.sim.comm import Links, alltoall_seconds
-
-        zero = np.zeros(len(links))
-        return np.asarray(alltoall_seconds(Links(None, tuple(links)), zero, zero, sent.astype(float),
-                                           received.astype(float), token_bytes))
-    except ImportError:
-        _COMM_MODEL = "latency + max(sent, received) / (bandwidth x efficiency) (hetrun.sim not installed)"
-        bw = np.array([x.bandwidth_gbs * x.efficiency for x in links]) * 1e9
-        lat = np.array([x.latency_us for x in links]) * 1e-6
-        b = np.maximum(sent, received) * token_bytes
-        return np.where(b > 0, lat + b / bw, 0.0)
+            "bytes_per_step": float(2 * sent.sum() * token_bytes), "model": "hetrun.sim.comm.alltoall_seconds"}
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------------
 
 def _torchrun(world: int, argv: list[str], timeout: float) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           "-m", "hetrun.bench.distributed", *argv]
+           "-m", "hetrun", "bench", "distributed", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
@@ -331,7 +297,7 @@ def _fit_link(points: list[dict]) -> tuple[float, float]:
 
 def run_bench(worlds: list[int], dense_layouts: list[str], tokens: int, reps: int, warmup: int, precision: str,
               calibrate: bool) -> dict:
-    """Every measurement and prediction, as a dict (also printed as tables by main)."""
+    """Every measurement and prediction, as a dict (also printed as tables by `hetrun bench distributed`)."""
     out = {"spec": SPEC, "tokens": tokens, "precision": precision, "cores": _cores(), "runs": [], "calibration": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if calibrate:
@@ -392,8 +358,7 @@ def _print(result: dict) -> None:
               "process, best of 1 and all threads per session.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetrun.bench.distributed", description=__doc__.split("\n\n")[0])
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", default="2,4", help="world sizes to run, comma-separated")
     p.add_argument("--dense", default="every_rank,rank0", help="dense layouts: every_rank, rank0 or both")
     p.add_argument("--tokens", type=int, default=512)
@@ -402,34 +367,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--calibrate", action="store_true", help="fit the loopback link first and print it")
     p.add_argument("--json", default=None, help="also write every number here")
+    # what _torchrun passes to each rank
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--calibrate-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.worker:
         return worker(args)
     if args.calibrate_worker:
         return calibrate_worker(args)
     try:
-        worlds = [int(x) for x in args.ranks.split(",")]
-        dense = [x.strip() for x in args.dense.split(",")]
+        worlds = comma_list(args.ranks, int)
+        dense = comma_list(args.dense)
         bad = [w for w in worlds if w not in (2, 4)] + [d for d in dense if d not in ("every_rank", "rank0")]
         if bad or args.tokens < 1 or args.reps < 1:
             raise HetrunError(f"--ranks takes 2 and/or 4 (loopback-2, loopback-4), --dense every_rank and/or rank0, "
                               f"--tokens and --reps at least 1; got {bad or [args.tokens, args.reps]}")
         result = run_bench(worlds, dense, args.tokens, args.reps, args.warmup, args.precision, args.calibrate)
-    except (HetrunError, ValueError) as e:
-        print(f"hetrun: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise HetrunError(str(e)) from None
     _print(result)
     if args.json:
-        from hetrun.files import write_atomic
-
         write_atomic(args.json, json.dumps(result, indent=1))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+BENCHMARKS = {
+    "distributed": Benchmark(
+        "one MoE layer on 2 and 4 ranks of this host (torchrun) against one process and the cost model",
+        _arguments, _main,
+        "  hetrun bench distributed                       # 1 process vs 2 and 4 ranks, both dense layouts\n"
+        "  hetrun bench distributed --calibrate           # first fit the loopback link (gloo over 127.0.0.1)\n"
+        "  hetrun bench distributed --ranks 2 --dense rank0 --tokens 64 --reps 2 --json distributed.json"),
+}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from hetrun.bench import Benchmark, comma_list
+from hetrun.files import print_json
 from hetrun.placement.planner import simple_plan
+from hetrun.profile import load_profile
 from hetrun.runtime.dispatch import ExpertRuntime
 from hetrun.runtime.weights import layer_weights_from_block
 from hetrun.spec import MoESpec
@@ -37,7 +41,7 @@ def _cpu_flags() -> set[str]:
 
 def run(tokens: list[int], backends: list[str], precisions: list[str], repeats: int, threads: int) -> list[dict]:
     """Time the transformers block and hetrun's layer on the same weights and inputs; one row per case."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # heavy: only when measured
 
     torch.set_num_threads(threads)
     spec = MoESpec.from_preset("mixtral-bench")
@@ -52,7 +56,8 @@ def run(tokens: list[int], backends: list[str], precisions: list[str], repeats: 
         dtype = TORCH_DTYPES[precision]
         ref_block = copy.deepcopy(block).to(dtype)
         for backend in backends:
-            profile = {"name": f"bench-{backend}", "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend}]}
+            profile = load_profile({"name": f"bench-{backend}",
+                                    "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend}]})
             runtime = ExpertRuntime(simple_plan(spec, profile, precision), profile, [weights], threads=threads)
             layer = runtime.layers[0]
             for t in tokens:
@@ -72,24 +77,20 @@ def run(tokens: list[int], backends: list[str], precisions: list[str], repeats: 
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: prints the table (or JSON) of ratios and dispatch overhead."""
-    p = argparse.ArgumentParser(prog="hetrun bench moe", description=__doc__)
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="1,32,512,2048")
     p.add_argument("--backends", default="onnxruntime,openvino")
     p.add_argument("--precisions", default="bf16,fp32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    rows = run([int(t) for t in a.tokens.split(",")], a.backends.split(","), a.precisions.split(","), a.repeats,
-               a.threads)
-    if a.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
 
+
+def _main(a: argparse.Namespace) -> int:
+    rows = run(comma_list(a.tokens, int), comma_list(a.backends), comma_list(a.precisions), a.repeats, a.threads)
+    if a.json:
+        print_json(rows)
+        return 0
     flags = _cpu_flags()
     native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
     t = Table(title="MoE layer D=1024 I=2816 E=8 top-2: hetrun vs transformers eager (same weights, same precision)",
@@ -103,3 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['speedup']:.2f}x", f"{r['dispatch_overhead'] * 100:.1f}%", f"{r['rel_error']:.1e}")
     Console().print(t)
     return 0
+
+
+BENCHMARKS = {
+    "moe": Benchmark(
+        "a Mixtral-shaped MoE layer through hetrun's real CPU backends against the transformers block",
+        _arguments, _main,
+        "  hetrun bench moe --tokens 1,512 --backends onnxruntime --precisions fp32\n"
+        "  hetrun bench moe --json"),
+}

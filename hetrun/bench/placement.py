@@ -16,11 +16,17 @@ Zipf tables on identical GPUs against EPLB's hierarchical and global policies.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 import numpy as np
+
+from hetrun.bench import Benchmark
+from hetrun.errors import HetrunError
+from hetrun.files import print_json
+from hetrun.placement.eplb import eplb_policy, gpu_loads
+from hetrun.placement.planner import eplb_baseline, plan
+from hetrun.placement.rebalance import rebalance_plan
+from hetrun.spec import MoESpec, RouterSpec
 
 R1_REDUNDANT = 32
 
@@ -59,10 +65,6 @@ def timed(fn, repeat: int):
 
 
 def r1_cases(args) -> list[dict]:
-    from hetrun.placement.planner import eplb_baseline, plan
-    from hetrun.placement.rebalance import rebalance_plan
-    from hetrun.spec import MoESpec
-
     spec = MoESpec.from_preset("deepseek-r1")
     rng = np.random.default_rng(args.seed)
     load = zipf_load(rng, spec.num_moe_layers, spec.num_experts)
@@ -89,9 +91,6 @@ def r1_cases(args) -> list[dict]:
 
 
 def readme_case() -> dict:
-    from hetrun.placement.planner import plan
-    from hetrun.spec import MoESpec
-
     spec = MoESpec.from_preset("tiny").replace(num_shared_experts=0, shared_intermediate_size=0)  # 2 x 12, 4 groups
     prof = {"name": "readme-8gpu", "devices": [{"id": "gpu", "type": "h800", "count": 8, "per_node": 4}],
             "links": {"inter_node": {"bandwidth_gbs": 50}}}
@@ -110,10 +109,6 @@ def gpu_max_over_mean(p, w: np.ndarray) -> np.ndarray:
 
 
 def zipf_identical_cases(seeds: int) -> list[dict]:
-    from hetrun.placement.eplb import eplb_policy, gpu_loads
-    from hetrun.placement.planner import plan
-    from hetrun.spec import MoESpec, RouterSpec
-
     rows = []
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -136,22 +131,22 @@ def zipf_identical_cases(seeds: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hetrun bench placement", description=__doc__.split("\n\n")[0])
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="plan each case this many times; best time counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rebalance", action="store_true", help="also time a 32-move Plan.rebalance after load drift")
     ap.add_argument("--seeds", type=int, default=8, help="random Zipf tables on identical GPUs")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.seeds < 0:
-        ap.error("--repeat must be >= 1 and --seeds >= 0")
+        raise HetrunError("hetrun bench placement: --repeat must be >= 1 and --seeds >= 0 (see --help)")
     r1 = r1_cases(args)
     readme = readme_case()
     zipf = zipf_identical_cases(args.seeds)
     if args.json:
-        json.dump({"r1": r1, "readme": readme, "zipf_identical": zipf}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_json({"r1": r1, "readme": readme, "zipf_identical": zipf})
         return 0
     print("step: modeled MoE time per step of 4096 tokens, shared experts on the dense device included; EPLB: the same "
           "devices, equal slots, even split, same cost model; routed: routed experts alone")
@@ -183,5 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+BENCHMARKS = {
+    "placement": Benchmark(
+        "plan the DeepSeek-R1 shape at scale, and show the planner's figures against EPLB",
+        _arguments, _main,
+        "  hetrun bench placement\n"
+        "  hetrun bench placement --repeat 1 --seeds 2 --rebalance\n"
+        "  hetrun bench placement --json"),
+}

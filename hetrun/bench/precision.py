@@ -12,50 +12,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from hetrun.backends.registry import probe_backend, require_backend
+from hetrun.bench import Benchmark, comma_list
+from hetrun.errors import HetrunError
+from hetrun.files import print_json
+from hetrun.formats import FORMATS
+from hetrun.profile import device_catalog, load_profile
+from hetrun.runtime.graphs import build_expert_graph
+from hetrun.runtime.weights import ExpertWeights
 
 RUNTIMES = ("onnxruntime", "openvino")
 DEFAULT_TOKENS = (1, 16, 128, 512)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a usage error is a user error: one line, exit 2
-        from hetrun.errors import HetrunError
-        raise HetrunError(f"{self.prog}: {message} (see --help)")
-
-
-def _parser() -> argparse.ArgumentParser:
-    from hetrun.formats import FORMATS
-
-    p = _Parser(prog="hetrun bench precision", description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024, help="expert hidden size D (default 1024, Mixtral-bench)")
-    p.add_argument("--intermediate", type=int, default=2816, help="expert intermediate size I (default 2816)")
-    p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="token counts, comma separated")
-    p.add_argument("--precisions", default=",".join(FORMATS), help="precisions, comma separated (default all)")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES), help="onnxruntime, openvino (default both)")
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds; each graph keeps its best (default 5)")
-    p.add_argument("--seconds", type=float, default=0.05, help="time per graph per round (default 0.05)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per session (default: all cores)")
-    p.add_argument("--bandwidth", type=float, default=None,
-                   help="this machine's read bandwidth in GB/s (default: the host-cpu catalog entry's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
-
-
-def _csv(text: str, kind=str) -> list:
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        from hetrun.errors import HetrunError
-        raise HetrunError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
-
-
 def gaussian_expert(hidden: int, intermediate: int, seed: int = 0):
     """A SwiGLU expert with Gaussian weights scaled by 1/sqrt(fan-in)."""
-    from hetrun.runtime.weights import ExpertWeights
-
     rng = np.random.default_rng(seed)
     return ExpertWeights((rng.standard_normal((intermediate, hidden)) / np.sqrt(hidden)).astype(np.float32),
                          (rng.standard_normal((intermediate, hidden)) / np.sqrt(hidden)).astype(np.float32),
@@ -64,24 +44,16 @@ def gaussian_expert(hidden: int, intermediate: int, seed: int = 0):
 
 def cpu_backend(runtime: str, precision: str, threads: int | None):
     """A backend instance for this machine's CPU (catalog type host-cpu) through `runtime`."""
-    from hetrun.backends.registry import require_backend
-    from hetrun.profile import load_profile
-
     prof = load_profile({"name": "bench", "devices": [{"id": "cpu", "type": "host-cpu", "backend": runtime}]})
     return require_backend(runtime)(prof.devices[0], precision, threads)
 
 
 def ort_resident_bytes(graph: bytes) -> int:
     """Bytes of weights an onnxruntime CPU session holds after its load-time optimizations (hetrun's options)."""
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")  # as backends/ort.py sets it
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")  # as backends/onnxruntime.py sets it
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
         model = onnx.load(opts.optimized_model_filepath)
@@ -104,16 +76,11 @@ def run_bench(hidden: int = 1024, intermediate: int = 2816, tokens=DEFAULT_TOKEN
               runtimes=RUNTIMES, rounds: int = 5, seconds: float = 0.05, threads: int | None = None,
               progress=None) -> dict:
     """Measure every (runtime, precision) expert graph; see the module docstring. Returns a JSON-able dict."""
-    from hetrun.backends.registry import probe_backend
-    from hetrun.formats import FORMATS
-    from hetrun.runtime.graphs import build_expert_graph
-
     precisions = list(precisions or FORMATS)
     if "bf16" not in precisions:
         precisions = ["bf16"] + precisions  # the baseline
     bad = [p for p in precisions if p not in FORMATS]
     if bad:
-        from hetrun.errors import HetrunError
         raise HetrunError(f"unknown precision '{bad[0]}'; use some of: {', '.join(FORMATS)}")
     w = gaussian_expert(hidden, intermediate)
     x_err = np.random.default_rng(1).standard_normal((64, hidden)).astype(np.float32)
@@ -156,9 +123,6 @@ def run_bench(hidden: int = 1024, intermediate: int = 2816, tokens=DEFAULT_TOKEN
 
 
 def _print(report: dict, bandwidth: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     c = Console(width=max(Console().width, 160))
     toks = report["tokens"]
     for rt in RUNTIMES:
@@ -187,15 +151,23 @@ def _print(report: dict, bandwidth: float) -> None:
         c.print(f"{rt}: not measured ({why})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `hetrun bench precision`."""
-    from hetrun.errors import HetrunError
-    from hetrun.files import print_json
-    from hetrun.profile import device_catalog
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden", type=int, default=1024, help="expert hidden size D (default 1024, Mixtral-bench)")
+    p.add_argument("--intermediate", type=int, default=2816, help="expert intermediate size I (default 2816)")
+    p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), help="token counts, comma separated")
+    p.add_argument("--precisions", default=",".join(FORMATS), help="precisions, comma separated (default all)")
+    p.add_argument("--runtimes", default=",".join(RUNTIMES), help="onnxruntime, openvino (default both)")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds; each graph keeps its best (default 5)")
+    p.add_argument("--seconds", type=float, default=0.05, help="time per graph per round (default 0.05)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per session (default: all cores)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="this machine's read bandwidth in GB/s (default: the host-cpu catalog entry's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    args = _parser().parse_args(argv)
-    tokens = _csv(args.tokens, int)
-    runtimes = _csv(args.runtimes)
+
+def _main(args: argparse.Namespace) -> int:
+    tokens = comma_list(args.tokens, int)
+    runtimes = comma_list(args.runtimes)
     if not tokens or min(tokens) < 1:
         raise HetrunError("--tokens needs positive token counts, e.g. 1,16,128")
     unknown = [r for r in runtimes if r not in RUNTIMES]
@@ -205,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         raise HetrunError("--rounds, --seconds, --hidden and --intermediate must be positive")
     bandwidth = args.bandwidth or device_catalog()["host-cpu"].memory_bw_gbs
     quiet = args.json or not sys.stderr.isatty()
-    report = run_bench(args.hidden, args.intermediate, tokens, _csv(args.precisions), runtimes, args.rounds,
+    report = run_bench(args.hidden, args.intermediate, tokens, comma_list(args.precisions), runtimes, args.rounds,
                        args.seconds, args.threads, progress=None if quiet else lambda m: print(m, file=sys.stderr))
     report["bandwidth_gbs"] = bandwidth
     if args.json:
@@ -213,3 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print(report, bandwidth)
     return 0
+
+
+BENCHMARKS = {
+    "precision": Benchmark(
+        "one expert at every precision on this CPU, against the BF16 graph in the same run",
+        _arguments, _main,
+        "  hetrun bench precision\n"
+        "  hetrun bench precision --tokens 1,64 --runtimes openvino --json\n"
+        "  hetrun bench precision --hidden 256 --intermediate 512 --precisions fp8,int4 --rounds 2"),
+}

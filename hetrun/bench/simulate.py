@@ -1,23 +1,48 @@
 """Benchmarks of the simulator: its speed at full scale, and its accuracy against real CPU runs.
 
-    python -m hetrun.bench.simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
-    python -m hetrun.bench.simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
-    python -m hetrun.bench.simulate deepseek              # simulated vs published DeepSeek serving
+    hetrun bench simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
+    hetrun bench simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
+    hetrun bench simulate deepseek              # simulated vs published DeepSeek serving
 
 `scale` must finish in under 10 s. `accuracy` runs the tiny and Mixtral-shaped (mixtral-bench) MoE layers
 through the real dispatcher on onnxruntime and OpenVINO for 1 to 2048 tokens and compares each wall time
-with `hetrun.calibrate.predict_moe_layer_seconds` on the calibrated host profile; the targets are 15%
+with `hetrun.calibrate.predict.predict_moe_layer_seconds` on the calibrated host profile; the targets are 15%
 geometric-mean error and 30% worst case. It needs a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import sys
 import time
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hetrun.backends.registry import probe_backend
+from hetrun.bench import Benchmark
+from hetrun.calibrate.measure import (
+    BATCHES,
+    SWEEPS,
+    fastest_of_sweeps,
+    graph_weight_bytes,
+    in_turn,
+    torch_threads,
+    typical_time,
+)
+from hetrun.calibrate.predict import predict_moe_layer_seconds
+from hetrun.errors import HetrunError
+from hetrun.files import write_atomic
+from hetrun.placement.planner import simple_plan
+from hetrun.profile import load_profile
+from hetrun.runtime.dispatch import ExpertRuntime
+from hetrun.runtime.weights import random_layer_weights
+from hetrun.sim import simulate
+from hetrun.sim.workload import load_workload
+from hetrun.spec import MoESpec
 
 ACCURACY_TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
 ACCURACY_SPECS = ("tiny", "mixtral-bench")
@@ -26,9 +51,6 @@ ACCURACY_PRECISIONS = ("fp32", "bf16")
 
 def scale(requests: int = 1000) -> dict:
     """Wall time of the DeepSeek-R1 decode simulation on 144 devices with a `requests`-request workload."""
-    from hetrun.sim import simulate
-    from hetrun.sim.workload import load_workload
-
     wl = load_workload("deepseek-prod").replace(requests=requests)
     t0 = time.perf_counter()
     r = simulate("deepseek-r1", "deepseek-decode-h800", wl, phases=("decode",))
@@ -40,8 +62,6 @@ def scale(requests: int = 1000) -> dict:
 
 def deepseek() -> dict:
     """Simulated DeepSeek prefill and decode per node against the published figures."""
-    from hetrun.sim import simulate
-
     pre = simulate("deepseek-r1", "deepseek-prefill-h800", "deepseek-prod", phases=("prefill",)).row
     dec = simulate("deepseek-r1", "deepseek-decode-h800", "deepseek-prod", phases=("decode",)).row
     p, d = pre["prefill_tokens_per_s_per_node"], dec["decode_tokens_per_s_per_node"]
@@ -53,11 +73,6 @@ def deepseek() -> dict:
 
 
 def _layer_runtime(spec, backend: str, precision: str, threads):
-    from hetrun.placement.planner import simple_plan
-    from hetrun.profile import load_profile
-    from hetrun.runtime.dispatch import ExpertRuntime
-    from hetrun.runtime.weights import random_layer_weights
-
     prof = load_profile({"name": f"bench-{backend}", "devices": [
         {"id": "host", "type": "host-cpu", "backend": backend, "precision": precision}]})
     plan = simple_plan(spec, prof, precision)
@@ -67,8 +82,6 @@ def _layer_runtime(spec, backend: str, precision: str, threads):
 
 
 def _weight_bytes(w, precision: str, backend: str) -> tuple[float, float | None]:
-    from hetrun.calibrate.run import graph_weight_bytes
-
     shared = graph_weight_bytes(w.shared[0], precision, backend) if w.shared else None
     return graph_weight_bytes(w.experts[0], precision, backend), shared
 
@@ -77,10 +90,7 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
                    backends=("onnxruntime", "openvino"), precisions=ACCURACY_PRECISIONS, tokens=ACCURACY_TOKENS,
                    reps: int = 7) -> list[dict]:
     """Measured and predicted seconds of real MoE layer calls, one row per case. Each case is measured in
-    sweeps over all cases, as calibration measures (`hetrun.calibrate.sweeps_for`); its fastest sweep counts."""
-    from hetrun.calibrate.run import SWEEPS, torch_threads
-    from hetrun.profile import load_profile
-
+    sweeps over all cases, as calibration measures (`hetrun.calibrate.measure.sweeps_for`); its fastest sweep counts."""
     host_profile = load_profile(host_profile)  # once: every case's prediction reads it
     sweeps = SWEEPS
     if quick:  # as `hetrun calibrate --quick`: one sweep
@@ -90,10 +100,6 @@ def accuracy_table(host_profile, threads: int | None = None, quick: bool = False
 
 
 def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, reps, sweeps) -> list[dict]:
-    from hetrun.backends.registry import probe_backend
-    from hetrun.calibrate.run import fastest_of_sweeps
-    from hetrun.spec import MoESpec
-
     runs = [(MoESpec.from_preset(name), b, p) for name in specs for b in backends if probe_backend(b).ok
             for p in precisions]
     best = fastest_of_sweeps(runs, lambda u: tokens,
@@ -106,10 +112,6 @@ def _accuracy_rows(host_profile, threads, specs, backends, precisions, tokens, r
 
 def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profile) -> dict[int, dict]:
     """Per token count: the layer's median wall time on its batches in turn, the prediction, the routing."""
-    import torch
-
-    from hetrun.calibrate.run import BATCHES, typical_time
-
     rt, w = _layer_runtime(spec, b, p, threads)
     wb, swb = _weight_bytes(w, p, b)
     layer = rt.layers[0]
@@ -125,10 +127,6 @@ def _measure_layer(spec, b: str, p: str, tokens, reps: int, threads, host_profil
 
 def _layer_case(layer, rt, spec, n: int, g, predict_args) -> dict:
     """BATCHES inputs of n tokens, a call that runs them in turn, and the mean predicted seconds over them."""
-    import torch
-
-    from hetrun.calibrate.run import BATCHES, in_turn, predict_moe_layer_seconds
-
     host_profile, b, p, wb, swb = predict_args
     # several batches in turn, so that a few tokens do not always meet the same experts
     xs = [torch.randn(n, spec.hidden_size, generator=g) * 0.5 for _ in range(BATCHES)]
@@ -154,9 +152,6 @@ def accuracy_summary(rows: list[dict]) -> dict:
 
 
 def print_accuracy(rows: list[dict]) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title="simulator vs real MoE layers on this CPU")
     for c in ("model", "backend", "precision", "tokens", "measured ms", "predicted ms", "error"):
         t.add_column(c, justify="right" if c not in ("model", "backend", "precision") else "left")
@@ -171,15 +166,15 @@ def print_accuracy(rows: list[dict]) -> dict:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetrun.bench.simulate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=("scale", "accuracy", "deepseek", "all"), nargs="?", default="scale")
     p.add_argument("host_profile", nargs="?", help="calibrated host profile (for accuracy)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="PATH", help="also write the accuracy rows as JSON")
-    a = p.parse_args(argv)
+
+
+def _main(a: argparse.Namespace) -> int:
     ok = True
     if a.what in ("scale", "all"):
         s = scale()
@@ -201,20 +196,23 @@ def main(argv: list[str] | None = None) -> int:
               "`hetrun bench simulate all host.yaml`)")
     elif a.what in ("accuracy", "all"):
         if not a.host_profile:
-            print("accuracy needs a host profile: run `hetrun calibrate --out host.yaml` first", file=sys.stderr)
-            return 2
+            raise HetrunError("accuracy needs a host profile: run `hetrun calibrate --out host.yaml` first")
         rows = accuracy_table(a.host_profile, a.threads, a.quick)
         s = print_accuracy(rows)
         if a.json:
-            import json
-
-            from hetrun.files import write_atomic
-
             write_atomic(a.json, json.dumps({"rows": rows, "summary": s, "host_profile": a.host_profile,
                                              "threads": a.threads}, indent=1))
         ok &= s["geomean_error_pct"] <= 15 and s["worst_error_pct"] <= 30
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+BENCHMARKS = {
+    "simulate": Benchmark(
+        "the simulator's speed at full scale (under 10 s), and its accuracy against real CPU runs",
+        _arguments, _main,
+        "  hetrun bench simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests\n"
+        "  hetrun bench simulate deepseek              # simulated vs published DeepSeek serving\n"
+        "  hetrun bench simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate;\n"
+        "                                              # needs a quiet machine)\n"
+        "  hetrun bench simulate all HOST.yaml --quick --json accuracy.json"),
+}

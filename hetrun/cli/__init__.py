@@ -46,13 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, cmd in commands().items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           epilog=f"examples:\n{cmd.examples}" if cmd.examples else None,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        cmd.add_arguments(p)
-        p.set_defaults(_run=cmd.run)
+        add_command(sub, name, cmd)
     return parser
+
+
+def add_command(sub, name: str, cmd) -> None:
+    """Add `cmd` (a Command, or anything with its fields: a hetrun.bench.Benchmark) as subcommand `name`."""
+    p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                       epilog=f"examples:\n{cmd.examples}" if cmd.examples else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    cmd.add_arguments(p)
+    p.set_defaults(_run=cmd.run)
 
 
 def _version() -> str:

@@ -1,48 +1,42 @@
-"""`hetrun bench NAME`: run one of hetrun's benchmarks; each lives in its own module with a main(argv)."""
+"""`hetrun bench NAME`: run one of hetrun's benchmarks; each is a subcommand built from hetrun.bench's registry."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-from hetrun.cli import Command
+from hetrun.bench import benchmarks
+from hetrun.cli import Command, _Parser, add_command
 from hetrun.errors import HetrunError
-
-# Benchmark name -> "module:function"; the function takes the remaining arguments and returns an exit code.
-BENCHMARKS = {
-    "precision": "hetrun.bench.precision:main",
-    "moe": "hetrun.bench.moe:main",
-    "placement": "hetrun.bench.placement:main",
-    "simulate": "hetrun.bench.simulate:main",
-    "distributed": "hetrun.bench.distributed:main",
-}
-
-
-def benchmark(name: str):
-    """The main function of benchmark `name`, imported now; a one-line HetrunError when unknown or not built."""
-    if name not in BENCHMARKS:
-        raise HetrunError(f"unknown benchmark '{name}'; choose one of: {', '.join(BENCHMARKS)}")
-    module, _, func = BENCHMARKS[name].partition(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:  # the benchmark exists but something it needs is missing
-            raise HetrunError(f"benchmark '{name}' cannot start: {e}") from None
-        raise HetrunError(f"benchmark '{name}' is not available in this version of hetrun ({module} is missing)") from None
-    return getattr(mod, func)
 
 
 def _add(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="NAME", help=f"which benchmark: {', '.join(BENCHMARKS)}")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
+    # Every `hetrun` command builds this parser, and gathering the benchmarks imports torch: the benchmarks become
+    # subcommands only when `hetrun bench` itself parses its arguments (--help included).
+    def parse_with_benchmarks(args=None, namespace=None):
+        del p.parse_known_args  # once; argparse's own from here on
+        _add_benchmarks(p, list(args or []))
+        return p.parse_known_args(args, namespace)
+
+    p.parse_known_args = parse_with_benchmarks
 
 
-def _run(args: argparse.Namespace) -> int:
-    return int(benchmark(args.name)(args.args) or 0)
+def _add_benchmarks(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    found = benchmarks()
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name is not None and name not in found:
+        raise HetrunError(f"unknown benchmark '{name}'; choose one of: {', '.join(found)}")
+    sub = p.add_subparsers(dest="benchmark", metavar="NAME", required=True, parser_class=_Parser)
+    for bench_name, bench in found.items():
+        add_command(sub, bench_name, bench)
+
+
+def _run(args: argparse.Namespace) -> int:  # never runs: the benchmark's subcommand sets its own
+    raise HetrunError("name a benchmark: `hetrun bench --help` lists them")
 
 
 COMMANDS = {
-    "bench": Command("run a benchmark: " + ", ".join(BENCHMARKS), _add, _run,
-                     "  hetrun bench precision\n  hetrun bench precision --tokens 1,64 --runtimes openvino --json\n"
-                     "  hetrun bench precision --help"),
+    "bench": Command("run a benchmark (`hetrun bench --help` lists them)", _add, _run,
+                     "  hetrun bench --help\n"
+                     "  hetrun bench precision --tokens 1,64 --runtimes openvino --json\n"
+                     "  hetrun bench placement --help"),
 }

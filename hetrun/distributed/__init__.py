@@ -10,7 +10,7 @@ same profile runs in one process. Under torchrun:
     report = model.hetrun.finish()                   # serve until every rank is done; rank 0 gets per-rank stats
 
 A rank that dies, hangs (distributed.timeout_s) or fails makes the others raise RankFailure naming it.
-`python -m hetrun.launch` wraps all this; `python -m hetrun.bench.distributed` measures it.
+`python -m hetrun.launch` wraps all this; `hetrun bench distributed` measures it.
 
     ranks.py        which devices each rank owns, who holds the dense parts
     collectives.py  gloo / nccl / hccl probes and the device token buffers live on
