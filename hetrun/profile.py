@@ -195,7 +195,7 @@ def device_catalog() -> dict[str, DeviceType]:
     out = {}
     for f in sorted(resources.files("hetrun.profiles.devices").iterdir(), key=lambda p: p.name):
         if f.name.endswith(".yaml"):
-            d = _validate(DeviceType, _parse_yaml(f.read_text(), f.name), f"device type {f.name}")
+            d = validate_model(DeviceType, _parse_yaml(f.read_text(), f.name), f"device type {f.name}")
             out[d.name] = d
     return out
 
@@ -243,20 +243,26 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ProfileError(f"profile '{source}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
 
 
-def _validate(cls, data: Any, source: str):
+def first_error(e: ValidationError, top: str = "(top level)") -> tuple[str, str]:
+    """(dotted field path, message) of a pydantic error's first problem, for one-line errors."""
+    err = e.errors()[0]
+    return ".".join(str(x) for x in err["loc"]) or top, err["msg"].removeprefix("Value error, ")
+
+
+def validate_model(cls, data: Any, source: str, field_prefix: str = ""):
+    """`cls` validated from `data`, or a one-line ProfileError naming `source` and the first bad field (its path
+    after `field_prefix`)."""
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ProfileError(f"{source}: field '{loc}': {msg}; fix that field and retry") from None
+        loc, msg = first_error(e)
+        raise ProfileError(f"{source}: field '{field_prefix}{loc}': {msg}; fix that field and retry") from None
 
 
 def _build(data: Any, source: str) -> Profile:
-    model = _validate(ProfileModel, data, f"profile '{source}'")
+    model = validate_model(ProfileModel, data, f"profile '{source}'")
     catalog = {**device_catalog(), **model.device_types}
     devices, ids = [], set()
     for g in model.devices:

@@ -10,7 +10,7 @@ import torch
 import hetrun
 from hetrun.errors import HetrunError, PlacementError, PrecisionError
 from hetrun.placement import eplb_policy, evaluate_placement, gpu_loads
-from hetrun.placement.device_model import DeviceModel, predict, scale_load
+from hetrun.placement.device_model import DeviceModel, DeviceOverrides, predict, scale_load
 from hetrun.placement.pins import parse_pin
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import eplb_baseline, plan, simple_plan
@@ -387,3 +387,41 @@ def test_shared_experts_policies():
     for p in (dense, balanced):
         d = p.predicted["devices"]
         assert sum(v["shared_experts"] for v in d.values()) == 2 * 2
+
+
+# ---- overrides: what a caller such as the simulator knows beyond the profile ----------------------------------
+
+def test_overrides_set_cost_time_budget_slots_and_the_dense_device():
+    prof = identical(8, 4)
+    budget = np.array([0.25] + [1.0] * 7)  # device 0 spends three quarters of every step on other work
+    p = plan(TINY, prof, redundant_experts=4,
+             overrides=DeviceOverrides(cost=np.full(8, 1e-6), time_budget=budget, dense_device=3))
+    slots = np.bincount(p.device_of[0], minlength=8)
+    assert slots[0] < slots[1:].min()
+    model = DeviceModel.from_dict(p.predicted["model"])
+    assert model.compute_s[0] == pytest.approx(4e-6) and (model.comm_s == 0).all() and (model.shared_s == 0).all()
+    assert (p.shared_device_of == 3).all()
+    none = plan(TINY, prof, overrides=DeviceOverrides(max_slots=[0, 0, 3, 3, 3, 3, 3, 3]))
+    assert not np.isin([0, 1], none.device_of).any()  # devices that hold no experts
+    fixed = [2, 2, 2, 2, 1, 1, 1, 1]
+    assert (np.bincount(plan(TINY, prof, overrides=DeviceOverrides(slots=fixed)).device_of[1], minlength=8)
+            == fixed).all()
+    with pytest.raises(PlacementError, match=r"device 'h100:0' \(80 GB\) cannot hold 90.0 GB reserved"):
+        plan(TINY, {"name": "one", "devices": [{"id": "h100", "type": "h100-sxm"}]},
+             overrides=DeviceOverrides(reserved_bytes=[90e9]))
+
+
+@pytest.mark.parametrize("overrides,kwargs,words", [
+    (DeviceOverrides(time_budget=[0.0] * 8), {}, "time_budget must be shares in (0, 1]"),
+    (DeviceOverrides(cost=[1e-6] * 7), {}, "overrides.cost must be 8 finite numbers"),
+    (DeviceOverrides(max_slots=[1.5] * 8), {}, "max_slots must be whole numbers"),
+    (DeviceOverrides(dense_device=8), {}, "dense_device must be a device index in 0..7"),
+    (DeviceOverrides(slots=[1] * 8), {}, "the fixed slots add up to 8 per MoE layer, but 12 experts + 0 redundant"),
+    (DeviceOverrides(slots=[5] + [1] * 7, max_slots=[4] * 8), {}, "'gpu:0' gets 5 fixed expert slots per layer but "
+                                                                  "holds 4"),
+    (DeviceOverrides(slots=[3] * 4 + [1] * 4), dict(redundant_experts=4, policy="eplb"), "the fixed slots differ"),
+])
+def test_bad_overrides(overrides, kwargs, words):
+    with pytest.raises(PlacementError) as err:
+        plan(TINY, identical(8, 4), overrides=overrides, **kwargs)
+    assert words in str(err.value) and one_line(err)

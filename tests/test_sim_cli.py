@@ -98,7 +98,8 @@ def test_model_that_does_not_fit_exit_2(tmp_path, capsys):
 
 
 def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
-    from hetrun.calibrate.run import calibrate, predict_moe_layer_seconds
+    from hetrun.calibrate.predict import predict_moe_layer_seconds
+    from hetrun.calibrate.run import calibrate
     from hetrun.profile import load_profile
 
     out = tmp_path / "host.yaml"
@@ -117,7 +118,7 @@ def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
     big = predict_moe_layer_seconds(str(out), "onnxruntime", "fp32", 256, 512, [500, 500, 500, 500], 2)
     assert 0 < small < big and math.isfinite(big)
     # between the measured shapes the prediction interpolates the measured calls; outside, the roofline answers
-    from hetrun.calibrate.run import measured_call_seconds
+    from hetrun.calibrate.predict import measured_call_seconds
 
     lo, hi = (measured_call_seconds(cal, "onnxruntime", "fp32", d, i, 8) for d, i in ((64, 128), (256, 512)))
     mid = measured_call_seconds(cal, "onnxruntime", "fp32", 128, 256, 8)
@@ -128,7 +129,7 @@ def test_calibrate_smoke_writes_a_profile_the_simulator_uses(tmp_path):
 
 
 def test_calibration_sweeps_the_ladder_in_turn_and_keeps_each_points_fastest_sweep(monkeypatch):
-    import hetrun.calibrate.run as c
+    import hetrun.calibrate.measure as c
 
     built = []
     slow = {(0, 64): 3.0, (1, 32): 2.0}  # (sweep, hidden): a slow spell in sweep 1 for one shape, sweep 2 another
@@ -152,7 +153,7 @@ def test_calibration_sweeps_the_ladder_in_turn_and_keeps_each_points_fastest_swe
 
 
 def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
-    from hetrun.calibrate.run import measured_call_seconds
+    from hetrun.calibrate.predict import measured_call_seconds
 
     def sample(d, i, n, sec):
         return {"backend": "onnxruntime", "precision": "fp32", "hidden": d, "intermediate": i, "tokens": n,
@@ -171,7 +172,9 @@ def test_measured_calls_interpolate_log_log_and_never_fall_with_more_rows():
 
 
 def test_dispatcher_fit_recovers_its_terms():
-    from hetrun.calibrate.run import dispatch_features, dispatch_seconds, fit_dispatch
+    from hetrun.calibrate.dispatcher_terms import dispatch_features
+    from hetrun.calibrate.fit import fit_dispatch
+    from hetrun.calibrate.predict import dispatch_seconds
 
     truth = {"fixed_us": {"softmax_topk": 200.0, "sigmoid_grouped": 300.0}, "per_call_us": 5.0, "us_per_mb": 250.0,
              "us_per_shared_mb": 80.0, "us_per_k_router": 20.0}

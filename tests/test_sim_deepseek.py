@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hetrun.calibrate.run import fit_roofline
+from hetrun.calibrate.fit import fit_roofline
 from hetrun.profile import load_profile
 from hetrun.sim import simulate
 from hetrun.sim.economics import DEEPSEEK_R1_PRICE, daily_revenue, fleet_cost_per_day, fleet_for_volume

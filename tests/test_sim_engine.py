@@ -305,3 +305,20 @@ def test_expert_budget_leaves_attention_devices_less_of_the_step():
     assert (expert_budget(R1, prof.devices, prec, s, att, None) == 1.0).all()
     b = expert_budget(R1, prof.devices, prec, s, att, 0.05)
     assert (b[~att] == 1.0).all() and (b[att] < 1.0).all() and (b[att] > 0).all()
+
+
+def test_a_planner_bug_falls_back_to_eplb_where_the_slots_are_equal(monkeypatch):
+    import hetrun.placement.planner as planner
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("solver bug")
+
+    monkeypatch.setattr(planner, "solve_placement", bug)
+    m = StepModel(SMALL, _profile(slots_per_device={"g": 16}), CHAT)
+    assert m.layout.planner.endswith("rebalance_experts")
+    assert (np.bincount(m.layout.plan.device_of[0], minlength=8) == 16).all()
+    p = load_profile({"name": "uneven", "devices": [{"id": "a", "type": "h800", "count": 4, "precision": "fp8"},
+                                                    {"id": "b", "type": "h800", "count": 4, "precision": "fp8"}],
+                      "extra": {"sim": {"slots_per_device": {"a": 20, "b": 12}}}})
+    with pytest.raises(HetrunError, match="placement solver failed for profile 'uneven': RuntimeError: solver bug"):
+        StepModel(SMALL, p, CHAT)

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 
 from hetrun.errors import BundleError, HetrunError
 from hetrun.placement.plan import Plan
-from hetrun.profile import StrictModel
+from hetrun.profile import StrictModel, first_error
 
 BUNDLE_FORMAT = "hetrun-bundle"
 FORMAT_VERSION = 1
@@ -107,9 +107,8 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise BundleError(f"{MANIFEST}: field '{loc[:80]}': {err['msg'].removeprefix('Value error, ')[:160]}") from None
+        loc, msg = first_error(e)
+        raise BundleError(f"{MANIFEST}: field '{loc[:80]}': {msg[:160]}") from None
 
 
 def _no_constant(name: str):

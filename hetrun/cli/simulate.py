@@ -9,7 +9,11 @@ from pathlib import Path
 
 from hetrun.cli import Command
 from hetrun.errors import HetrunError
-from hetrun.files import print_json
+from hetrun.files import print_json, write_atomic
+from hetrun.sim import compare, simulate
+from hetrun.sim.economics import DEEPSEEK_FLEET, DEEPSEEK_R1_PRICE, daily_revenue, fleet_cost_per_day, fleet_for_volume
+from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict
+from hetrun.sim.workload import DEEPSEEK_DAY
 
 DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
 
@@ -42,9 +46,6 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _outputs(results, comparison, args, title: str) -> None:
-    from hetrun.files import write_atomic
-    from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict
-
     rows = [r.row for r in results]
     if args.csv:
         text = csv_text(rows)
@@ -75,8 +76,6 @@ def _outputs(results, comparison, args, title: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from hetrun.sim import simulate
-
     phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
     r = simulate(args.model, args.profile, args.workload, phases, trace=bool(args.trace))
     fleet = None
@@ -90,16 +89,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _fleet(args, r) -> dict:
-    from hetrun.sim import simulate
-    from hetrun.sim.economics import (
-        DEEPSEEK_FLEET,
-        DEEPSEEK_R1_PRICE,
-        daily_revenue,
-        fleet_cost_per_day,
-        fleet_for_volume,
-    )
-    from hetrun.sim.workload import DEEPSEEK_DAY
-
     pre = r
     if args.prefill_profile:
         pre = simulate(args.model, args.prefill_profile, args.workload, ("prefill",))
@@ -146,8 +135,6 @@ def _print_fleet(f: dict) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from hetrun.sim import compare
-
     profiles = args.profiles or list(DEFAULT_COMPARE)
     c = compare(args.model, profiles, args.workload, trace=bool(args.trace))
     _outputs(c.results, c, args, f"{c.results[0].spec.name}: {len(c.results)} profiles, workload {c.results[0].workload.name}")
@@ -203,7 +190,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.validate:  # in a fresh process: calibration's hundreds of sessions leave this one slower (10-20% here)
         import subprocess
 
-        cmd = [sys.executable, "-m", "hetrun.bench.simulate", "accuracy", str(path)]
+        cmd = [sys.executable, "-m", "hetrun", "bench", "simulate", "accuracy", str(path)]
         cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quick"] if args.quick else [])
         sys.stdout.flush()
         subprocess.run(cmd, check=False)

@@ -12,6 +12,7 @@ experts. Modules, from data to policy:
 """
 
 from hetrun.placement.bounds import lower_bound
+from hetrun.placement.device_model import DeviceOverrides
 from hetrun.placement.eplb import eplb_policy, gpu_loads, rebalance_experts
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import eplb_baseline, plan, simple_plan
@@ -19,6 +20,7 @@ from hetrun.placement.rebalance import rebalance, rebalance_plan
 from hetrun.placement.search import Placement, choose_slots, evaluate_placement, solve_placement
 
 __all__ = [
+    "DeviceOverrides",
     "Placement",
     "Plan",
     "choose_slots",

@@ -18,6 +18,11 @@ Cost model (the planner minimises the slowest device's modeled time per MoE laye
 - Memory: one copy of each (layer, expert) a device holds at its precision, shared experts included, plus the
   device group's `reserved_gb` (activations, KV cache, dense weights), against the catalog's `memory_gb`.
 - Price: the device's `price_per_hour` / 3600, for tie-breaking.
+
+A caller that knows more about the devices than the profile says passes `DeviceOverrides`: the simulator, which
+runs attention beside the experts, brings its own per-token cost, the share of each step attention leaves to the
+experts (`time_budget`: every per-token figure of a device is divided by it), the memory it keeps for KV caches,
+and the slots each device may hold.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from hetrun.errors import PlacementError
 from hetrun.formats import activation_bytes, expert_bytes
 from hetrun.placement.bounds import lower_bound
+from hetrun.placement.checks import device_vector
 from hetrun.placement.shares import row_sum
 from hetrun.profile import Profile
 from hetrun.roofline import expert_seconds
@@ -85,6 +91,40 @@ class DeviceModel:
             raise PlacementError(f"plan's device model is malformed ({type(e).__name__}: {e}); re-plan") from None
 
 
+@dataclass(frozen=True)
+class DeviceOverrides:
+    """What a caller knows about each device beyond the profile: [D] arrays in profile order; None keeps plan()'s
+    own figure."""
+
+    cost: np.ndarray | None = None  # seconds per routed token, replacing the roofline, traffic and shared-expert figures
+    time_budget: np.ndarray | None = None  # share (0, 1] of each layer's time left for experts; cost is divided by it
+    reserved_bytes: np.ndarray | None = None  # memory kept for all but experts, replacing the profile's reserved_gb
+    max_slots: np.ndarray | None = None  # most routed-expert slots per layer (0: none), replacing what memory allows
+    slots: np.ndarray | None = None  # routed-expert slots per layer, fixed: they add up to E + redundant experts
+    dense_device: int | None = None  # index of the device with the dense parts (and "dense" shared experts)
+
+    def checked(self, num_devices: int) -> "DeviceOverrides":
+        """The same overrides as numpy arrays, or a PlacementError naming the first bad one."""
+        D = num_devices
+        out = {}
+        for name, test, what in (("cost", lambda a: a > 0, "positive seconds per token"),
+                                 ("time_budget", lambda a: (a > 0) & (a <= 1), "shares in (0, 1]"),
+                                 ("reserved_bytes", lambda a: a >= 0, "byte counts >= 0"),
+                                 ("max_slots", lambda a: a == np.floor(a), "whole numbers >= 0"),
+                                 ("slots", lambda a: a == np.floor(a), "whole numbers >= 0")):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            a = device_vector(v, D, f"overrides.{name}", None)
+            if not test(a).all():
+                raise PlacementError(f"overrides.{name} must be {what}, one per device; got {a.tolist()}")
+            out[name] = a.astype(np.int64) if name.endswith("slots") else a
+        dense = self.dense_device
+        if dense is not None and not (isinstance(dense, (int, np.integer)) and 0 <= dense < D):
+            raise PlacementError(f"overrides.dense_device must be a device index in 0..{D - 1}, got {dense!r}")
+        return DeviceOverrides(**out, dense_device=None if dense is None else int(dense))
+
+
 def planner_settings(profile: Profile) -> dict:
     """The profile's `extra.planner` mapping (step_tokens, shared_experts), empty when absent."""
     settings = profile.model.extra.get("planner") or {}
@@ -103,24 +143,33 @@ def step_tokens_of(profile: Profile, step_tokens: int | None) -> int:
     return int(step_tokens)
 
 
-def device_model(spec: MoESpec, profile: Profile, precision: dict[str, str], step_tokens: int) -> DeviceModel:
-    """The planning figures of every device of `profile` running `spec` at `precision` (device id -> precision)."""
+def device_model(spec: MoESpec, profile: Profile, precision: dict[str, str], step_tokens: int,
+                 overrides: DeviceOverrides | None = None) -> DeviceModel:
+    """The planning figures of every device of `profile` running `spec` at `precision` (device id -> precision),
+    with the cost, time budget and reserved memory of `overrides` (checked) where it gives them."""
     devs = profile.devices
+    over = overrides or DeviceOverrides()
     h, i, i_s = spec.hidden_size, spec.moe_intermediate_size, spec.shared_intermediate_size
     rows = max(1.0, step_tokens * spec.top_k / spec.num_experts)
     prec = tuple(precision[d.id] for d in devs)
     eb = np.array([expert_bytes(p, h, i) for p in prec], dtype=np.float64)
     sb = np.array([expert_bytes(p, h, i_s) if spec.num_shared_experts else 0 for p in prec], dtype=np.float64)
     act = np.array([activation_bytes(p) for p in prec])
-    compute = np.array([expert_seconds(d.type, p, rows, h, i, b, a) / rows for d, p, b, a in zip(devs, prec, eb, act)])
-    shared = np.array([expert_seconds(d.type, p, step_tokens, h, i_s, b, a) / step_tokens
-                       if spec.num_shared_experts else 0.0 for d, p, b, a in zip(devs, prec, sb, act)])
+    if over.cost is None:
+        compute = np.array([expert_seconds(d.type, p, rows, h, i, b, a) / rows
+                            for d, p, b, a in zip(devs, prec, eb, act)])
+        shared = np.array([expert_seconds(d.type, p, step_tokens, h, i_s, b, a) / step_tokens
+                           if spec.num_shared_experts else 0.0 for d, p, b, a in zip(devs, prec, sb, act)])
+        comm = _comm_seconds(profile, h * (act + COMBINE_BYTES))
+    else:  # the caller's cost model covers all a routed token costs
+        compute, shared, comm = over.cost, np.zeros(len(devs)), np.zeros(len(devs))
+    budget = 1.0 if over.time_budget is None else over.time_budget
+    reserved = over.reserved_bytes if over.reserved_bytes is not None else [d.reserved_bytes for d in devs]
     return DeviceModel(
         device_ids=tuple(d.id for d in devs), groups=tuple(d.group for d in devs), precision=prec,
-        node=np.array([d.node for d in devs], dtype=np.int64), compute_s=compute,
-        comm_s=_comm_seconds(profile, h * (act + COMBINE_BYTES)), shared_s=shared, expert_bytes=eb, shared_bytes=sb,
-        memory_bytes=np.array([d.memory_bytes for d in devs]),
-        reserved_bytes=np.array([d.reserved_bytes for d in devs]),
+        node=np.array([d.node for d in devs], dtype=np.int64), compute_s=compute / budget,
+        comm_s=comm / budget, shared_s=shared / budget, expert_bytes=eb, shared_bytes=sb,
+        memory_bytes=np.array([d.memory_bytes for d in devs]), reserved_bytes=np.array(reserved),
         price_s=np.array([d.price_per_hour / 3600.0 for d in devs]), step_tokens=step_tokens)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from hetrun.errors import PlacementError
-from hetrun.profile import PinRule
+from hetrun.profile import PinRule, first_error
 
 _CLI_KEYS = {"device": "device", "layers": "layers", "experts": "experts",
              "below": "load_below_percentile", "above": "load_above_percentile"}
@@ -43,9 +43,8 @@ def pin_rules(pins) -> list[PinRule]:
         try:
             out.append(PinRule.model_validate(data))
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "(rule)"
-            raise PlacementError(f"pin {data}: field '{loc}': {err['msg']}; fields are device, layers, experts, "
+            loc, msg = first_error(e, "(rule)")
+            raise PlacementError(f"pin {data}: field '{loc}': {msg}; fields are device, layers, experts, "
                                  "load_below_percentile, load_above_percentile") from None
     return out
 

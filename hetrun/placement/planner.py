@@ -18,6 +18,10 @@
    finishes them soonest with memory to spare ("balanced"). Predicted times include them;
 7. `predicted` holds per-device tokens, time and memory, per-layer step times and their lower bound, and what
    hetrun.placement.rebalance needs to move experts later without the profile.
+
+`overrides` (hetrun.placement.device_model.DeviceOverrides) let a caller that knows more than the profile -- the
+simulator, which runs attention beside the experts -- set each device's cost, time budget, reserved memory and
+slot limits, fix the slots, and name the dense device; everything else above holds as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from hetrun.errors import PlacementError
 from hetrun.placement.device_model import (
     DeviceModel,
+    DeviceOverrides,
     check_fits,
     device_model,
     plan_figures,
@@ -64,7 +69,7 @@ def simple_plan(spec: MoESpec, profile: Profile | str, precision: str | None = N
 
 def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: int = 0, pins=None,
          precision: str | None = None, *, policy: str = "auto", shared_experts: str | None = None,
-         step_tokens: int | None = None) -> Plan:
+         step_tokens: int | None = None, overrides: DeviceOverrides | None = None) -> Plan:
     """Place every expert of `spec` on the devices of `profile` (see the module docstring for the rules).
 
     Args:
@@ -77,6 +82,7 @@ def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: in
         policy: "auto" (the heterogeneous solver) or "eplb" (DeepSeek's EPLB: equal slots per device).
         shared_experts: "dense" or "balanced"; default the profile's `extra.planner.shared_experts`, else "dense".
         step_tokens: tokens per step for the predicted times; default the profile's `extra.planner.step_tokens`.
+        overrides: per-device figures and limits that replace plan()'s own (see DeviceOverrides).
     """
     profile = load_profile(profile)
     settings = planner_settings(profile)
@@ -88,19 +94,26 @@ def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: in
                              f"use one of {', '.join(SHARED_POLICIES)}")
     table = model_load(load, spec)  # [L, E] or None
     R = _num_slots(spec, redundant_experts)
+    over = (overrides or DeviceOverrides()).checked(len(profile.devices))
+    if over.slots is not None and over.slots.sum() != R:
+        raise PlacementError(f"the fixed slots add up to {over.slots.sum()} per MoE layer, but {spec.num_experts} "
+                             f"experts + {R - spec.num_experts} redundant need {R}; fix one of them")
     precisions = plan_precisions(profile, precision)
-    model = device_model(spec, profile, precisions, step_tokens_of(profile, step_tokens))
+    model = device_model(spec, profile, precisions, step_tokens_of(profile, step_tokens), over)
     w = scale_load(table, spec, model.step_tokens)  # [L, E] routed tokens per step
     rules = pin_rules(pins) + list(profile.model.pins)
     allowed = pin_mask(rules, list(zip(model.device_ids, model.groups)), w)  # [L, E, D] or None
     L, S, D = spec.num_moe_layers, spec.num_shared_experts, len(model.device_ids)
 
-    dense = model.device_ids.index(profile.dense_device.id)
+    dense = model.device_ids.index(profile.dense_device.id) if over.dense_device is None else over.dense_device
     shared_counts = np.zeros(D)
     if shared_policy == "dense":
         shared_counts[dense] = L * S
-    free = model.memory_bytes - model.reserved_bytes - shared_counts * model.shared_bytes  # [D]
-    slot_capacity(spec, model, shared_counts)  # a device that cannot hold its reserved and shared memory says so
+    if over.max_slots is None:
+        free = model.memory_bytes - model.reserved_bytes - shared_counts * model.shared_bytes  # [D]
+        slot_capacity(spec, model, shared_counts)  # a device that cannot hold its reserved and shared memory says so
+    else:
+        free = over.max_slots * (L * model.expert_bytes)  # [D] bytes of exactly max_slots slots in every layer
 
     if policy == "eplb":
         if rules:
@@ -108,10 +121,10 @@ def plan(spec: MoESpec, profile: Profile | str, load=None, redundant_experts: in
                                  "use policy 'auto' with pins")
         capacity = np.floor(free / (L * model.expert_bytes)).astype(np.int64)
         check_fits(spec, model, capacity, R)
-        p2l, dev, share, how = _eplb(spec, model, w, R, capacity)
+        p2l, dev, share, how = _eplb(spec, model, w, R, capacity, over.slots)
     else:
         shared_on = dense if shared_policy == "dense" and S else None
-        p2l, dev, share = _solve(spec, model, w, R, allowed, free, shared_on)
+        p2l, dev, share = _solve(spec, model, w, R, allowed, free, shared_on, over.slots)
         how = "hetrun.placement.solver"  # the solver: search, shares and bounds
     if shared_policy == "dense":
         shared_of = np.full((L, S), dense, dtype=np.int64)
@@ -164,8 +177,10 @@ def _num_slots(spec: MoESpec, redundant_experts) -> int:
     return E + int(redundant_experts)
 
 
-def _solve(spec: MoESpec, model, w: np.ndarray, R: int, allowed, free: np.ndarray, shared_on: int | None):
+def _solve(spec: MoESpec, model, w: np.ndarray, R: int, allowed, free: np.ndarray, shared_on: int | None,
+           fixed: np.ndarray | None = None):
     """(phy2log, device_of, share) [L, R] from the solver; layers pinned to fewer devices are planned apart.
+    `fixed` [D]: the slots per layer of every device, instead of choosing them.
 
     With `shared_on` (a device index), that device also runs every layer's shared experts, a fixed B_l seconds.
     The solver balances routed tokens at linear costs, so that device's cost in layer l is raised by T_l / (T_l -
@@ -188,14 +203,27 @@ def _solve(spec: MoESpec, model, w: np.ndarray, R: int, allowed, free: np.ndarra
     for b in np.argsort(layouts.sum(1), kind="stable"):  # layers with the fewest usable devices first
         idx = np.flatnonzero(block == b)
         cap = np.where(layouts[b], np.floor(left / (len(idx) * model.expert_bytes)), 0).astype(np.int64)  # [D]
-        check_fits(spec, model, cap, R, _layers_note(idx, L, layouts[b], model))
+        note = _layers_note(idx, L, layouts[b], model)
+        check_fits(spec, model, cap, R, note)
         mask = None if allowed is None else allowed[idx]
-        slots = _cover_pins(choose_slots(cost[idx], cap, R), cap, mask, model, idx)
+        if fixed is None:
+            slots = _cover_pins(choose_slots(cost[idx], cap, R), cap, mask, model, idx)
+        else:
+            slots = _check_fixed(fixed, cap, model, note)
         left -= len(idx) * slots * model.expert_bytes
         pl = solve_placement(w[idx], cost[idx] - model.comm_s, slots, node_of=model.node,
                              num_groups=spec.router.n_group, comm_cost=model.comm_s, price=model.price_s, allowed=mask)
         p2l[idx], dev[idx], share[idx] = pl.phy2log, pl.device_of, pl.share
     return p2l, dev, share
+
+
+def _check_fixed(slots: np.ndarray, cap: np.ndarray, model, where: str) -> np.ndarray:
+    over = np.flatnonzero(slots > cap)
+    if len(over):
+        d = int(over[0])
+        raise PlacementError(f"device '{model.device_ids[d]}' gets {slots[d]} fixed expert slots per layer but holds "
+                             f"{cap[d]}{where}; give it fewer slots, more memory or a lower precision")
+    return slots
 
 
 def _layers_note(idx: np.ndarray, L: int, usable: np.ndarray, model) -> str:
@@ -251,7 +279,7 @@ def _cover_pins(slots: np.ndarray, cap: np.ndarray, mask, model, layers: np.ndar
     return slots
 
 
-def _eplb(spec: MoESpec, model, w: np.ndarray, R: int, capacity: np.ndarray):
+def _eplb(spec: MoESpec, model, w: np.ndarray, R: int, capacity: np.ndarray, fixed: np.ndarray | None = None):
     """DeepSeek's EPLB over every device: equal slots, tokens split evenly over replicas."""
     D, E = len(model.device_ids), spec.num_experts
     if R % D:
@@ -260,6 +288,9 @@ def _eplb(spec: MoESpec, model, w: np.ndarray, R: int, capacity: np.ndarray):
                              f"+ {R - E} redundant) do not split over {D} devices; use redundant_experts="
                              f"{' or '.join(map(str, fits))} (slots a multiple of {D}), or policy 'auto'")
     per = R // D
+    if fixed is not None and (fixed != per).any():
+        raise PlacementError(f"policy 'eplb' puts {per} expert slots per layer on every device, but the fixed slots "
+                             f"differ ({', '.join(map(str, sorted(set(fixed.tolist()))))}); use policy 'auto'")
     short = np.flatnonzero(capacity < per)
     if len(short):
         d = int(short[0])

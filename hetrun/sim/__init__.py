@@ -4,9 +4,10 @@
     r = simulate("deepseek-r1", "deepseek-decode-h800", "deepseek-prod", phases=("decode",))
     r.row["decode_tokens_per_s_per_node"]
 
-No weights are loaded. Modules: workload (requests and targets), operators (FLOPs/bytes per operator),
-layout (roles and the expert Plan), comm (all-to-all from the plan), engine (steps, batch growth, prefill
-queueing), economics ($, J, CO2), run (simulate/compare), report (table, JSON, CSV, HTML, Chrome trace).
+No weights are loaded. Modules: settings (the profile's extra.sim), workload (requests and targets), operators
+(FLOPs/bytes per operator), roles (who does what; the expert Plan from hetrun.placement's planner), comm
+(all-to-all from the plan), engine (steps, batch growth, prefill queueing), economics ($, J, CO2), run
+(simulate/compare), report (table, JSON, CSV, HTML, Chrome trace).
 """
 
 from hetrun.sim.run import Comparison, SimResult, compare, simulate

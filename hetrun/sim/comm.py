@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetrun.errors import ProfileError
+from hetrun.formats import DTYPE_BYTES
 from hetrun.profile import LinkSpec
 from hetrun.roofline import transfer_seconds
 from hetrun.sim.roles import Layout
-from hetrun.sim.settings import dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def alltoall_seconds(links: Links, send_inter, recv_inter, send_intra, recv_intr
 
 def token_bytes(hidden: int, dtype: str) -> float:
     """Bytes of one token's hidden state on the wire; FP8 carries one FP32 scale per 128 channels."""
-    b = hidden * dtype_bytes(dtype)
+    b = hidden * DTYPE_BYTES[dtype]
     if dtype == "fp8":
         b += 4.0 * -(-hidden // 128)
     return b

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetrun.errors import HetrunError, PlacementError
-from hetrun.formats import expert_bytes
+from hetrun.formats import DTYPE_BYTES, expert_bytes
 from hetrun.profile import Profile
 from hetrun.roofline import op_seconds
 from hetrun.sim.comm import Links, alltoall_seconds, device_links, token_bytes, traffic
@@ -37,7 +37,7 @@ from hetrun.sim.operators import (
     swiglu_ops,
 )
 from hetrun.sim.roles import Layout, attention_line, attention_speed, build_layout, equal_time_requests, fixed_bytes
-from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff, sim_settings
+from hetrun.sim.settings import SimSettings, attention_eff, gemm_eff, sim_settings
 from hetrun.sim.workload import Workload
 from hetrun.spec import MoESpec
 
@@ -101,7 +101,7 @@ class StepModel:
         self.att_share = self._attention_shares()  # [D] share of requests per attention device (sums to 1)
         self.traffic = traffic(lay, self.att_share)
         self._traffic_cache: dict = {}
-        self.kv_elem = dtype_bytes(self.settings.kv_cache_dtype)
+        self.kv_elem = DTYPE_BYTES[self.settings.kv_cache_dtype]
         self.kv_per_token = kv_bytes_per_token(spec, self.kv_elem)
         self.dispatch_bytes = token_bytes(spec.hidden_size, self.settings.dispatch_dtype)
         self.combine_bytes = token_bytes(spec.hidden_size, self.settings.combine_dtype)
@@ -221,7 +221,7 @@ class StepModel:
                                    spec.moe_intermediate_size)
             t = op_seconds(lay.devices[i].type, op.precision, op.flops, op.bytes, self._eff[i]["gemm"], op.kernels)
             ew = expert_elementwise_op(lay.precision[i], noisy[:, i], spec.hidden_size, spec.moe_intermediate_size,
-                                       dtype_bytes(s.dispatch_dtype))
+                                       DTYPE_BYTES[s.dispatch_dtype])
             t = t + op_seconds(lay.devices[i].type, "bf16", 0.0, ew.bytes, self._eff[i]["elementwise"], ew.kernels)
             E[:, i] = np.where(rows[:, i] > 0, t, 0.0)
         E += shared_local[None, :]
@@ -299,9 +299,7 @@ class StepModel:
         """Largest decode batch that keeps the per-user target and fits memory; its throughput."""
         spec, lay, s, wl = self.spec, self.layout, self.settings, self.workload
         kv_samples = wl.sample.decode_kv_samples(KV_SAMPLES, wl.seed + 1).astype(np.float64)
-        rng = np.random.default_rng(wl.seed + 2)
-        perm = rng.permutation(KV_SAMPLES)
-        csum = np.concatenate([[0.0], np.cumsum(kv_samples[perm])])
+        perm = np.random.default_rng(wl.seed + 2).permutation(KV_SAMPLES)  # [KV_SAMPLES] order without balancing
         mean_kv = float(kv_samples.mean())
         att_ids = lay.attention_ids
         counts = self._decode_counts(mean_kv)

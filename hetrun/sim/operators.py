@@ -13,7 +13,7 @@ import numpy as np
 
 from hetrun.formats import activation_bytes, expert_bytes, matrix_bytes
 from hetrun.profile import DeviceType
-from hetrun.roofline import Efficiency, op_seconds
+from hetrun.roofline import Efficiency, op_seconds, swiglu_flops_bytes
 from hetrun.spec import MoESpec
 
 
@@ -126,10 +126,9 @@ def swiglu_ops(name: str, precision: str, tokens: float, hidden: int, intermedia
     """`copies` SwiGLU MLPs of one shape on the same tokens (gate+up fused, then down)."""
     if copies == 0 or intermediate == 0:
         return []
-    a = activation_bytes(precision)
-    flops = 6.0 * tokens * hidden * intermediate * copies
-    moved = copies * (expert_bytes(precision, hidden, intermediate) + a * tokens * (2 * hidden + 3 * intermediate))
-    return [Op(name, "gemm", precision, flops, moved, kernels=3.0)]
+    flops, moved = swiglu_flops_bytes(tokens, hidden, intermediate, expert_bytes(precision, hidden, intermediate),
+                                      activation_bytes(precision))
+    return [Op(name, "gemm", precision, flops * copies, copies * moved, kernels=3.0)]
 
 
 def layer_misc_ops(spec: MoESpec, precision: str, tokens: float, moe: bool, kernels: int,
@@ -190,9 +189,9 @@ def embedding_ops(spec: MoESpec, tokens: float, head_tokens: float) -> list[Op]:
 
 def grouped_expert_op(precision: str, rows, active_experts, hidden: int, intermediate: int) -> Op:
     """One grouped GEMM over a device's experts: `rows` token-expert pairs over `active_experts` weight sets."""
-    a = activation_bytes(precision)
-    flops = 6.0 * np.asarray(rows, dtype=np.float64) * hidden * intermediate
-    moved = active_experts * expert_bytes(precision, hidden, intermediate) + a * rows * (2 * hidden + 3 * intermediate)
+    flops, moved = swiglu_flops_bytes(rows, hidden, intermediate,
+                                      active_experts * expert_bytes(precision, hidden, intermediate),
+                                      activation_bytes(precision))
     return Op("experts", "gemm", precision, flops, moved, kernels=4.0)
 
 

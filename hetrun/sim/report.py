@@ -68,7 +68,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 def print_table(rows: list[dict], title: str, notes: list[str] = ()) -> None:
     """The comparison in the terminal: one column per profile, one row per metric (fits 80 columns for a few
     profiles), the API price and any notes under it."""
-    from rich.console import Console
+    from rich.console import Console  # heavy: only when a table is printed
     from rich.table import Table
 
     t = Table(title=title, show_lines=False)
@@ -186,7 +186,7 @@ def chrome_trace(result: SimResult, phase: str = "decode", max_devices: int = 16
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for HTML reports
 
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
@@ -194,7 +194,7 @@ def _png(fig) -> str:
 
 def charts(results: list[SimResult]) -> dict[str, str]:
     """Base64 PNGs: $/Mtok bars, tokens/s bars, memory per device, placement heatmap."""
-    import matplotlib
+    import matplotlib  # heavy: only for HTML reports
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

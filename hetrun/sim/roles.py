@@ -1,16 +1,18 @@
 """Who does what in a simulated deployment: attention devices, expert devices, precisions, and the expert Plan.
 
-On one device type the Plan comes from `hetrun.planner.plan` where it can place this layout (load-aware, with
-replicas). Otherwise -- several device types, roles that differ between expert devices, explicit slots, or a
-layout the planner cannot place -- the heterogeneous solver in `hetrun.placement.solver` places the experts
-directly and the result is wrapped in the same `Plan`. Slots per device follow the profile's
-`extra.sim.slots_per_device`, else speed and memory (`choose_slots`).
+The Plan always comes from the one planner, `hetrun.placement.planner.plan`. On one device type, with every
+device holding experts and no explicit slots, it plans with its own cost model, told only the memory the
+simulation keeps on each device. Otherwise -- several device types, roles that differ between devices, explicit
+slots, or a layout the planner's own model cannot place -- it plans with the simulation's figures
+(`DeviceOverrides`): each device's per-token expert cost, its remaining time budget, the slots its memory may give
+experts (or the profile's `extra.sim.slots_per_device`), and the first attention device as the dense device.
+Should the planner fail unexpectedly (a bug, not a layout that cannot be placed), it places with EPLB instead
+where the slots are equal.
 
-Heterogeneous placement works on each device's remaining time budget: a decode step at the workload's
-per-user target gives every layer T seconds; an attention device first spends A_d of them on its
-share of the requests -- as many as it serves in the time the fastest attention device takes for its own
-(`equal_time_requests`) -- so its experts must finish in T - A_d. The
-solver's per-token cost of device d is scaled by T / (T - A_d) (`expert_budget`), so slots and tokens go by
+The time budget: a decode step at the workload's per-user target gives every layer T seconds; an attention
+device first spends A_d of them on its share of the requests -- as many as it serves in the time the fastest
+attention device takes for its own (`equal_time_requests`) -- so its experts must finish in T - A_d. The
+planner's per-token cost of device d is scaled by T / (T - A_d) (`expert_budget`), so slots and tokens go by
 speed over what is left of the step, not by raw speed.
 """
 
@@ -22,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetrun.errors import HetrunError, PlacementError, PrecisionError, ProfileError
-from hetrun.formats import activation_bytes, expert_bytes
+from hetrun.formats import DTYPE_BYTES, activation_bytes, expert_bytes
+from hetrun.placement.device_model import DeviceOverrides
 from hetrun.placement.plan import Plan
+from hetrun.placement.planner import plan
 from hetrun.placement.precisions import device_precision
 from hetrun.profile import Device, Profile
-from hetrun.roofline import op_seconds
+from hetrun.roofline import expert_seconds
 from hetrun.sim.operators import (
     attention_block_bytes,
     attention_decode_ops,
@@ -34,7 +38,7 @@ from hetrun.sim.operators import (
     shared_expert_bytes,
     stage_seconds,
 )
-from hetrun.sim.settings import SimSettings, attention_eff, dtype_bytes, gemm_eff
+from hetrun.sim.settings import SimSettings, attention_eff, gemm_eff
 from hetrun.spec import MoESpec
 
 log = logging.getLogger("hetrun")
@@ -48,6 +52,11 @@ NOMINAL_REQUESTS = 64.0
 NOMINAL_KV = 4096.0
 # Least share of the step an expert device keeps for its experts, whatever its attention takes.
 MIN_EXPERT_BUDGET = 0.1
+# Who placed the experts, as reports name it (names kept from before placement was one package): the planner with
+# its own cost model, the planner with the simulation's figures, or EPLB after the planner failed unexpectedly.
+PLANNER_OWN_MODEL = "hetrun.planner.plan"
+PLANNER_SIM_FIGURES = "hetrun.placement.solver.solve_placement"
+EPLB_FALLBACK = "hetrun.placement.eplb.rebalance_experts"
 
 
 @dataclass(frozen=True)
@@ -86,11 +95,9 @@ def _role_mask(profile: Profile, groups: list[str] | None) -> np.ndarray:
 def expert_seconds_per_token(spec: MoESpec, device: Device, precision: str, settings: SimSettings,
                              rows: float = 256.0) -> float:
     """Seconds per routed token for one expert on `device` at a typical batch of `rows` tokens."""
-    a = activation_bytes(precision)
     d, i = spec.hidden_size, spec.moe_intermediate_size
-    t = op_seconds(device.type, precision, 6.0 * rows * d * i,
-                   expert_bytes(precision, d, i) + a * rows * (2 * d + 3 * i), gemm_eff(settings, device.type))
-    return t / rows
+    return expert_seconds(device.type, precision, rows, d, i, expert_bytes(precision, d, i),
+                          activation_bytes(precision), gemm_eff(settings, device.type)) / rows
 
 
 def attention_line(spec: MoESpec, devices, att_prec, settings: SimSettings, is_att, kv: float = NOMINAL_KV
@@ -100,7 +107,7 @@ def attention_line(spec: MoESpec, devices, att_prec, settings: SimSettings, is_a
     part is mostly the attention weights, re-read every step whatever the batch."""
     a0 = np.zeros(len(devices))
     a1 = np.zeros(len(devices))
-    kv_elem = dtype_bytes(settings.kv_cache_dtype)
+    kv_elem = DTYPE_BYTES[settings.kv_cache_dtype]
     for i, d in enumerate(devices):
         if not is_att[i]:
             continue
@@ -162,9 +169,9 @@ def build_layout(spec: MoESpec, profile: Profile, settings: SimSettings, popular
     att_prec = tuple(device_precision(d, settings.attention_precision.get(d.group)) for d in devs)
     nodes = np.unique([d.node for d in devs], return_inverse=True)[1]
     budget = expert_budget(spec, devs, att_prec, settings, is_att, step_s)
-    plan, planner = _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget)
-    prec = tuple(plan.precision.get(d.id, p) for d, p in zip(devs, prec))  # the plan's word is final
-    return Layout(profile, settings, devs, prec, att_prec, is_att, is_exp, nodes, plan, popularity, planner)
+    placed, planner = _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget)
+    prec = tuple(placed.precision.get(d.id, p) for d, p in zip(devs, prec))  # the plan's word is final
+    return Layout(profile, settings, devs, prec, att_prec, is_att, is_exp, nodes, placed, popularity, planner)
 
 
 def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: str, attention: bool,
@@ -178,8 +185,16 @@ def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: st
     return out
 
 
-def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec, budget) -> np.ndarray:
-    """[D] routed-expert slots per MoE layer on each device (0 off the expert devices)."""
+def expert_room(spec: MoESpec, device: Device, precision: str, attention: bool, settings: SimSettings) -> float:
+    """Bytes of a device's memory routed experts may take: what its fixed bytes leave, less the share an attention
+    device keeps for the KV cache (negative when the fixed bytes alone do not fit)."""
+    free = device.memory_bytes - fixed_bytes(spec, device, precision, precision, attention, settings)
+    return free * (EXPERT_SHARE_OF_FREE_MEMORY if attention else 1.0)
+
+
+def _slot_limits(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec) -> dict:
+    """{"slots": [D]} from `extra.sim.slots_per_device`, else {"max_slots": [D]}: the routed-expert slots per MoE
+    layer each device's memory gives experts (0 off the expert devices)."""
     devs = profile.devices
     E, L = spec.num_experts, spec.num_moe_layers
     R = E + settings.redundant_experts
@@ -187,12 +202,6 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
     if not len(ids):
         raise ProfileError(f"profile '{profile.name}': extra.sim.expert_devices leaves no device for the experts")
     out = np.zeros(len(devs), dtype=np.int64)
-    cap = np.zeros(len(ids), dtype=np.int64)
-    for j, i in enumerate(ids):
-        d = devs[i]
-        per_slot = L * expert_bytes(prec[i], spec.hidden_size, spec.moe_intermediate_size)
-        free = d.memory_bytes - fixed_bytes(spec, d, prec[i], prec[i], bool(is_att[i]), settings)
-        cap[j] = max(0, int(free * (EXPERT_SHARE_OF_FREE_MEMORY if is_att[i] else 1.0) // per_slot))
     explicit = settings.slots_per_device
     if explicit:
         missing = sorted({devs[i].group for i in ids} - set(explicit))
@@ -203,78 +212,61 @@ def _slots(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_ex
         if out.sum() != R:
             raise ProfileError(f"profile '{profile.name}': slots_per_device add up to {out.sum()} slots per layer, "
                                f"but {E} experts + {settings.redundant_experts} redundant need {R}; fix one of them")
-        return out
-    from hetrun.placement.search import choose_slots
-
-    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
-    if cap.sum() < R:
+        return {"slots": out}
+    for i in ids:
+        per_slot = L * expert_bytes(prec[i], spec.hidden_size, spec.moe_intermediate_size)
+        out[i] = max(0, int(expert_room(spec, devs[i], prec[i], bool(is_att[i]), settings) // per_slot))
+    if out.sum() < R:
         need = R * L * expert_bytes(prec[ids[0]], spec.hidden_size, spec.moe_intermediate_size) / 1e9
         raise PlacementError(f"model '{spec.name}' does not fit profile '{profile.name}': its expert devices hold at "
-                             f"most {cap.sum()} expert slots per layer but {R} are needed (about {need:,.0f} GB of "
+                             f"most {out.sum()} expert slots per layer but {R} are needed (about {need:,.0f} GB of "
                              "experts); add devices or memory, or use a lower precision")
-    out[ids] = choose_slots(cost, cap, R)
-    return out
+    return {"max_slots": out}
 
 
 def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> tuple[Plan, str]:
     devs = profile.devices
-    L, S = spec.num_moe_layers, spec.num_shared_experts
-    slots = _slots(spec, profile, settings, is_att, is_exp, prec, budget)
+    limits = _slot_limits(spec, profile, settings, is_att, is_exp, prec)
     load = popularity * 1e6  # [L, E] tokens in proportion to popularity
-    ids = np.nonzero(slots)[0]
-    precision = {d.id: p for d, p in zip(devs, prec)}
-    att = np.nonzero(is_att)[0]
-    shared = np.full((L, S), int(att[0]) if len(att) else int(ids[0]), dtype=np.int64)
-    # The planner's cost model sees neither attention work nor the weights re-read each step, so it places only
-    # where every device is alike; mixed device types go to the solver with their remaining time budgets.
+    # The planner's own cost model sees neither attention work nor the weights re-read each step, so it plans with it
+    # only where every device is alike; mixed device types get the simulation's figures and remaining time budgets.
     uniform = len({d.type.name for d in devs}) == 1 and (is_att.all() or not is_att.any())
     if is_exp.all() and not settings.slots_per_device and uniform:
         p = _planner_plan(spec, profile, settings, load, is_att, prec)
         if p is not None:
-            return p, "hetrun.planner.plan"
+            return p, PLANNER_OWN_MODEL
 
-    from hetrun.placement.search import solve_placement
-
-    cost = np.array([expert_seconds_per_token(spec, devs[i], prec[i], settings) / budget[i] for i in ids])
-    node_of = np.array([devs[i].node for i in ids])
-    price = np.array([devs[i].price_per_hour / 3600.0 for i in ids])
+    att = np.nonzero(is_att)[0]
+    dense = int(att[0]) if len(att) else int(np.nonzero(is_exp)[0][0])
+    cost = np.array([expert_seconds_per_token(spec, d, p, settings) for d, p in zip(devs, prec)])  # [D]
+    overrides = DeviceOverrides(cost=cost, time_budget=budget, dense_device=dense, **limits)
+    args = {"load": load, "redundant_experts": settings.redundant_experts, "shared_experts": "dense",
+            "overrides": overrides}
     try:
-        pl = solve_placement(load, cost, slots[ids], node_of=node_of, num_groups=spec.router.n_group, price=price)
-        p2l, dev, share = np.asarray(pl.phy2log), np.asarray(pl.device_of), np.asarray(pl.share)
-        how = "hetrun.placement.solver.solve_placement"
-    except PlacementError:
+        return plan(spec, profile, **args), PLANNER_SIM_FIGURES
+    except HetrunError:
         raise
     except Exception as e:  # noqa: BLE001 -- a solver bug must not take the simulation down where EPLB can place
-        s = slots[ids]
-        if (s != s[0]).any():
-            raise HetrunError(f"placement solver failed for profile '{profile.name}': {type(e).__name__}: {e}") from None
-        log.warning("placement solver failed (%s: %s); placing with EPLB instead", type(e).__name__, e)
-        p2l, dev, share = _eplb(spec, load, int(s.sum()), node_of)
-        how = "hetrun.placement.eplb.rebalance_experts"
-    device_of = ids[dev]  # [L, R] global device index
-    plan = Plan(spec, profile.name, tuple(d.id for d in devs), precision, p2l.copy(), device_of, share.copy(), shared)
-    return plan, how
+        failure = f"{type(e).__name__}: {e}"
+    try:
+        p = plan(spec, profile, policy="eplb", **args)
+    except PlacementError:  # EPLB needs equal slots on every device
+        raise HetrunError(f"placement solver failed for profile '{profile.name}': {failure}") from None
+    log.warning("placement solver failed (%s); placing with EPLB instead", failure)
+    return p, EPLB_FALLBACK
 
 
 _planner_warned: set[str] = set()
 
 
 def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
-    """The planner's Plan for this profile, with the memory the simulation keeps on each device (attention
-    weights, shared experts, workspace and KV headroom) passed as reserved_gb; None when it cannot place it."""
-    from hetrun.placement.planner import plan as planner_plan
-
-    data = profile.model.model_dump()
-    for g in data["devices"]:
-        i = next(k for k, d in enumerate(profile.devices) if d.group == g["id"])
-        d = profile.devices[i]
-        fixed = fixed_bytes(spec, d, prec[i], prec[i], bool(is_att[i]), settings)
-        keep = fixed + (1 - EXPERT_SHARE_OF_FREE_MEMORY) * max(d.memory_bytes - fixed, 0) if is_att[i] else fixed
-        g["reserved_gb"] = keep / 1e9
+    """The planner's Plan for this profile with its own cost model, the memory the simulation keeps on each device
+    (attention weights, shared experts, workspace and KV headroom) reserved; None when it cannot place it."""
+    keep = np.array([d.memory_bytes - expert_room(spec, d, p, bool(a), settings)
+                     for d, p, a in zip(profile.devices, prec, is_att)])  # [D]
     try:
-        from hetrun.profile import load_profile
-
-        return planner_plan(spec, load_profile(data), load=load, redundant_experts=settings.redundant_experts)
+        return plan(spec, profile, load=load, redundant_experts=settings.redundant_experts,
+                    overrides=DeviceOverrides(reserved_bytes=keep))
     except (PlacementError, PrecisionError) as e:
         msg = f"planner.plan cannot place profile '{profile.name}' ({e}); using the placement solver directly"
     except Exception as e:  # noqa: BLE001 -- another module's bug must not stop the simulation
@@ -283,16 +275,3 @@ def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
         _planner_warned.add(profile.name)
         log.warning(msg)
     return None
-
-
-def _eplb(spec: MoESpec, load: np.ndarray, R: int, node_of: np.ndarray):
-    """EPLB on identical devices with equal slots: (phy2log, device index, share), tokens split evenly."""
-    from hetrun.placement.eplb import rebalance_experts
-
-    n_dev = len(node_of)
-    n_nodes = len(np.unique(node_of))
-    phy2log, _, logcnt = rebalance_experts(load, R, spec.router.n_group, n_nodes, n_dev)
-    phy2log = np.asarray(phy2log)
-    dev = np.broadcast_to(np.arange(R) // (R // n_dev), phy2log.shape)
-    share = 1.0 / np.take_along_axis(np.asarray(logcnt), phy2log, 1)
-    return phy2log, dev, share

@@ -10,25 +10,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from hetrun.errors import ProfileError
-from hetrun.formats import DTYPE_BYTES
-from hetrun.profile import DeviceType, Profile
+from hetrun.profile import DeviceType, Profile, StrictModel, validate_model
 from hetrun.roofline import Efficiency
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EfficiencySpec(_Strict):
+class EfficiencySpec(StrictModel):
     compute: float = Field(gt=0, le=1)
     memory: float = Field(gt=0, le=1)
     launch_us: float | None = Field(default=None, ge=0)
 
 
-class SimSettings(_Strict):
+class SimSettings(StrictModel):
     # Roles: device group ids. None: every group.
     attention_devices: list[str] | None = None  # run attention, dense layers, embeddings and LM head (data parallel)
     expert_devices: list[str] | None = None  # hold routed experts
@@ -62,13 +57,7 @@ class SimSettings(_Strict):
 def sim_settings(profile: Profile) -> SimSettings:
     """The profile's `extra.sim` block, validated, with group ids checked against the profile."""
     raw = profile.model.extra.get("sim", {}) or {}
-    try:
-        s = SimSettings.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ProfileError(f"profile '{profile.name}': field 'extra.sim.{loc}': "
-                           f"{err['msg'].removeprefix('Value error, ')}; fix that field and retry") from None
+    s = validate_model(SimSettings, raw, f"profile '{profile.name}'", "extra.sim.")
     groups = {d.group for d in profile.devices}
     for field_name in ("attention_devices", "expert_devices"):
         for g in getattr(s, field_name) or []:
@@ -97,7 +86,3 @@ def attention_eff(s: SimSettings, dt: DeviceType) -> Efficiency:
     if spec is None:
         return base
     return Efficiency(spec.compute, spec.memory, base.launch_us if spec.launch_us is None else spec.launch_us)
-
-
-def dtype_bytes(name: str) -> float:
-    return DTYPE_BYTES[name]

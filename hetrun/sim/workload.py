@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from hetrun.errors import WorkloadError
 
@@ -254,8 +255,6 @@ def load_workload(name_or_path: "str | Path | Workload | dict") -> Workload:
     p = Path(key)
     if not p.is_file():
         raise WorkloadError(f"unknown workload '{key}'; use a preset ({', '.join(PRESETS)}) or a YAML file")
-    import yaml
-
     try:
         data = yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as e:
