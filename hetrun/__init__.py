@@ -41,15 +41,15 @@ __all__ = ["HetrunError", "MoESpec", "Profile", "RouterSpec", "deploy", "load_pr
 def __getattr__(name):
     # Heavy pieces (torch, onnx, runtimes) load on first use, not at `import hetrun`.
     if name == "deploy":
-        from hetrun.deployment import deploy
+        from hetrun.deployment import deploy  # imports torch or onnx: `import hetrun` stays light
         return deploy
     if name == "plan":
-        from hetrun.placement.planner import plan
+        from hetrun.placement.planner import plan  # imports torch or onnx: `import hetrun` stays light
         return plan
     if name == "load":
-        from hetrun.bundle import load
+        from hetrun.bundle import load  # imports torch or onnx: `import hetrun` stays light
         return load
     if name == "dispatch":
-        import hetrun.runtime.dispatch as dispatch
+        import hetrun.runtime.dispatch as dispatch  # imports torch: `import hetrun` stays light
         return dispatch
     raise AttributeError(f"module 'hetrun' has no attribute {name!r}")

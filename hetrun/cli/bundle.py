@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         print_json(doc)
         return 0
     from rich.console import Console  # heavy: only for the table of a run without --json
-    from rich.table import Table
+    from rich.table import Table  # display: loaded when a table is printed
 
     print(f"prompt:    {' '.join(map(str, args.prompt_ids))}")
     print(f"generated: {' '.join(map(str, out['new_ids']))}")
@@ -170,8 +170,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _print_inspect(info: dict) -> None:
     from rich.console import Console  # heavy: only for the tables of an inspect without --json
-    from rich.markup import escape
-    from rich.table import Table
+    from rich.markup import escape  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
 
     c = Console()
     m = info["model"]

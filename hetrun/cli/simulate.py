@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from hetrun.calibrate.run import calibrate
+    from hetrun.calibrate.run import calibrate  # imports torch: only when calibrating
 
     backends = tuple(x for x in args.backends.split(",") if x)
     precisions = tuple(x for x in args.precisions.split(",") if x)
@@ -169,8 +170,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         print_json({"path": str(path), "fits": cal["fits"], "copy_bandwidth_gbs": cal["copy_bandwidth_gbs"],
                     "dispatch": {k: v for k, v in cal["dispatch"].items() if k != "samples"}})
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from rich.console import Console  # display: loaded when a table is printed
+        from rich.table import Table  # display: loaded when a table is printed
 
         t = Table(title=f"fitted host device types (copy bandwidth {cal['copy_bandwidth_gbs']:.1f} GB/s)")
         for col in ("backend", "precision", "shape", "peak GFLOP/s", "compute eff", "memory eff",
@@ -188,7 +189,6 @@ def _calibrate(args: argparse.Namespace) -> int:
               f"experts, {d.get('us_per_k_router', 0.0):.2f} us per 1000 router scores")
         print(f"wrote {path}")
     if args.validate:  # in a fresh process: calibration's hundreds of sessions leave this one slower (10-20% here)
-        import subprocess
 
         cmd = [sys.executable, "-m", "hetrun", "bench", "simulate", "accuracy", str(path)]
         cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quick"] if args.quick else [])

@@ -30,15 +30,15 @@ __all__ = ["RankLayout", "resolve_layout", "RankFailure", "DistributedRuntime", 
 def __getattr__(name):
     # torch.distributed loads on first use, not at import.
     if name == "RankFailure":
-        from hetrun.distributed.world import RankFailure
+        from hetrun.distributed.world import RankFailure  # imports torch.distributed: only on first use
         return RankFailure
     if name == "current_world":
-        from hetrun.distributed.world import current_world
+        from hetrun.distributed.world import current_world  # imports torch.distributed: only on first use
         return current_world
     if name in ("DistributedRuntime", "set_tracing"):
-        import hetrun.distributed.moe as moe
+        import hetrun.distributed.moe as moe  # imports torch.distributed: only on first use
         return getattr(moe, name)
     if name == "probe_collective":
-        from hetrun.distributed.collectives import probe_collective
+        from hetrun.distributed.collectives import probe_collective  # imports torch.distributed: only on first use
         return probe_collective
     raise AttributeError(f"module 'hetrun.distributed' has no attribute {name!r}")

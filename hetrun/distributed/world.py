@@ -335,7 +335,7 @@ def join_world(profile: Profile, layout: RankLayout) -> World | None:
     store = None
     try:
         from torch.distributed import PrefixStore  # inside the try: a private API that may move
-        from torch.distributed.distributed_c10d import _get_default_store
+        from torch.distributed.distributed_c10d import _get_default_store  # private API, inside the try
 
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = PrefixStore(f"hetrun/{attempt}/", _get_default_store())

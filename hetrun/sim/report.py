@@ -69,7 +69,7 @@ def print_table(rows: list[dict], title: str, notes: list[str] = ()) -> None:
     """The comparison in the terminal: one column per profile, one row per metric (fits 80 columns for a few
     profiles), the API price and any notes under it."""
     from rich.console import Console  # heavy: only when a table is printed
-    from rich.table import Table
+    from rich.table import Table  # display: loaded when a table is printed
 
     t = Table(title=title, show_lines=False)
     t.add_column("metric", style="bold")
@@ -197,7 +197,7 @@ def charts(results: list[SimResult]) -> dict[str, str]:
     import matplotlib  # heavy: only for HTML reports
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only when a chart is drawn
 
     rows = [r.row for r in results]
     names = [r["profile"] for r in rows]
