@@ -1,10 +1,14 @@
-"""Benchmarks of the simulator: its speed at full scale, and its accuracy against real CPU runs.
+"""Benchmarks of the simulator: its speed at full scale, and its accuracy against real CPU runs and published
+deployments.
 
     hetrun bench simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests
+    hetrun bench simulate requests              # 10,000 requests through 144 + 3 x 32 H800s, request level
     hetrun bench simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate)
     hetrun bench simulate deepseek              # simulated vs published DeepSeek serving
+    hetrun bench simulate published             # every profiles/published case: published vs simulated
 
-`scale` must finish in under 10 s. `accuracy` runs the tiny and Mixtral-shaped (mixtral-bench) MoE layers
+`scale` must finish in under 10 s, `requests` in under 30 s (it also reports its time as a multiple of one step-model
+decode simulation of the same deployment, measured in the same run). `accuracy` runs the tiny and Mixtral-shaped (mixtral-bench) MoE layers
 through the real dispatcher on onnxruntime and OpenVINO for 1 to 2048 tokens and compares each wall time
 with `hetrun.calibrate.predict.predict_moe_layer_seconds` on the calibrated host profile; the targets are 15%
 geometric-mean error and 30% worst case. It needs a quiet machine.
@@ -41,6 +45,8 @@ from hetrun.profile import load_profile
 from hetrun.runtime.dispatch import ExpertRuntime
 from hetrun.runtime.weights import random_layer_weights
 from hetrun.sim import simulate
+from hetrun.sim.requests import simulate_requests
+from hetrun.sim.validation import markdown_table, validate
 from hetrun.sim.workload import load_workload
 from hetrun.spec import MoESpec
 
@@ -58,6 +64,23 @@ def scale(requests: int = 1000) -> dict:
     return {"seconds": sec, "devices": r.num_devices, "requests": requests,
             "decode_tokens_per_s_per_node": r.row["decode_tokens_per_s_per_node"], "target_s": 10.0,
             "ok": sec < 10.0}
+
+
+def requests_scale(n: int = 10_000) -> dict:
+    """Wall time of the request-level simulation of `n` requests through DeepSeek's PD-disaggregated deployment
+    (144 decode H800s, prefill instances of 32 H800s), and the same run's step-model decode simulation as the
+    reference."""
+    t0 = time.perf_counter()
+    ref = simulate("deepseek-r1", "deepseek-decode-h800", "deepseek-prod", phases=("decode",))
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = simulate_requests("deepseek-r1", "deepseek-decode-h800", "deepseek-prod", requests=n,
+                          prefill_profile="deepseek-prefill-h800")
+    sec = time.perf_counter() - t0
+    s = r.summary
+    return {"seconds": sec, "requests": n, "devices": ref.num_devices, "reference_s": ref_s, "ratio": sec / ref_s,
+            "target_s": 30.0, "ok": sec < 30.0, "ttft_p99_s": s["ttft_s"]["p99"], "tpot_p99_s": s["tpot_s"]["p99"],
+            "slo_attainment": s["slo_attainment"], "prefill_instances": r.settings.get("prefill_instances")}
 
 
 def deepseek() -> dict:
@@ -167,11 +190,12 @@ def print_accuracy(rows: list[dict]) -> dict:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=("scale", "accuracy", "deepseek", "all"), nargs="?", default="scale")
+    p.add_argument("what", choices=("scale", "requests", "accuracy", "deepseek", "published", "all"), nargs="?",
+                   default="scale")
     p.add_argument("host_profile", nargs="?", help="calibrated host profile (for accuracy)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", metavar="PATH", help="also write the accuracy rows as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the accuracy or published rows as JSON")
 
 
 def _main(a: argparse.Namespace) -> int:
@@ -182,6 +206,20 @@ def _main(a: argparse.Namespace) -> int:
               f"(target < {s['target_s']:.0f} s) -> {'ok' if s['ok'] else 'TOO SLOW'}; "
               f"{s['decode_tokens_per_s_per_node']:,.0f} output tokens/s per node")
         ok &= s["ok"]
+    if a.what in ("requests", "all"):
+        s = requests_scale()
+        print(f"{s['requests']:,} requests, request level, on {s['devices']} decode devices + {s['prefill_instances']} "
+              f"prefill instances: {s['seconds']:.2f} s (target < {s['target_s']:.0f} s; {s['ratio']:.1f}x one "
+              f"step-model decode simulation, {s['reference_s']:.2f} s) -> {'ok' if s['ok'] else 'TOO SLOW'}; P99 TTFT "
+              f"{s['ttft_p99_s']:.2f} s, P99 TPOT {s['tpot_p99_s'] * 1e3:.1f} ms, SLO attainment "
+              f"{s['slo_attainment'] * 100:.1f}%")
+        ok &= s["ok"]
+    if a.what in ("published", "all"):
+        rows = validate()
+        print(markdown_table(rows))
+        if a.json:
+            write_atomic(a.json, json.dumps(rows, indent=1))
+        ok &= all(r["within"] for r in rows)
     if a.what in ("deepseek", "all"):
         d = deepseek()
         print(f"prefill {d['prefill_per_node']:,.0f} input tokens/s per node vs 73,700 published "
@@ -212,6 +250,8 @@ BENCHMARKS = {
         _arguments, _main,
         "  hetrun bench simulate scale                 # DeepSeek-R1 decode on 144 H800s, 1,000 requests\n"
         "  hetrun bench simulate deepseek              # simulated vs published DeepSeek serving\n"
+        "  hetrun bench simulate requests              # 10,000 requests, request level, 144 + 3 x 32 H800s (< 30 s)\n"
+        "  hetrun bench simulate published --json v.json   # every profiles/published case, published vs simulated\n"
         "  hetrun bench simulate accuracy HOST.yaml    # predicted vs measured MoE layers (after calibrate;\n"
         "                                              # needs a quiet machine)\n"
         "  hetrun bench simulate all HOST.yaml --quick --json accuracy.json"),

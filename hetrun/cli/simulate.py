@@ -1,4 +1,5 @@
-"""`hetrun simulate`, `hetrun compare` and `hetrun calibrate`: cost-comparison profiling at full model scale."""
+"""`hetrun simulate`, `hetrun compare` and `hetrun calibrate`: cost-comparison profiling at full model scale, and
+request-level simulation (`hetrun simulate --requests N`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hetrun.cli import Command
+from hetrun.cli import Command, threads_arg, whole_number
 from hetrun.errors import HetrunError
 from hetrun.files import print_json, write_atomic
+from hetrun.profile import load_profile
 from hetrun.sim import compare, simulate
 from hetrun.sim.economics import DEEPSEEK_FLEET, DEEPSEEK_R1_PRICE, daily_revenue, fleet_cost_per_day, fleet_for_volume
-from hetrun.sim.report import chrome_trace, csv_text, html_report, print_table, report_dict
+from hetrun.sim.report import (
+    chrome_trace,
+    csv_text,
+    html_report,
+    print_requests,
+    print_table,
+    report_dict,
+    requests_html,
+)
+from hetrun.sim.requests import simulate_requests
+from hetrun.sim.run import resolve_workload
 from hetrun.sim.workload import DEEPSEEK_DAY
 
 DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
@@ -21,18 +33,48 @@ DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1)")
-    p.add_argument("--workload", default="chat", help="workload preset (chat, long-context, deepseek-prod) or a YAML file")
+    p.add_argument("--workload", help="workload preset (chat, long-context, deepseek-prod) or a YAML file (default: the "
+                                      "profile's own extra.workload, as published/* profiles carry, else chat)")
+    p.add_argument("--load", metavar="FILE", help="expert-load trace in EPLB's [MoE layers, experts] layout (.json "
+                                                  "with tokens_per_expert, as model.hetrun.stats writes it, or .npy); "
+                                                  "replaces the workload's expert popularity")
+    p.add_argument("--decode-batch", type=whole_number(1, what="the decode batch"), metavar="N", help="decode a fixed N requests per attention device "
+                                                                 "instead of growing the batch to the per-user target")
     p.add_argument("--json", action="store_true", help="print every number as JSON instead of the table")
     p.add_argument("--csv", metavar="PATH", help="write the table as CSV ('-' for stdout)")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report with charts")
     p.add_argument("--trace", metavar="PATH", help="write a Chrome-trace timeline of one step per device "
                                                     "(one file per profile when comparing)")
-    p.add_argument("--trace-phase", choices=("decode", "prefill"), default="decode", help="step to trace")
+    p.add_argument("--trace-phase", choices=("decode", "prefill", "aggregated"), default="decode",
+                   help="step to trace")
 
 
 def _simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="deepseek-decode-h800", help="profile name or YAML path")
-    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--phase", choices=("prefill", "decode", "aggregated", "both"), default="both",
+                   help="both (default): what the profile's serving mode runs -- prefill and decode, or aggregated")
+    p.add_argument("--serving", choices=("aggregated", "disaggregated"),
+                   help="override the profile's extra.sim.serving (aggregated: chunked prefill beside decode)")
+    p.add_argument("--max-num-tokens", type=whole_number(1, what="max_num_tokens"), metavar="N",
+                   help="aggregated: tokens per attention device and step, decode and prompt chunk together")
+    p.add_argument("--mtp", metavar="K:A", help="multi-token prediction / speculative decoding: K draft tokens per "
+                                                "step, each accepted with probability A (e.g. 1:0.8)")
+    p.add_argument("--attention-tp", type=whole_number(1, what="attention_tp"), metavar="N",
+                   help="tensor-parallel attention over N devices of a node (default 1: data-parallel attention)")
+    r = p.add_argument_group("request-level simulation (--requests)")
+    r.add_argument("--requests", type=whole_number(1, what="requests"), metavar="N", help="replay N requests through a continuous-batching "
+                                                             "scheduler and report TTFT/TPOT/E2E percentiles")
+    r.add_argument("--arrival", metavar="KIND", help="poisson (default), bursty, or a .jsonl trace of arrival_s, "
+                                                     "prompt_tokens, output_tokens per line")
+    r.add_argument("--rate", type=float, metavar="RPS", help="requests per second (default: the workload's, else 80%% "
+                                                             "of the modeled capacity)")
+    r.add_argument("--burstiness", type=float, metavar="CV", help="bursty arrivals: coefficient of variation of the "
+                                                                  "gaps (default 3)")
+    r.add_argument("--slo", metavar="SPEC", help="ttft=2s,tpot=50ms[,e2e=60s] (default: the workload's targets)")
+    r.add_argument("--prefill-instances", type=whole_number(1, what="prefill instances"), metavar="K", help="disaggregated: prefill deployments feeding "
+                                                                      "the decode one (default: as many as it needs)")
+    r.add_argument("--per-request", metavar="PATH", help="write every request's arrival, lengths, TTFT, TPOT and "
+                                                         "end-to-end latency as JSONL")
     p.add_argument("--prefill-profile", help="with --fleet: take prefill rates from this profile (DeepSeek runs "
                                              "prefill and decode on separate deployments)")
     p.add_argument("--fleet", action="store_true",
@@ -76,9 +118,68 @@ def _outputs(results, comparison, args, title: str) -> None:
                 print(f"wrote {k}: {v}")
 
 
+def _workload(args: argparse.Namespace, profile=None):
+    wl = resolve_workload(args.workload, profile)
+    changes = {}
+    if getattr(args, "load", None):
+        changes["expert_load"] = args.load
+    if getattr(args, "decode_batch", None) is not None:
+        changes["decode_batch"] = args.decode_batch
+    return wl.replace(**changes) if changes else wl
+
+
+def _mtp(text: str) -> dict:
+    k, sep, a = text.partition(":")
+    try:
+        out = {"draft_tokens": int(k), "acceptance": float(a)}
+    except ValueError:
+        raise HetrunError(f"--mtp takes DRAFT_TOKENS:ACCEPTANCE such as 1:0.8, got '{text}'") from None
+    if not sep or out["draft_tokens"] < 1 or not 0 <= out["acceptance"] <= 1:
+        raise HetrunError(f"--mtp takes DRAFT_TOKENS:ACCEPTANCE with at least one draft token and an acceptance in "
+                          f"[0, 1], such as 1:0.8; got '{text}'")
+    return out
+
+
+def _profile_arg(args: argparse.Namespace, name):
+    """The profile, with --serving, --max-num-tokens, --mtp and --attention-tp applied to its extra.sim."""
+    prof = load_profile(name)
+    changes = {k: v for k, v in (("serving", getattr(args, "serving", None)),
+                                 ("max_num_tokens", getattr(args, "max_num_tokens", None)),
+                                 ("attention_tp", getattr(args, "attention_tp", None))) if v is not None}
+    if getattr(args, "mtp", None):
+        changes["mtp"] = _mtp(args.mtp)
+    if not changes:
+        return prof
+    data = prof.model.model_dump()
+    data.setdefault("extra", {}).setdefault("sim", {}).update(changes)
+    return load_profile(data)
+
+
+def _requests(args: argparse.Namespace) -> int:
+    prof = _profile_arg(args, args.profile)
+    r = simulate_requests(args.model, prof, _workload(args, prof), requests=args.requests,
+                          rate=args.rate, arrival=args.arrival, burstiness=args.burstiness, slo=args.slo,
+                          prefill_profile=args.prefill_profile, prefill_instances=args.prefill_instances)
+    if args.html:
+        write_atomic(args.html, requests_html(r))
+    if args.per_request:
+        write_atomic(args.per_request, "".join(json.dumps(x) + "\n" for x in r.per_request()))
+    if args.json:
+        print_json({"model": r.model, "profile": r.profile, "prefill_profile": r.prefill_profile, **r.summary})
+    else:
+        print_requests(r)
+        for k, v in (("html", args.html), ("per-request", args.per_request)):
+            if v:
+                print(f"wrote {k}: {v}")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
-    phases = ("prefill", "decode") if args.phase == "both" else (args.phase,)
-    r = simulate(args.model, args.profile, args.workload, phases, trace=bool(args.trace))
+    if args.requests is not None or args.arrival or args.rate is not None:
+        return _requests(args)
+    phases = None if args.phase == "both" else (args.phase,)
+    prof = _profile_arg(args, args.profile)
+    r = simulate(args.model, prof, _workload(args, prof), phases, trace=bool(args.trace))
     fleet = None
     if args.fleet:
         fleet = _fleet(args, r)
@@ -92,7 +193,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _fleet(args, r) -> dict:
     pre = r
     if args.prefill_profile:
-        pre = simulate(args.model, args.prefill_profile, args.workload, ("prefill",))
+        pre = simulate(args.model, args.prefill_profile, r.workload, ("prefill",))
     p_node = pre.row.get("prefill_tokens_per_s_per_node")
     d_node = r.row.get("decode_tokens_per_s_per_node")
     out = {
@@ -137,7 +238,7 @@ def _print_fleet(f: dict) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     profiles = args.profiles or list(DEFAULT_COMPARE)
-    c = compare(args.model, profiles, args.workload, trace=bool(args.trace))
+    c = compare(args.model, profiles, _workload(args, profiles[0]), trace=bool(args.trace))
     _outputs(c.results, c, args, f"{c.results[0].spec.name}: {len(c.results)} profiles, workload {c.results[0].workload.name}")
     return 0
 
@@ -147,7 +248,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer token counts and repetitions (a smoke test)")
     p.add_argument("--backends", default="onnxruntime,openvino", help="comma-separated CPU backends to measure")
     p.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated expert precisions")
-    p.add_argument("--threads", type=int, default=None, help="threads per backend (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="threads per backend (default: all cores)")
     p.add_argument("--validate", action="store_true",
                    help="afterwards, predict real tiny and Mixtral-shaped MoE layers and show the error table")
     p.add_argument("--json", action="store_true", help="print the fitted efficiencies as JSON")
@@ -204,7 +305,17 @@ COMMANDS = {
         "  hetrun simulate --profile deepseek-decode-h800 --workload deepseek-prod --phase decode\n"
         "  hetrun simulate --profile deepseek-decode-h800 --prefill-profile deepseek-prefill-h800 "
         "--workload deepseek-prod --fleet\n"
-        "  hetrun simulate --profile all-h800 --html report.html --trace trace.json"),
+        "  hetrun simulate --profile all-h800 --html report.html --trace trace.json\n"
+        "  hetrun simulate --profile all-h800 --serving aggregated --decode-batch 64   # chunked prefill + decode\n"
+        "  hetrun simulate --profile all-h800 --serving aggregated --max-num-tokens 2048 --mtp 1:0.8\n"
+        "  hetrun simulate --profile all-h800 --attention-tp 8 --phase decode   # TP attention instead of DP\n"
+        "  hetrun simulate --profile published/trtllm-8xh200-fp8    # a published setup, with its own workload\n"
+        "  hetrun simulate --profile all-h800 --load stats.json    # expert loads from model.hetrun.stats\n"
+        "  # request level: 10,000 Poisson requests through PD-disaggregated DeepSeek serving (144 + 3x32 H800s)\n"
+        "  hetrun simulate --profile deepseek-decode-h800 --prefill-profile deepseek-prefill-h800 \\\n"
+        "      --workload deepseek-prod --requests 10000 --slo ttft=2s,tpot=50ms --html latency.html\n"
+        "  hetrun simulate --profile all-h800 --serving aggregated --requests 2000 --arrival bursty --rate 30\n"
+        "  hetrun simulate --profile all-h800 --arrival trace.jsonl --per-request out.jsonl"),
     "compare": Command(
         "compare profiles side by side; cost at the same latency target and throughput at the same budget",
         _compare_args, _compare,

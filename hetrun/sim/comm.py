@@ -7,7 +7,9 @@ plan's replica shares). A token makes top_k picks. Dedup modes:
   device  one copy per destination device, 1 - (1 - pi[d])^k of them;
   node    one RDMA copy per destination node, then NVLink forwarding inside it (DeepEP normal kernels);
           with group-limited routing (n_group, topk_group) the node-hit chance follows the groups each node
-          holds.
+          holds;
+  all     every token to every other device that holds experts (an allgather, and a reduce-scatter back), as
+          TensorRT-LLM exchanges tokens between attention-DP ranks.
 Links: devices of one type in one node use that type's scale-up link (NVLink, HCCS); devices of different
 types in one node use the profile's links.intra_node (PCIe), else the slower scale-up; nodes talk over
 links.inter_node.
@@ -94,8 +96,13 @@ def traffic(layout: Layout, source_weight: np.ndarray) -> Traffic:
     inter_pair = ~same
     mode = layout.settings.dispatch_dedup
     routed = k * pi  # [L, D] picks per token landing on each device
-    if mode in ("expert", "device"):
-        c = routed if mode == "expert" else 1.0 - (1.0 - np.clip(pi, 0, 1)) ** k  # [L, D] copies per token
+    if mode in ("expert", "device", "all"):
+        if mode == "expert":
+            c = routed
+        elif mode == "device":
+            c = 1.0 - (1.0 - np.clip(pi, 0, 1)) ** k  # [L, D] copies per token
+        else:
+            c = np.broadcast_to(layout.is_expert.astype(np.float64), pi.shape)
         send_inter = w[None, :] * (c @ inter_pair.T.astype(np.float64))  # [L, D]: sum over destinations
         send_intra = w[None, :] * (c @ intra_pair.T.astype(np.float64))
         recv_inter = c * (inter_pair.astype(np.float64) @ w)[None, :]

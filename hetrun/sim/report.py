@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from hetrun.errors import HetrunError
+from hetrun.sim.requests import RequestSimResult
 from hetrun.sim.run import Comparison, SimResult
 
 COLUMNS = [  # (key, header, format)
@@ -183,6 +184,15 @@ def chrome_trace(result: SimResult, phase: str = "decode", max_devices: int = 16
 
 # ---- HTML -----------------------------------------------------------------------------------------
 
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f0f0f0; } td:first-child { text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+.small { color: #555; font-size: 12px; } details pre { font-size: 11px; max-height: 30em; overflow: auto; }
+"""
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -300,14 +310,7 @@ def html_report(results: list[SimResult], comparison: Comparison | None = None, 
     img = lambda k, alt: f'<figure><img alt="{alt}" src="data:image/png;base64,{pics[k]}"></figure>'  # noqa: E731
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 12px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
-th {{ background: #f0f0f0; }} td:first-child, td:nth-last-child(2) {{ text-align: left; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
-.small {{ color: #555; font-size: 12px; }} details pre {{ font-size: 11px; max-height: 30em; overflow: auto; }}
-</style></head><body>
+<style>{_STYLE} td:nth-last-child(2) {{ text-align: left; }}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="small">Workload <b>{html.escape(wl['name'])}</b>: {wl['requests']} requests, mean prompt
 {wl['mean_prompt']:,.0f} tokens, mean output {wl['mean_output']:,.0f}, prefix-cache hits
@@ -323,6 +326,127 @@ $/M in hit: the cost of loading cached KV; miss: computing the prompt; TPOT: tim
 <h2>Throughput</h2>{img('throughput', 'tokens per second per node')}
 <h2>Memory per device</h2>{img('memory', 'memory per device')}
 <h2>Placement</h2>{img('placement', 'placement heatmap')}
+<details><summary>All numbers (JSON)</summary><pre>{html.escape(data)}</pre></details>
+</body></html>
+"""
+
+
+# ---- request-level simulation ------------------------------------------------------------------------------
+
+def print_requests(r: RequestSimResult) -> None:
+    """Percentiles, SLO attainment and goodput of a request-level simulation in the terminal."""
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
+
+    s = r.summary
+    t = Table(title=f"{r.model} on {r.profile}" + (f" (prefill on {r.prefill_profile})" if r.prefill_profile else "")
+              + f", {s['serving']}, {s['requests']:,} requests, {s['arrivals']}")
+    for c in ("metric", "mean", "P50", "P90", "P99", "max", "SLO"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for key, name, unit, slo in (("ttft_s", "TTFT", "s", "ttft"), ("tpot_s", "TPOT", "ms", "tpot"),
+                                 ("e2e_s", "end-to-end", "s", "e2e")):
+        m = 1e3 if unit == "ms" else 1.0
+        v = s[key]
+        target = r.slo.get(slo)
+        t.add_row(f"{name} ({unit})", *[f"{v[k] * m:,.3g}" for k in ("mean", "p50", "p90", "p99", "max")],
+                  "-" if target is None else f"{target * m:g}")
+    c = Console()
+    c.print(t)
+    c.print(f"SLO attainment {s['slo_attainment'] * 100:.1f}% (TTFT {s['ttft_attainment'] * 100:.1f}%, TPOT "
+            f"{s['tpot_attainment'] * 100:.1f}%); goodput {s['goodput_rps']:,.2f} requests/s, "
+            f"{s['goodput_output_tokens_per_s']:,.0f} output tokens/s; throughput {s['throughput_rps']:,.2f} "
+            f"requests/s over {s['span_s']:,.1f} s; mean decode batch {s['mean_running']:,.0f}, "
+            f"longest queue {s['max_waiting']:,}")
+    c.print(f"simulated in {s['simulation_wall_s']:.1f} s ({r.settings.get('step_evaluations', 0)} step-model "
+            "evaluations)")
+
+
+def latency_charts(r: RequestSimResult) -> dict[str, str]:
+    """Base64 PNGs: latency distributions (TTFT, TPOT, end-to-end) with percentiles and SLO, their CDFs, and the
+    batch and queue over time."""
+    import matplotlib  # heavy: only for HTML reports
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: only when a chart is drawn
+
+    out = {}
+    series = (("TTFT", r.ttft, "ttft", 1.0, "s"), ("TPOT", r.tpot[r.arrivals.output > 1], "tpot", 1e3, "ms"),
+              ("end-to-end", r.e2e, "e2e", 1.0, "s"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (name, x, slo, m, unit) in zip(axes, series):
+        x = np.asarray(x, dtype=np.float64) * m
+        if not len(x):
+            continue
+        ax.hist(x, bins=60, color="C0", alpha=0.8)
+        for q, ls in ((50, "-"), (90, "--"), (99, ":")):
+            v = float(np.percentile(x, q))
+            ax.axvline(v, color="black", ls=ls, lw=1, label=f"P{q} {v:,.3g} {unit}")
+        if slo in r.slo:
+            ax.axvline(r.slo[slo] * m, color="C3", lw=1.5, label=f"SLO {r.slo[slo] * m:g} {unit}")
+        ax.set_title(f"{name} ({unit})")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("requests")
+        ax.legend(fontsize=7)
+    fig.suptitle("Latency distributions")
+    fig.tight_layout()
+    out["hist"] = _png(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (name, x, slo, m, unit) in zip(axes, series):
+        x = np.sort(np.asarray(x, dtype=np.float64) * m)
+        if not len(x):
+            continue
+        ax.plot(x, np.arange(1, len(x) + 1) / len(x), color="C0")
+        if slo in r.slo:
+            ax.axvline(r.slo[slo] * m, color="C3", lw=1.5)
+        ax.set_title(f"{name} CDF")
+        ax.set_xlabel(unit)
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out["cdf"] = _png(fig)
+
+    tl = r.timeline
+    fig, ax = plt.subplots(figsize=(13, 3.2))
+    ax.plot(tl["t"], tl["running"], label="decode batch (requests)", color="C0")
+    ax.plot(tl["t"], tl["waiting"], label="waiting (not yet admitted or prefilled)", color="C1")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("requests")
+    ax.legend(fontsize=8)
+    ax.set_title("Batch and queue over time")
+    out["timeline"] = _png(fig)
+    return out
+
+
+def requests_html(r: RequestSimResult, title: str = "") -> str:
+    """A self-contained HTML page of a request-level simulation: summary table, latency plots, the JSON."""
+    s = r.summary
+    pics = latency_charts(r)
+    title = title or f"hetrun: {r.model} on {r.profile}, {s['requests']:,} requests ({s['serving']})"
+    rows = ""
+    for key, name, m, unit in (("ttft_s", "TTFT", 1.0, "s"), ("tpot_s", "TPOT", 1e3, "ms"), ("e2e_s", "end-to-end", 1.0,
+                                                                                           "s")):
+        v = s[key]
+        rows += f"<tr><td>{name} ({unit})</td>" + "".join(f"<td>{v[k] * m:,.4g}</td>" for k in
+                                                          ("mean", "p50", "p90", "p99", "max")) + "</tr>"
+    data = json.dumps(_finite_only(s), indent=1)
+    img = lambda k, alt: f'<figure><img alt="{alt}" src="data:image/png;base64,{pics[k]}"></figure>'  # noqa: E731
+    slo = ", ".join(f"{k} &le; {v * (1e3 if k == 'tpot' else 1):g} {'ms' if k == 'tpot' else 's'}"
+                    for k, v in r.slo.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="small">Arrivals: {html.escape(str(s['arrivals']))}. Serving: {html.escape(s['serving'])}. SLO: {slo}.
+Iteration times from the step model; continuous batching with KV reserved per request (prompt + output).</p>
+<table><tr><th>metric</th><th>mean</th><th>P50</th><th>P90</th><th>P99</th><th>max</th></tr>{rows}</table>
+<p><b>SLO attainment {s['slo_attainment'] * 100:.1f}%</b> (TTFT {s['ttft_attainment'] * 100:.1f}%, TPOT
+{s['tpot_attainment'] * 100:.1f}%); goodput {s['goodput_rps']:,.2f} requests/s
+({s['goodput_output_tokens_per_s']:,.0f} output tokens/s); throughput {s['throughput_rps']:,.2f} requests/s,
+{s['output_tokens_per_s']:,.0f} output tokens/s over {s['span_s']:,.1f} s.</p>
+<h2>Latency distributions</h2>{img('hist', 'latency histograms')}
+<h2>Cumulative distributions</h2>{img('cdf', 'latency CDFs')}
+<h2>Batch and queue</h2>{img('timeline', 'batch and queue over time')}
 <details><summary>All numbers (JSON)</summary><pre>{html.escape(data)}</pre></details>
 </body></html>
 """

@@ -34,6 +34,7 @@ from hetrun.roofline import expert_seconds
 from hetrun.sim.operators import (
     attention_block_bytes,
     attention_decode_ops,
+    attention_layer_bytes,
     layer_misc_ops,
     shared_expert_bytes,
     stage_seconds,
@@ -104,20 +105,28 @@ def attention_line(spec: MoESpec, devices, att_prec, settings: SimSettings, is_a
                    ) -> tuple[np.ndarray, np.ndarray]:
     """([D] fixed, [D] per-request) seconds of one MoE layer's decode attention stage on each attention device
     (attention, norms and router, for requests of `kv` context tokens; 0 off the attention devices). The fixed
-    part is mostly the attention weights, re-read every step whatever the batch."""
+    part is mostly the attention weights, re-read every step whatever the batch. With tensor-parallel attention a
+    device's requests are its 1/tp share of its group's; with MTP each request verifies 1 + draft tokens."""
     a0 = np.zeros(len(devices))
     a1 = np.zeros(len(devices))
     kv_elem = DTYPE_BYTES[settings.kv_cache_dtype]
+    tp = settings.attention_tp
+    q = 1.0 + (settings.mtp.draft_tokens if settings.mtp else 0)
+    cache: dict = {}
     for i, d in enumerate(devices):
         if not is_att[i]:
             continue
-        eff = {"gemm": gemm_eff(settings, d.type), "attention": attention_eff(settings, d.type),
-               "elementwise": gemm_eff(settings, d.type)}
-        t = [stage_seconds(attention_decode_ops(spec, att_prec[i], n, n * kv, kv_elem)
-                           + layer_misc_ops(spec, att_prec[i], n, True, settings.elementwise_kernels_per_layer),
-                           d.type, eff) for n in (1.0, NOMINAL_REQUESTS)]
-        a1[i] = max((t[1] - t[0]) / (NOMINAL_REQUESTS - 1.0), 1e-300)
-        a0[i] = max(t[0] - a1[i], 0.0)
+        key = (d.type.name, att_prec[i])
+        if key not in cache:
+            eff = {"gemm": gemm_eff(settings, d.type), "attention": attention_eff(settings, d.type),
+                   "elementwise": gemm_eff(settings, d.type)}
+            t = [stage_seconds(attention_decode_ops(spec, att_prec[i], n * tp, n * tp * kv, kv_elem, tp, q)
+                               + layer_misc_ops(spec, att_prec[i], n * tp * q, True,
+                                                settings.elementwise_kernels_per_layer, tp=tp),
+                               d.type, eff) for n in (1.0, NOMINAL_REQUESTS)]
+            per = max((t[1] - t[0]) / (NOMINAL_REQUESTS - 1.0), 1e-300)
+            cache[key] = (max(t[0] - per, 0.0), per)
+        a0[i], a1[i] = cache[key]
     return a0, a1
 
 
@@ -131,15 +140,17 @@ def attention_speed(spec: MoESpec, devices, att_prec, settings: SimSettings, is_
 
 def equal_time_requests(a0: np.ndarray, a1: np.ndarray, is_att, ref: int, b: float,
                         cap: np.ndarray | None = None) -> np.ndarray:
-    """[D] decode requests per attention device when device `ref` holds `b`: every other one gets as many as it
-    serves in the same attention time (`attention_line`), at most `cap` [D], at least one."""
+    """[D] decode requests per attention device when the attention stage lasts as long as device `ref` takes for
+    `b` requests: every attention device gets as many as it serves in that time (`attention_line`), at most `cap`
+    [D] (its memory; `ref` included). A device whose fixed attention cost alone exceeds that time gets none: it
+    runs its layers on an empty batch (an idle data-parallel rank, as SGLang runs them) and only its experts work,
+    rather than one request that would stretch every device's attention stage."""
     T = a0[ref] + a1[ref] * b
-    n = (T - a0) / np.where(is_att, a1, 1.0)
+    n = np.floor((T - a0) / np.where(is_att, a1, 1.0) + 1e-6)
+    n[ref] = b
     if cap is not None:
         n = np.minimum(n, cap)
-    n = np.rint(n)
-    n[ref] = b
-    return np.where(is_att, np.maximum(n, 1.0), 0.0)
+    return np.where(is_att, np.maximum(n, 0.0), 0.0)
 
 
 def expert_budget(spec: MoESpec, devices, att_prec, settings: SimSettings, is_att, step_s: float | None
@@ -153,7 +164,7 @@ def expert_budget(spec: MoESpec, devices, att_prec, settings: SimSettings, is_at
     a0, a1 = attention_line(spec, devices, att_prec, settings, is_att)
     ref = int(np.argmax(attention_speed(spec, devices, att_prec, settings, is_att)))
     n = equal_time_requests(a0, a1, is_att, ref, NOMINAL_REQUESTS)
-    a = np.where(is_att, a0 + a1 * n, 0.0)  # [D] per layer
+    a = np.where(is_att & (n > 0), a0 + a1 * n, 0.0)  # [D] per layer
     return np.clip(1.0 - a / (step_s / spec.num_layers), MIN_EXPERT_BUDGET, 1.0)
 
 
@@ -178,10 +189,14 @@ def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: st
                 settings: SimSettings) -> float:
     """Weights other than routed experts, plus the workspace, held on a device."""
     out = settings.workspace_gb * 1e9 + device.reserved_bytes
+    tp = settings.attention_tp
     if attention:
-        out += attention_block_bytes(spec, att_precision)
+        out += attention_block_bytes(spec, att_precision, tp)
         if settings.shared_experts == "local":
-            out += shared_expert_bytes(spec, precision)
+            out += shared_expert_bytes(spec, precision, tp)
+        if settings.mtp and settings.mtp.draft_layers:  # the MTP module's attention and shared experts
+            shared = shared_expert_bytes(spec, precision, tp) / max(spec.num_moe_layers, 1)
+            out += settings.mtp.draft_layers * (attention_layer_bytes(spec, att_precision, tp) + shared)
     return out
 
 

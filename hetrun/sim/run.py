@@ -22,10 +22,11 @@ from hetrun.sim.economics import (
     usd_per_million,
 )
 from hetrun.sim.engine import PhaseResult, StepModel
+from hetrun.sim.settings import sim_settings
 from hetrun.sim.workload import Workload, load_workload
 from hetrun.spec import MoESpec
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "aggregated")
 
 
 @dataclass
@@ -52,15 +53,43 @@ def load_spec(model: "str | MoESpec") -> MoESpec:
     return model if isinstance(model, MoESpec) else MoESpec.from_preset(str(model))
 
 
-def simulate(model: "str | MoESpec", profile: "str | Profile", workload: "str | Workload" = "chat",
-             phases: tuple[str, ...] = PHASES, trace: bool = False) -> SimResult:
-    """Simulate prefill and/or decode of `model` on `profile` under `workload`; no weights are loaded."""
+def default_phases(profile: Profile) -> tuple[str, ...]:
+    """The phases a profile serves: aggregated, or prefill and decode on separate deployments."""
+    return ("aggregated",) if sim_settings(profile).serving == "aggregated" else ("prefill", "decode")
+
+
+def resolve_workload(workload: "str | Workload | dict | None", profile: "str | Profile | None" = None) -> Workload:
+    """The workload: as given, else the profile's own `extra.workload` (a workload mapping, as the published
+    profiles carry their benchmark's setup), else the `chat` preset."""
+    if workload is not None:
+        return load_workload(workload)
+    if profile is not None:
+        prof = load_profile(profile)
+        own = prof.model.extra.get("workload")
+        if isinstance(own, str):
+            return load_workload(own)
+        if own is not None:
+            if not isinstance(own, dict):
+                raise HetrunError(f"profile '{prof.name}': extra.workload must be a preset name or a workload "
+                                  "mapping (prompt, output, ...)")
+            return load_workload(dict(own, name=own.get("name", prof.name)))
+    return load_workload("chat")
+
+
+def simulate(model: "str | MoESpec", profile: "str | Profile", workload: "str | Workload | None" = None,
+             phases: tuple[str, ...] | None = None, trace: bool = False, expert_load=None) -> SimResult:
+    """Simulate prefill and/or decode (or aggregated serving) of `model` on `profile` under `workload`; no weights
+    are loaded. `phases` None: what the profile's `extra.sim.serving` says. `expert_load`: a [layers, experts]
+    load trace (path or array) that replaces the workload's expert popularity."""
     spec = load_spec(model)
     prof = load_profile(profile)
-    wl = load_workload(workload)
+    wl = resolve_workload(workload, prof)
+    if expert_load is not None:
+        wl = wl.replace(expert_load=expert_load)
+    phases = default_phases(prof) if phases is None else tuple(phases)
     bad = [p for p in phases if p not in PHASES]
     if bad or not phases:
-        raise HetrunError(f"unknown phase {bad[0] if bad else '(none)'!r}; use prefill and/or decode")
+        raise HetrunError(f"unknown phase {bad[0] if bad else '(none)'!r}; use prefill, decode or aggregated")
     price = profile_price_per_hour(prof)
     sm = StepModel(spec, prof, wl)
     results = {p: getattr(sm, p)(trace=trace) for p in phases}
@@ -85,9 +114,11 @@ def summary_row(r: SimResult) -> dict:
     types = sorted({d.type.name for d in prof.devices})
     row: dict = {"profile": prof.name, "devices": n_dev, "nodes": n_node, "device_types": ", ".join(types),
                  "usd_per_hour": r.usd_per_hour, "workload": wl.name, "model": r.spec.name,
-                 "planner": sm.layout.planner, "api_price": r.api_price.__dict__}
-    pre, dec = r.phases.get("prefill"), r.phases.get("decode")
-    if pre is not None:
+                 "planner": sm.layout.planner, "api_price": r.api_price.__dict__, "serving": sm.settings.serving}
+    pre, dec, agg = r.phases.get("prefill"), r.phases.get("decode"), r.phases.get("aggregated")
+    if agg is not None:
+        row.update(_aggregated_row(r, agg))
+    if pre is not None and agg is None:
         ok = pre.feasible
         row.update({
             "prefill_ok": ok, "prefill_note": pre.reason,
@@ -106,7 +137,7 @@ def summary_row(r: SimResult) -> dict:
         row["usd_per_m_input_hit"] = usd_per_million(r.usd_per_hour, hit_rate)
         row["usd_per_m_input"] = usd_per_million(r.usd_per_hour, pre.tokens_per_s) if ok else None
         row["kg_co2_per_m_input"] = _num(kg_co2_per_million(pre.joules_per_token, grid)) if ok else None
-    if dec is not None:
+    if dec is not None and agg is None:
         ok = dec.feasible
         row.update({
             "decode_ok": ok, "decode_note": dec.reason,
@@ -118,21 +149,51 @@ def summary_row(r: SimResult) -> dict:
             "per_user_tps": _num(dec.per_user_tps),
             "decode_batch_per_device": _num(dec.batch_per_device),
             "decode_limit": dec.limit,
+            "tokens_per_step": _num(dec.tokens_per_step),
             "decode_j_per_token": _num(dec.joules_per_token),
             "usd_per_m_output": usd_per_million(r.usd_per_hour, dec.tokens_per_s) if ok else None,
             "kg_co2_per_m_output": _num(kg_co2_per_million(dec.joules_per_token, grid)) if ok else None,
             "busy_fraction": _num(dec.busy_fraction),
         })
         row["memory"] = _clean(dec.memory)
-    elif pre is not None:
+    elif pre is not None and agg is None:
         row["memory"] = _clean(pre.memory)
-    if pre is not None and dec is not None and row.get("usd_per_m_input") and row.get("usd_per_m_output"):
+    if agg is not None:
+        pass  # priced whole in _aggregated_row
+    elif pre is not None and dec is not None and row.get("usd_per_m_input") and row.get("usd_per_m_output"):
         s = wl.sample
         row["usd_per_1k_requests"] = (float(s.prompt.mean()) * row["usd_per_m_input"]
                                       + float(s.output.mean()) * row["usd_per_m_output"]) / 1e3
     else:
         row["usd_per_1k_requests"] = None
     return row
+
+
+def _aggregated_row(r: SimResult, agg: PhaseResult) -> dict:
+    """Row fields of aggregated serving: its output tokens under the decode names, its input under prefill's; the
+    whole deployment's cost goes to requests ($ per 1k requests, and per million output tokens all-in)."""
+    n_dev, n_node, ok = r.num_devices, r.num_nodes, agg.feasible
+    grid = r.profile.model.grid_kg_co2_per_kwh
+    smp = r.workload.sample
+    req_per_s = agg.tokens_per_s / float(smp.output.mean())
+    return {
+        "serving": "aggregated", "aggregated_ok": ok, "aggregated_note": agg.reason,
+        "decode_ok": ok, "decode_note": agg.reason, "prefill_ok": ok, "prefill_note": agg.reason,
+        "decode_tokens_per_s": _num(agg.tokens_per_s), "decode_tokens_per_s_per_device": _num(agg.tokens_per_s / n_dev),
+        "decode_tokens_per_s_per_node": _num(agg.tokens_per_s / n_node),
+        "prefill_tokens_per_s": _num(agg.input_tokens_per_s),
+        "prefill_tokens_per_s_per_device": _num(agg.input_tokens_per_s / n_dev),
+        "prefill_tokens_per_s_per_node": _num(agg.input_tokens_per_s / n_node),
+        "prefill_computed_tokens_per_s": _num(agg.computed_tokens_per_s),
+        "requests_per_s": _num(req_per_s), "ttft_s": _num(agg.ttft_s), "tpot_s": _num(agg.tpot_s),
+        "per_user_tps": _num(agg.per_user_tps), "decode_batch_per_device": _num(agg.batch_per_device),
+        "decode_limit": agg.limit, "tokens_per_step": _num(agg.tokens_per_step),
+        "decode_j_per_token": _num(agg.joules_per_token), "busy_fraction": _num(agg.busy_fraction),
+        "usd_per_m_output": usd_per_million(r.usd_per_hour, agg.tokens_per_s) if ok else None,
+        "usd_per_1k_requests": (r.usd_per_hour / 3.6 / req_per_s) if ok and req_per_s > 0 else None,
+        "kg_co2_per_m_output": _num(kg_co2_per_million(agg.joules_per_token, grid)) if ok else None,
+        "memory": _clean(agg.memory),
+    }
 
 
 def _hit_capacity(sm: StepModel) -> float:
@@ -175,12 +236,13 @@ def is_homogeneous(profile: Profile) -> bool:
     return len({d.type.name for d in profile.devices}) == 1
 
 
-def compare(model: "str | MoESpec", profiles: list, workload: "str | Workload" = "chat",
+def compare(model: "str | MoESpec", profiles: list, workload: "str | Workload | None" = None,
             trace: bool = False) -> Comparison:
     """Simulate every profile on one workload and state the cost difference two ways."""
     if not profiles:
         raise HetrunError("compare needs at least one profile")
-    results = [simulate(model, p, workload, trace=trace) for p in profiles]
+    wl = resolve_workload(workload, profiles[0])
+    results = [simulate(model, p, wl, trace=trace) for p in profiles]
     cost = {r.profile.name: r.row.get("usd_per_1k_requests") for r in results}
     homo = [r for r in results if is_homogeneous(r.profile) and cost[r.profile.name]]
     mixed = [r for r in results if not is_homogeneous(r.profile) and cost[r.profile.name]]

@@ -2,6 +2,12 @@
 
 A workload is a frozen description plus a deterministic sample of its requests (numpy, seeded). Presets:
 `chat`, `long-context` and `deepseek-prod`, whose averages come from DeepSeek's published day of serving.
+
+Expert popularity is a Zipf skew, or a measured load trace (`expert_load`: a file in EPLB's [layers, experts]
+layout, as `model.hetrun.stats` writes it; see hetrun.placement.loads). `decode_batch` fixes the decode batch
+instead of growing it to the per-user target. `arrival` and `arrival_rate` say how requests arrive for the
+request-level simulator (hetrun.sim.requests): Poisson, bursty (gamma gaps with coefficient of variation
+`burstiness`), or a JSONL trace of arrival time, prompt and output length.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from hetrun.errors import WorkloadError
+from hetrun.errors import PlacementError, WorkloadError
+from hetrun.placement.loads import read_load
+
+ARRIVALS = ("poisson", "bursty")
+from hetrun.profile import MAX_YAML_BYTES, parse_yaml
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,11 @@ class Workload:
     max_concurrency: int | None = None  # cap on requests decoded at once by one deployment
     expert_skew: float = 0.0  # Zipf exponent of expert popularity (0: every expert equally likely)
     target_avg_kv: float | None = None  # rescale prompts and outputs together so the sample has this average KV
+    decode_batch: int | None = None  # fixed decode requests per attention device (None: grow to per_user_tps)
+    expert_load: str | None = None  # [layers, experts] load trace (.json / .npy) instead of expert_skew
+    arrival: str = "poisson"  # request-level simulation: poisson, bursty, or a .jsonl trace path
+    arrival_rate: float | None = None  # requests per second (poisson, bursty); None: 80% of the modeled capacity
+    burstiness: float = 3.0  # bursty: coefficient of variation of the gaps between requests (1 is Poisson)
     seed: int = 0
     sources: tuple[str, ...] = ()
 
@@ -125,6 +139,23 @@ class Workload:
             raise WorkloadError(f"workload '{self.name}': target_avg_kv must be a positive number of tokens")
         if self.expert_skew < 0:
             raise WorkloadError(f"workload '{self.name}': expert_skew must be >= 0, got {self.expert_skew}")
+        if self.decode_batch is not None and (isinstance(self.decode_batch, bool) or not isinstance(
+                self.decode_batch, (int, float)) or int(self.decode_batch) != self.decode_batch or self.decode_batch < 1):
+            raise WorkloadError(f"workload '{self.name}': decode_batch must be a whole number of requests >= 1, "
+                                f"got {self.decode_batch!r}")
+        if self.expert_load is not None and not isinstance(self.expert_load, (str, Path)):
+            raise WorkloadError(f"workload '{self.name}': expert_load must be a path to a [layers, experts] load "
+                                "table (.json or .npy)")
+        if not isinstance(self.arrival, (str, Path)) or not (
+                str(self.arrival) in ARRIVALS or str(self.arrival).endswith(".jsonl")):
+            raise WorkloadError(f"workload '{self.name}': arrival must be one of {', '.join(ARRIVALS)} or a .jsonl "
+                                f"trace path, got {self.arrival!r}")
+        for k in ("arrival_rate", "burstiness"):
+            v = getattr(self, k)
+            if v is None and k == "arrival_rate":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise WorkloadError(f"workload '{self.name}': {k} must be a positive number, got {v!r}")
 
     def replace(self, **changes: Any) -> "Workload":
         """A copy with some fields changed (validated again)."""
@@ -147,7 +178,10 @@ class Workload:
         return RequestSample(prompt, output, cached)
 
     def expert_popularity(self, layers: int, experts: int) -> np.ndarray:
-        """[L, E] probability that a routed pick lands on each expert (rows sum to 1)."""
+        """[L, E] probability that a routed pick lands on each expert (rows sum to 1): the load trace's rows
+        normalised (a row without load: uniform), else Zipf with the workload's skew."""
+        if self.expert_load is not None:
+            return popularity_from_load(self.expert_load, layers, experts)
         if self.expert_skew == 0:
             return np.full((layers, experts), 1.0 / experts)
         rng = np.random.default_rng(self.seed + 7)
@@ -167,6 +201,23 @@ class Workload:
         d = dataclasses.asdict(self)
         d["sources"] = list(self.sources)
         return d
+
+
+def popularity_from_load(source, layers: int, experts: int) -> np.ndarray:
+    """[L, E] pick probabilities from a load trace (a path, array or DispatchStats in EPLB's [layers, experts]
+    layout); a one-line WorkloadError when it does not fit the model."""
+    try:
+        w = read_load(source)
+    except PlacementError as e:
+        raise WorkloadError(str(e)) from None
+    if w.shape != (layers, experts):
+        raise WorkloadError(f"expert load trace has shape {list(w.shape)} but the model has {layers} MoE layers x "
+                            f"{experts} experts; record it on the same model (model.hetrun.stats' tokens_per_expert)")
+    if not np.isfinite(w).all() or (w < 0).any() or not w.any():
+        raise WorkloadError("expert load trace must hold finite token counts >= 0, not all zero")
+    w = w.copy()
+    w[~w.any(1)] = 1.0
+    return w / w.sum(1, keepdims=True)
 
 
 # DeepSeek's day of serving (open-infra-index, 2025-02-27/28): 608B input tokens, 342B of them prefix-cache hits;
@@ -256,7 +307,10 @@ def load_workload(name_or_path: "str | Path | Workload | dict") -> Workload:
     if not p.is_file():
         raise WorkloadError(f"unknown workload '{key}'; use a preset ({', '.join(PRESETS)}) or a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise WorkloadError(f"workload file '{key}' is larger than the {MAX_YAML_BYTES} bytes hetrun reads")
+        text = p.read_bytes()
+    except OSError as e:
         raise WorkloadError(f"cannot read workload file '{key}': {' '.join(str(e).split())}") from None
+    data = parse_yaml(text, key, WorkloadError, "workload file")  # no aliases, no duplicate keys
     return workload_from_dict(data, key)
