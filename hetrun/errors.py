@@ -37,3 +37,7 @@ class BundleError(HetrunError):
 
 class WorkloadError(HetrunError):
     """A malformed simulation workload."""
+
+
+class CheckpointError(HetrunError):
+    """A model checkpoint directory that is missing, incomplete, corrupt or in a format hetrun cannot read."""

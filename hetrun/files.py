@@ -42,6 +42,25 @@ def write_atomic(path: "str | os.PathLike", data: "str | bytes") -> Path:
     return path
 
 
+def strict_json(text: "str | bytes"):
+    """json.loads for files users hand hetrun: NaN, Infinity and a key given twice in one object are ValueErrors
+    (json.JSONDecodeError is one too), never silently read."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup[:60]!r} is given twice in one object")
+    return out
+
+
 def print_json(obj) -> None:
     """Write one JSON document to stdout (for --json)."""
     json.dump(obj, sys.stdout, indent=2, default=float)

@@ -15,13 +15,15 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import transformers
 
-from hetrun.deployment import deploy
+from hetrun.deployment import checkpoint_model, deploy
 from hetrun.distributed.moe import set_tracing
 from hetrun.distributed.stats import format_stats_table
 from hetrun.distributed.trace import merge_chrome_trace
@@ -30,17 +32,47 @@ from hetrun.errors import HetrunError
 from hetrun.files import write_atomic
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
-from hetrun.profile import Profile, load_profile
-from hetrun.spec import MoESpec
+from hetrun.profile import MAX_TIMEOUT_S, Profile, load_profile
+from hetrun.spec import MAX_EXPERTS, MoESpec
 from hetrun.tiny_models import FAMILY_SPECS, tiny_model
 
 log = logging.getLogger("hetrun")
 
 EXIT_RANK_FAILURE = 3
+MAX_NEW_TOKENS = 4096
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a usage error is a user error: one line on every rank, exit 2
+        raise HetrunError(f"{self.prog}: {message} (see --help)")
+
+
+def _whole(minimum: int, maximum: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a whole number") from None
+        if not minimum <= n <= maximum:
+            raise argparse.ArgumentTypeError(f"{n} must be between {minimum} and {maximum}")
+        return n
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a number of seconds") from None
+    if not math.isfinite(v) or not 0 < v <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{text[:40]} must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hetrun.launch", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m hetrun.launch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                                     "examples:\n"
                                     "  torchrun --nproc-per-node 2 -m hetrun.launch --model tiny:mixtral "
@@ -48,22 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
                                     "  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host0:29500 "
                                     "-m hetrun.launch --model /models/mixtral --profile my-cluster.yaml"))
     p.add_argument("--model", required=True,
-                   help="tiny:FAMILY (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a transformers model "
-                        "folder / hub name")
+                   help="tiny:FAMILY (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a local transformers "
+                        "model folder (config.json + *.safetensors; never downloaded, never pickle)")
     p.add_argument("--profile", required=True, help="profile name or YAML path with a distributed: section")
     p.add_argument("--prompt-ids", default=None,
                    help="token ids, comma-separated, prompts separated by ';' (default: one random 8-token prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=_whole(1, MAX_NEW_TOKENS), default=20)
     p.add_argument("--precision", default=None, help="fp32 forces FP32 everywhere; default: each device's best")
     p.add_argument("--plan", default=None, help="a plan JSON (hetrun plan / Plan.to_json) instead of planning here")
-    p.add_argument("--redundant-experts", type=int, default=0, help="replicas of hot experts when planning here")
+    p.add_argument("--redundant-experts", type=_whole(0, MAX_EXPERTS), default=0,
+                   help="replicas of hot experts when planning here")
     p.add_argument("--plan-out", default=None, help="rank 0 writes the plan it runs here (atomically)")
     p.add_argument("--report", default=None, help="rank 0 writes tokens and per-rank statistics here as JSON")
     p.add_argument("--trace", default=None, help="rank 0 writes one Chrome trace merging every rank here")
-    p.add_argument("--timeout", type=float, default=None, help="seconds before a silent rank is declared failed "
+    p.add_argument("--timeout", type=_seconds, default=None, help="seconds before a silent rank is declared failed "
                    "(default: the profile's distributed.timeout_s)")
-    p.add_argument("--threads", type=int, default=None, help="threads per expert session on each rank")
-    p.add_argument("--repeat", type=int, default=1, help="generate for the prompts this many times (soak runs)")
+    p.add_argument("--threads", type=_whole(1, 4096), default=None, help="threads per expert session on each rank")
+    p.add_argument("--repeat", type=_whole(1, 1_000_000), default=1,
+                   help="generate for the prompts this many times (soak runs)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     return p
 
@@ -83,17 +117,20 @@ def parse_prompts(text: str | None, vocab: int) -> list[list[int]]:
     return prompts
 
 
-def load_model(name: str):
-    """A transformers MoE model in eval mode: tiny:FAMILY, or a folder / hub name."""
+def load_model(name: str, profile: "Profile | None" = None):
+    """A transformers MoE model in eval mode: tiny:FAMILY, or a local model folder (safetensors only, as `hetrun
+    export` reads it: nothing is downloaded, no pickle is loaded, the config's sizes are checked first; the dense
+    part is read only where `profile` runs it on this rank, the experts when this rank's devices compile them)."""
     if name.startswith("tiny:"):
         family = name.split(":", 1)[1]
         if family not in FAMILY_SPECS:
             raise HetrunError(f"unknown tiny model '{family}'; use tiny:{' or tiny:'.join(FAMILY_SPECS)}")
         return tiny_model(family)
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(name).eval()
-    except (OSError, ValueError) as e:
-        raise HetrunError(f"cannot load model '{name}': {' '.join(str(e).split())[:200]}") from None
+    if not Path(name).is_dir():
+        raise HetrunError(f"model '{name[:200]}' is not a local model folder; hetrun never downloads models: fetch it "
+                          "first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR, or use "
+                          "tiny:FAMILY")
+    return checkpoint_model(name, profile)
 
 
 def _plan(args, spec, profile):
@@ -115,8 +152,6 @@ def _profile(args):
         raise HetrunError(f"profile '{profile.name}' has no distributed: section saying which devices each rank owns; "
                           "add one (see profiles/loopback-2.yaml)")
     if args.timeout is not None:
-        if args.timeout <= 0:
-            raise HetrunError("--timeout must be positive seconds")
         dist_spec = profile.model.distributed.model_copy(update={"timeout_s": args.timeout})
         profile = Profile(profile.model.model_copy(update={"distributed": dist_spec}), profile.devices, profile.source)
     return profile
@@ -125,13 +160,11 @@ def _profile(args):
 def run(args) -> int:
     """One launch on this rank; returns the exit code."""
     transformers.logging.set_verbosity_error()
-    if args.max_new_tokens < 1 or args.repeat < 1:
-        raise HetrunError("--max-new-tokens and --repeat must be at least 1")
     profile = _profile(args)
     distributed = in_distributed_launch()
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     set_tracing(args.trace is not None)
-    model = load_model(args.model)
+    model = load_model(args.model, profile)
     spec = MoESpec.from_hf_config(model.config)
     prompts = parse_prompts(args.prompt_ids, model.config.vocab_size)
     plan = _plan(args, spec, profile)
@@ -164,12 +197,13 @@ def run(args) -> int:
                       dispatch=rt.stats.to_dict(rt.plan.device_ids))
         ranks = []
     else:
-        gathered = rt.finish(payload={"outputs": outputs})
+        gathered = rt.finish(payload={"outputs": sorted(outputs.items())})  # JSON: [[prompt index, tokens], ...]
         if rank != 0:
             current_world().close()
             return 0
-        owner = {i: g["stats"]["rank"] for g in gathered for i in (g["payload"] or {}).get("outputs", {})}
-        merged = {i: o for g in gathered for i, o in ((g["payload"] or {}).get("outputs") or {}).items()}
+        pairs = [(g["stats"]["rank"], i, o) for g in gathered for i, o in ((g["payload"] or {}).get("outputs") or [])]
+        owner = {i: r for r, i, _ in pairs}
+        merged = {i: o for _, i, o in pairs}
         ranks = [g["stats"] for g in gathered]
         report.update(world_size=len(gathered), layout={"ranks": [list(r) for r in layout.ranks],
                                                         "dense": layout.dense, "collective": rt.world.collective},

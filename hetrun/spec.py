@@ -12,6 +12,12 @@ RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+# Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+MAX_SHARED_EXPERTS = 64
+MAX_WIDTH = 2**18  # hidden and intermediate sizes
+MAX_VOCAB = 2**22
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,13 @@ class MoESpec:
             raise SpecError(f"model '{self.name}': sizes must be positive")
         if self.activation != "silu":
             raise SpecError(f"model '{self.name}': activation '{self.activation}' is not supported; hetrun runs SwiGLU (silu) experts")
+        limits = {"num_layers": MAX_LAYERS, "num_experts": MAX_EXPERTS, "num_shared_experts": MAX_SHARED_EXPERTS,
+                  "hidden_size": MAX_WIDTH, "moe_intermediate_size": MAX_WIDTH, "shared_intermediate_size": MAX_WIDTH,
+                  "dense_intermediate_size": MAX_WIDTH, "vocab_size": MAX_VOCAB}
+        for what, limit in limits.items():
+            value = getattr(self, what)
+            if not 0 <= value <= limit:  # ceilings no real model reaches: a typo or a hostile config fails at once
+                raise SpecError(f"model '{self.name}': {what}={value} is outside 0..{limit}, the sizes hetrun handles")
 
     # ---- derived shapes -------------------------------------------------------------------
     @property

@@ -195,8 +195,7 @@ def calibrate_worker(args) -> int:
     call_flops, _ = swiglu_flops_bytes(x.shape[0], spec.hidden_size, spec.moe_intermediate_size, 0.0, 0.0)
     flops = float(call_flops) * args.reps * len(sessions) / elapsed
     mine = {"a2a": results, "expert_flops": flops}
-    out = [None] * w if world.rank == 0 else None
-    world.run("gathering calibration", dist.gather_object, mine, out, dst=0, group=world.control_group)
+    out = world.gather_json("gathering calibration", mine, dst=0)  # JSON, never pickle
     if world.rank == 0:
         a2a = [{"bytes_remote": r["bytes_remote"], "s": max(o["a2a"][i]["s"] for o in out)}
                for i, r in enumerate(results)]

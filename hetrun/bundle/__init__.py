@@ -3,6 +3,8 @@
     hetrun.bundle.export("tiny", "mixed-demo", "bundle/")      # manifest.json, experts/*.onnx, dense.safetensors, ...
     model = hetrun.load("bundle/")                              # verified, then rebuilt; experts run from the ONNX files
     hetrun.bundle.inspect_bundle("bundle/")                     # what is inside, and which checks pass
+    hetrun.bundle.generate_key_pair("key")                      # key (private, 0600) and key.pub
+    hetrun.bundle.export(..., sign="key"); hetrun.load("bundle/", trust=["key.pub"])   # signed, and checked
 
 Names load lazily, from the module that holds each: `import hetrun.bundle` (which the command line does at start)
 imports nothing, checking a bundle (integrity, summary) needs no torch, and only export and load bring in torch,
@@ -18,8 +20,9 @@ _WHERE = {
     "BundleRuntime": "loader", "check_profile_fits": "loader", "greedy": "loader", "load": "loader",
     "BUNDLE_FORMAT": "manifest", "FORMAT_VERSION": "manifest", "MANIFEST": "manifest", "Manifest": "manifest",
     "manifest_plan": "manifest",
-    "BundleReport": "integrity", "check_bundle": "integrity", "verify": "integrity",
+    "BundleReport": "integrity", "check_bundle": "integrity", "verify": "integrity", "sign_bundle": "integrity",
     "inspect_bundle": "summary",
+    "SIGNATURE": "signing", "generate_key_pair": "signing", "load_public_key": "signing", "fingerprint": "signing",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,4 +1,9 @@
-"""load(): verify a bundle completely, rebuild the model from its config and dense weights, run its ONNX experts."""
+"""load(): verify a bundle completely, rebuild the model from its config and dense weights, run its ONNX experts.
+
+Nothing is allocated before it is validated: config.json must describe the plan's model, and a model built on the
+meta device (no memory) must want exactly the tensors, of exactly the shapes, that the dense safetensors headers
+hold, before the real model is built and its weights are read.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from hetrun.bundle.exporter import config_from_json, is_expert_key
-from hetrun.bundle.integrity import bundled_profile, check_bundle, onnx_external_refs, parse_onnx, read_file
+from hetrun.bundle.integrity import (
+    bundled_profile,
+    check_bundle,
+    check_safetensors_header,
+    onnx_external_refs,
+    parse_onnx,
+    read_file,
+    resolve_inside,
+)
 from hetrun.bundle.manifest import Manifest, manifest_plan
 from hetrun.errors import BundleError, HetrunError
+from hetrun.formats import base_precision
 from hetrun.placement.precisions import device_precision
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
@@ -80,7 +94,15 @@ class BundleRuntime(ExpertRuntime):
         backend = self.backends[device]
         data, meta = expert.store.graph(expert.moe_layer, expert.kind, expert.index, backend.precision,
                                         backend.graph_target())
-        return backend.load(data, name, meta)
+        try:
+            return backend.load(data, name, meta)
+        except HetrunError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- runtimes raise their own types (onnxruntime's derive from Exception)
+            raise BundleError(f"bundle '{expert.store.root}': the {backend.precision} graph of {expert.kind} expert "
+                              f"{expert.index} of MoE layer {expert.moe_layer} does not load on backend "
+                              f"'{type(backend).__name__}': {type(e).__name__}: {' '.join(str(e).split())[:160]}; "
+                              "re-export the bundle") from None
 
 
 def check_profile_fits(plan, profile: Profile) -> None:
@@ -93,7 +115,7 @@ def check_profile_fits(plan, profile: Profile) -> None:
         if dev is None:
             problems.append(f"no device '{did}'")
             continue
-        if want not in dev.type.precisions:
+        if base_precision(want) not in dev.type.precisions:
             problems.append(f"'{did}' is a {dev.type.name}, which has no {want}")
         elif dev.precision is not None and dev.precision != want:
             problems.append(f"'{did}' asks for {dev.precision} but the bundle holds {want} graphs for it")
@@ -110,9 +132,10 @@ def check_profile_fits(plan, profile: Profile) -> None:
                           f"`hetrun export MODEL --profile {profile.source} -o DIR`")
 
 
-def _dense_model(root: Path, man: Manifest, moe_paths_of):
+def _dense_model(root: Path, man: Manifest, moe_paths_of, plan):
     """The transformers model from config.json with the bundle's dense weights; expert weights stay unloaded."""
     config = config_from_json(read_file(root, man.config, man.files[man.config]), man.config)
+    _check_before_allocating(root, man, config, plan, moe_paths_of)
     with torch.random.fork_rng(devices=[]):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, man.model.dtype)).eval()
     if man.generation_config is not None:
@@ -150,20 +173,55 @@ def _dense_model(root: Path, man: Manifest, moe_paths_of):
     return model
 
 
+def _check_before_allocating(root: Path, man: Manifest, config, plan, moe_paths_of) -> None:
+    """A BundleError unless config.json describes the plan's model and the model it builds wants exactly the dense
+    files' tensors and shapes: checked on the meta device, so a config of absurd sizes allocates nothing."""
+    try:
+        spec = MoESpec.from_hf_config(config)
+    except HetrunError as e:
+        raise BundleError(f"{man.config}: {e}") from None
+    if spec.replace(name=plan.spec.name) != plan.spec:
+        raise BundleError(f"{man.config}: describes a model of another shape than the bundle's plan; re-export")
+    have: dict[str, tuple] = {}
+    for rel in man.dense:
+        header = check_safetensors_header(rel, resolve_inside(root, rel, rel), man.files[rel].size)
+        have.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, man.model.dtype))
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise BundleError(f"{man.config}: cannot build its model ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:120]})") from None
+    want = skeleton.state_dict(keep_vars=True)  # tied weights are one Parameter under two keys
+    moe_paths = moe_paths_of(skeleton)
+    stored = {id(want[k]) for k in have if k in want}
+    for key, shape in have.items():
+        if key not in want:
+            raise BundleError(f"{man.dense[0]}: holds tensor '{key[:80]}', which the model of config.json does not have")
+        if tuple(want[key].shape) != shape:
+            raise BundleError(f"{man.dense[0]}: tensor '{key[:80]}' has shape {shape}, the model of config.json wants "
+                              f"{tuple(want[key].shape)}")
+    missing = [k for k, t in want.items() if k not in have and not is_expert_key(k, moe_paths) and id(t) not in stored]
+    if missing:
+        raise BundleError(f"{man.dense[0]}: lacks tensor '{missing[0][:80]}' ({len(missing)} missing) that the model of "
+                          f"config.json wants; re-export")
+
+
 def _ident(t) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None" = None, threads: int | None = None,
-         progress: bool = False):
+         progress: bool = False, trust=None):
     """Load a bundle and return a transformers model whose experts run from the bundle's ONNX graphs.
 
     The whole bundle is verified first (checksums, no missing or extra files, every path inside the bundle); nothing
-    is loaded from a bundle that fails. `profile=None` runs on the profile the bundle was made for; another profile
+    is loaded from a bundle that fails. With `trust` (public key files, see hetrun.bundle.signing), the bundle must
+    also be signed by one of those keys: checksums alone show a bundle is intact, not who made it. `profile=None` runs on the profile the bundle was made for; another profile
     is accepted only if every device of the plan is in it and runs the plan's precision.
     The runtime is attached as `model.hetrun`, the manifest as `model.hetrun_manifest`.
     """
-    report = check_bundle(bundle_dir)
+    report = check_bundle(bundle_dir, trust)
     report.raise_first()
     root, man = report.root, report.manifest
     plan = manifest_plan(man)
@@ -173,7 +231,7 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
         raise BundleError(f"bundles run in one process; profile '{prof.name}' lays out torchrun ranks: load the model "
                           "and use hetrun.deploy() under torchrun instead")
 
-    model = _dense_model(root, man, lambda m: [p for _, p, _ in find_moe_blocks(m)])
+    model = _dense_model(root, man, lambda m: [p for _, p, _ in find_moe_blocks(m)], plan)
     spec = MoESpec.from_hf_config(model.config)
     if spec.replace(name=plan.spec.name) != plan.spec:
         raise BundleError(f"{man.config}: describes a model of another shape than the bundle's plan; re-export")
@@ -199,7 +257,9 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
 
 
 def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Greedy generation from one prompt: the new token ids and the logits [V] at the prompt's last position."""
+    """Greedy generation from one prompt: the new token ids, the logits [V] at the prompt's last position, and
+    `nonfinite_step`: the first generated position whose logits held NaN or infinity (None when all were finite;
+    a token chosen from such logits is meaningless)."""
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)  # [1, T]
     gen = model.generation_config
     pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
@@ -208,8 +268,11 @@ def greedy(model, prompt_ids: list[int], max_new_tokens: int) -> dict:
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float()  # [V]
         new: list[int] = []
+        bad = None
         if max_new_tokens > 0:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad if pad is not None else 0)
-            new = out[0, ids.shape[1]:].tolist()
-    return {"new_ids": new, "last_logits": logits.tolist()}
+                                 do_sample=False, pad_token_id=pad if pad is not None else 0, output_logits=True,
+                                 return_dict_in_generate=True)
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            bad = next((i for i, step in enumerate(out.logits) if not bool(torch.isfinite(step).all())), None)
+    return {"new_ids": new, "last_logits": logits.tolist(), "nonfinite_step": bad}

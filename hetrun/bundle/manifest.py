@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError
 
 from hetrun.errors import BundleError, HetrunError
+from hetrun.files import strict_json
 from hetrun.placement.plan import Plan
 from hetrun.profile import StrictModel, first_error
 
@@ -20,11 +21,15 @@ BUNDLE_FORMAT = "hetrun-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 2**20
+# DeepSeek-V3 with a fallback graph of every routed expert for two backend targets needs about 60,000 graphs.
+MAX_MANIFEST_ENTRIES = 2**18  # files, and expert graphs
+MAX_FILE_BYTES = 2**38  # 256 GiB: DeepSeek-V3's dense (non-expert) weights take about 30 GB
+MAX_GRAPH_BYTES = 2**31 - 1  # one ONNX graph file: protobuf cannot parse a larger message
 
 
 class FileEntry(StrictModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_FILE_BYTES)
 
 
 class ExpertEntry(StrictModel):
@@ -91,10 +96,7 @@ def parse_manifest(data: bytes) -> Manifest:
 
     The schema only: hetrun.bundle.integrity.read_manifest also checks that its paths and plan agree.
     """
-    try:
-        raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
-        raise BundleError(f"{MANIFEST}: is not valid JSON ({' '.join(str(e).split())[:160]})") from None
+    raw = parse_json(data, MANIFEST)
     if not isinstance(raw, dict):
         raise BundleError(f"{MANIFEST}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") != BUNDLE_FORMAT:
@@ -104,6 +106,11 @@ def parse_manifest(data: bytes) -> Manifest:
     if version != FORMAT_VERSION:
         raise BundleError(f"{MANIFEST}: bundle format version {str(version)[:20]} is not {FORMAT_VERSION}, which this "
                           "hetrun reads; re-export the bundle with this hetrun")
+    for key in ("files", "experts"):
+        n = len(raw[key]) if isinstance(raw.get(key), (list, dict)) else 0
+        if n > MAX_MANIFEST_ENTRIES:
+            raise BundleError(f"{MANIFEST}: lists {n} {key}, more than the {MAX_MANIFEST_ENTRIES} hetrun reads; "
+                              "not a bundle hetrun wrote")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
@@ -111,8 +118,13 @@ def parse_manifest(data: bytes) -> Manifest:
         raise BundleError(f"{MANIFEST}: field '{loc[:80]}': {msg[:160]}") from None
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
+def parse_json(data: bytes, rel: str):
+    """A bundle JSON file's bytes as plain data, or a one-line BundleError naming `rel`: UTF-8, no NaN or
+    Infinity, no key given twice in one object."""
+    try:
+        return strict_json(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{rel}: is not valid JSON ({' '.join(str(e).split())[:160]})") from None
 
 
 def manifest_plan(man: Manifest) -> Plan:

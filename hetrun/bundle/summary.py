@@ -10,12 +10,14 @@ from hetrun.bundle.manifest import manifest_plan
 from hetrun.errors import HetrunError
 
 
-def inspect_bundle(bundle_dir: "str | os.PathLike") -> dict:
-    """What a bundle holds (model, devices, precisions, sizes) and the outcome of every file check, as plain data.
+def inspect_bundle(bundle_dir: "str | os.PathLike", trust=None) -> dict:
+    """What a bundle holds (model, devices, precisions, sizes), its signature, and the outcome of every file check,
+    as plain data.
 
-    A missing or malformed manifest raises BundleError; problems with single files are reported in `files`.
+    A missing or malformed manifest raises BundleError, and so does a signature that no key of `trust` (public key
+    files) made; problems with single files are reported in `files`.
     """
-    report = check_bundle(bundle_dir)
+    report = check_bundle(bundle_dir, trust)
     man = report.manifest
     plan = manifest_plan(man)
     types: dict[str, tuple[str, str]] = {}
@@ -35,7 +37,7 @@ def inspect_bundle(bundle_dir: "str | os.PathLike") -> dict:
                         "shared_experts": int((plan.shared_device_of == d).sum())})
     spec = plan.spec
     return {
-        "bundle": str(report.root), "ok": report.ok,
+        "bundle": str(report.root), "ok": report.ok, "signature": report.signature,
         "format_version": man.format_version, "hetrun_version": man.hetrun_version, "created_utc": man.created_utc,
         "model": {"name": man.model.name, "source": man.model.source, "family": man.model.family,
                   "dtype": man.model.dtype, "layers": spec.num_layers, "moe_layers": spec.num_moe_layers,

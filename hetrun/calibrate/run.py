@@ -7,6 +7,8 @@ The one entry point of calibration, `calibrate`, runs the steps in order: choose
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -25,7 +27,9 @@ from hetrun.calibrate.measure import (
     measure_experts,
     memory_gb,
 )
+from hetrun.errors import HetrunError
 from hetrun.files import write_atomic
+from hetrun.formats import FORMATS
 from hetrun.profile import load_profile
 
 
@@ -37,9 +41,40 @@ def write_profile(path: str | Path, profile: dict) -> Path:
     return path
 
 
+def check_request(out: str | Path, backends, precisions, threads: int | None) -> None:
+    """Refuse, before minutes of measuring, a calibration whose result could not be written or that names what
+    calibration cannot measure."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise HetrunError(f"cannot calibrate backend '{(unknown or [''])[0]}'; calibration measures the CPU backends "
+                          f"{', '.join(BACKENDS)}")
+    unknown = [p for p in precisions if p not in FORMATS]
+    if unknown or not precisions:
+        raise HetrunError(f"cannot calibrate precision '{(unknown or [''])[0]}'; use one or more of "
+                          f"{', '.join(FORMATS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise HetrunError(f"threads must be a whole number of at least 1, got {threads!r}")
+    path = Path(out)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise HetrunError(f"cannot write the host profile to '{path}': it is a directory; give a file name (.yaml)")
+    if not folder.is_dir():
+        raise HetrunError(f"cannot write the host profile to '{path}': folder '{folder}' does not exist; create it first")
+    try:  # what write_atomic will do at the end
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise HetrunError(f"cannot write the host profile to '{path}': {e.strerror or e}") from None
+
+
 def calibrate(out: str | Path, quick: bool = False, backends=BACKENDS, precisions=DEFAULT_PRECISIONS,
               threads: int | None = None, progress=None, tokens=None, shapes=None) -> tuple[Path, dict]:
-    """Measure, fit, write the host profile to `out`; returns (path, profile dict)."""
+    """Measure, fit, write the host profile to `out`; returns (path, profile dict).
+
+    What cannot work (an output that cannot be written, an unknown backend or precision, bad threads) is a one-line
+    HetrunError before anything is measured."""
+    check_request(out, backends, precisions, threads)
     # what to measure
     tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
     shapes = shapes or (SHAPES if not quick else SHAPES[1:3])

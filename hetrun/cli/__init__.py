@@ -25,6 +25,27 @@ class Command:
     examples: str = ""
 
 
+def whole_number(minimum: int = 0, maximum: int | None = None, what: str = ""):
+    """An argparse type: a whole number in [minimum, maximum]; anything else is a one-line usage error."""
+    def parse(text: str) -> int:
+        digits = text.strip().removeprefix("-").removeprefix("+")
+        if not (digits.isascii() and digits.isdigit()):  # int() would also take '1_000' and non-ASCII digits
+            raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a whole number")
+        n = int(text)
+        if n < minimum or (maximum is not None and n > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            sign = " is negative:" if n < 0 <= minimum else ":"
+            raise argparse.ArgumentTypeError(f"{n}{sign} {what or 'it'} must be {bounds}")
+        return n
+
+    parse.__name__ = "whole number"  # argparse names the type in its message
+    return parse
+
+
+MAX_THREADS = 4096
+threads_arg = whole_number(1, MAX_THREADS, "threads")  # --threads of every command
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse usage errors are user errors: one line, exit 2
         raise HetrunError(f"{self.prog}: {message} (see --help)")

@@ -1,44 +1,37 @@
-"""`hetrun export`, `hetrun run` and `hetrun inspect`: deployment bundles from the command line."""
+"""`hetrun export`, `run`, `inspect`, `keygen` and `sign`: deployment bundles from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
 import hetrun.bundle  # names load lazily: export and run bring in torch only when they run
-from hetrun.cli import Command
+from hetrun.cli import Command, threads_arg, whole_number
 from hetrun.errors import BundleError, HetrunError
 from hetrun.files import print_json
 from hetrun.formats import PRECISIONS as PRECISION_CHOICES
+from hetrun.spec import MAX_EXPERTS
 
 MAX_NEW_TOKENS = 4096
 MAX_FILES_SHOWN = 60  # `hetrun inspect` lists every file of smaller bundles, only the failing ones of larger
+TRUST_ENV = "HETRUN_TRUST"  # default --trust: public key files, separated by os.pathsep
+TRUST_HELP = ("require a valid signature by this Ed25519 public key (KEY.pub from `hetrun keygen`; repeat for several "
+              f"signers; default: ${TRUST_ENV}, key files separated by '{os.pathsep}'); an unsigned or badly signed "
+              "bundle is refused before anything in it is read")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text[:40]}' is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is negative")
-    return n
+_token_count = whole_number(0, MAX_NEW_TOKENS)
 
 
-def _token_count(text: str) -> int:
-    n = _non_negative(text)
-    if n > MAX_NEW_TOKENS:
-        raise argparse.ArgumentTypeError(f"{n} is more than {MAX_NEW_TOKENS}")
-    return n
-
-
-def _threads(text: str) -> int:
-    n = _non_negative(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError("needs at least 1 thread")
-    return n
+def _trust(args: argparse.Namespace) -> list[str] | None:
+    """The trusted public key files of --trust, else of $HETRUN_TRUST, else None (no signature required)."""
+    if args.trust:
+        return args.trust
+    env = [p for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p.strip()]
+    return env or None
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -66,9 +59,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="one precision for every device (default: each device's best)")
     p.add_argument("--load", metavar="FILE", default=None,
                    help="[layers, experts] token counts per expert (.npy or .json) for load-aware placement")
-    p.add_argument("--redundant", type=_non_negative, default=0, metavar="N", help="extra replica slots per layer")
-    p.add_argument("--seed", type=_non_negative, default=0, help="seed of a preset's random weights (default 0)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at DIR")
+    p.add_argument("--redundant", type=whole_number(0, MAX_EXPERTS), default=0, metavar="N",
+                   help="extra replica slots per layer")
+    p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0,
+                   help="seed of a preset's random weights (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at DIR (atomically)")
+    p.add_argument("--sign", metavar="KEY", default=None,
+                   help="sign the manifest with this Ed25519 private key (`hetrun keygen -o KEY`; encrypted keys read "
+                        "$HETRUN_KEY_PASSPHRASE): `hetrun run --trust KEY.pub` then refuses any bundle but yours")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a summary of the bundle as JSON")
 
@@ -77,7 +75,7 @@ def _export(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     man = hetrun.bundle.export(args.model, args.profile, args.output, precision=args.precision, load=args.load,
                                redundant_experts=args.redundant, force=args.force, progress=not args.no_progress,
-                               seed=args.seed)
+                               seed=args.seed, sign=args.sign)
     seconds = time.perf_counter() - t0
     size = sum(f.size for f in man.files.values())
     graphs: dict[str, int] = {}
@@ -86,11 +84,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"bundle": args.output, "model": man.model.model_dump(), "profile": man.plan["profile"],
                     "precision": man.precision, "graphs": graphs, "files": len(man.files) + 1, "size_bytes": size,
-                    "seconds": seconds})
+                    "signed": args.sign is not None, "seconds": seconds})
         return 0
     print(f"wrote bundle {args.output}: {sum(graphs.values())} expert graphs "
           f"({', '.join(f'{n} {p}' for p, n in sorted(graphs.items()))}), {len(man.files) + 1} files, "
           f"{size / 1e6:.2f} MB in {seconds:.1f} s")
+    if args.sign:
+        print(f"signed with {args.sign}; check it with `hetrun run {args.output} --trust {args.sign}.pub ...`")
     print(f"next: hetrun inspect {args.output}   |   hetrun run {args.output} --prompt-ids 1,2,3")
     return 0
 
@@ -105,13 +105,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="tokens to generate greedily (default 8; 0 runs the prompt only)")
     p.add_argument("--profile", default=None,
                    help="run on another profile (default: the bundle's own); every device of the plan must be in it")
-    p.add_argument("--threads", type=_threads, default=None, help="threads per expert session")
+    p.add_argument("--threads", type=threads_arg, default=None, help="threads per expert session")
+    p.add_argument("--trust", action="append", metavar="KEY.pub", default=None, help=TRUST_HELP)
     p.add_argument("--logits", action="store_true", help="with --json: include the logits at the prompt's last position")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _run(args: argparse.Namespace) -> int:
-    model = hetrun.bundle.load(args.bundle, profile=args.profile, threads=args.threads)
+    model = hetrun.bundle.load(args.bundle, profile=args.profile, threads=args.threads, trust=_trust(args))
     vocab = model.config.vocab_size
     bad = [i for i in args.prompt_ids if i >= vocab]
     if bad:
@@ -122,6 +123,10 @@ def _run(args: argparse.Namespace) -> int:
     if not all(math.isfinite(v) for v in out["last_logits"]):
         raise HetrunError("the model produced NaN or infinite logits on this prompt (a precision too narrow for its "
                           "activations?); export with --precision bf16 or fp32 and compare with `hetrun accuracy`")
+    if out["nonfinite_step"] is not None:
+        raise HetrunError(f"the model produced NaN or infinite logits at generated token {out['nonfinite_step'] + 1}, "
+                          "so the tokens from there on are meaningless; export with --precision bf16 or fp32 and "
+                          "compare with `hetrun accuracy`")
     runtime = model.hetrun
     stats = runtime.stats.to_dict(runtime.plan.device_ids)
     if args.json:
@@ -151,11 +156,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory written by `hetrun export`")
+    p.add_argument("--trust", action="append", metavar="KEY.pub", default=None, help=TRUST_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = hetrun.bundle.inspect_bundle(args.bundle)
+    info = hetrun.bundle.inspect_bundle(args.bundle, trust=_trust(args))
     if args.json:
         print_json(info)
     else:
@@ -191,18 +197,60 @@ def _print_inspect(info: dict) -> None:
     g = ", ".join(f"{v['count']} {p} ({v['bytes'] / 1e6:.2f} MB)" for p, v in info["graphs"].items())
     c.print(f"expert graphs: {g}; bundle size {info['size_bytes'] / 1e6:.2f} MB")
     shown = info["files"] if len(info["files"]) <= MAX_FILES_SHOWN else [r for r in info["files"] if r["status"] != "ok"]
+    shown = shown[:MAX_FILES_SHOWN]
     hidden = len(info["files"]) - len(shown)
-    f = Table(title="files" + (f" ({hidden} more pass every check; --json lists all)" if hidden else ""))
+    f = Table(title="files" + (f" ({hidden} more not shown; --json lists all)" if hidden else ""))
     for col in ("file", "bytes", "check"):
         f.add_column(col)
     for row in shown:
         status = "[green]ok[/]" if row["status"] == "ok" else f"[red]{row['status']}[/]: {escape(row['message'])}"
         f.add_row(escape(row["path"]), str(row["size"]), status)
     c.print(f)
+    sig = info["signature"]
+    who = f" by key {escape(sig['key'])}" if sig.get("key") else ""
+    c.print(f"signature{who}: {escape(sig['detail'])}")
     ok = info["ok"]
     c.print("[green]all checks pass[/]" if ok else "[red]checks failed[/]")
     sys.stdout.flush()
 
+
+# ---- keygen and sign --------------------------------------------------------------------------------------
+
+def _keygen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="KEY",
+                   help="private key file to write (mode 0600); the public key goes to KEY.pub. Neither may exist. "
+                        "Set $HETRUN_KEY_PASSPHRASE to encrypt the private key")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    private, public, fp = hetrun.bundle.generate_key_pair(args.output)
+    if args.json:
+        print_json({"private_key": str(private), "public_key": str(public), "fingerprint": fp})
+        return 0
+    print(f"wrote private key {private} (keep it secret) and public key {public}, fingerprint {fp}")
+    print(f"next: hetrun export MODEL --profile P -o bundle/ --sign {private}   |   "
+          f"hetrun run bundle/ --trust {public} --prompt-ids 1,2,3")
+    return 0
+
+
+def _sign_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle directory to sign (checked completely first)")
+    p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key file (`hetrun keygen -o KEY`)")
+
+
+def _sign(args: argparse.Namespace) -> int:
+    fp = hetrun.bundle.sign_bundle(args.bundle, args.key)
+    print(f"signed bundle {args.bundle} with key {fp} ({hetrun.bundle.SIGNATURE})")
+    return 0
+
+
+INSPECT_HELP = (
+    "show what a bundle holds and check every file (exit 2 when a check fails). Without --trust the checks prove the "
+    "bundle is intact and well-formed (every file has the sha256 its manifest lists, no path leaves the bundle, no "
+    "symlink, no extra file, no custom operator): they do not prove who made it, since anyone who edits a bundle "
+    "can recompute its checksums. With --trust KEY.pub they also prove that the holder of KEY signed this exact "
+    "manifest, hence every file. Neither proves that the weights are good: run bundles only from sources you trust")
 
 COMMANDS = {
     "export": Command(
@@ -210,17 +258,29 @@ COMMANDS = {
         _export_args, _export,
         "  hetrun export tiny --profile mixed-demo -o bundle/\n"
         "  hetrun export ./my-mixtral --profile cpu -o bundle/ --precision fp32\n"
-        "  hetrun export tiny --profile my.yaml -o bundle/ --load load.json --redundant 4 --force"),
+        "  hetrun export tiny --profile my.yaml -o bundle/ --load load.json --redundant 4 --force\n"
+        "  hetrun export tiny --profile mixed-demo -o bundle/ --sign ~/.hetrun/key"),
     "run": Command(
         "verify a bundle, load it and generate greedily from prompt token ids",
         _run_args, _run,
         "  hetrun run bundle/ --prompt-ids 1,2,3\n"
         "  hetrun run bundle/ --prompt-ids 1,2,3 --max-new-tokens 20 --json\n"
-        "  hetrun run bundle/ --prompt-ids 5,6 --profile other.yaml   # only if every device of the plan maps"),
+        "  hetrun run bundle/ --prompt-ids 5,6 --profile other.yaml   # only if every device of the plan maps\n"
+        "  hetrun run bundle/ --prompt-ids 1,2,3 --trust alice.pub   # refuses a bundle Alice did not sign"),
     "inspect": Command(
-        "show what a bundle holds and check every file (exit 2 when a check fails)",
-        _inspect_args, _inspect,
+        INSPECT_HELP, _inspect_args, _inspect,
         "  hetrun inspect bundle/\n"
         "  hetrun inspect bundle/ --json\n"
-        "  hetrun inspect bundle/ && scp -r bundle/ server:   # ship only verified bundles"),
+        "  hetrun inspect bundle/ --trust alice.pub   # intact AND signed by Alice's key"),
+    "keygen": Command(
+        "make an Ed25519 key pair for signing bundles (or: openssl genpkey -algorithm ed25519 -out KEY && "
+        "openssl pkey -in KEY -pubout -out KEY.pub)",
+        _keygen_args, _keygen,
+        "  hetrun keygen -o ~/.hetrun/key          # writes key (0600) and key.pub\n"
+        "  HETRUN_KEY_PASSPHRASE=... hetrun keygen -o team.key   # encrypted private key"),
+    "sign": Command(
+        "check a bundle completely, then sign its manifest with an Ed25519 private key (writes manifest.sig)",
+        _sign_args, _sign,
+        "  hetrun sign bundle/ --key ~/.hetrun/key\n"
+        "  hetrun inspect bundle/ --trust ~/.hetrun/key.pub"),
 }

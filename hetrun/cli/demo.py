@@ -6,7 +6,7 @@ import argparse
 import copy
 
 import hetrun
-from hetrun.cli import Command
+from hetrun.cli import Command, whole_number
 from hetrun.files import print_json
 
 
@@ -14,7 +14,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="mixed-demo", help="built-in profile name or YAML path (default: mixed-demo)")
     p.add_argument("--precision", default=None,
                    help="force one precision on every device (e.g. fp32); default: each device's own")
-    p.add_argument("--tokens", type=int, default=12, help="tokens to generate (default 12)")
+    p.add_argument("--tokens", type=whole_number(1, 4096), default=12, help="tokens to generate (default 12)")
     p.add_argument("--json", action="store_true", help="machine-readable result")
 
 

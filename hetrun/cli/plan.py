@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetrun.cli import Command
+from hetrun.cli import Command, whole_number
 from hetrun.errors import HetrunError, SpecError
 from hetrun.files import print_json, write_atomic
 from hetrun.placement.device_model import scale_load
@@ -17,7 +17,7 @@ from hetrun.placement.loads import model_load
 from hetrun.placement.pins import describe, pin_rules
 from hetrun.placement.planner import eplb_baseline, plan
 from hetrun.profile import load_profile
-from hetrun.spec import PRESETS, MoESpec
+from hetrun.spec import MAX_EXPERTS, PRESETS, MoESpec
 
 
 def _add(p: argparse.ArgumentParser) -> None:
@@ -28,8 +28,8 @@ def _add(p: argparse.ArgumentParser) -> None:
                                                                      "(default mixed-h100-910b-xeon)")
     p.add_argument("--load", metavar="FILE", help="[MoE layers, experts] token counts (.npy, or .json: a list of rows "
                                                   "or an object with tokens_per_expert); default uniform")
-    p.add_argument("--redundant", type=int, default=0, metavar="N", help="extra expert slots per MoE layer for "
-                                                                         "replicas of hot experts (default 0)")
+    p.add_argument("--redundant", type=whole_number(-MAX_EXPERTS, MAX_EXPERTS), default=0, metavar="N",
+                   help="extra expert slots per MoE layer for replicas of hot experts (default 0)")
     p.add_argument("--pin", action="append", default=[], metavar="RULE",
                    help="pin experts to devices, before the profile's pins: device=GROUP[,layers=0-2][,experts=0,4-7]"
                         "[,below=P][,above=P] (load percentiles); repeatable")
@@ -40,7 +40,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-experts", choices=("dense", "balanced"), default=None,
                    help="where shared experts go: dense = the profile's dense device (default), balanced = the "
                         "device that finishes them soonest, layer by layer")
-    p.add_argument("--step-tokens", type=int, default=None, metavar="T",
+    p.add_argument("--step-tokens", type=whole_number(1, 2**24), default=None, metavar="T",
                    help="tokens per step for predicted times (default: the profile's, else 4096)")
     p.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default plan.json; "
                                                                 "'-' writes none)")

@@ -4,6 +4,11 @@ Every collective hetrun issues goes through `World.run`, on process groups whose
 `distributed.timeout_s`. When one fails (a peer died: gloo sees the connection drop at once; a peer hung: the
 timeout fires), the rank reads the heartbeats every rank keeps in the rendezvous store and raises a one-line
 RankFailure that names the rank to blame, instead of hanging or printing a transport error.
+
+Ranks exchange objects as JSON bytes in uint8 tensors (`World.gather_json`, `World.all_gather_json`), never as
+pickles: torchrun's rendezvous store and the process groups are unauthenticated, and an unpickled message from a
+forged peer would run its code. JSON from a forged peer is still wrong data, not code; keep the rendezvous endpoint
+on a private network (README, "Trust").
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from hetrun.errors import HetrunError, ProfileError
 from hetrun.profile import Profile
 
 log = logging.getLogger("hetrun")
+
+MAX_EXCHANGE_BYTES = 1 << 30  # one rank's JSON in one exchange (statistics, traces, startup info)
 
 
 class RankFailure(HetrunError):
@@ -168,6 +175,43 @@ class World:
         except Exception:  # noqa: BLE001 -- the store may be what died
             pass
 
+    def all_gather_json(self, what: str, obj) -> list:
+        """`obj` (plain JSON data) of every rank, on every rank, in rank order."""
+        return self._exchange_json(what, obj, None)
+
+    def gather_json(self, what: str, obj, dst: int = 0) -> list | None:
+        """`obj` (plain JSON data) of every rank, in rank order, on rank `dst`; None on the other ranks."""
+        return self._exchange_json(what, obj, dst)
+
+    def _exchange_json(self, what: str, obj, dst: int | None) -> list | None:
+        data = json.dumps(obj, default=_plain).encode()
+        if len(data) > MAX_EXCHANGE_BYTES:
+            raise HetrunError(f"rank {self.rank}: {what}: {len(data)} bytes of JSON, more than the "
+                              f"{MAX_EXCHANGE_BYTES} one exchange carries")
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        self.run(what, dist.all_gather, sizes, torch.tensor([len(data)], dtype=torch.int64),
+                 group=self.control_group)
+        lengths = [int(t.item()) for t in sizes]
+        if not all(0 <= n <= MAX_EXCHANGE_BYTES for n in lengths):
+            raise RankFailure(f"{what}: a rank announced {max(lengths)} bytes, outside 0..{MAX_EXCHANGE_BYTES}")
+        buf = torch.zeros(max(lengths), dtype=torch.uint8)  # [n] this rank's JSON, zero-padded
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if dst is None:
+            parts = [torch.empty_like(buf) for _ in range(self.size)]
+            self.run(what, dist.all_gather, parts, buf, group=self.control_group)
+        else:
+            parts = [torch.empty_like(buf) for _ in range(self.size)] if self.rank == dst else None
+            self.run(what, dist.gather, buf, parts, dst=dst, group=self.control_group)
+            if parts is None:
+                return None
+        out = []
+        for r, (part, n) in enumerate(zip(parts, lengths)):
+            try:
+                out.append(json.loads(part[:n].numpy().tobytes().decode()))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise RankFailure(f"{what}: {self.peer(r)} sent data that is not JSON ({type(e).__name__})") from None
+        return out
+
     # ---- diagnosis -------------------------------------------------------------------------------
     def peer(self, rank: int) -> str:
         """`rank 1 (ov:0; pid 42 on host h)`."""
@@ -254,9 +298,7 @@ class World:
             self.broken = RankFailure(self._diagnose("the startup barrier", e))
             raise self.broken from None
         self.step += 1
-        out: list = [None] * self.size
-        self.run("the startup handshake", dist.all_gather_object, out, info, group=self.control_group)
-        return out
+        return self.all_gather_json("the startup handshake", info)
 
     def close(self, barrier: bool = True) -> None:
         """Stop the heartbeat, wait for every rank (unless `barrier` is False) and leave the world.
@@ -273,6 +315,13 @@ class World:
         if self.broken is None and dist.is_initialized() and _OWNS_DEFAULT_GROUP:
             dist.destroy_process_group()
         _WORLD = None
+
+
+def _plain(obj):
+    """JSON for numpy scalars and arrays; anything else that is not plain data is a bug here, not user input."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not plain JSON data")
 
 
 def _transport_error(err: Exception) -> str:

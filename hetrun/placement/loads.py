@@ -3,19 +3,23 @@
 Accepted sources: a path to a .npy array (no pickle) or a JSON file holding a list of rows or an object with
 `tokens_per_expert` (as `DispatchStats.to_dict()` and `hetrun run --json` write it) or `load`; a numpy array,
 nested lists or a torch tensor; a `DispatchStats` (its `tokens_per_expert`); a dict like the JSON object.
-Every problem is a one-line PlacementError that says what is wrong and how to fix it.
+Every problem is a one-line PlacementError that says what is wrong and how to fix it. A file larger than
+MAX_LOAD_BYTES is refused before it is read; JSON may not give a key twice, nor NaN or Infinity.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from hetrun.errors import PlacementError
-from hetrun.spec import MoESpec
+from hetrun.files import strict_json
+from hetrun.spec import MAX_EXPERTS, MAX_LAYERS, MoESpec
+
+# The largest table a model hetrun handles can have ([MAX_LAYERS, MAX_EXPERTS] as JSON text), with room to spare.
+MAX_LOAD_BYTES = 64 * MAX_LAYERS * MAX_EXPERTS
 
 
 def read_load(source) -> np.ndarray:
@@ -91,10 +95,14 @@ def _read_file(p: Path) -> np.ndarray:
     if not p.is_file():
         raise PlacementError(f"load table '{p}' not found; give a .npy or .json file of [layers, experts] token counts")
     try:
+        size = p.stat().st_size
+        if size > MAX_LOAD_BYTES:
+            raise PlacementError(f"load table '{p}' is {size} bytes, more than the {MAX_LOAD_BYTES} a table of "
+                                 f"{MAX_LAYERS} layers x {MAX_EXPERTS} experts needs; not a load table")
         if p.suffix == ".npy":
             table = np.load(p, allow_pickle=False)
         else:
-            raw = json.loads(p.read_text(), parse_constant=_reject_constant)
+            raw = strict_json(p.read_text())
             table = _from_object(raw, f"load table '{p}'") if isinstance(raw, dict) else raw
             table = np.asarray(table, dtype=np.float64)
     except (ValueError, TypeError, OSError, UnicodeDecodeError, RecursionError, EOFError) as e:
@@ -112,6 +120,3 @@ def _from_object(raw: dict, what: str):
     raise PlacementError(f"{what} is an object without 'tokens_per_expert' or 'load'; give one of those keys "
                          "or a plain list of rows")
 
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a token count")
