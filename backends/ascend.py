@@ -109,6 +109,7 @@ class AscendBackend(Backend):
         precisions=frozenset({"fp32", "fp16", "bf16", "int8"}),
         device_kinds=frozenset({"npu"}),
         real_hardware=True,
+        excluded=frozenset({"int8-w8a8", "int4-w4a8"}),  # torch_npu's INT8 weight matmul keeps BF16 activations
         install_hint=(f"`{INSTALL}` installs torch-npu; it also needs Huawei's CANN toolkit (source {SET_ENV}) and the "
                       "Ascend NPU driver"),
     )

@@ -11,6 +11,8 @@ import numpy as np
 from hetrun.formats import base_precision
 
 if TYPE_CHECKING:
+    import torch
+
     from hetrun.profile import Device
 
 
@@ -19,10 +21,11 @@ class BackendCaps:
     """What a backend can do, as data (in the spirit of ggml's dev_caps)."""
 
     name: str
-    precisions: frozenset[str]  # expert-graph precisions it executes
+    precisions: frozenset[str]  # catalog precisions it executes, variants included (fp8-w8a16 with fp8, ...)
     device_kinds: frozenset[str]  # catalog kinds it can drive: cpu, gpu, npu, accelerator
     real_hardware: bool  # False for the simulated backend
     install_hint: str = ""
+    excluded: frozenset[str] = frozenset()  # variants it does not run although it runs their base
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,20 @@ class RunRecord:
 
 
 class ExpertSession(abc.ABC):
-    """One compiled expert graph on one device: x [N, D] float32 -> y [N, D] float32."""
+    """One compiled expert graph on one device: x [N, D] float32 -> y [N, D] float32, as torch tensors on `device`."""
+
+    device: str = "cpu"  # the torch device the session takes its rows on and returns them on
 
     @abc.abstractmethod
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        """x [N, D] float32 on `device` -> y [N, D] float32 on `device`."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """x [N, D] float32 numpy -> y [N, D] float32 numpy (tools and tests; the dispatcher calls forward)."""
+        import torch  # heavy: backends stay light until a session runs
+
+        y = self.forward(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
+        return y.detach().to("cpu").numpy()
 
     def modeled_seconds(self, tokens: int) -> float:
         """Device time this call would take on the modeled device (0 for real devices: they are measured)."""
@@ -72,7 +85,13 @@ class Backend(abc.ABC):
     @classmethod
     def supports(cls, precision: str) -> bool:
         """Whether this backend executes expert graphs of this precision (a variant such as fp8-w8a16: its base)."""
-        return base_precision(precision) in cls.caps.precisions
+        return base_precision(precision) in cls.caps.precisions and precision not in cls.caps.excluded
+
+    @classmethod
+    def preferred_precisions(cls, device_type) -> list[str]:
+        """The device type's precisions in this backend's order of preference here: the catalog's order, unless the
+        backend knows better for the hardware it finds (CPU backends read the host's real capabilities)."""
+        return list(device_type.precisions)
 
     def graph_target(self) -> str:
         """The `target` to build this backend's expert graphs for (see hetrun.runtime.graphs.build_expert_graph)."""

@@ -87,6 +87,12 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     if len(weighted) != 2:
         raise ValueError(f"expert graph has {len(weighted)} weight matmuls; expected 2 (fused gate_up, then down)")
     dense = _evaluate_weights(model, weighted, const)
+    for i, n in enumerate(weighted):  # act-order GPTQ gathers the input columns in group order: undo it on the weight
+        order = _gathered_columns(g, n.input[0])
+        if order is not None:
+            unpermuted = np.empty_like(dense[i])
+            unpermuted[order] = dense[i]  # x[:, order] @ W' == x @ W with W[order] = W'
+            dense[i] = unpermuted
     quantized = [_stored_codes(g, _weight_input(n, const), dense[i]) if n.op_type == "MatMul" else None
                  for i, n in enumerate(weighted)]
     gate_up, down = dense
@@ -94,6 +100,16 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     if two_i % 2 or down.shape != (two_i // 2, d):
         raise ValueError(f"expert graph weights have shapes {gate_up.shape} and {down.shape}; expected [D, 2I] and [I, D]")
     return ExpertMatrices(gate_up, down, quantized[0], quantized[1])
+
+
+def _gathered_columns(g: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The column order when `name` is Gather(x, constant indices, axis=1) of the activations, else None."""
+    node = next((n for n in g.node if name in n.output), None)
+    if node is None or node.op_type != "Gather":
+        return None
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    init = next((t for t in g.initializer if t.name == node.input[1]), None)
+    return numpy_helper.to_array(init).astype(np.int64) if axis == 1 and init is not None else None
 
 
 def _constant_names(g: onnx.GraphProto) -> set[str]:

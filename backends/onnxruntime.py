@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
 
 if TYPE_CHECKING:
+    import torch
+
     from hetrun.profile import DeviceType
 
 # Execution providers in priority order, per catalog device kind.
@@ -19,6 +22,10 @@ PROVIDERS = {
     "gpu": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
     "npu": ["CANNExecutionProvider"],
 }
+
+
+# Formats onnxruntime's CPU kernels cannot compute from compressed weights: it holds them as FP32 after load.
+HELD_AS_FP32_ON_CPU = frozenset({"bf16", "fp16", "fp8", "fp8-w8a16", "int8"})
 
 
 class OnnxRuntimeBackend(Backend):
@@ -51,6 +58,14 @@ class OnnxRuntimeBackend(Backend):
             return device_type.vendor == "huawei" and probe_backend("ascend").ok
         return True
 
+    @classmethod
+    def preferred_precisions(cls, device_type: "DeviceType") -> list[str]:
+        """On CPUs: INT8 weights with INT8 activations first (MatMulNBits' fast kernel); BF16 and FP16 last, since
+        onnxruntime has no CPU kernel for them (it computes them with FP32 copies of the weights)."""
+        if device_type.kind != "cpu":
+            return list(device_type.precisions)
+        return host_cpu.reorder(list(device_type.precisions), ["int8-w8a8"], ["bf16", "fp16"])
+
     def providers(self) -> list[str]:
         """Execution providers for this device, best first; raises when none is installed."""
         import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
@@ -68,6 +83,8 @@ class OnnxRuntimeBackend(Backend):
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
 
+        if self.device.type.kind == "cpu" and self.precision in HELD_AS_FP32_ON_CPU:
+            host_cpu.say_held_as_fp32("onnxruntime", self.precision)
         return OrtSession(ort.InferenceSession(graph, sess_options=session_options(self.threads),
                                                providers=self.providers()))
 
@@ -91,9 +108,22 @@ def session_options(threads: int | None):
 
 
 class OrtSession(ExpertSession):
+    """An onnxruntime CPU session fed through I/O binding: rows in and out as torch tensors, no copies."""
+
     def __init__(self, sess):
         self.sess = sess
+        # onnxruntime's Python wrapper keeps the serialized model for the session's life (its own "TODO: holding
+        # the memory indefinitely"): a second copy of every weight. The session has its own; drop that one.
+        if getattr(sess, "_model_bytes", None) is not None:
+            sess._model_bytes = None
         self.input = sess.get_inputs()[0].name
+        self.output = sess.get_outputs()[0].name
+        self.binding = sess.io_binding()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.input: x})[0]
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        x = x.contiguous()  # [N, D]
+        y = x.new_empty(x.shape)  # [N, D] the expert maps D -> D
+        self.binding.bind_input(self.input, "cpu", 0, np.float32, tuple(x.shape), x.data_ptr())
+        self.binding.bind_output(self.output, "cpu", 0, np.float32, tuple(y.shape), y.data_ptr())
+        self.sess.run_with_iobinding(self.binding)
+        return y

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
-from hetrun.backends.onnxruntime import session_options
+from hetrun.backends.onnxruntime import OrtSession, session_options
 from hetrun.backends.registry import probe_backend
 
 from hetrun.roofline import expert_seconds
@@ -33,15 +32,13 @@ class SimulatedBackend(Backend):
         return SimulatedSession(sess, self, meta)
 
 
-class SimulatedSession(ExpertSession):
+class SimulatedSession(OrtSession):
+    """The real expert graph on the host CPU (onnxruntime), charged at the modeled device's speed."""
+
     def __init__(self, sess, backend: SimulatedBackend, meta: dict):
-        self.sess = sess
-        self.input = sess.get_inputs()[0].name
+        super().__init__(sess)
         self.backend = backend
         self.meta = meta
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.input: x})[0]
 
     def modeled_seconds(self, tokens: int) -> float:
         m = self.meta

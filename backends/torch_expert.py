@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from hetrun.backends.base import ExpertSession
+
+if TYPE_CHECKING:
+    import torch
 
 # torch dtype name per graph precision for dense (unquantized) matmuls.
 DENSE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -33,11 +36,9 @@ class TorchExpertSession(ExpertSession):
         self.device = device
         self.path = path  # how this expert runs, for reports: e.g. "torch fp8 block-scaled _scaled_mm on cuda:0"
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         import torch  # heavy: loaded only when a torch-path expert runs
 
         with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)  # [N, D]
-            g, u = self.gate_up(xt).chunk(2, dim=-1)  # [N, I] each
-            y = self.down(torch.nn.functional.silu(g) * u)  # [N, D]
-            return y.to("cpu", torch.float32).numpy()
+            g, u = self.gate_up(x).chunk(2, dim=-1)  # [N, I] each, on the session's device
+            return self.down(torch.nn.functional.silu(g) * u).float()  # [N, D]

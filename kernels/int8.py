@@ -36,3 +36,24 @@ def _along(scale: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
     return scale.reshape(shape)
+
+
+def to_matmulnbits_int8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 in blocks of `block` along K, packed for com.microsoft.MatMulNBits (bits=8), for w [N, K].
+
+    Returns B uint8 [N, n_blocks, block] (codes + 128, the op's default zero point; the ragged tail of the last
+    block holds 128, which dequantizes to 0) and scales float32 [N * n_blocks] (amax / 127 per block, 1 for
+    all-zero blocks).
+    """
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {block}")
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    nb = -(-k // block)
+    padded = np.zeros((n, nb * block), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, nb, block)  # [N, nb, block]
+    scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)  # [N, nb]
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int16) + 128  # [N, nb, block]
+    return q.astype(np.uint8), scale.reshape(-1)

@@ -24,7 +24,7 @@ def _break_device(model, device_id: str):
     for layer in runtime.layers:
         for r, sess in enumerate(layer.sessions):
             if int(layer.device_of[r]) == dev:
-                sess.run = boom
+                sess.forward = boom
 
 
 def test_fault_goes_to_fallback_device_with_identical_output(fresh, caplog):

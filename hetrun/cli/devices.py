@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hetrun.backends import host_cpu
 from hetrun.backends.registry import backend_class, backend_names, probe_backend, resolve_backend
 from hetrun.cli import Command
 from hetrun.files import print_json
@@ -21,8 +22,9 @@ def _devices(args: argparse.Namespace) -> int:
                      "install": cls.caps.install_hint if cls and not avail.ok else ""})
     found = real_devices()
     auto = _auto_resolution(args.profile) if args.profile else []
+    host = host_cpu.describe()
     if args.json:
-        print_json({"backends": rows, "devices": found, "auto": auto})
+        print_json({"backends": rows, "devices": found, "auto": auto, "host_cpu": host})
         return 0
     from rich.console import Console  # display: loaded when a table is printed
     from rich.markup import escape  # display: loaded when a table is printed
@@ -36,6 +38,9 @@ def _devices(args: argparse.Namespace) -> int:
         t.add_row(r["backend"], "[green]ok[/]" if r["available"] else "[red]unavailable[/]", escape(", ".join(r["devices"])),
                   ", ".join(r["precisions"]), escape(" ".join(x for x in (r["reason"], r["install"]) if x)))
     console.print(t)
+    console.print(f"host CPU: {escape(host['cpu'])}; flags {', '.join(host['flags']) or 'none of interest'}; native BF16: "
+                  f"{'yes' if host['native_bf16'] else 'no (BF16 is emulated: CPU backends default to INT8 here)'}; "
+                  f"INT8 dot products: {'yes' if host['int8_dot'] else 'no'}")
     d = Table(title="real devices (NVIDIA via torch.cuda or the CUDA driver, Ascend via torch_npu, Intel via OpenVINO)")
     for col in ("vendor", "device", "name", "capabilities"):
         d.add_column(col)

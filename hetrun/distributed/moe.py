@@ -2,8 +2,11 @@
 
 The layer is hetrun.runtime.dispatch's MoELayer; only its exchange differs (CollectiveExchange instead of
 LocalExchange). One MoE step on every rank, in lockstep:
-  1. count exchange: all_gather of [status, deployment, layer, tokens per expert slot, tokens per shared expert];
-     ranks with no tokens of their own (finished, or expert-only) take part with zero counts;
+  1. count exchange: all_gather of [status, deployment, layer, plan version, rebalance state, candidate digest,
+     tokens per expert slot, tokens per shared expert]; ranks with no tokens of their own (finished, or
+     expert-only) take part with zero counts. With live rebalancing (the profile's `rebalance:` section) the three
+     plan fields let every rank switch to a new plan at the same step (hetrun.runtime.rebalancer), and the counts
+     are the global load every rank smooths alike;
   2. dispatch: all_to_all_single with uneven splits sends each (token, expert) row to the rank owning its slot;
   3. each rank runs its slots' rows (from every source rank) through its expert graphs;
   4. combine: all_to_all_single sends the outputs back; the owner of the tokens weights and sums them exactly as
@@ -36,7 +39,7 @@ from hetrun.runtime.weights import MoELayerWeights
 log = logging.getLogger("hetrun")
 
 IDLE, ACTIVE = 0, 1
-HEADER_FIXED = 3  # status, deployment number, MoE layer
+HEADER_FIXED = 6  # status, deployment number, MoE layer, plan version, rebalance state, candidate digest
 _TRACING = False
 
 
@@ -81,13 +84,19 @@ class CollectiveExchange(Exchange):
         self.runtime.check_callable()
         self._start_us = self.runtime.tracer.now_us()
 
-    def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[np.ndarray, list[np.ndarray]]:
+    def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rt = self.runtime
         ranks = self.ranks(layer)
-        header = np.concatenate([[ACTIVE, rt.seq, layer.index], routed.counts,
+        counts = routed.counts.numpy()  # [R]
+        header = np.concatenate([[ACTIVE, rt.seq, layer.index, *rt.plan_fields()], counts,
                                  np.full(len(ranks.shared_rank), routed.x.shape[0])])
         table = rt.exchange_header(header.astype(np.int64))  # [W, H]
-        return self._exchange(layer, table, routed.x, routed.rows, routed.slot_of_row)
+        sorted_slots = np.repeat(np.arange(len(counts)), counts)  # [T*K] slot of each permuted row
+        out_rows, shared = self._exchange(layer, table, routed.x.numpy(), routed.rows.numpy(), sorted_slots)
+        return torch.from_numpy(out_rows), [torch.from_numpy(s) for s in shared]
+
+    def plan_changed(self, runtime: ExpertRuntime) -> None:
+        self._ranks.clear()  # slots may have changed devices, and so ranks
 
     def end(self, layer: MoELayer, tokens: int, seconds: float) -> None:
         rt = self.runtime
@@ -194,11 +203,11 @@ class CollectiveExchange(Exchange):
             t0 = time.perf_counter()
             if c < n_routed:
                 r = int(ranks.my_slots[c])
-                out[idx] = layer.run_slot(r, recv[idx])  # fails over inside this rank, as in one process
+                out[idx] = layer.run_slot(r, torch.from_numpy(recv[idx])).numpy()  # fails over inside this rank
                 name, dev = f"L{layer.index}.E{int(layer.phy2log[r])} slot {r}", int(layer.device_of[r])
             else:
                 s = int(ranks.my_shared[c - n_routed])
-                out[idx] = layer.run_shared(s, recv[idx])
+                out[idx] = layer.run_shared(s, torch.from_numpy(recv[idx])).numpy()
                 name, dev = f"L{layer.index}.S{s}", int(layer.shared_devices[s])
             rs.expert_s += time.perf_counter() - t0
             rt.tracer.add(name, "experts", s_us, rt.tracer.now_us(), rows=len(idx), device=rt.devices[dev].id)
@@ -207,6 +216,8 @@ class CollectiveExchange(Exchange):
 
 class DistributedRuntime(ExpertRuntime):
     """This rank's share of a plan: its devices' expert graphs, the world it steps with, and its statistics."""
+
+    collective = True  # plan switches are agreed through the step headers
 
     def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights], world: World,
                  layout: RankLayout, threads: int | None = None, progress: bool = False):
@@ -227,6 +238,7 @@ class DistributedRuntime(ExpertRuntime):
         self.report: list | None = None
         self.tracer = Tracer(_TRACING)
         self.rank_stats = RankStats(world.rank, world.host, layout.ranks[world.rank], self.holds_dense)
+        self.global_tokens = np.zeros((plan.num_layers, plan.spec.num_experts))  # [L, E] every rank's routed tokens
         world.start_heartbeat()
         world.phase = "compiling experts"
         local = {i for i, r in enumerate(self.rank_of_device.tolist()) if r == world.rank}
@@ -252,6 +264,13 @@ class DistributedRuntime(ExpertRuntime):
             atexit.register(self._finish_at_exit)
 
     # ---- steps -----------------------------------------------------------------------------------
+    def routed_load(self) -> np.ndarray:
+        return self.global_tokens
+
+    def plan_fields(self) -> tuple[int, int, int]:
+        """(plan version, rebalance state, candidate digest) for this rank's next step header."""
+        return self.rebalancer.header_fields() if self.rebalancer is not None else (0, 0, 0)
+
     def check_callable(self) -> None:
         """Raise unless this rank may run the model now."""
         if not self.holds_dense:
@@ -282,14 +301,24 @@ class DistributedRuntime(ExpertRuntime):
             raise HetrunError(f"rank {int(wrong[0])} steps deployment #{int(table[wrong[0], 1])}, rank "
                               f"{self.world.rank} deployment #{self.seq}; deploy the same models in the same order "
                               "on every rank")
-        layers = set(table[table[:, 0] == ACTIVE, 2].tolist())
+        active = table[:, 0] == ACTIVE
+        layers = set(table[active, 2].tolist())
         if len(layers) > 1:
             raise HetrunError(f"ranks are out of step (MoE layers {sorted(layers)} at once); every rank must run "
                               "its forward passes through the same layers")
+        layer = layers.pop() if layers else None
+        if layer == 0 and not active[self.world.rank]:
+            self.step_begin()  # a step begins that this rank only serves (ranks with tokens began it before routing)
+        if layer is not None and self.rebalancer is not None:  # every rank sees this table: all switch, count alike
+            self.rebalancer.on_table(layer, active, table[:, 3:HEADER_FIXED])
+            slot_counts = table[active, HEADER_FIXED:HEADER_FIXED + self.plan.num_slots].sum(0)  # [R]
+            self.global_tokens[layer] += np.bincount(self.layers[layer].phy2log, weights=slot_counts,
+                                                     minlength=self.plan.spec.num_experts)
         return table
 
     def finish(self, payload=None) -> list[dict] | None:
-        """Serve other ranks until every rank has finished, then gather statistics (and `payload`) to rank 0.
+        """Serve other ranks until every rank has finished, then gather statistics (and `payload`, plain JSON data:
+        ranks exchange JSON, never pickles) to rank 0.
 
         Returns, on rank 0, one dict per rank with `stats`, `trace` and `payload`; None on other ranks.
         Calling it again returns the same.
@@ -304,6 +333,7 @@ class DistributedRuntime(ExpertRuntime):
         self.world.phase = "serving"
         while True:
             t0 = time.perf_counter()
+            idle[3:HEADER_FIXED] = self.plan_fields()
             table = self.exchange_header(idle)
             active = table[:, 0] == ACTIVE
             if not active.any():
@@ -315,12 +345,11 @@ class DistributedRuntime(ExpertRuntime):
             self.tracer.add(f"serve MoE layer {layer}", "moe", s_us, self.tracer.now_us())
         rs = self.rank_stats
         rs.faults = len(self.stats.faults)
+        rs.switches = [[s["version"], s["step"]] for s in self.stats.switches]
         rs.tokens_per_device = {self.devices[i].id: int(self.stats.tokens_per_device[i])
                                 for i in sorted(self.local_devices or ())}
         mine = {"stats": rs.to_dict(), "trace": self.tracer.export(), "payload": payload}
-        gathered = [None] * self.world.size if self.world.rank == 0 else None
-        self.world.run("gathering statistics", dist.gather_object, mine, gathered, dst=0,
-                       group=self.world.control_group)
+        gathered = self.world.gather_json("gathering statistics", mine, dst=0)  # JSON, never pickle
         # No collective runs between deployments: stop beating, and let no rank leave while another still beats.
         self.world.stop_heartbeat()
         self.world.run("the closing barrier", dist.barrier, group=self.world.control_group)

@@ -13,7 +13,7 @@ import logging
 
 from hetrun.backends.registry import backend_class, resolve_backend
 from hetrun.errors import PrecisionError
-from hetrun.formats import PRECISIONS, base_precision
+from hetrun.formats import PRECISIONS, base_precision, get_format
 from hetrun.profile import Device, Profile
 
 log = logging.getLogger("hetrun")
@@ -34,7 +34,9 @@ def _check_explicit(device: Device, precision: str) -> str:
     if base_precision(precision) not in have:
         raise PrecisionError(f"device '{device.id}' ({device.type.name}) has no {base_precision(precision)}; its "
                              f"precisions are {', '.join(have)}; ask for one of those or leave precision unset")
-    if precision not in runnable_precisions(device):
+    # simulation-only formats (FP4) have no graphs on any backend: plans and simulations may use them, running them
+    # is refused where graphs are built (hetrun.runtime.graphs)
+    if precision not in runnable_precisions(device) and get_format(precision).graph:
         raise PrecisionError(f"backend '{device.backend}' of device '{device.id}' cannot run {precision} graphs; it "
                              f"runs {', '.join(sorted(runnable_precisions(device)))}; pick one of those or another backend")
     return precision
@@ -47,10 +49,16 @@ def _choose(device: Device, requested: str | None) -> tuple[str, str | None]:
         return _check_explicit(device, explicit), None
     have = device.type.precisions
     runnable = runnable_precisions(device)
-    for p in have:
+    cls = backend_class(resolve_backend(device))
+    order = cls.preferred_precisions(device.type) if cls is not None else list(have)
+    for p in order:
         if p in runnable:
             if p == have[0]:
                 return p, None
+            if p == order[0]:  # the backend knows better for the hardware it finds (a CPU's real capabilities)
+                return p, (f"device group '{device.group}' ({device.type.name}) runs {p} by default: backend "
+                            f"'{device.backend}' prefers it on this hardware to the catalog's first, {have[0]} "
+                            "(see `hetrun devices`); ask for a precision explicitly to change it")
             return p, (f"device group '{device.group}' ({device.type.name}) prefers {have[0]}, which backend "
                        f"'{device.backend}' cannot run; it runs {p} instead")
     raise PrecisionError(f"device '{device.id}' ({device.type.name}) has {', '.join(have)} but backend "

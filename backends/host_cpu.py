@@ -1,0 +1,63 @@
+"""What this machine's CPU computes natively, read at run time instead of trusted from the device catalog."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+from hetrun.formats import base_precision
+
+log = logging.getLogger("hetrun")
+
+# CPU flags (Linux /proc/cpuinfo names) that decide which formats run natively.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+VECTOR_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_fp16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where the system does not list them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies BF16 natively (AVX512-BF16 or AMX); elsewhere BF16 is emulated in FP32."""
+    return bool(BF16_FLAGS & cpu_flags())
+
+
+def describe() -> dict:
+    """What the CPU has, for benchmarks and `hetrun devices`: model, cores and the flags that matter here."""
+    flags = cpu_flags()
+    return {"cpu": platform.processor() or platform.machine(), "native_bf16": native_bf16(),
+            "int8_dot": bool(INT8_DOT_FLAGS & flags),
+            "flags": sorted((BF16_FLAGS | INT8_DOT_FLAGS | VECTOR_FLAGS) & flags)}
+
+
+_told: set[tuple[str, str]] = set()
+
+
+def say_held_as_fp32(backend: str, precision: str) -> None:
+    """Say once per (backend, precision) that this CPU runtime holds the format's weights as FP32 after load."""
+    if (backend, precision) in _told:
+        return
+    _told.add((backend, precision))
+    log.warning("%s has no CPU kernel that computes %s from compressed weights here, so it holds those expert weights "
+                "as FP32: exact, but neither smaller nor faster than fp32 (int4, and int8%s, stay compressed)",
+                backend, precision, "-w8a8" if backend == "onnxruntime" else "")
+
+
+def reorder(catalog: list[str], first: list[str], last: list[str]) -> list[str]:
+    """`catalog` with the formats in `first` (those whose base the catalog has) in front and `last` at the end."""
+    bases = set(catalog)
+    front = [p for p in first if base_precision(p) in bases]
+    back = [p for p in catalog if p in last]
+    return front + [p for p in catalog if p not in front and p not in back] + back
