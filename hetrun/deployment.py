@@ -2,34 +2,59 @@
 
 The API edge of the deploy path: the profile is resolved once here, the plan made, and the runtime chosen: one
 process (hetrun.runtime.dispatch) or, when the profile lays out ranks, torch.distributed (hetrun.distributed).
+
+The model is a transformers module or a checkpoint directory. From a directory (hetrun.checkpoint) only the dense
+part is read into a model built on the meta device; each expert is read from the shards when its device compiles
+it, converted to that device's precision (FP8 and GPTQ checkpoints go onto devices of their own format
+unchanged) and dropped. Under torchrun a rank reads only the experts of its own devices, and the dense part only
+where the profile runs it.
 """
 
 from __future__ import annotations
 
-import torch
+import logging
+import os
 
+import torch
+import torch.distributed as dist
+
+from hetrun.checkpoint import load_model, open_checkpoint
 from hetrun.distributed.moe import distributed_runtime
+from hetrun.distributed.ranks import resolve_layout
+from hetrun.distributed.world import in_distributed_launch
 from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
-from hetrun.runtime.weights import model_layer_weights
+from hetrun.runtime.weights import model_layer_weights, release_sources
 from hetrun.spec import MoESpec
 
+log = logging.getLogger("hetrun")
 
-def deploy(model: torch.nn.Module, profile: "str | Profile" = "mixed-demo", precision: str | None = None,
-           plan: Plan | None = None, threads: int | None = None, progress: bool = False) -> torch.nn.Module:
-    """Run the model's experts on the profile's devices; returns the same model with its MoE blocks replaced.
 
-    `precision=None` lets each device use its best precision; `"fp32"` forces FP32 everywhere.
-    The hetrun runtime (plan, statistics) is attached as `model.hetrun`.
+def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile" = "mixed-demo",
+           precision: str | None = None, plan: Plan | None = None, threads: int | None = None,
+           progress: bool = False) -> torch.nn.Module:
+    """Run the model's experts on the profile's devices; returns the model with its MoE blocks replaced.
+
+    `model` is a transformers MoE model, or a model directory (config.json and safetensors shards, as
+    save_pretrained writes them; DeepSeek-V3 FP8 and GPTQ checkpoints included) read without ever holding the
+    whole model. `precision=None` lets each device use its best precision; `"fp32"` forces FP32 everywhere.
+    The hetrun runtime (plan, statistics, `memory`: resident bytes per device) is attached as `model.hetrun`.
+
+    Afterwards no FP32 or BF16 copy of a routed expert stays alive: a passed-in model's expert tensors are released
+    once compiled (kept only when the profile's fallback device may have to compile them on a failure; a directory's
+    experts are read again from the files instead).
     """
+    profile = load_profile(profile)
+    if isinstance(model, (str, os.PathLike)):
+        model = checkpoint_model(model, profile)
     config = getattr(model, "config", None)
     if config is None:
-        raise SpecError(f"{type(model).__name__} has no transformers config; deploy() takes a transformers MoE model")
+        raise SpecError(f"{type(model).__name__} has no transformers config; deploy() takes a transformers MoE model "
+                        "or a model directory")
     spec = MoESpec.from_hf_config(config)
-    profile = load_profile(profile)
     if plan is None:
         plan = make_plan(spec, profile, precision=precision)
     elif plan.spec.num_experts != spec.num_experts or plan.num_layers != spec.num_moe_layers:
@@ -42,6 +67,24 @@ def deploy(model: torch.nn.Module, profile: "str | Profile" = "mixed-demo", prec
     if runtime is None:  # one process runs every device
         runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
     swap_moe_blocks(model, [path for path, _ in layers], runtime.layers)
+    fallback = profile.fallback_device
+    recompiles = runtime.rebalancer is not None or runtime.cache is not None  # they compile experts again later
+    if not recompiles and (fallback is None or fallback.id not in plan.device_ids
+                           or not runtime.is_local(plan.device_ids.index(fallback.id))):
+        release_sources(weights)  # the replaced blocks' expert tensors are freed with them
     model.hetrun = runtime
     return model
 
+
+def checkpoint_model(path: "str | os.PathLike", profile: "str | Profile | None" = None) -> torch.nn.Module:
+    """The model of a checkpoint directory as deploy() reads it in this process: experts left on disk, the dense
+    part read where `profile` runs it (on every process, or on rank 0 alone with `distributed.dense: rank0`)."""
+    return load_model(open_checkpoint(path), dense=profile is None or _holds_dense(load_profile(profile)))
+
+
+def _holds_dense(profile: Profile) -> bool:
+    layout = resolve_layout(profile)
+    if layout is None or not in_distributed_launch():
+        return True
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return layout.holds_dense(rank)

@@ -14,13 +14,10 @@ Layout of a bundle directory:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -29,7 +26,6 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-import transformers
 import yaml
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -46,6 +42,10 @@ from hetrun.bundle.manifest import (
     ModelEntry,
     needed_graphs,
 )
+from hetrun.bundle.signing import SIGNATURE, load_private_key, signature_document
+from hetrun.bundle.target import Staging, check_target
+from hetrun.checkpoint import load_model, open_checkpoint
+from hetrun.checkpoint.config import config_from_json as checkpoint_config
 from hetrun.errors import BundleError, HetrunError, SpecError
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
@@ -111,69 +111,23 @@ def _preset_names() -> list[str]:
 
 
 def _directory_source(path: Path) -> ModelSource:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise SpecError(f"'{path}' has no config.json; give a transformers model directory (save_pretrained writes one)")
-    if not any(path.glob("*.safetensors")):
-        raise SpecError(f"'{path}' has no *.safetensors weights; hetrun loads safetensors only (no pickle files): "
-                        "re-save the model with save_pretrained(..., safe_serialization=True)")
-    config = config_from_json(cfg_file.read_bytes(), str(cfg_file), SpecError)
-
-    def build():
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                                  config=config)
-        return model.eval()
-
-    return ModelSource("directory", str(path), config, build)
+    """A checkpoint directory, opened (config, quantization, every shard's header checked) before anything is built;
+    build() reads the dense part only, each expert is read when its graph is built (hetrun.checkpoint)."""
+    ckpt = open_checkpoint(path)
+    return ModelSource("directory", str(path), ckpt.config, lambda: load_model(ckpt))
 
 
 def config_from_json(data: bytes, where: str, error=BundleError):
     """A transformers config from config.json bytes, for a supported family only (never remote code)."""
-    try:
-        d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{where}: is not valid JSON ({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(d, dict):
-        raise error(f"{where}: expected a JSON object")
-    mt = d.get("model_type")
-    if mt not in SUPPORTED_FAMILIES:
-        raise error(f"{where}: model family {str(mt)[:40]!r} is not supported; hetrun supports: "
-                    f"{', '.join(SUPPORTED_FAMILIES)}")
-    try:
-        return transformers.CONFIG_MAPPING[mt].from_dict(d)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise error(f"{where}: not a valid {mt} config ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    return checkpoint_config(data, where, error)
 
 
 # ---- target directory ------------------------------------------------------------------------------
 
-def _check_target(out: Path, force: bool) -> None:
-    """Refuse to clobber anything but an existing bundle (with force) or an empty directory."""
-    if out.is_symlink():
-        raise BundleError(f"output '{out}' is a symlink; give a plain directory path")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise BundleError(f"output '{out}' exists and is not a directory; choose another -o")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file():
-        raise BundleError(f"output '{out}' is a non-empty directory that is not a hetrun bundle; refusing to replace "
-                          "it even with --force: choose another -o")
-    if not force:
-        raise BundleError(f"bundle '{out}' already exists; pass --force to replace it, or choose another -o")
-
-
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished bundle into place; an old bundle is swapped out, then removed."""
-    _check_target(out, force)
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / "bundle")
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def _sign(staging: Staging, key) -> None:
+    """Write manifest.sig beside the finished manifest.json (hetrun.bundle.signing)."""
+    with open(staging.tmp / SIGNATURE, "wb") as f:
+        f.write(signature_document((staging.tmp / MANIFEST).read_bytes(), key))
 
 
 def _set_modes(root: Path) -> None:
@@ -218,17 +172,20 @@ class _Writer:
 
 def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike", *, precision: str | None = None,
            load: Any = None, redundant_experts: int = 0, force: bool = False, progress: bool = True,
-           seed: int = 0) -> Manifest:
+           seed: int = 0, sign: "str | os.PathLike | None" = None) -> Manifest:
     """Write a deployment bundle of `model` (preset name, model directory or transformers module) planned for `profile`.
 
     `load`, `redundant_experts` and `precision` go to hetrun.plan (a load table: [L, E] array, .npy/.json path or
     DispatchStats). Every user error (bad profile, load table, model, existing output) is raised before any weight
-    is built.
-    The bundle is written to a temporary directory beside `out` and renamed into place at the end, so an
-    interrupted export never leaves a directory that `hetrun run` accepts. Returns the manifest.
+    is built, and so is an output that cannot be written or a signing key that cannot be read.
+    The bundle is written to a temporary directory beside `out` and moved into place at the end (atomically, also
+    over an old bundle with `force`: hetrun.bundle.target), so an interrupted export never leaves a directory that
+    `hetrun run` accepts. `sign`: an Ed25519 private key file; the bundle gets manifest.sig, which
+    `hetrun run --trust KEY.pub` checks. Returns the manifest.
     """
     out = Path(out)
-    _check_target(out, force)
+    check_target(out, force)
+    key = load_private_key(sign) if sign is not None else None
     prof = load_profile(profile)
     source = model_source(model, seed)
     spec = MoESpec.from_hf_config(source.config)
@@ -238,15 +195,16 @@ def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike"
     targets = graph_targets(prof, plan)
     keys = _graph_keys(plan, targets, fallback_id)
 
-    module = source.build()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = Staging.reserve(out, force)  # before any weight is built: an unwritable output fails here
     try:
-        manifest = _write(tmp, module, source, spec, prof, plan, targets, fallback_id, keys, progress)
-        _set_modes(tmp)
-        _install(tmp, out, force)
+        module = source.build()
+        manifest = _write(staging.tmp, module, source, spec, prof, plan, targets, fallback_id, keys, progress)
+        if key is not None:
+            _sign(staging, key)
+        _set_modes(staging.tmp)
+        staging.install(force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.abort()
         raise
     return manifest
 

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 import hetrun
-from hetrun.cli import Command
+from hetrun.cli import Command, threads_arg, whole_number
 from hetrun.errors import HetrunError
 from hetrun.files import print_json
 from hetrun.placement.plan import device_weight_bytes
@@ -67,16 +67,20 @@ def _moe_inputs(model, ids) -> tuple[list, "object"]:
     return [seen[path] for _, path, _ in blocks], logits
 
 
-def _expert_errors(runtime, inputs: list) -> dict[int, dict]:
-    """Per device index: relative errors of each of its experts (routed and shared) against FP32."""
+def _expert_errors(runtime, inputs: list, reference) -> dict[int, dict]:
+    """Per device index: relative errors of each of its experts (routed and shared) against the FP32 experts of
+    `reference` (the undeployed model: deploy releases a deployed model's expert weights)."""
+    from hetrun.runtime.weights import model_layer_weights  # imports torch: only when this command runs
+
+    refs = [w for _, w in model_layer_weights(runtime.plan.spec, reference)]
     out: dict[int, dict] = {}
-    for layer, x in zip(runtime.layers, inputs):
+    for layer, ref_layer, x in zip(runtime.layers, refs, inputs):
         x = np.ascontiguousarray(x.float().numpy())  # [T, D]
         jobs = {}
         for r, (e, d) in enumerate(zip(layer.phy2log.tolist(), layer.device_of.tolist())):
-            jobs.setdefault((d, "E", e), (layer.sessions[r], layer.weights.experts[e]))
+            jobs.setdefault((d, "E", e), (layer.sessions[r], ref_layer.experts[e]))
         for s, (sess, d) in enumerate(zip(layer.shared_sessions, layer.shared_devices)):
-            jobs[(d, "S", s)] = (sess, layer.weights.shared[s])
+            jobs[(d, "S", s)] = (sess, ref_layer.shared[s])
         for (d, _, _), (sess, w) in jobs.items():
             if sess is None:  # another process's device
                 continue
@@ -109,6 +113,8 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
         raise HetrunError(f"unknown model '{model}'; use one of: {', '.join(MODELS)}")
     if prompts < 1 or tokens < 1:
         raise HetrunError(f"--prompts and --tokens must be at least 1, got {prompts} and {tokens}")
+    if threads is not None and threads < 1:
+        raise HetrunError(f"threads must be at least 1, got {threads}")
     if weights not in ("trained", "random"):
         raise HetrunError(f"--weights must be 'trained' or 'random', got '{weights}'")
     prof = load_profile(profile)
@@ -127,7 +133,7 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
         got = deployed(ids).logits
     runtime = deployed.hetrun
     plan = runtime.plan
-    errors = _expert_errors(runtime, inputs)
+    errors = _expert_errors(runtime, inputs, reference)
     held = device_weight_bytes(plan)
     fp32_plan = device_weight_bytes(dataclasses.replace(plan, precision={d: "fp32" for d in plan.device_ids}))
 
@@ -153,6 +159,120 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
     return {"model": model, "weights": weights, "family": MODELS[model], "profile": prof.name, "requested_precision": precision,
             "prompts": prompts, "tokens": tokens, "seed": seed, "devices": devices,
             "deployment": logit_agreement(got, want)}
+
+
+# The INT4 rows of the precision table, as restated: one matrix's round-to-nearest noise floor on Gaussian weights
+# (groups of 128 / 32 with zero points), and what three such matrices compound to through a SwiGLU expert.
+INT4_TARGETS = {"int4": {"matrix": 0.125, "expert": 0.19}, "int4-g32": {"matrix": 0.09, "expert": 0.155}}
+CALIBRATION_SEED = 4321
+
+
+def int4_report(model: str = "tiny", seed: int = 0, prompts: int = 512, tokens: int = 64,
+                threads: int | None = None) -> dict:
+    """INT4 against FP32: the per-matrix and per-expert rows on Gaussian weights (D=256, I=512), and on the briefly
+    trained tiny model GPTQ against round-to-nearest: each MoE layer's output error on held-out activations and
+    teacher-forced top-1 agreement. GPTQ runs as a GPTQ checkpoint (act-order, zero points, calibrated on
+    CALIBRATION_SEED's sequences of the synthetic language) deployed from its directory onto an INT4 device."""
+    import tempfile
+
+    import torch  # heavy: torch loads only when this command runs
+
+    from hetrun.bench.precision import cpu_backend, gaussian_expert  # imports runtimes: only when this command runs
+    from hetrun.checkpoint.writer import save_checkpoint  # imports torch: only when this command runs
+    from hetrun.formats import FORMATS
+    from hetrun.kernels.int4 import quantize_int4
+    from hetrun.runtime.graphs import build_expert_graph  # imports onnx: only when this command runs
+    from hetrun.runtime.weights import find_moe_blocks  # imports torch: only when this command runs
+    from hetrun.tiny_models import markov_tokens, trained_tiny_model  # imports torch: only when this command runs
+
+    if model not in MODELS:
+        raise HetrunError(f"unknown model '{model}'; use one of: {', '.join(MODELS)}")
+    rng = np.random.default_rng(seed)
+    w = gaussian_expert(256, 512, seed=seed)
+    x = rng.standard_normal((256, 256)).astype(np.float32)  # [T, D]
+    ref = w.reference(x)
+    reference = trained_tiny_model(MODELS[model], seed=seed)
+    vocab = reference.config.vocab_size
+    calib_ids = markov_tokens(vocab, 32, 32, seed=CALIBRATION_SEED)
+    test_ids = markov_tokens(vocab, prompts, tokens, seed=PROMPT_SEED)  # held out: another part of the language
+    blocks = find_moe_blocks(reference)
+    calib_inputs, _ = _moe_inputs(reference, calib_ids)
+    test_inputs, want = _moe_inputs(reference, test_ids)
+    calibration = _routed_calibration(reference, blocks, calib_inputs)
+    with torch.no_grad():
+        block_ref = [_block_output(block, xs) for (_, _, block), xs in zip(blocks, test_inputs)]
+    rows = []
+    for prec, target in INT4_TARGETS.items():
+        group = FORMATS[prec].group
+        matrix = float(np.linalg.norm(x @ (quantize_int4(w.gate, group).dequantize() - w.gate).T)
+                       / np.linalg.norm(x @ w.gate.T))
+        be = cpu_backend("onnxruntime", prec, threads)
+        g = build_expert_graph(w, prec, target=be.graph_target())
+        expert = float(np.linalg.norm(be.load(g.serialize(), "e", g.meta).run(x) - ref) / np.linalg.norm(ref))
+        profile = {"name": f"{prec}-cpu", "devices": [{"id": "cpu", "type": "host-cpu", "backend": "onnxruntime",
+                                                       "precision": prec}]}
+        deployed = {"rtn": hetrun.deploy(copy.deepcopy(reference), profile, threads=threads)}
+        with tempfile.TemporaryDirectory(prefix="hetrun-gptq-") as d:
+            save_checkpoint(reference, d, "gptq", group=group, sym=False, desc_act=True, checkpoint_format="gptq_v2",
+                            calibration=calibration, dense=False)
+            deployed["gptq"] = hetrun.deploy(d, profile, threads=threads)
+        quantizers = {}
+        for name, m in deployed.items():
+            with torch.no_grad():
+                layers = [float((layer(xs) - y).norm() / y.norm()) for layer, xs, y in
+                          zip(m.hetrun.layers, test_inputs, block_ref)]
+                quantizers[name] = {"layer_rel_err": layers, "top1": logit_agreement(m(test_ids).logits, want)}
+        rows.append({"precision": prec, "group": group, "matrix_rel_err": matrix, "matrix_target": target["matrix"],
+                     "expert_rel_err": expert, "expert_target": target["expert"], **quantizers})
+    return {"model": model, "family": MODELS[model], "seed": seed, "prompts": prompts, "tokens": tokens,
+            "calibration_sequences": int(calib_ids.shape[0]), "rows": rows}
+
+
+def _routed_calibration(reference, blocks, inputs) -> dict:
+    """GPTQ's calibration rows: per (layer, expert) the inputs the FP32 router sends that expert (at least 64 rows:
+    else all of the layer's), per layer all of them (shared experts see every token)."""
+    import torch  # heavy: torch loads only when this command runs
+
+    from hetrun.runtime.routing import route, router_logits  # imports torch: only when this command runs
+    from hetrun.spec import MoESpec
+
+    router = MoESpec.from_hf_config(reference.config).router
+    out = {}
+    for (layer, _, block), x in zip(blocks, inputs):
+        bias = getattr(block.gate, "e_score_correction_bias", None)
+        with torch.no_grad():
+            ids, _ = route(router_logits(x, block.gate.weight, router), router, bias)  # [T, K]
+        out[layer] = x.numpy()
+        for e in range(block.gate.weight.shape[0]):
+            rows = (ids == e).any(dim=1)  # [T]
+            out[(layer, e)] = x[rows].numpy() if int(rows.sum()) >= 64 else x.numpy()
+    return out
+
+
+def _block_output(block, x):
+    """A transformers MoE block's output [T, D] for x [T, D] (blocks take [B, S, D]; some return router logits)."""
+    out = block(x[None])
+    return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
+
+def _print_int4(report: dict) -> None:
+    from rich.console import Console  # display: loaded when a table is printed
+    from rich.table import Table  # display: loaded when a table is printed
+
+    t = Table(title=f"INT4 against FP32: Gaussian weights (D=256, I=512), and model {report['model']} "
+                    f"({report['family']}, trained) with round-to-nearest or GPTQ, "
+                    f"{report['prompts']} x {report['tokens']} held-out positions")
+    for col in ("precision", "matrix err", "target", "expert err", "target", "quantizer", "layer err (each MoE layer)",
+                "top-1"):
+        t.add_column(col, justify="left" if col in ("precision", "quantizer") else "right")
+    for r in report["rows"]:
+        for q in ("rtn", "gptq"):
+            first = q == "rtn"
+            t.add_row(r["precision"] if first else "", _pct(r["matrix_rel_err"]) if first else "",
+                      f"<= {_pct(r['matrix_target'])}" if first else "", _pct(r["expert_rel_err"]) if first else "",
+                      f"<= {_pct(r['expert_target'])}" if first else "", q,
+                      " ".join(_pct(e) for e in r[q]["layer_rel_err"]), f"{100 * r[q]['top1']['top1']:.1f}%")
+    Console(width=max(Console().width, 140)).print(t)
 
 
 def _pct(v) -> str:
@@ -189,19 +309,30 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="mixed-demo", help="built-in profile name or YAML path (default mixed-demo)")
     p.add_argument("--precision", default=None,
                    help="run every device at this precision (an error where a device lacks it); default: each device's best")
-    p.add_argument("--prompts", type=int, default=8, help="prompts in the fixed prompt set (default 8)")
-    p.add_argument("--tokens", type=int, default=25, help="tokens per prompt (default 25: 200 positions in all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights (default 0)")
+    p.add_argument("--prompts", type=whole_number(1, 4096), default=None,
+                   help="prompts in the fixed prompt set (default 8; with --int4, 512)")
+    p.add_argument("--tokens", type=whole_number(1, 4096), default=None,
+                   help="tokens per prompt (default 25: 200 positions in all; with --int4, 64: 32768 positions)")
+    p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0,
+                   help="seed of the model's initial weights (default 0)")
     p.add_argument("--weights", choices=("trained", "random"), default="trained",
                    help="trained (default): the tiny model after a short deterministic training run on a synthetic "
                         "Markov-chain language, prompts from that language; random: untrained, uniform random prompts")
-    p.add_argument("--threads", type=int, default=None, help="threads per backend session")
+    p.add_argument("--threads", type=threads_arg, default=None, help="threads per backend session")
+    p.add_argument("--int4", action="store_true",
+                   help="the INT4 rows instead: per-matrix and per-expert error on Gaussian weights against their "
+                        "targets, and GPTQ against round-to-nearest on the trained model (per-layer error on "
+                        "held-out activations, top-1 agreement); --profile and --precision do not apply")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = accuracy_report(args.model, args.profile, args.precision, args.prompts, args.tokens, args.seed, args.threads,
-                             args.weights)
+    if args.int4:  # GPTQ and round-to-nearest differ by a few top-1 flips: many positions tell them apart
+        report = int4_report(args.model, args.seed, args.prompts or 512, args.tokens or 64, args.threads)
+        print_json(report) if args.json else _print_int4(report)
+        return 0
+    report = accuracy_report(args.model, args.profile, args.precision, args.prompts or 8, args.tokens or 25, args.seed,
+                             args.threads, args.weights)
     if args.json:
         print_json(report)
     else:
@@ -214,5 +345,6 @@ COMMANDS = {
         "each device's precision against FP32: per-expert error, logits error, top-1 agreement, weight bytes",
         _add, _run,
         "  hetrun accuracy --model tiny --profile mixed-demo\n"
-        "  hetrun accuracy --model tiny --profile mixed-demo --precision int8 --json"),
+        "  hetrun accuracy --model tiny --profile mixed-demo --precision int8 --json\n"
+        "  hetrun accuracy --model tiny --int4    # INT4 rows: targets, GPTQ against round-to-nearest"),
 }

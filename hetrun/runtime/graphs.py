@@ -16,6 +16,15 @@ activations are rounded on their way in:
               runs it exactly, as fast as INT4 DequantizeLinear, and for any K); round-to-nearest, or GPTQ
               when calibration activations are given.
   int4-g32    the same with groups of 32.
+  int8-w8a8   INT8 weights in blocks of 128 along K and activations quantized to INT8 per block on the fly
+              (MatMulNBits bits=8, accuracy level 4): onnxruntime's fast CPU path, as INT8 NPUs compute.
+  int4-w4a8   the int4 weights with activations quantized the same way (MatMulNBits accuracy level 4).
+
+An expert read from a quantized checkpoint (a QuantizedExpert, or an ExpertSource that reads one) goes onto a
+device of its own format unchanged: DeepSeek-V3 FP8 codes and block scales become the fp8 graph's initializers
+byte for byte (scales repeated per row, as ONNX blocks along one axis), 4-bit GPTQ codes, scales and zero points
+become MatMulNBits' (act-order: the input columns gathered in group order, so g_idx's groups are contiguous). On a
+device of another format the expert is dequantized once to FP32 and built as any other.
 
 `target` is the backend that will run the graph (Backend.graph_target()). "openvino" gets a form that
 OpenVINO's CPU plugin computes faithfully in f32; every other name gets standard ONNX. OpenVINO 2026.4 on CPUs
@@ -30,6 +39,7 @@ computes in f16 or bf16 the backend asks for the standard form instead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,14 +49,18 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
-from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
-from hetrun.kernels.gptq import gptq_quantize_int4
-from hetrun.kernels.int4 import quantize_int4, to_matmulnbits
-from hetrun.kernels.int8 import quantize_int8
-from hetrun.runtime.weights import ExpertWeights
+from hetrun.kernels.fp8 import quantize_fp8
+from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
+from hetrun.kernels.int4 import Int4Tensor, quantize_int4, to_matmulnbits
+from hetrun.kernels.int8 import quantize_int8, to_matmulnbits_int8
+from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
 
+log = logging.getLogger("hetrun")
 OPSET = 21
 IR_VERSION = 10
+MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)  # block sizes onnxruntime's and OpenVINO's MatMulNBits take
+ACTIVATION_QUANTIZED = 4  # MatMulNBits accuracy_level 4: activations quantized to INT8 per block on the fly
+_warned: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -223,33 +237,36 @@ def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) 
     b.out = b.swiglu("x", matmul)
 
 
-def _fp8_weight(b: _Builder, parts: tuple[np.ndarray, ...]) -> str:
-    """E4M3 weight with 128x128 block scales -> float32 [K, N] for x @ W.
+def _fp8_weight(b: _Builder, parts: tuple[Fp8Matrix, ...]) -> str:
+    """E4M3 weights with block scales -> float32 [K, N] for x @ W.
 
-    Each part ([rows, K], e.g. gate and up) is quantized on its own block grid; the per-row copies of the
-    block scales (ONNX blocks along one axis only) then stack like the rows. OpenVINO runs blocked
-    DequantizeLinear only when K is a multiple of the block, so a ragged last block gets its own node.
+    Each part ([rows, K], e.g. gate and up) keeps its own block grid; the per-row copies of the block scales (ONNX
+    blocks along one axis only) then stack like the rows. OpenVINO runs blocked DequantizeLinear only when K is a
+    multiple of the block, so a ragged last block gets its own node.
     """
-    data, scales = [], []
-    for p in parts:
-        q = quantize_fp8(p, "e4m3", "block", FP8_BLOCK)
-        data.append(q.data)  # [rows, K] float8_e4m3fn
-        scales.append(expand_block_scale(q.scale, p.shape[0], FP8_BLOCK))  # [rows, ceil(K/128)]
-        b.weight_bytes += q.data.nbytes + q.scale.nbytes
-    codes, scale = np.concatenate(data, 0), np.concatenate(scales, 0)  # [N, K], [N, nb]
+    bn = parts[0].block[1]
+    codes = np.concatenate([p.codes for p in parts], 0)  # [N, K] float8_e4m3fn, the stored bytes
+    scale = np.concatenate([p.row_scales() for p in parts], 0)  # [N, ceil(K/bn)]
+    b.weight_bytes += sum(p.nbytes for p in parts)
     k = codes.shape[1]
-    k_full = k // FP8_BLOCK * FP8_BLOCK
+    k_full = k // bn * bn
     pieces = []
     if k_full:
         pieces.append(b.op("DequantizeLinear", [b.init("w_fp8", np.ascontiguousarray(codes[:, :k_full])),
-                                                b.init("s_fp8", np.ascontiguousarray(scale[:, :k_full // FP8_BLOCK]))],
-                           axis=1, block_size=FP8_BLOCK))  # [N, k_full]
+                                                b.init("s_fp8", np.ascontiguousarray(scale[:, :k_full // bn]))],
+                           axis=1, block_size=bn))  # [N, k_full]
     if k > k_full:
         pieces.append(b.op("DequantizeLinear", [b.init("w_fp8_tail", np.ascontiguousarray(codes[:, k_full:])),
                                                 b.init("s_fp8_tail", np.ascontiguousarray(scale[:, -1:]))],
                            axis=1, block_size=k - k_full))  # [N, K - k_full]
     wf = pieces[0] if len(pieces) == 1 else b.op("Concat", pieces, axis=1)  # [N, K]
     return b.op("Transpose", [wf], perm=[1, 0])  # [K, N]
+
+
+def _fp8_blocks(w: np.ndarray) -> Fp8Matrix:
+    """Round-to-nearest E4M3 of w [N, K] with one scale per 128x128 block (DeepSeek-V3)."""
+    q = quantize_fp8(w, "e4m3", "block", FP8_BLOCK)
+    return Fp8Matrix(q.data, q.scale, (FP8_BLOCK, FP8_BLOCK))
 
 
 def _fp8_tiles(b: _Builder, x: str, k: int) -> str:
@@ -271,8 +288,14 @@ def _fp8_tiles(b: _Builder, x: str, k: int) -> str:
 
 
 def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
-    mats = {k: _fp8_weight(b, getattr(m, k)) for k in ("gate_up", "down")}
-    dims = {"gate_up": w.hidden, "down": w.intermediate}
+    parts = {k: tuple(_fp8_blocks(p) for p in getattr(m, k)) for k in ("gate_up", "down")}
+    _fp8_expert(b, parts, fmt, w.hidden, w.intermediate)
+
+
+def _fp8_expert(b: _Builder, parts: dict[str, tuple[Fp8Matrix, ...]], fmt: Format, hidden: int,
+                intermediate: int) -> None:
+    mats = {k: _fp8_weight(b, parts[k]) for k in ("gate_up", "down")}
+    dims = {"gate_up": hidden, "down": intermediate}
     if fmt.name == "fp8":  # W8A8: activations quantized online per 1x128 tile
         b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [_fp8_tiles(b, x, dims[k]), mats[k]]))
     else:
@@ -289,44 +312,131 @@ def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
-    b.quantizer = "gptq" if m.calibration else "rtn"
+def _build_int8_nbits(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+    """int8-w8a8: symmetric INT8 weights in blocks along K, activations quantized to INT8 per block on the fly."""
     nodes = {}
     for k in ("gate_up", "down"):
         rows = m.rows(k)  # [N, K]
-        n, kk = rows.shape
-        t = (gptq_quantize_int4(rows, m.calibration[k], fmt.group) if m.calibration
-             else quantize_int4(rows, fmt.group, symmetric=False))
-        packed, scales, zps = to_matmulnbits(t)  # [N, nb, group/2], [N*nb], [N*ceil(nb/2)]
-        inputs = [b.init(f"w_{k}_q4", packed), b.init(f"s_{k}", scales), b.init(f"z_{k}", zps)]
-        b.weight_bytes += packed.nbytes + scales.nbytes + zps.nbytes
-        nodes[k] = (inputs, n, kk)
+        packed, scales = to_matmulnbits_int8(rows, fmt.group)  # [N, nb, block], [N*nb]
+        b.weight_bytes += packed.nbytes + scales.nbytes
+        nodes[k] = ([b.init(f"w_{k}_q8", packed), b.init(f"s_{k}", scales)], *rows.shape)
 
     def matmul(x: str, k: str) -> str:
         inputs, n, kk = nodes[k]
-        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=4, block_size=fmt.group)
+        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=8, block_size=fmt.group,
+                    accuracy_level=ACTIVATION_QUANTIZED)
 
     b.out = b.swiglu("x", matmul)
+
+
+def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+    b.quantizer = "gptq" if m.calibration else "rtn"
+    tensors = {}
+    for k in ("gate_up", "down"):
+        rows = m.rows(k)  # [N, K]
+        tensors[k] = (gptq_quantize_int4(rows, m.calibration[k], fmt.group) if m.calibration
+                      else quantize_int4(rows, fmt.group, symmetric=False), None)
+    _int4_expert(b, tensors, fmt)
+
+
+def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | None]], fmt: Format) -> None:
+    """Both matmuls in com.microsoft.MatMulNBits; `order` (act-order) gathers the input columns first. Formats with
+    INT8 activations (int4-w4a8) ask for accuracy level 4."""
+    nodes = {}
+    for k, (t, order) in tensors.items():
+        n, kk = t.codes.shape
+        packed, scales, zps = to_matmulnbits(t)  # [N, nb, group/2], [N*nb], [N*ceil(nb/2)]
+        inputs = [b.init(f"w_{k}_q4", packed), b.init(f"s_{k}", scales), b.init(f"z_{k}", zps)]
+        b.weight_bytes += packed.nbytes + scales.nbytes + zps.nbytes
+        perm = None if order is None else b.init(f"order_{k}", np.asarray(order, dtype=np.int64))  # [K]
+        nodes[k] = (inputs, n, kk, t.group, perm)
+    level = {"accuracy_level": ACTIVATION_QUANTIZED} if fmt.activations.startswith("INT8") else {}
+
+    def matmul(x: str, k: str) -> str:
+        inputs, n, kk, group, perm = nodes[k]
+        if perm is not None:
+            x = b.op("Gather", [x, perm], axis=1)  # [T, K] columns in group order
+        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=4, block_size=group,
+                    **level)
+
+    b.out = b.swiglu("x", matmul)
+
+
+def _build_gptq_native(w: QuantizedExpert, b: _Builder, fmt: Format) -> bool:
+    """A 4-bit GPTQ expert onto MatMulNBits with its codes, scales and zero points unchanged; False when its layout
+    has no MatMulNBits form for `fmt` (another group size, bits, zero points past 15, gate and up in different
+    act-orders): the caller then dequantizes."""
+    mats = (w.gate, w.up, w.down)
+    if any(m.bits != 4 or m.group != fmt.group or m.group not in MATMULNBITS_BLOCKS for m in mats):
+        return False
+    int4 = [gptq_int4(m.qweight, m.qzeros, m.scales, m.g_idx, m.group, m.zero_offset) for m in mats]
+    if any(t is None for t in int4):
+        return False
+    (g, g_order), (u, u_order), down = int4
+    if not (g_order is None and u_order is None or (g_order is not None and u_order is not None
+                                                    and np.array_equal(g_order, u_order))):
+        return False
+    gate_up = Int4Tensor(np.concatenate([g.codes, u.codes]), np.concatenate([g.scale, u.scale]),
+                         np.concatenate([g.zero_point, u.zero_point]), g.group, False)  # [2I, D]
+    b.quantizer = "gptq-checkpoint"
+    _int4_expert(b, {"gate_up": (gate_up, g_order), "down": down}, fmt)
+    return True
+
+
+def _build_native(w: QuantizedExpert, b: _Builder, fmt: Format) -> bool:
+    """Build a checkpoint's quantized expert in its own format, unchanged; False when `fmt` is another format."""
+    if w.kind == "fp8" and fmt.base == "fp8":
+        if len({m.block[1] for m in (w.gate, w.up, w.down)}) == 1:
+            _fp8_expert(b, {"gate_up": (w.gate, w.up), "down": (w.down,)}, fmt, w.hidden, w.intermediate)
+            b.quantizer = "fp8-checkpoint"
+            return True
+        return False
+    if w.kind == "gptq" and fmt.base == "int4":
+        return _build_gptq_native(w, b, fmt)
+    return False
 
 
 _BUILDERS: dict[str, Callable[[ExpertWeights, _Builder, _Matrices, Format], None]] = {
     "fp32": _build_fp32, "fp16": _build_float16ish, "bf16": _build_float16ish, "fp8": _build_fp8,
     "fp8-w8a16": _build_fp8, "int8": _build_int8, "int4": _build_int4, "int4-g32": _build_int4,
+    "int8-w8a8": _build_int8_nbits, "int4-w4a8": _build_int4,
 }
 
 
-def build_expert_graph(w: ExpertWeights, precision: str = "fp32", target: str = "onnxruntime",
-                       calibration: np.ndarray | None = None) -> ExpertGraph:
+def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", precision: str = "fp32",
+                       target: str = "onnxruntime", calibration: np.ndarray | None = None) -> ExpertGraph:
     """The ONNX graph of one expert at a precision, for the backend `target`, with its stored weight bytes counted.
 
-    `calibration` ([tokens, D] activations the expert sees) makes the INT4 formats quantize with GPTQ instead
-    of round-to-nearest; other formats do not use it.
+    `w` may be FP32 weights, a checkpoint's quantized expert (built natively on a device of its format, else
+    dequantized once), or an ExpertSource (read now, dropped with the graph's inputs). `calibration` ([tokens, D]
+    activations the expert sees) makes the INT4 formats quantize with GPTQ instead of round-to-nearest; other
+    formats, and experts already quantized in the device's format, do not use it.
     """
     if precision not in FORMATS:
         raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(FORMATS)}")
     fmt = FORMATS[precision]
+    if isinstance(w, ExpertSource):
+        w = w.read()
     b = _Builder(arithmetic=target == "openvino")
+    if isinstance(w, QuantizedExpert):
+        if _build_native(w, b, fmt):
+            return _graph(b, precision, target, w.hidden, w.intermediate)
+        if fmt.base not in ("fp32", "fp16", "bf16") and (w.kind, precision) not in _warned:
+            _warned.add((w.kind, precision))
+            log.warning("%s checkpoint experts (%s) go onto %s devices dequantized and quantized again: %s has no "
+                        "form of them", w.kind, _describe(w), precision, precision)
+        b = _Builder(arithmetic=target == "openvino")
+        w = w.dequantize()
     _BUILDERS[precision](w, b, _matrices(w, calibration if fmt.base == "int4" else None), fmt)
+    return _graph(b, precision, target, w.hidden, w.intermediate)
+
+
+def _describe(w: QuantizedExpert) -> str:
+    m = w.gate
+    return f"{m.bits}-bit g{m.group}" if isinstance(m, GptqMatrix) else f"{m.block[0]}x{m.block[1]} blocks"
+
+
+def _graph(b: _Builder, precision: str, target: str, hidden: int, intermediate: int) -> ExpertGraph:
     domains = tuple(sorted({n.domain for n in b.nodes if n.domain}))
-    model = b.model("x", b.out, w.hidden, domains)
-    return ExpertGraph(model, precision, w.hidden, w.intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer)
+    model = b.model("x", b.out, hidden, domains)
+    return ExpertGraph(model, precision, hidden, intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer)

@@ -1,23 +1,32 @@
-"""Expert and MoE-layer weights in hetrun's layout: read from a transformers model, or drawn at random for a spec."""
+"""Expert and MoE-layer weights in hetrun's layout, and where they come from.
+
+An expert reaches the graph builders (hetrun.runtime.graphs) in one of three forms:
+  ExpertWeights     FP32 numpy matrices (nn.Linear layout [out, in]);
+  QuantizedExpert   a checkpoint's quantized matrices as stored: E4M3 codes with block scales (DeepSeek-V3 FP8), or
+                    GPTQ-packed INT4 (qweight, qzeros, scales, g_idx);
+  ExpertSource      an expert that is read on demand and dropped after use: from a checkpoint on disk
+                    (hetrun.checkpoint) or from a transformers module's stacked tensors (ModuleExpert). The runtime
+                    compiles one expert at a time, so no FP32 copy of the whole model ever exists.
+
+A transformers MoE block's stacked experts can also be replaced by LazyExperts (and a shared expert MLP by LazyMLP):
+modules that hold sources instead of tensors, so a model built from a checkpoint never materialises its experts.
+"""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hetrun.errors import SpecError
+from hetrun.errors import HetrunError, SpecError
+from hetrun.kernels.gptq import gptq_dequantize
 from hetrun.spec import MoESpec
 
 
-@dataclass(frozen=True)
-class ExpertWeights:
-    """One expert's weights as the model stores them (nn.Linear layout: [out, in])."""
-
-    gate: np.ndarray  # [I, D]
-    up: np.ndarray  # [I, D]
-    down: np.ndarray  # [D, I]
+class _SwiGLUShape:
+    """hidden (D) and intermediate (I) of an expert whose `gate` is [I, D]."""
 
     @property
     def hidden(self) -> int:
@@ -27,6 +36,15 @@ class ExpertWeights:
     def intermediate(self) -> int:
         return self.gate.shape[0]
 
+
+@dataclass(frozen=True)
+class ExpertWeights(_SwiGLUShape):
+    """One expert's weights as the model stores them (nn.Linear layout: [out, in])."""
+
+    gate: np.ndarray  # [I, D]
+    up: np.ndarray  # [I, D]
+    down: np.ndarray  # [D, I]
+
     def reference(self, x: np.ndarray) -> np.ndarray:
         """FP32 numpy reference output [N, D] for x [N, D]."""
         g = x @ self.gate.T  # [N, I]
@@ -34,57 +52,259 @@ class ExpertWeights:
         return ((g / (1.0 + np.exp(-g))) * u) @ self.down.T  # [N, D]
 
 
+# ---- quantized matrices as checkpoints store them ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fp8Matrix:
+    """An E4M3 weight [out, in] with one FP32 scale per block: W[i, j] = codes[i, j] * scale[i // bm, j // bn].
+
+    DeepSeek-V3's `weight_scale_inv` (despite its name, the multiplier); edge blocks are partial and keep their own
+    scale.
+    """
+
+    codes: np.ndarray  # [N, K] ml_dtypes.float8_e4m3fn
+    scale: np.ndarray  # [ceil(N/bm), ceil(K/bn)] float32
+    block: tuple[int, int]  # (bm, bn)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes
+
+    def row_scales(self) -> np.ndarray:
+        """The block scales repeated per row [N, ceil(K/bn)] (ONNX blocks along one axis only)."""
+        return np.repeat(self.scale, self.block[0], axis=0)[:self.codes.shape[0]]
+
+    def dequantize(self) -> np.ndarray:
+        """The FP32 matrix [N, K]."""
+        n, k = self.codes.shape
+        full = np.repeat(self.row_scales(), self.block[1], axis=1)[:, :k]  # [N, K]
+        return self.codes.astype(np.float32) * full
+
+
+@dataclass(frozen=True)
+class GptqMatrix:
+    """A GPTQ-packed weight of an nn.Linear [out=N, in=K] (AutoGPTQ / GPTQModel / optimum layout).
+
+    qweight packs 32/bits codes per int32 along K (lowest k in the lowest bits), qzeros packs the zero points along
+    N the same way, scales is [G, N], g_idx [K] the group of every input column (act-order when not k // group).
+    W[n, k] = scales[g, n] * (q[k, n] - (z[g, n] + zero_offset)) with g = g_idx[k]; zero_offset is 1 for the
+    `gptq` (v1) checkpoint format, which stores zero - 1, and 0 for `gptq_v2`.
+    """
+
+    qweight: np.ndarray  # int32 [K * bits / 32, N]
+    qzeros: np.ndarray  # int32 [G, N * bits / 32]
+    scales: np.ndarray  # float16 (or float32) [G, N]
+    g_idx: np.ndarray  # int32 [K]
+    bits: int
+    group: int  # input columns per group (K for one group)
+    zero_offset: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scales.shape[1], self.g_idx.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes + self.g_idx.nbytes
+
+    def dequantize(self) -> np.ndarray:
+        """The FP32 matrix [N, K]."""
+        return gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset)
+
+
+@dataclass(frozen=True)
+class QuantizedExpert(_SwiGLUShape):
+    """One expert as a checkpoint stores it quantized: gate, up [I, D] and down [D, I], all of one kind."""
+
+    gate: Fp8Matrix | GptqMatrix
+    up: Fp8Matrix | GptqMatrix
+    down: Fp8Matrix | GptqMatrix
+
+    @property
+    def kind(self) -> str:
+        """"fp8" or "gptq"."""
+        return "fp8" if isinstance(self.gate, Fp8Matrix) else "gptq"
+
+    def dequantize(self) -> ExpertWeights:
+        """The FP32 expert these codes stand for."""
+        return ExpertWeights(self.gate.dequantize(), self.up.dequantize(), self.down.dequantize())
+
+
+# ---- experts read on demand ------------------------------------------------------------------------------------
+
+class ExpertSource(abc.ABC):
+    """An expert whose weights are read when asked for and not kept: the runtime compiles it like ExpertWeights."""
+
+    hidden: int
+    intermediate: int
+    name: str = ""
+
+    @abc.abstractmethod
+    def read(self) -> ExpertWeights | QuantizedExpert:
+        """The expert as stored: FP32 weights, or the checkpoint's quantized matrices unchanged."""
+
+    def weights(self) -> ExpertWeights:
+        """FP32 weights (dequantized when stored quantized)."""
+        w = self.read()
+        return w if isinstance(w, ExpertWeights) else w.dequantize()
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """FP32 numpy reference output [N, D] for x [N, D]."""
+        return self.weights().reference(x)
+
+
+class ModuleExpert(ExpertSource):
+    """Expert `index` of a transformers module's tensors, converted to FP32 only when read.
+
+    `gate`, `up` [E, I', D] and `down` [E, D, I'] are views of an MoE block's stacked experts (gate_up_proj split in
+    two) or, with E = 1, of a gated MLP's weights (shared experts); `part` (k, n) takes the k-th of n equal slices
+    of I' (DeepSeek fuses n shared experts into one MLP). `release()` drops the references: the module's memory is
+    freed once nothing else holds it, and reading again is an error.
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: int,
+                 part: tuple[int, int] = (0, 1), name: str = ""):
+        self._tensors: tuple[torch.Tensor, ...] | None = (gate, up, down)
+        self.index, self.part, self.name = index, part, name
+        self.hidden = int(gate.shape[2])
+        self.intermediate = int(gate.shape[1]) // part[1]
+
+    def read(self) -> ExpertWeights:
+        if self._tensors is None:
+            raise HetrunError(f"expert {self.name or self.index} was released after deploy (deploy() frees a "
+                              "module's experts once compiled); deploy from a checkpoint directory, "
+                              "hetrun.deploy('path/to/model-dir', ...), to let hetrun read experts again")
+        gate, up, down = self._tensors
+        rows = slice(self.part[0] * self.intermediate, (self.part[0] + 1) * self.intermediate)
+        with torch.no_grad():
+            parts = (gate[self.index, rows], up[self.index, rows], down[self.index, :, rows])  # [I, D] [I, D] [D, I]
+            return ExpertWeights(*(np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy()) for t in parts))
+
+    def release(self) -> None:
+        """Drop the references to the module's tensors."""
+        self._tensors = None
+
+
+class LazyExperts(torch.nn.Module):
+    """Stands where a transformers MoE block's stacked experts stood, holding ExpertSources instead of tensors.
+
+    Its forward has the experts module's contract, (hidden [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D],
+    and reads each expert it needs on every call: a model built from a checkpoint runs (slowly) before deploy.
+    """
+
+    def __init__(self, sources: tuple[ExpertSource, ...], act_fn=None):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.act_fn = act_fn or torch.nn.functional.silu
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.sources)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)  # [T, D]
+        for e in top_k_index.unique().tolist():
+            tok, pos = torch.where(top_k_index == e)  # [n], [n]
+            y = _swiglu(hidden[tok], self.sources[e].weights(), self.act_fn)  # [n, D]
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+
+class LazyMLP(torch.nn.Module):
+    """Stands where a shared-expert MLP stood: x [..., D] -> [..., D] through the sum of its sources (read per call)."""
+
+    def __init__(self, sources: tuple[ExpertSource, ...], act_fn=None):
+        super().__init__()
+        self.sources = tuple(sources)
+        self.act_fn = act_fn or torch.nn.functional.silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [T, D]
+        y = sum(_swiglu(flat, s.weights(), self.act_fn) for s in self.sources)  # [T, D]
+        return y.to(x.dtype).reshape(x.shape)
+
+
+def _swiglu(x: torch.Tensor, w: ExpertWeights, act_fn) -> torch.Tensor:
+    """x [n, D] through one expert in x's dtype (the model's, as its own experts compute)."""
+    gate, up, down = (torch.from_numpy(m).to(x.dtype) for m in (w.gate, w.up, w.down))
+    return torch.nn.functional.linear(act_fn(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
+                                      down)  # [n, D]
+
+
+# ---- MoE layers ------------------------------------------------------------------------------------------------
+
+Expert = ExpertWeights | QuantizedExpert | ExpertSource
+
+
 @dataclass(frozen=True)
 class MoELayerWeights:
     layer: int  # decoder layer index in the model
     gate: torch.Tensor  # [E, D] router weight
     correction_bias: torch.Tensor | None  # [E] DeepSeek-V3 e_score_correction_bias
-    experts: tuple[ExpertWeights, ...]  # E routed experts
-    shared: tuple[ExpertWeights, ...]  # shared experts, always applied
+    experts: tuple[Expert, ...]  # E routed experts
+    shared: tuple[Expert, ...]  # shared experts, always applied
     shared_gate: torch.Tensor | None  # [1, D] Qwen2-MoE sigmoid gate on the shared expert
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[tuple[int, str, torch.nn.Module]]:
-    """(layer index, module path, module) of every MoE block: a module with a router `gate` and stacked `experts`."""
+    """(layer index, module path, module) of every MoE block: a module with a router `gate` and stacked `experts`
+    (or LazyExperts)."""
     found = []
     for name, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
-        if experts is not None and hasattr(mod, "gate") and hasattr(experts, "gate_up_proj"):
+        if experts is not None and hasattr(mod, "gate") and (hasattr(experts, "gate_up_proj")
+                                                             or isinstance(experts, LazyExperts)):
             parts = name.split(".")
             layer = next((int(p) for p in reversed(parts) if p.isdigit()), len(found))
             found.append((layer, name, mod))
     return found
 
 
-def _mlp_weights(mlp: torch.nn.Module, splits: int = 1) -> tuple[ExpertWeights, ...]:
-    """Split one gated MLP of intermediate n*I into n experts of intermediate I (their outputs sum to the MLP's)."""
-    g = mlp.gate_proj.weight.detach().float().numpy()  # [n*I, D]
-    u = mlp.up_proj.weight.detach().float().numpy()  # [n*I, D]
-    d = mlp.down_proj.weight.detach().float().numpy()  # [D, n*I]
-    i = g.shape[0] // splits
-    return tuple(ExpertWeights(g[k * i:(k + 1) * i], u[k * i:(k + 1) * i], np.ascontiguousarray(d[:, k * i:(k + 1) * i]))
-                 for k in range(splits))
+def _mlp_sources(mlp: torch.nn.Module, splits: int, name: str) -> tuple[ExpertSource, ...]:
+    """A gated MLP of intermediate n*I as n experts of intermediate I (their outputs sum to the MLP's)."""
+    if isinstance(mlp, LazyMLP):
+        return mlp.sources
+    gate, up, down = (m.weight.detach()[None] for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # views
+    return tuple(ModuleExpert(gate, up, down, 0, (k, splits), f"{name}.S{k}") for k in range(splits))
 
 
 def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) -> MoELayerWeights:
-    """Copy one transformers MoE block's weights into hetrun's layout."""
+    """One transformers MoE block's weights in hetrun's layout: experts as sources read one at a time on demand."""
     ex = block.experts
-    gate_up = ex.gate_up_proj.detach().float().numpy()  # [E, 2I, D]
-    down = ex.down_proj.detach().float().numpy()  # [E, D, I]
-    i = gate_up.shape[1] // 2
-    experts = tuple(ExpertWeights(np.ascontiguousarray(gate_up[e, :i]), np.ascontiguousarray(gate_up[e, i:]),
-                                  np.ascontiguousarray(down[e])) for e in range(gate_up.shape[0]))
-    shared: tuple[ExpertWeights, ...] = ()
+    name = f"L{layer}"
+    if isinstance(ex, LazyExperts):
+        experts: tuple[ExpertSource, ...] = ex.sources
+    else:
+        gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()  # [E, 2I, D], [E, D, I]
+        i = gate_up.shape[1] // 2
+        gate, up = gate_up[:, :i], gate_up[:, i:]  # views [E, I, D]
+        experts = tuple(ModuleExpert(gate, up, down, e, name=f"{name}.E{e}") for e in range(gate_up.shape[0]))
+    shared: tuple[ExpertSource, ...] = ()
     shared_gate = None
     if getattr(block, "shared_experts", None) is not None:  # DeepSeek: n shared experts fused in one MLP
-        shared = _mlp_weights(block.shared_experts, max(spec.num_shared_experts, 1))
+        shared = _mlp_sources(block.shared_experts, max(spec.num_shared_experts, 1), name)
     elif getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
-        shared = _mlp_weights(block.shared_expert)
+        shared = _mlp_sources(block.shared_expert, 1, name)
         shared_gate = block.shared_expert_gate.weight.detach().float().clone()
     router = block.gate
     bias = getattr(router, "e_score_correction_bias", None)
     return MoELayerWeights(layer, router.weight.detach().float().clone(),
                            None if bias is None else bias.detach().float().clone(), experts, shared, shared_gate)
+
+
+def release_sources(layers: list[MoELayerWeights]) -> int:
+    """Drop every ModuleExpert's references to its module's tensors; returns how many were released."""
+    n = 0
+    for w in layers:
+        for s in (*w.experts, *w.shared):
+            if isinstance(s, ModuleExpert):
+                s.release()
+                n += 1
+    return n
 
 
 def random_layer_weights(spec: MoESpec, layer: int, seed: int = 0, scale: float | None = None) -> MoELayerWeights:
@@ -113,3 +333,4 @@ def model_layer_weights(spec: MoESpec, model: torch.nn.Module) -> list[tuple[str
         raise SpecError(f"found no MoE block in {type(model).__name__}; hetrun needs blocks with a router `gate` "
                         "and stacked `experts` (transformers 5 MoE models)")
     return [(name, layer_weights_from_block(spec, layer, mod)) for layer, name, mod in blocks]
+

@@ -1,0 +1,35 @@
+"""config.json of a model directory or bundle: a transformers config of a supported family, never remote code."""
+
+from __future__ import annotations
+
+import json
+
+import transformers
+
+from hetrun.errors import CheckpointError
+from hetrun.spec import SUPPORTED_FAMILIES
+
+
+def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
+    """config.json's bytes as a dict of a supported family; `error` is the HetrunError class to raise."""
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{where}: is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(d, dict):
+        raise error(f"{where}: expected a JSON object")
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_FAMILIES:
+        raise error(f"{where}: model family {str(mt)[:40]!r} is not supported; hetrun supports: "
+                    f"{', '.join(SUPPORTED_FAMILIES)}")
+    return d
+
+
+def config_from_json(data: bytes, where: str, error=CheckpointError):
+    """A transformers config from config.json bytes, for a supported family only."""
+    d = config_dict(data, where, error)
+    mt = d["model_type"]
+    try:
+        return transformers.CONFIG_MAPPING[mt].from_dict(d)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise error(f"{where}: not a valid {mt} config ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None

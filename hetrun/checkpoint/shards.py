@@ -1,0 +1,210 @@
+"""A checkpoint's safetensors files: the index, every shard's header checked up front, tensors read on demand.
+
+Tensors are read with pread(2) into memory the caller owns, never through a memory map: a map keeps every page it
+touched resident (and counted in the process's RSS) for as long as it is open, so reading a model expert by
+expert through one would end up holding the whole model. Reading what one expert needs and dropping it keeps the
+process at the size of what it converts and keeps.
+
+Names are resolved through `model.safetensors.index.json`'s weight_map only (shard file names vary: DeepSeek's
+`-of-000163`); a directory with a single `model.safetensors` and no index works too. Every problem is a one-line
+CheckpointError naming the file and the tensor: a missing shard, a truncated or corrupt file, an index that names a
+tensor its shard lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from hetrun.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_HEADER = 100 * 2**20  # safetensors caps headers at 100 MB
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1), "F8_E8M0": (torch.float8_e8m0fnu, 1),
+    "U16": (torch.uint16, 2), "U32": (torch.uint32, 4), "U64": (torch.uint64, 8),
+}
+# numpy views of dtypes numpy lacks
+_NUMPY = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+          "F8_E8M0": ml_dtypes.float8_e8m0fnu}
+FLOATS = ("F32", "BF16", "F16", "F64")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: its shard, dtype code, shape, and absolute byte range in the file."""
+
+    name: str
+    file: str  # shard file name, relative to the checkpoint directory
+    dtype: str  # safetensors code: BF16, F8_E4M3, I32, ...
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class Shards:
+    """The tensors of one checkpoint directory, by name, read on demand; `reads` counts what was read."""
+
+    def __init__(self, root: "str | os.PathLike"):
+        self.root = Path(root)
+        self.weight_map = _weight_map(self.root)
+        self.infos: dict[str, TensorInfo] = {}
+        for file in sorted(set(self.weight_map.values())):
+            self.infos.update(_read_header(self.root, file))
+        lacking = [n for n, f in self.weight_map.items() if n not in self.infos or self.infos[n].file != f]
+        if lacking:
+            raise CheckpointError(f"{self.root / INDEX}: names tensor '{lacking[0]}' in shard "
+                                  f"'{self.weight_map[lacking[0]]}', which does not hold it; the checkpoint is "
+                                  "incomplete or its index is stale")
+        self.reads: Counter[str] = Counter()  # tensor name -> times read (tests count what a process read)
+        self.bytes_read = 0
+        self.read_s = 0.0  # seconds spent in reads (hetrun bench load: read throughput against dd)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint."""
+        return list(self.weight_map)
+
+    def info(self, name: str) -> TensorInfo:
+        """Where tensor `name` lies; a CheckpointError when the checkpoint has no such tensor."""
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint '{self.root}' has no tensor '{name}'") from None
+
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Tensor `name` (or its slice `index` along the first dimension) in a fresh tensor of its stored dtype."""
+        info = self.info(name)
+        start, nbytes, shape = info.start, info.nbytes, info.shape
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise CheckpointError(f"{info.file}: tensor '{name}' of shape {list(shape)} has no row {index}")
+            nbytes //= shape[0]
+            start += index * nbytes
+            shape = shape[1:]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        path = self.root / info.file
+        t0 = time.perf_counter()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n <= 0:
+                    raise CheckpointError(f"{path}: is truncated: tensor '{name}' ends at byte {start + nbytes}, the "
+                                          f"file ends at byte {start + done}; re-download or re-save the checkpoint")
+                done += n
+        finally:
+            os.close(fd)
+        self.read_s += time.perf_counter() - t0
+        self.reads[name] += 1
+        self.bytes_read += nbytes
+        return buf.view(DTYPES[info.dtype][0]).reshape(shape)
+
+    def numpy(self, name: str, index: int | None = None) -> np.ndarray:
+        """read() as a numpy array; BF16 and FP8 come as ml_dtypes arrays of the same bytes."""
+        t = self.read(name, index)
+        code = self.info(name).dtype
+        if code in _NUMPY:
+            return t.view(torch.uint8).numpy().view(_NUMPY[code])
+        return t.numpy()
+
+
+def _weight_map(root: Path) -> dict[str, str]:
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory '{root}' not found")
+    index = root / INDEX
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not wmap or not all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in wmap.items()):
+            raise CheckpointError(f"{index}: has no weight_map of tensor names to shard files")
+        for name, file in wmap.items():
+            if Path(file).name != file or file in (".", ".."):
+                raise CheckpointError(f"{index}: shard '{file[:80]}' of tensor '{name[:80]}' is not a file name in "
+                                      "the checkpoint directory")
+        missing = sorted({f for f in wmap.values() if not (root / f).is_file()})
+        if missing:
+            first = next(n for n, f in wmap.items() if f == missing[0])
+            more = f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{index}: shard '{missing[0]}' (tensor '{first}') is missing{more}; "
+                                  "re-download the checkpoint")
+        return dict(wmap)
+    if (root / SINGLE).is_file():
+        return {name: SINGLE for name in _read_header(root, SINGLE)}
+    if any(root.glob("*.safetensors")):
+        raise CheckpointError(f"'{root}' has safetensors files but neither {INDEX} nor {SINGLE}; save the model with "
+                              "save_pretrained, which writes the index")
+    raise CheckpointError(f"'{root}' has no *.safetensors weights; hetrun reads safetensors only (no pickle files): "
+                          "re-save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def _read_header(root: Path, file: str) -> dict[str, TensorInfo]:
+    """Every tensor of one shard, its header checked: known dtypes, sizes that match shapes, data inside the file."""
+    path = root / file
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: is not a safetensors file (header length {n} in a file of {size} "
+                                      "bytes); it is truncated or corrupt")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: has a corrupt safetensors header ({' '.join(str(e).split())[:100]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: has a corrupt safetensors header (not a JSON object)")
+    base = 8 + n
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name[:80]}' has a malformed header entry") from None
+        if code not in DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name[:80]}' has dtype {str(code)[:20]}, which hetrun cannot "
+                                  f"read (known: {', '.join(DTYPES)})")
+        want = int(np.prod(shape, dtype=np.int64)) * DTYPES[code][1]
+        if begin < 0 or end - begin != want or min(shape, default=0) < 0:
+            raise CheckpointError(f"{path}: tensor '{name[:80]}' ({code} {list(shape)}) spans {end - begin} bytes, "
+                                  f"its shape needs {want}; the file is corrupt")
+        if base + end > size:
+            raise CheckpointError(f"{path}: is truncated: tensor '{name[:80]}' ends at byte {base + end}, the file "
+                                  f"has {size}; re-download or re-save the checkpoint")
+        out[name] = TensorInfo(name, file, code, shape, base + begin, end - begin)
+    return out
