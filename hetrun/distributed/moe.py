@@ -345,7 +345,7 @@ class DistributedRuntime(ExpertRuntime):
             self.tracer.add(f"serve MoE layer {layer}", "moe", s_us, self.tracer.now_us())
         rs = self.rank_stats
         rs.faults = len(self.stats.faults)
-        rs.switches = [[s["version"], s["step"]] for s in self.stats.switches]
+        rs.switches = [[s["version"], s["step"], s["moves"]] for s in self.stats.switches]
         rs.tokens_per_device = {self.devices[i].id: int(self.stats.tokens_per_device[i])
                                 for i in sorted(self.local_devices or ())}
         mine = {"stats": rs.to_dict(), "trace": self.tracer.export(), "payload": payload}

@@ -28,6 +28,7 @@ class RankStats:
     step_s: float = 0.0  # whole steps: routing, count exchange, both all-to-alls, experts, combine
     empty_slots: int = 0  # (step, local expert slot) pairs that received no token
     faults: int = 0  # expert runs that failed over inside this rank
+    switches: list = field(default_factory=list)  # [plan version, step, moves] of each live plan switch (runtime.rebalancer)
     tokens_per_device: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -82,7 +82,7 @@ def rebalance_plan(plan: Plan, new_load, max_moves: int, profile: "Profile | str
 
     if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves < 0:
         raise PlacementError(f"max_moves must be a whole number >= 0, got {max_moves!r}")
-    model = _device_model(plan, profile)
+    model = plan_cost_model(plan, profile)
     w = scale_load(check_model_load(read_load(new_load), plan.spec, "new load table"), plan.spec, model.step_tokens)
     L, E, D = plan.num_layers, plan.spec.num_experts, len(plan.device_ids)
     order = np.argsort(plan.device_of, axis=1, kind="stable")  # slots device by device, as the solver keeps them
@@ -121,8 +121,8 @@ def rebalance_plan(plan: Plan, new_load, max_moves: int, profile: "Profile | str
                 shared.copy(), predicted), moved_bytes
 
 
-def _device_model(plan: Plan, profile) -> DeviceModel:
-
+def plan_cost_model(plan: Plan, profile) -> DeviceModel:
+    """The cost model a plan carries (plans from plan()), else the one of `profile` (or the plan's built-in profile)."""
     if "model" in plan.predicted and profile is None:
         model = DeviceModel.from_dict(plan.predicted["model"])
         if model.device_ids != plan.device_ids:
