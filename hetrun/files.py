@@ -49,7 +49,7 @@ def strict_json(text: "str | bytes"):
 
 
 def _no_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
+    raise ValueError(f"{name} is not allowed (JSON numbers must be finite)")
 
 
 def _unique_keys(pairs: list) -> dict:

@@ -5,6 +5,10 @@ bundles say), the device-catalog precision a device needs to run it (`base`), ho
 activations (for reports), its INT4 group size, and the bytes of one activation element its kernels move. The
 graph builders (hetrun.runtime.graphs) and the cost models (hetrun.roofline, hetrun.placement, hetrun.sim) look
 formats up here; nothing else lists precisions.
+
+`FORMATS` holds the formats hetrun builds expert graphs for. The FP4 formats (NVFP4, MXFP4: Blackwell tensor cores)
+are simulation-only (`graph=False`): device catalogs, plans and the simulator know them (`PRECISIONS`, `get_format`),
+but no backend runs them and `hetrun.runtime.graphs.build_expert_graph` refuses them like any unknown format.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ class Format:
     weights: str  # weight storage, for reports
     activations: str  # activation precision, for reports
     activation_bytes: float  # bytes of one activation element the device's kernels read and write
-    group: int = 0  # INT4 group size along K
+    group: int = 0  # INT4 group size along K; FP4 block size along K (one scale per block)
     version: int = 1  # bumped when the stored layout changes; bundles record it
+    graph: bool = True  # hetrun.runtime.graphs builds ONNX graphs of it; False: simulation only
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
+ALL_FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("fp32", "fp32", "FP32", "FP32", 4.0),
     Format("bf16", "bf16", "BF16", "BF16, FP32 accumulation", 2.0),
     Format("fp16", "fp16", "FP16", "FP16, FP32 accumulation", 2.0),
@@ -41,17 +46,33 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("int4", "int4", "INT4, group 128, zero points", "FP32", 2.0, group=128),
     Format("fp8-w8a16", "fp8", "E4M3, 128x128 block scales", "FP32", 2.0),
     Format("int4-g32", "int4", "INT4, group 32, zero points", "FP32", 2.0, group=32),
+    # Weights as int8 / int4 and activations quantized to INT8 on the fly, per row and block of K (dynamic W8A8 /
+    # W4A8): what INT8 NPUs and onnxruntime's MatMulNBits accuracy level 4 compute; fast on CPUs, about 1-2% more
+    # error than weight-only.
+    Format("int8-w8a8", "int8", "INT8, block 128, symmetric", "INT8 per 128, dynamic", 1.0, group=128),
+    Format("int4-w4a8", "int4", "INT4, group 128, zero points", "INT8 per 128, dynamic", 1.0, group=128),
+    # OCP / NVIDIA 4-bit floats (E2M1) with block scales, weights and activations both 4-bit (W4A4), as Blackwell's
+    # tensor cores run them: NVFP4 one E4M3 scale per 16 values plus one FP32 per tensor, MXFP4 one E8M0 scale per 32
+    # (OCP Microscaling Formats v1.0; NVIDIA "Introducing NVFP4", developer.nvidia.com/blog). Activation bytes
+    # include the block scales.
+    Format("nvfp4", "nvfp4", "E2M1, E4M3 scale per 16 + FP32 per tensor", "E2M1, E4M3 scale per 16", 0.5 + 1 / 16,
+           group=16, graph=False),
+    Format("mxfp4", "mxfp4", "E2M1, E8M0 scale per 32", "E2M1, E8M0 scale per 32", 0.5 + 1 / 32, group=32,
+           graph=False),
 )}
 
-PRECISIONS: tuple[str, ...] = tuple(FORMATS)
-# Bytes of one element of a stored tensor (KV cache, transfers) in a named dtype.
-DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+# The formats hetrun builds expert graphs for (every backend, bundle and benchmark); FP4 is simulation only.
+FORMATS: dict[str, Format] = {k: f for k, f in ALL_FORMATS.items() if f.graph}
+PRECISIONS: tuple[str, ...] = tuple(ALL_FORMATS)
+# Bytes of one element of a stored tensor (KV cache, transfers) in a named dtype; FP4 with its block scales.
+DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5,
+               "nvfp4": 0.5 + 1 / 16, "mxfp4": 0.5 + 1 / 32}
 
 
 def get_format(precision: str) -> Format:
     """The Format of a precision name; a one-line PrecisionError for unknown names."""
     try:
-        return FORMATS[precision]
+        return ALL_FORMATS[precision]
     except KeyError:
         raise PrecisionError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}") from None
 
@@ -73,8 +94,12 @@ def matrix_bytes(precision: str, rows: int, cols: int) -> int:
       fp32 / fp16 / bf16: 4 / 2 / 2 bytes a value;
       fp8, fp8-w8a16: one E4M3 byte a value + one FP32 scale per 128x128 block (ragged edge blocks count whole);
       int8: one byte a value + one FP32 scale per output row;
-      int4, int4-g32: MatMulNBits layout: each row's groups of 128 (32) along `cols` padded to whole groups,
-        half a byte a value, one FP32 scale per group, and per row the 4-bit zero points padded to whole bytes.
+      int8-w8a8: MatMulNBits layout: each row's blocks of 128 along `cols` padded whole, one byte a value and one
+        FP32 scale per block;
+      int4, int4-g32, int4-w4a8: MatMulNBits layout: each row's groups of 128 (32) along `cols` padded to whole groups,
+        half a byte a value, one FP32 scale per group, and per row the 4-bit zero points padded to whole bytes;
+      nvfp4 / mxfp4 (simulation only): half a byte a value, one 1-byte scale per block of 16 / 32 along `cols`,
+        nvfp4 also one FP32 scale per tensor.
     """
     fmt = get_format(precision)
     if rows < 0 or cols < 0:
@@ -86,8 +111,13 @@ def matrix_bytes(precision: str, rows: int, cols: int) -> int:
         return 2 * n
     if fmt.base == "fp8":
         return n + 4 * _ceil(rows, FP8_BLOCK) * _ceil(cols, FP8_BLOCK)
+    if fmt.base == "int8" and fmt.group:
+        blocks = _ceil(cols, fmt.group)
+        return rows * blocks * (fmt.group + 4)
     if fmt.base == "int8":
         return n + 4 * rows
+    if fmt.base in ("nvfp4", "mxfp4"):
+        return rows * (_ceil(cols, 2) + _ceil(cols, fmt.group)) + (4 if fmt.base == "nvfp4" else 0)
     groups = _ceil(cols, fmt.group)  # int4
     return rows * (groups * fmt.group // 2 + 4 * groups + _ceil(groups, 2))
 

@@ -1,4 +1,9 @@
-"""Hardware profiles: the device catalog (one YAML per SKU) and deployment profiles (which devices, how many, where)."""
+"""Hardware profiles: the device catalog (one YAML per SKU) and deployment profiles (which devices, how many, where).
+
+Every YAML file hetrun reads goes through `parse_yaml`: safe loading only, no aliases (a few lines of `&a`/`*a`
+expand to gigabytes), no duplicate keys, at most MAX_YAML_BYTES. Every float of every schema is finite, and each
+size a profile can state has a ceiling that real deployments never reach, named in the error.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,69 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.scanner import ScannerError
 
 from hetrun.backends.registry import backend_names
 from hetrun.errors import PrecisionError, ProfileError
 from hetrun.formats import PRECISIONS, base_precision
 
+# Ceilings no real deployment reaches (DeepSeek's whole serving fleet is 1,814 GPUs; an H200 holds 141 GB), so that
+# a typo or a hostile file fails at once, with the limit in the error, instead of planning for hours.
+MAX_DEVICES = 4096  # devices in one profile, all groups together
+MAX_YAML_BYTES = 16 * 2**20
+MAX_YAML_DEPTH = 64  # nested collections; hetrun's own files nest 5 deep
+MAX_MEMORY_GB = 1e6  # per device
+MAX_TFLOPS = 1e6
+MAX_BANDWIDTH_GBS = 1e6
+MAX_WATTS = 1e6
+MAX_PRICE_PER_HOUR = 1e6
+MAX_MICROSECONDS = 1e9
+MAX_TIMEOUT_S = 1e6  # about 11 days
+MIN_RATE = 1e-6  # TFLOPS and GB/s: below this a device or link does nothing in a lifetime, and times overflow
+MIN_EFFICIENCY = 1e-5  # below the calibration fit's own floor (1e-4)
+
 
 class StrictModel(BaseModel):
-    """A schema that refuses unknown fields and is immutable once validated (profiles, settings, manifests)."""
+    """A schema that refuses unknown fields, NaN and infinities, true/false where a number belongs, and is immutable
+    once validated (profiles, settings, manifests)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info):
+        # pydantic reads true as 1: `memory_gb: yes` would silently be 1 GB
+        annotation = cls.model_fields[info.field_name].annotation
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(v, bool) for v in values) and _numbers_only(annotation):
+            raise ValueError("a number is needed here, not true/false")
+        return value
+
+
+def _numbers_only(annotation) -> bool:
+    """Whether a field holds numbers only: int, float, an optional one, or a dict of them."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is dict:
+        args = args[1:]
+    elif get_origin(annotation) not in (Union, UnionType):
+        return False
+    return bool(args) and all(a in (int, float) for a in args)
 
 
 class LinkSpec(StrictModel):
     name: str = ""
-    bandwidth_gbs: float = Field(gt=0, description="one direction, GB/s")
-    latency_us: float = Field(default=5.0, ge=0)
-    efficiency: float = Field(default=0.8, gt=0, le=1)
+    bandwidth_gbs: float = Field(ge=MIN_RATE, le=MAX_BANDWIDTH_GBS, description="one direction, GB/s")
+    latency_us: float = Field(default=5.0, ge=0, le=MAX_MICROSECONDS)
+    efficiency: float = Field(default=0.8, ge=MIN_EFFICIENCY, le=1)
 
 
 class DeviceType(StrictModel):
@@ -38,18 +85,18 @@ class DeviceType(StrictModel):
     description: str = ""
     tflops: dict[str, float]
     precisions: list[str] = Field(min_length=1)
-    memory_gb: float = Field(gt=0)
-    memory_bw_gbs: float = Field(gt=0)
+    memory_gb: float = Field(gt=0, le=MAX_MEMORY_GB)
+    memory_bw_gbs: float = Field(ge=MIN_RATE, le=MAX_BANDWIDTH_GBS)
     scale_up: LinkSpec
-    tdp_w: float = Field(gt=0)
-    idle_w: float = Field(default=0.0, ge=0)
-    price_per_hour: float = Field(ge=0)
+    tdp_w: float = Field(gt=0, le=MAX_WATTS)
+    idle_w: float = Field(default=0.0, ge=0, le=MAX_WATTS)
+    price_per_hour: float = Field(ge=0, le=MAX_PRICE_PER_HOUR)
     real_backends: list[str] = []
     sources: list[str] = Field(min_length=1)
     # Fraction of peak reached in practice; calibration fits these.
-    compute_efficiency: float = Field(default=0.6, gt=0, le=1)
-    memory_efficiency: float = Field(default=0.8, gt=0, le=1)
-    launch_overhead_us: float = Field(default=5.0, ge=0)
+    compute_efficiency: float = Field(default=0.6, ge=MIN_EFFICIENCY, le=1)
+    memory_efficiency: float = Field(default=0.8, ge=MIN_EFFICIENCY, le=1)
+    launch_overhead_us: float = Field(default=5.0, ge=0, le=MAX_MICROSECONDS)
 
     @model_validator(mode="after")
     def _check(self):
@@ -59,8 +106,8 @@ class DeviceType(StrictModel):
         missing = [p for p in self.precisions if p not in self.tflops and p not in ("int4",)]
         if missing:
             raise ValueError(f"precision {missing[0]!r} has no tflops figure")
-        if any(v <= 0 for v in self.tflops.values()):
-            raise ValueError("tflops figures must be positive")
+        if any(not MIN_RATE <= v <= MAX_TFLOPS for v in self.tflops.values()):
+            raise ValueError(f"tflops figures must be between {MIN_RATE:g} and {MAX_TFLOPS:g}")
         return self
 
     def peak_flops(self, precision: str) -> float:
@@ -73,13 +120,14 @@ class DeviceType(StrictModel):
 class DeviceGroup(StrictModel):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     type: str
-    count: int = Field(default=1, ge=1, le=100_000)
-    node: int = Field(default=0, ge=0)
-    per_node: int | None = Field(default=None, ge=1, description="devices per node; nodes count up from `node`")
+    count: int = Field(default=1, ge=1, le=MAX_DEVICES)
+    node: int = Field(default=0, ge=0, le=MAX_DEVICES)
+    per_node: int | None = Field(default=None, ge=1, le=MAX_DEVICES, description="devices per node; nodes count up from `node`")
     backend: str = "simulated"
     precision: str | None = None  # None: the device's best; an explicit request must be supported
-    price_per_hour: float | None = Field(default=None, ge=0)
-    reserved_gb: float = Field(default=0.0, ge=0, description="activations and KV cache kept free on each device")
+    price_per_hour: float | None = Field(default=None, ge=0, le=MAX_PRICE_PER_HOUR)
+    reserved_gb: float = Field(default=0.0, ge=0, le=MAX_MEMORY_GB,
+                               description="activations and KV cache kept free on each device")
 
     @model_validator(mode="after")
     def _check(self):
@@ -110,23 +158,50 @@ class DistributedLayout(StrictModel):
     dense: Literal["every_rank", "rank0"] = "every_rank"
     # auto: nccl when every rank drives NVIDIA GPUs, hccl when every rank drives Ascend NPUs, gloo otherwise.
     collective: Literal["auto", "gloo", "nccl", "hccl"] = "auto"
-    timeout_s: float = Field(default=60.0, gt=0, description="a rank silent this long is declared failed")
-    startup_timeout_s: float = Field(default=600.0, gt=0, description="how long ranks wait for each other to load")
+    timeout_s: float = Field(default=60.0, gt=0, le=MAX_TIMEOUT_S, description="a rank silent this long is declared failed")
+    startup_timeout_s: float = Field(default=600.0, gt=0, le=MAX_TIMEOUT_S,
+                                     description="how long ranks wait for each other to load")
     heartbeat_s: float = Field(default=0.25, gt=0, le=10)
+
+
+class RebalanceSettings(StrictModel):
+    """Live rebalancing (hetrun.runtime.rebalancer): follow the measured load while serving, within a byte budget."""
+
+    enabled: bool = True
+    window_steps: int = Field(default=256, ge=1, le=10**7, description="steps per load window (a step: one forward pass)")
+    ema: float = Field(default=0.5, gt=0, le=1, description="weight of the newest window in the smoothed load")
+    threshold: float = Field(default=0.05, ge=0, le=1,
+                             description="re-plan when the predicted step time falls by at least this fraction")
+    max_move_gb: float = Field(default=8.0, ge=0, le=MAX_MEMORY_GB, description="expert bytes copied per rebalance")
+
+
+class CacheSettings(StrictModel):
+    """A hot-expert cache (hetrun.runtime.expert_cache) on fast devices that cannot hold their share of experts."""
+
+    enabled: bool = True
+    device: str = Field(description="device group or device id whose devices hold the cache slots")
+    slots: int = Field(ge=1, le=2**22, description="cached experts (all layers together) per device")
+    policy: Literal["decay", "lfu", "lru"] = "decay"
+    half_life_steps: float = Field(default=32.0, gt=0, le=1e7, description="decay policy: a token's weight halves this often")
+    max_loads: int = Field(default=8, ge=1, le=4096, description="loads in flight at once")
 
 
 class ProfileModel(StrictModel):
     name: str
     description: str = ""
-    devices: list[DeviceGroup] = Field(min_length=1)
+    devices: list[DeviceGroup] = Field(min_length=1, max_length=MAX_DEVICES)
     device_types: dict[str, DeviceType] = {}
     dense_device: str | None = None
     fallback_device: str | None = None
     links: dict[Literal["intra_node", "inter_node"], LinkSpec] = {}
     pins: list[PinRule] = []
-    grid_kg_co2_per_kwh: float = Field(default=0.4, ge=0)
+    grid_kg_co2_per_kwh: float = Field(default=0.4, ge=0, le=100)
+    expert_timeout_s: float = Field(default=60.0, gt=0, le=86400,
+                                    description="a device that does not answer an expert call this long fails over")
     extra: dict[str, Any] = {}  # free-form fields other modules own (simulation settings, distributed layout)
     distributed: DistributedLayout | None = None  # ranks under torchrun; None: one process
+    rebalance: RebalanceSettings | None = None  # live rebalancing while serving; None: the plan stays as deployed
+    cache: CacheSettings | None = None  # hot-expert cache slots on fast devices; None: none
 
 
 @dataclass(frozen=True)
@@ -195,7 +270,7 @@ def device_catalog() -> dict[str, DeviceType]:
     out = {}
     for f in sorted(resources.files("hetrun.profiles.devices").iterdir(), key=lambda p: p.name):
         if f.name.endswith(".yaml"):
-            d = validate_model(DeviceType, _parse_yaml(f.read_text(), f.name), f"device type {f.name}")
+            d = validate_model(DeviceType, parse_yaml(f.read_text(), f.name), f"device type {f.name}")
             out[d.name] = d
     return out
 
@@ -205,7 +280,7 @@ def builtin_profiles() -> dict[str, str]:
     out = {}
     for f in sorted(resources.files("hetrun.profiles").iterdir(), key=lambda p: p.name):
         if f.name.endswith(".yaml"):
-            out[f.name[:-5]] = str((_parse_yaml(f.read_text(), f.name) or {}).get("description", ""))
+            out[f.name[:-5]] = str((parse_yaml(f.read_text(), f.name) or {}).get("description", ""))
     return out
 
 
@@ -216,7 +291,7 @@ def load_profile(name_or_path: "str | Path | Profile | dict") -> Profile:
     if isinstance(name_or_path, dict):
         return _build(name_or_path, "<dict>")
     text, source = _read(str(name_or_path))
-    return _build(_parse_yaml(text, source), source)
+    return _build(parse_yaml(text, source), source)
 
 
 def _read(name: str) -> tuple[str, str]:
@@ -225,6 +300,9 @@ def _read(name: str) -> tuple[str, str]:
         if not p.is_file():
             raise ProfileError(f"profile file '{name}' not found; give a YAML path or one of: {', '.join(builtin_profiles())}")
         try:
+            if p.stat().st_size > MAX_YAML_BYTES:
+                raise ProfileError(f"profile '{name}' is {p.stat().st_size} bytes, more than the {MAX_YAML_BYTES} "
+                                   "hetrun reads")
             return p.read_text(), str(p)
         except (OSError, UnicodeDecodeError) as e:
             raise ProfileError(f"cannot read profile '{name}': {e}") from None
@@ -234,13 +312,64 @@ def _read(name: str) -> tuple[str, str]:
     return f.read_text(), name
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases, duplicate keys and nesting deeper than MAX_YAML_DEPTH."""
+
+    _depth = 0
+
+    def fetch_flow_collection_start(self, token_class):
+        # PyYAML's scanner slows quadratically with flow depth: `[[[[...` must stop here, not after minutes
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise ScannerError(None, None, f"collections nested deeper than {MAX_YAML_DEPTH} levels",
+                               self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise ComposerError(None, None, "aliases (*name) are not allowed in hetrun's YAML files; write the value "
+                                "out in full", self.peek_event().start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise ComposerError(None, None, f"collections nested deeper than {MAX_YAML_DEPTH} levels",
+                                self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeConstructor reports it
+                break
+            if duplicate:
+                raise ConstructorError(None, None, f"duplicate key {str(key)[:60]!r}; give each key once",
+                                       key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: "str | bytes", source: str, error=ProfileError, what: str = "profile") -> Any:
+    """YAML text as plain data, or a one-line `error` naming `source`: safe tags only, no aliases, no duplicate
+    keys, at most MAX_YAML_BYTES. Every YAML file hetrun reads comes through here."""
+    if len(text) > MAX_YAML_BYTES:
+        raise error(f"{what} '{source}' is {len(text)} bytes, more than the {MAX_YAML_BYTES} hetrun reads")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
-        raise ProfileError(f"profile '{source}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise error(f"{what} '{source}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise error(f"{what} '{source}' is nested too deeply to be a hetrun file") from None
+    except (ValueError, TypeError) as e:  # a safe tag on a value of the wrong form (`!!set a`, `!!binary x`)
+        raise error(f"{what} '{source}' is not valid YAML: a tagged value of the wrong form "
+                    f"({' '.join(str(e).split())[:80]})") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} '{source}' is not UTF-8 text") from None
 
 
 def first_error(e: ValidationError, top: str = "(top level)") -> tuple[str, str]:
@@ -263,6 +392,10 @@ def validate_model(cls, data: Any, source: str, field_prefix: str = ""):
 
 def _build(data: Any, source: str) -> Profile:
     model = validate_model(ProfileModel, data, f"profile '{source}'")
+    total = sum(g.count for g in model.devices)
+    if total > MAX_DEVICES:
+        raise ProfileError(f"profile '{source}' has {total} devices, more than the {MAX_DEVICES} hetrun plans for "
+                           "one deployment; split it into several deployments")
     catalog = {**device_catalog(), **model.device_types}
     devices, ids = [], set()
     for g in model.devices:

@@ -320,7 +320,7 @@ def test_bad_load_files(tmp_path):
     (tmp_path / "nan.json").write_text("[[NaN, 1]]")
     (tmp_path / "broken.json").write_text("[[1, 2")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    for name, words in (("nan.json", "NaN is not a token count"), ("broken.json", "cannot be read"),
+    for name, words in (("nan.json", "NaN is not allowed"), ("broken.json", "cannot be read"),
                         ("obj.npy", "cannot be read")):
         with pytest.raises(PlacementError) as err:
             plan(TINY, "mixed-demo", load=tmp_path / name)

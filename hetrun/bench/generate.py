@@ -1,0 +1,335 @@
+"""`hetrun bench generate`: end-to-end greedy generation, hetrun against transformers eager and llama.cpp.
+
+The model is a 2-layer Mixtral-shaped MoE (hidden 1024, intermediate 2816, 8 experts, top-2, vocab 32000) with
+random weights, written once as a checkpoint; every system generates greedily from the same 128-token prompt, 64
+new tokens, in a child process of its own (so that each one's peak resident memory is its own), with the same
+thread count. Reported per system: prefill tokens/s (prompt tokens / time to the first token), decode tokens/s
+(the next 63 tokens), peak RSS, and whether its greedy tokens equal transformers' in FP32. llama.cpp runs when
+`llama-cpp-python` is installed (the `bench` extra) from GGUF files written from the same weights with the `gguf`
+package: F32, Q8_0 and Q4_0, compared with hetrun at FP32, INT8 and INT4 experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hetrun.backends import host_cpu
+from hetrun.bench import Benchmark
+from hetrun.deployment import deploy
+from hetrun.errors import HetrunError
+from hetrun.files import print_json
+from hetrun.placement.planner import plan
+from hetrun.profile import load_profile
+from hetrun.spec import MoESpec
+from hetrun.tiny_models import random_model
+
+SPEC = MoESpec.from_preset("mixtral-bench").replace(name="mixtral-bench-2l", num_layers=2)
+PROMPT_LEN, NEW_TOKENS = 128, 64
+# system -> (runner, model dtype, hetrun precision per backend or None)
+SYSTEMS = {
+    "transformers bf16": ("transformers", "bfloat16", None),
+    "transformers fp32": ("transformers", "float32", None),
+    "hetrun default": ("hetrun", "bfloat16", None),
+    "hetrun fp32": ("hetrun", "float32", {"onnxruntime": "fp32", "openvino": "fp32"}),
+    "hetrun int8": ("hetrun", "bfloat16", {"onnxruntime": "int8-w8a8", "openvino": "int8"}),
+    "hetrun int4": ("hetrun", "bfloat16", {"onnxruntime": "int4-w4a8", "openvino": "int4"}),
+    "llama.cpp F32": ("llama.cpp", "F32", None),
+    "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None),
+    "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None),
+}
+# (hetrun system, reference system, decode ratio at least this); RSS: at most these ratios.
+TARGETS = [("hetrun default", "transformers bf16", 1.25), ("hetrun int4", "transformers bf16", 2.0),
+           ("hetrun fp32", "llama.cpp F32", 0.6), ("hetrun int8", "llama.cpp Q8_0", 0.6),
+           ("hetrun int4", "llama.cpp Q4_0", 0.6)]
+RSS_TARGETS = [("hetrun default", "transformers bf16", 1.1), ("hetrun fp32", "llama.cpp F32", 1.5),
+               ("hetrun int8", "llama.cpp Q8_0", 1.5), ("hetrun int4", "llama.cpp Q4_0", 1.5)]
+
+
+def write_checkpoint(folder: Path, seed: int = 0) -> None:
+    """The benchmark model as a transformers checkpoint (safetensors, FP32) in `folder`."""
+    model = random_model(SPEC, seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def prompt_ids(seed: int = 0) -> list[int]:
+    """The benchmark prompt: PROMPT_LEN token ids drawn from the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, SPEC.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+
+
+# ---- one system, in its own process ---------------------------------------------------------------------------
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def _run_torch_model(model, ids: list[int]) -> dict:
+    """Prefill and decode speed of greedy generate, best of two runs after a warm-up."""
+    x = torch.tensor([ids])
+    gen = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(x[:, :8], max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+        best_first, best_all, tokens = float("inf"), float("inf"), None
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, **gen)
+            best_first = min(best_first, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = model.generate(x, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **gen)
+            best_all = min(best_all, time.perf_counter() - t0)
+            tokens = out[0, len(ids):].tolist()
+    return {"prefill_tps": len(ids) / best_first, "decode_tps": (NEW_TOKENS - 1) / max(best_all - best_first, 1e-9),
+            "tokens": tokens}
+
+
+def _child(system: str, folder: Path, threads: int) -> dict:
+    import transformers  # heavy: only in the benchmark's child processes
+
+    torch.set_num_threads(threads)
+    runner, dtype, precisions = SYSTEMS[system]
+    ids = prompt_ids()
+    if runner == "llama.cpp":
+        return _run_llama(folder / f"model-{dtype}.gguf", ids, threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    extra = {}
+    if runner == "hetrun":
+        profile = load_profile("cpu")
+        kw = {}
+        if precisions is not None:
+            p = plan(MoESpec.from_hf_config(model.config), profile)
+            kw["plan"] = dataclasses.replace(p, precision={d.id: precisions[d.backend] for d in profile.devices})
+        model = deploy(model, profile, threads=threads, **kw)
+        extra["precisions"] = dict(model.hetrun.plan.precision)
+    out = _run_torch_model(model, ids)
+    return {**out, **extra}
+
+
+def _run_llama(path: Path, ids: list[int], threads: int) -> dict:
+    import llama_cpp  # optional: the `bench` extra
+
+    llm = llama_cpp.Llama(str(path), n_ctx=PROMPT_LEN + NEW_TOKENS + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=PROMPT_LEN, verbose=False)
+    best_first, best_all, tokens = float("inf"), float("inf"), []
+    for _ in range(3):  # the first run warms up
+        llm.reset()
+        t0 = time.perf_counter()
+        got = []
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if not got:
+                first = time.perf_counter() - t0
+            got.append(int(tok))
+            if len(got) == NEW_TOKENS:
+                break
+        best_first, best_all, tokens = min(best_first, first), min(best_all, time.perf_counter() - t0), got
+    return {"prefill_tps": len(ids) / best_first, "decode_tps": (NEW_TOKENS - 1) / max(best_all - best_first, 1e-9),
+            "tokens": tokens}
+
+
+# ---- GGUF for llama.cpp -------------------------------------------------------------------------------------
+
+def write_gguf(folder: Path, kind: str) -> Path:
+    """The checkpoint in `folder` as a llama.cpp GGUF (Mixtral is its llama architecture with experts)."""
+    import gguf  # optional: the `bench` extra
+    from safetensors.numpy import load_file  # heavy: only when writing GGUF
+
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    cfg = json.loads((folder / "config.json").read_text())
+    a, d = SPEC.attention, SPEC.hidden_size
+    qtype = {"F32": gguf.GGMLQuantizationType.F32, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "Q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+    path = folder / f"model-{kind}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(SPEC.num_layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(SPEC.moe_intermediate_size)
+    w.add_head_count(a.num_heads)
+    w.add_head_count_kv(a.num_kv_heads)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 1e6)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    w.add_expert_count(SPEC.num_experts)
+    w.add_expert_used_count(SPEC.top_k)
+    w.add_file_type({"F32": 0, "Q8_0": 7, "Q4_0": 2}[kind])
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<0x{i:02X}>" if i < 256 else f"t{i}" for i in range(SPEC.vocab_size)])
+    w.add_token_scores([0.0] * SPEC.vocab_size)
+    w.add_token_types([6 if i < 256 else 1 for i in range(SPEC.vocab_size)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def put(name: str, t: np.ndarray, quantize: bool = True) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if quantize and qtype != gguf.GGMLQuantizationType.F32 and t.shape[-1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, t)
+
+    def rope_rows(t: np.ndarray, heads: int) -> np.ndarray:  # HF rotate-half layout -> GGML's interleaved one
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    put("token_embd.weight", tensors["model.embed_tokens.weight"])
+    put("output_norm.weight", tensors["model.norm.weight"], False)
+    put("output.weight", tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]))
+    for i in range(SPEC.num_layers):
+        p = f"model.layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"], False)
+        put(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"], False)
+        put(f"blk.{i}.attn_q.weight", rope_rows(tensors[p + "self_attn.q_proj.weight"], a.num_heads))
+        put(f"blk.{i}.attn_k.weight", rope_rows(tensors[p + "self_attn.k_proj.weight"], a.num_kv_heads))
+        put(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
+        put(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
+        put(f"blk.{i}.ffn_gate_inp.weight", tensors[_key(tensors, p, "gate")], False)
+        gate, up, down = _experts(tensors, p)
+        put(f"blk.{i}.ffn_gate_exps.weight", gate)  # [E, I, D]
+        put(f"blk.{i}.ffn_up_exps.weight", up)  # [E, I, D]
+        put(f"blk.{i}.ffn_down_exps.weight", down)  # [E, D, I]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _key(tensors: dict, prefix: str, name: str) -> str:
+    for k in (f"{prefix}mlp.{name}.weight", f"{prefix}block_sparse_moe.{name}.weight"):
+        if k in tensors:
+            return k
+    raise HetrunError(f"the benchmark checkpoint has no router weight under {prefix}")
+
+
+def _experts(tensors: dict, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # (gate [E, I, D], up [E, I, D], down [E, D, I]) whichever layout save_pretrained wrote.
+    for moe in ("mlp", "block_sparse_moe"):
+        stacked = f"{prefix}{moe}.experts.gate_up_proj"
+        if stacked in tensors:
+            gu = tensors[stacked]  # [E, 2I, D]
+            i = gu.shape[1] // 2
+            return gu[:, :i], gu[:, i:], tensors[f"{prefix}{moe}.experts.down_proj"]
+        names = [(f"{prefix}{moe}.experts.{{}}.{g}.weight", f"{prefix}{moe}.experts.{{}}.{u}.weight",
+                  f"{prefix}{moe}.experts.{{}}.{dn}.weight") for g, u, dn in (("w1", "w3", "w2"),
+                                                                           ("gate_proj", "up_proj", "down_proj"))]
+        for g, u, dn in names:
+            if g.format(0) in tensors:
+                e = range(SPEC.num_experts)
+                return (np.stack([tensors[g.format(k)] for k in e]), np.stack([tensors[u.format(k)] for k in e]),
+                        np.stack([tensors[dn.format(k)] for k in e]))
+    raise HetrunError(f"the benchmark checkpoint has no experts under {prefix}")
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------
+
+def llama_cpp_available() -> str:
+    """'' when llama-cpp-python and gguf import, else why not."""
+    for mod in ("llama_cpp", "gguf"):
+        try:
+            __import__(mod)
+        except ImportError as e:
+            return f"{mod} is not installed ({e}); `pip install -e \".[bench]\"` builds llama-cpp-python (minutes)"
+    return ""
+
+
+def run(systems: list[str], threads: int) -> dict:
+    """Each system in a child process on one checkpoint; the results per system."""
+    missing = llama_cpp_available()
+    out: dict = {"cpu": host_cpu.describe(), "threads": threads, "systems": {}, "skipped": {}}
+    with tempfile.TemporaryDirectory(prefix="hetrun-bench-generate-") as tmp:
+        folder = Path(tmp)
+        write_checkpoint(folder)
+        for system in systems:
+            runner, kind, _ = SYSTEMS[system]
+            if runner == "llama.cpp":
+                if missing:
+                    out["skipped"][system] = missing
+                    continue
+                write_gguf(folder, kind)
+            proc = subprocess.run([sys.executable, "-m", "hetrun", "bench", "generate", "--child", system, "--folder",
+                                   str(folder), "--threads", str(threads)], capture_output=True, text=True,
+                                  timeout=1800, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                out["skipped"][system] = f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+                continue
+            out["systems"][system] = json.loads(lines[-1])
+    ref = out["systems"].get("transformers fp32", {}).get("tokens")
+    for name, r in out["systems"].items():
+        r["tokens_equal_transformers_fp32"] = None if ref is None else r.get("tokens") == ref
+    return out
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma separated, from: " + ", ".join(SYSTEMS))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every system")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one system, in its own process
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+
+
+def _main(a: argparse.Namespace) -> int:
+    if a.child:
+        result = _child(a.child, Path(a.folder), a.threads)
+        print(json.dumps({**result, "peak_rss_gb": _peak_rss_gb()}))
+        return 0
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise HetrunError(f"unknown system '{unknown[0]}'; choose from: {', '.join(SYSTEMS)}")
+    result = run(systems, a.threads)
+    if a.json:
+        print_json(result)
+    else:
+        _print(result)
+    return 0
+
+
+def _print(result: dict) -> None:
+    c = Console()
+    cpu = result["cpu"]
+    c.print(f"CPU: {cpu['cpu']}, flags {', '.join(cpu['flags']) or 'none of interest'}, native BF16: "
+            f"{'yes' if cpu['native_bf16'] else 'no'}; {result['threads']} threads for every system")
+    t = Table(title=f"2-layer Mixtral-shaped model, greedy, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens")
+    for col in ("system", "decode tok/s", "prefill tok/s", "peak RSS GB", "= transformers fp32"):
+        t.add_column(col, justify="right")
+    for name, r in result["systems"].items():
+        same = r.get("tokens_equal_transformers_fp32")
+        t.add_row(name, f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}", f"{r['peak_rss_gb']:.2f}",
+                  "" if same is None else ("yes" if same else "no"))
+    c.print(t)
+    s = result["systems"]
+    for mine, ref, want in TARGETS:
+        if mine in s and ref in s:
+            ratio = s[mine]["decode_tps"] / s[ref]["decode_tps"]
+            c.print(f"decode {mine} / {ref}: {ratio:.2f} (target >= {want}) "
+                    f"{'[green]met[/]' if ratio >= want else '[red]missed[/]'}")
+    for mine, ref, want in RSS_TARGETS:
+        if mine in s and ref in s:
+            ratio = s[mine]["peak_rss_gb"] / s[ref]["peak_rss_gb"]
+            c.print(f"peak RSS {mine} / {ref}: {ratio:.2f} (target <= {want}) "
+                    f"{'[green]met[/]' if ratio <= want else '[red]missed[/]'}")
+    for name, why in result["skipped"].items():
+        c.print(f"skipped {name}: {why}")
+
+
+BENCHMARKS = {
+    "generate": Benchmark(
+        "end-to-end greedy generation: hetrun against transformers eager and llama.cpp, tokens/s and peak memory",
+        _arguments, _main,
+        "  hetrun bench generate\n  hetrun bench generate --systems 'transformers bf16,hetrun default'\n"
+        "  hetrun bench generate --json"),
+}
