@@ -104,17 +104,27 @@ def _child(system: str, folder: Path, threads: int) -> dict:
     ids = prompt_ids()
     if runner == "llama.cpp":
         return _run_llama(folder / f"model-{dtype}.gguf", ids, threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     extra = {}
-    if runner == "hetrun":
+    if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
         profile = load_profile("cpu")
         kw = {}
         if precisions is not None:
-            p = plan(MoESpec.from_hf_config(model.config), profile)
+            p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)
             kw["plan"] = dataclasses.replace(p, precision={d.id: precisions[d.backend] for d in profile.devices})
-        model = deploy(model, profile, threads=threads, **kw)
+        model = deploy(str(folder), profile, threads=threads, **kw).to(getattr(torch, dtype)).eval()
         extra["precisions"] = dict(model.hetrun.plan.precision)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     out = _run_torch_model(model, ids)
+    if runner == "hetrun":  # where decode time goes: MoE layers (experts inside them) against the dense part
+        stats = model.hetrun.stats
+        stats.reset()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False, pad_token_id=0)
+        total = time.perf_counter() - t0
+        extra["split"] = {"moe_layers": stats.layer_s / total, "experts": stats.expert_s / total}
     return {**out, **extra}
 
 
@@ -322,6 +332,10 @@ def _print(result: dict) -> None:
             ratio = s[mine]["peak_rss_gb"] / s[ref]["peak_rss_gb"]
             c.print(f"peak RSS {mine} / {ref}: {ratio:.2f} (target <= {want}) "
                     f"{'[green]met[/]' if ratio <= want else '[red]missed[/]'}")
+    for name, r in s.items():
+        if "split" in r:
+            c.print(f"{name}: MoE layers {r['split']['moe_layers']:.0%} of a generate call (experts "
+                    f"{r['split']['experts']:.0%}), the dense part and the generate loop the rest")
     for name, why in result["skipped"].items():
         c.print(f"skipped {name}: {why}")
 
