@@ -74,7 +74,10 @@ def load_served_model(model: str | None, profile: "str | Profile", precision: st
             raise HetrunError("a bundle fixes the model's dtype when it is exported; drop --dtype")
         deployed = hetrun.load(path, profile, threads=threads)
     else:
-        deployed = hetrun.deploy(_from_pretrained(path, DTYPES[dtype]), profile, precision=precision, threads=threads)
+        # read from the directory expert by expert (hetrun.checkpoint): the whole model is never in memory
+        deployed = hetrun.deploy(str(path), profile, precision=precision, threads=threads).eval()
+        if DTYPES[dtype] != "auto":
+            deployed = deployed.to(DTYPES[dtype])
     context = _context_length(deployed, tok, max_model_len)
     return ServedModel(served_name or name, deployed, tok, context, kind, path)
 
@@ -93,21 +96,6 @@ def load_tokenizer(path: Path, kind: str, explicit: bool):
     except Exception as e:  # noqa: BLE001 -- transformers raises OSError, ValueError, KeyError... for a bad tokenizer
         raise HetrunError(f"cannot load the tokenizer in '{path}': {type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]}") from None
-
-
-def _from_pretrained(path: Path, dtype):
-    if not (path / "config.json").is_file():
-        raise HetrunError(f"'{path}' has no config.json; give a transformers model directory (save_pretrained "
-                          "writes one), a hetrun bundle, or a built-in model")
-    if not any(path.glob("*.safetensors")):
-        raise HetrunError(f"'{path}' has no *.safetensors weights; hetrun loads safetensors only (no pickle files): "
-                          "re-save the model with save_pretrained(..., safe_serialization=True)")
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                                  dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise HetrunError(f"cannot load the model in '{path}': {' '.join(str(e).split())[:200]}") from None
-    return model.eval()
 
 
 def _context_length(model, tokenizer, max_model_len: int | None) -> int:
