@@ -275,12 +275,15 @@ def device_catalog() -> dict[str, DeviceType]:
     return out
 
 
-def builtin_profiles() -> dict[str, str]:
-    """Names and descriptions of the built-in deployment profiles."""
+def builtin_profiles(published: bool = False) -> dict[str, str]:
+    """Names and descriptions of the built-in deployment profiles; with `published`, also the published deployments
+    the simulator is validated against (named `published/NAME`)."""
     out = {}
-    for f in sorted(resources.files("hetrun.profiles").iterdir(), key=lambda p: p.name):
-        if f.name.endswith(".yaml"):
-            out[f.name[:-5]] = str((parse_yaml(f.read_text(), f.name) or {}).get("description", ""))
+    folders = [("", "hetrun.profiles")] + ([("published/", "hetrun.profiles.published")] if published else [])
+    for prefix, package in folders:
+        for f in sorted(resources.files(package).iterdir(), key=lambda p: p.name):
+            if f.name.endswith(".yaml"):
+                out[prefix + f.name[:-5]] = str((parse_yaml(f.read_text(), f.name) or {}).get("description", ""))
     return out
 
 

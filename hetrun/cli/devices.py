@@ -98,7 +98,7 @@ def _fmt(v) -> str:
 
 
 def _profiles(args: argparse.Namespace) -> int:
-    profiles = builtin_profiles()
+    profiles = builtin_profiles(published=True)
     catalog = device_catalog()
     if args.json:
         print_json({"profiles": profiles, "device_types": {k: v.model_dump() for k, v in catalog.items()}})
