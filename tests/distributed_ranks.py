@@ -48,9 +48,12 @@ def equivalence_rank(case_path: str) -> int:
                 with torch.no_grad():
                     logits = model(ids).logits
                     gen = model.generate(ids, max_new_tokens=case["max_new_tokens"], do_sample=False,
-                                         min_new_tokens=case["max_new_tokens"])
+                                         min_new_tokens=case["max_new_tokens"], return_dict_in_generate=True,
+                                         output_logits=bool(case.get("step_logits")))
                 mine[str(i)] = {"logits": logits.tolist(), "dtype": str(logits.dtype).removeprefix("torch."),
-                                "gen": gen.tolist()}  # ranks exchange JSON, never pickles
+                                "gen": gen.sequences.tolist()}  # ranks exchange JSON, never pickles
+                if case.get("step_logits"):  # every generation step's logits [steps, 1, V]
+                    mine[str(i)]["step_logits"] = torch.stack(gen.logits).tolist()
         else:  # an expert-only rank has served until rank 0 finished; running the model here is refused
             try:
                 model(torch.tensor([[1, 2]]))
@@ -60,7 +63,8 @@ def equivalence_rank(case_path: str) -> int:
         gathered = rt.finish(payload=mine)
         if rank == 0:
             results[family] = {int(i): (torch.tensor(out["logits"], dtype=getattr(torch, out["dtype"])),
-                                        torch.tensor(out["gen"]))
+                                        torch.tensor(out["gen"]),
+                                        torch.tensor(out.get("step_logits", []), dtype=getattr(torch, out["dtype"])))
                                for g in gathered for i, out in (g["payload"] or {}).items()}
             stats[family] = [g["stats"] for g in gathered]
     if rank == 0:

@@ -164,3 +164,16 @@ def test_simulated_devices_model_the_time_saved_and_the_transfer(fresh):
     assert c["cache"]["modeled_load_s"] == pytest.approx(c["cache"]["loads"] * transfer_seconds(nbytes, 64, 0.8, 10))
     assert c["cache"]["modeled_saved_s"] > 0
     assert c["devices"]["gpu:0"]["modeled_s"] > 0 and rt.stats.tokens_per_device[gpu] == c["cache"]["hits"]
+
+
+def test_slots_the_plan_has_no_room_for_are_named_once(fresh, caplog):
+    """The planner does not count cache slots: a cache bigger than what the plan leaves free on its device says so."""
+    tiny_fast = {**FAST_SLOW, "device_types": {**FAST_SLOW["device_types"],
+                                               "tiny-cpu": {**_HOST, "name": "tiny-cpu", "memory_gb": 0.001}},
+                 "devices": [{**FAST_SLOW["devices"][0], "type": "tiny-cpu"}, FAST_SLOW["devices"][1]]}
+    with caplog.at_level(logging.WARNING, logger="hetrun"):
+        hetrun.deploy(fresh("qwen3_moe"), {**tiny_fast, "cache": {"device": "fast", "slots": 6}}, precision="fp32")
+        assert not [r for r in caplog.records if "slots take" in r.message]
+        hetrun.deploy(fresh("qwen3_moe"), {**tiny_fast, "cache": {"device": "fast", "slots": 4000}}, precision="fp32")
+    said = [r.message for r in caplog.records if "slots take" in r.message]
+    assert len(said) == 1 and "cache on 'fast:0': 4000 slots take" in said[0] and "reserved_gb" in said[0]

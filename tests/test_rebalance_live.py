@@ -236,3 +236,42 @@ def test_ranks_agree_through_header_fields_or_drop_the_candidate(fresh, caplog):
     assert rb.version == 1 and len(rt.stats.switches) == 1
     with pytest.raises(hetrun.HetrunError, match="plan versions"):
         rb.on_table(1, active, np.array([[1, IDLE, 0], [0, IDLE, 0]]))  # a rank left behind
+
+
+def test_a_bundle_rebalances_and_caches_with_identical_logits(fresh, tmp_path):
+    """`hetrun.load(bundle, profile)` (what `hetrun run` and `hetrun serve BUNDLE` deploy): moved and cached experts
+    load their graphs from the bundle, and FP32 logits stay those of the static bundle."""
+    from hetrun.bundle import export, load
+
+    model = fresh("qwen3_moe")
+    export(model, TWO, tmp_path / "b", precision="fp32", progress=False)
+    static = load(tmp_path / "b", TWO)
+    live = load(tmp_path / "b", {**LIVE, "cache": {"device": "b", "slots": 4, "half_life_steps": 2}})
+    rt = live.hetrun
+    batches = _batches(live.config.vocab_size, 24)
+    seen = _until(lambda: len(rt.stats.switches) >= 2 and rt.stats.cache_hits > 0, live, batches, static)
+    assert all(torch.equal(a, b) for a, b in seen)
+    assert rt.stats.moves and not rt.stats.rebalance_failures and rt.stats.cache_loads > 0
+
+
+def test_a_bundle_moves_experts_only_where_it_holds_their_graphs(fresh, tmp_path, caplog):
+    """A bundle holds each expert's graph at its planned device's precision only: live rebalancing and the cache
+    never plan a copy it cannot build (no failing job, no error), and say nothing can move."""
+    from hetrun.bundle import export, load
+
+    mixed = {**TWO, "devices": [{**TWO["devices"][0], "precision": "fp32"}, {**TWO["devices"][1], "precision": "bf16"}]}
+    export(fresh("qwen3_moe"), mixed, tmp_path / "b", progress=False)
+    live = load(tmp_path / "b", {**mixed, "rebalance": LIVE["rebalance"], "cache": {"device": "b", "slots": 4}})
+    rt = live.hetrun
+    can = rt.placeable()  # [L, E, D]
+    for li in range(rt.plan.num_layers):  # exactly the copies the plan has
+        want = np.zeros(can.shape[1:], dtype=bool)
+        want[rt.plan.phy2log[li], rt.plan.device_of[li]] = True
+        assert (can[li] == want).all()
+    with caplog.at_level(logging.ERROR, logger="hetrun"):
+        for ids in _batches(live.config.vocab_size, 12):
+            with torch.no_grad():
+                live(ids)
+            time.sleep(0.01)
+    assert rt.stats.rebalance_failures == 0 and not rt.stats.moves and rt.stats.cache_loads == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

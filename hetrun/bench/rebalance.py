@@ -4,7 +4,9 @@ The trace: per window of `--window-steps` steps, a [layers, experts] table of ro
 per window). Generated from a seed: K components, each a Zipf law (exponent `--zipf`) over its own shuffle of every
 layer's experts; every `--period-steps` steps the traffic takes new mixture weights (Dirichlet 0.3: one or two
 components dominate), and each window's counts are drawn from the mixture (multinomial, step_tokens x top_k
-(token, expert) pairs per step). `--trace FILE` replays a recorded one instead: a .npy [windows, layers, experts], or
+(token, expert) pairs per step). The default, 48 windows of 50 steps and a shift every 300, holds 8 phases: with
+only a few, the first window's phase is a large part of the trace and static plans look better than they are.
+`--trace FILE` replays a recorded one instead: a .npy [windows, layers, experts], or
 a JSON list of [layers, experts] tables (or {"windows": [...]}).
 
 Modeled (deterministic: hetrun.placement.device_model.predict; DeepSeek-R1 shape, 32 redundant experts, on
@@ -283,11 +285,11 @@ def replay_cache(spec: MoESpec, trace: np.ndarray, window_steps: int, seed: int 
     H100's free memory holds)."""
     prof = load_profile(cache_profile(reserved_gb))
     home = make_plan(spec, prof, load=trace[0])
-    C = cache_slots(home, prof, "h100") if slots is None else int(slots)
+    L, E = home.num_layers, spec.num_experts
+    C = min(cache_slots(home, prof, "h100") if slots is None else int(slots), L * E)
     gpu = home.device_ids.index(prof.group("h100")[0].id)
     steps_model = CachedSteps(home, gpu)
     model = steps_model.model
-    L, E = home.num_layers, spec.num_experts
     nbytes = expert_bytes(home.precision[home.device_ids[gpu]], spec.hidden_size, spec.moe_intermediate_size)
     link = prof.link(prof.devices[gpu + 1], prof.devices[gpu])
     load_s = transfer_seconds(nbytes, link.bandwidth_gbs, link.efficiency, link.latency_us)
@@ -443,7 +445,8 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
                     "of [layers, experts] tables, one per window (default: generate one)")
     ap.add_argument("--model", default="deepseek-r1", help="model preset of the modeled runs (default deepseek-r1)")
     ap.add_argument("--profile", default="mixed-h100-910b-xeon", help="profile of the modeled rebalancing")
-    ap.add_argument("--windows", type=int, default=24, help="windows of the generated trace")
+    ap.add_argument("--windows", type=int, default=48, help="windows of the generated trace (default 48: with the "
+                    "default window and period, 2400 steps and 8 mixture phases)")
     ap.add_argument("--window-steps", type=int, default=50, help="steps per window (and per rebalancing decision)")
     ap.add_argument("--period-steps", type=int, default=300, help="steps between mixture shifts of the generated trace")
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of each mixture component")
@@ -508,14 +511,15 @@ def _print(out: dict) -> None:
     if "gap_closed" in rb:
         print(f"live closes {100 * rb['gap_closed']:.1f}% of the static-oracle gap (goal >= 70%)")
     print(f"bytes moved per window: max {100 * rb['moved_fraction_max']:.2f}%, mean "
-          f"{100 * rb['moved_fraction_mean']:.2f}% of {rb['expert_bytes'] / 1e9:.0f} GB of expert copies (goal <= 5%); "
+          f"{100 * rb['moved_fraction_mean']:.2f}% of {rb['expert_bytes'] / 1e9:.4g} GB of expert copies (goal <= 5%); "
           f"{len(rb['switches'])} switches; a decision took {rb['decide_s_mean']:.1f} s of this host's CPU (measured)")
     if "cache" in out:
         c = out["cache"]
         pol = c["policies"]
-        print(f"MODELED cache: DeepSeek-R1, {c['slots']} slots on one H100 (FP8) of {c['experts']} experts at home "
-              f"on 2 Xeon (INT4); a load is {c['expert_bytes'] / 1e6:.0f} MB, {c['load_s'] * 1e3:.2f} ms over PCIe; "
-              f"{c['steps']} steps")
+        print(f"MODELED cache: {out['model']}, {c['slots']} slots on one H100 (FP8) of {c['experts']} experts at "
+              f"home on 2 Xeon (INT4); a load is {c['expert_bytes'] / 1e6:.3g} MB, {c['load_s'] * 1e3:.3g} ms over "
+              f"PCIe; {c['steps']} steps" + ("; every expert fits: the cache is moot" if c["slots"] >= c["experts"]
+                                             else ""))
         print(f"{'cache':>26} {'step ms':>9} {'hit rate':>9} {'vs static top-C':>16} {'loads':>7} {'GB loaded':>10}")
         for k, v in pol.items():
             print(f"{k:>26} {v['mean_step_s'] * 1e3:9.1f} {100 * v['hit_rate']:8.1f}% "

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 import transformers
 from onnx.external_data_helper import load_external_data_for_model
@@ -88,9 +89,20 @@ class BundledExpert:
 class BundleRuntime(ExpertRuntime):
     """An ExpertRuntime whose experts come as prebuilt ONNX graphs from a bundle, not from weights."""
 
-    def compile(self, device: int, expert, name: str):
+    def placeable(self) -> np.ndarray:
+        """[L, E, D] whether the bundle holds a graph of each routed expert at each device's precision: live
+        rebalancing and the cache build copies only there."""
+        out = np.ones((self.plan.num_layers, self.plan.spec.num_experts, len(self.devices)), dtype=bool)
+        for li, layer in enumerate(self.layers):
+            for e, ex in enumerate(layer.weights.experts):
+                if isinstance(ex, BundledExpert):
+                    out[li, e] = [(ex.moe_layer, ex.kind, ex.index, self.plan.precision[d.id]) in ex.store.index
+                                  for d in self.devices]
+        return out
+
+    def compile(self, device: int, expert, name: str, measure: bool = True):
         if not isinstance(expert, BundledExpert):
-            return super().compile(device, expert, name)
+            return super().compile(device, expert, name, measure)
         backend = self.backends[device]
         data, meta = expert.store.graph(expert.moe_layer, expert.kind, expert.index, backend.precision,
                                         backend.graph_target())

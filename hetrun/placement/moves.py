@@ -78,11 +78,12 @@ class MovePlan:
 
 
 def budgeted_moves(plan: Plan, load, max_bytes: float, profile=None, *, min_gain_s_per_byte: float = 0.0,
-                   max_rounds: int = 10_000) -> MovePlan:
+                   max_rounds: int = 10_000, placeable: "np.ndarray | None" = None) -> MovePlan:
     """`plan` adapted to `load` [L, E]: shares re-split, then moves within `max_bytes` (see the module docstring).
 
     A move must save at least `min_gain_s_per_byte` seconds of modeled step time per byte it copies (0: any gain).
-    Plans from `plan()` carry their cost model; others need `profile`. Pins recorded in the plan still hold.
+    Plans from `plan()` carry their cost model; others need `profile`. Pins recorded in the plan still hold, and
+    `placeable` [L, E, D] (None: everywhere) says where a copy can be made at all (a bundle holds some graphs only).
     """
     if not np.isfinite(max_bytes) or max_bytes < 0:
         raise PlacementError(f"max_bytes must be a finite number of bytes >= 0, got {max_bytes!r}")
@@ -93,6 +94,9 @@ def budgeted_moves(plan: Plan, load, max_bytes: float, profile=None, *, min_gain
     L, E, D = plan.num_layers, spec.num_experts, len(plan.device_ids)
     rules = pin_rules(plan.predicted.get("pins"))
     allowed = pin_mask(rules, list(zip(model.device_ids, model.groups)), w)  # [L, E, D] or None
+    if placeable is not None:
+        placeable = np.broadcast_to(np.asarray(placeable, dtype=bool), (L, E, D))
+        allowed = placeable if allowed is None else allowed & placeable
     shared_cnt = row_sum(plan.shared_device_of, 1.0, D) if plan.shared_device_of.size else np.zeros((L, D))
     c = shared_aware_cost(spec, model, w, shared_cnt)  # [L, D] seconds per routed token, traffic included
     order = np.argsort(plan.device_of, axis=1, kind="stable")  # slots device by device

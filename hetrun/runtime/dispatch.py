@@ -187,6 +187,11 @@ class ExpertRuntime:
             now = self.tracer.now_us()
             self.tracer.add(name, "moe", now, now, **args)
 
+    def placeable(self) -> "np.ndarray | None":
+        """[L, E, D] whether a copy of each routed expert can be built on each device later (live rebalancing, the
+        cache); None: everywhere (the runtime holds every expert's weights or source)."""
+        return None
+
     def is_local(self, device: int) -> bool:
         """Whether this process runs the experts of device index `device`."""
         return self.local_devices is None or device in self.local_devices

@@ -128,8 +128,23 @@ class ExpertCache:
         self.tokens = np.zeros((runtime.plan.num_layers, spec.num_experts))  # [L, E] routed rows this step
         self.policy = CachePolicy(settings.policy, settings.half_life_steps, self._owner(), settings.slots)
         if not (self.policy.owner >= 0).any():
-            log.warning("cache on '%s': every expert already has a copy there (or its home runs in another "
-                        "process); the cache stays empty", settings.device)
+            log.warning("cache on '%s': every expert already has a copy there, its home runs in another process, "
+                        "or no copy can be built there (a bundle without its graph at that precision); the cache "
+                        "stays empty", settings.device)
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        # The planner does not count cache slots: say so once when they need more than the plan leaves free.
+        rt, spec = self.runtime, self.runtime.plan.spec
+        for d in self.devices.tolist():
+            dev_id = rt.plan.device_ids[d]
+            free = rt.plan.predicted.get("devices", {}).get(dev_id, {}).get("memory_free_bytes")
+            need = self.settings.slots * expert_bytes(rt.plan.precision[dev_id], spec.hidden_size,
+                                                      spec.moe_intermediate_size)
+            if free is not None and need > free:
+                log.warning("cache on '%s': %d slots take %.3g GB but the plan leaves %.3g GB free there; lower "
+                            "cache.slots, or raise the device's reserved_gb by the slots' size and plan again",
+                            dev_id, self.settings.slots, need / 1e9, free / 1e9)
 
     def _owner(self) -> np.ndarray:
         # [L, E] index into self.devices of the device that would cache each expert; -1 where it may not be cached.
@@ -138,13 +153,16 @@ class ExpertCache:
         L, E = plan.num_layers, plan.spec.num_experts
         owner = (np.arange(L)[:, None] * E + np.arange(E)[None, :]) % len(self.devices)  # [L, E]
         local = np.array([rt.is_local(d) for d in range(len(rt.devices))])  # [D]
+        placeable = rt.placeable()  # [L, E, D] or None: where a copy can be built (a bundle holds some graphs only)
         for li in range(L):
             on_cache = np.isin(plan.device_of[li], self.devices)  # [R]
             home_elsewhere = np.ones(E, dtype=bool)
             home_elsewhere[plan.phy2log[li][on_cache]] = False  # a copy on a cache device already: nothing to cache
             remote = np.zeros(E, dtype=bool)
             remote[plan.phy2log[li][~local[plan.device_of[li]]]] = True  # a home in another process
-            owner[li, ~home_elsewhere | remote | ~local[self.devices[owner[li]]]] = -1
+            target = self.devices[owner[li]]  # [E]
+            unbuildable = np.zeros(E, dtype=bool) if placeable is None else ~placeable[li, np.arange(E), target]
+            owner[li, ~home_elsewhere | remote | ~local[target] | unbuildable] = -1
         return owner
 
     # ---- the step's calls ------------------------------------------------------------------------------------
@@ -240,6 +258,6 @@ class ExpertCache:
         """What the cache holds now, by device id."""
         ids = self.runtime.plan.device_ids
         out: dict[str, list] = {ids[d]: [] for d in self.devices.tolist()}
-        for li, e in sorted(self.sessions):
+        for li, e in sorted(list(self.sessions)):  # a snapshot: /metrics reads it while the model thread steps
             out[ids[int(self.devices[self.policy.owner[li, e]])]].append([li, e])
         return out

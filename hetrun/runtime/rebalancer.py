@@ -76,10 +76,12 @@ class SmoothedLoad:
         self.value = np.where(total > 0, (1 - self.weight) * self.value + self.weight * rows, self.value)
 
 
-def decide(plan: Plan, load: np.ndarray, settings: RebalanceSettings, profile=None) -> MovePlan | None:
+def decide(plan: Plan, load: np.ndarray, settings: RebalanceSettings, profile=None,
+           placeable: "np.ndarray | None" = None) -> MovePlan | None:
     """The move plan for `load` within the settings' byte budget, or None when its predicted gain over `plan` as it
-    runs is below the threshold (or nothing changes)."""
-    mp = budgeted_moves(plan, load, settings.max_move_gb * 1e9, profile if "model" not in plan.predicted else None)
+    runs is below the threshold (or nothing changes). `placeable` [L, E, D]: where copies can be made (None: all)."""
+    mp = budgeted_moves(plan, load, settings.max_move_gb * 1e9, profile if "model" not in plan.predicted else None,
+                        placeable=placeable)
     if mp.gain < max(settings.threshold, 1e-9):
         return None
     return mp
@@ -170,7 +172,7 @@ class LiveRebalancer:
 
         def job() -> Candidate | None:
             t0 = time.perf_counter()
-            mp = decide(plan, load, settings, rt.profile)
+            mp = decide(plan, load, settings, rt.profile, rt.placeable())
             self.checks += 1
             self.last_gain = 0.0 if mp is None else mp.gain
             if mp is None:
@@ -207,8 +209,11 @@ class LiveRebalancer:
         log.info("rebalance v%d at step %d: %d moves, %.2f GB, predicted step time %.4g s -> %.4g s (%.1f%%), "
                  "prepared in %.2f s", cand.version, step, len(cand.moves.moves), cand.moves.bytes / 1e9,
                  cand.moves.before_s, cand.moves.after_s, 100 * cand.moves.gain, cand.seconds)
-        rt.trace_event(f"rebalance v{cand.version}", step=step, moves=len(cand.moves.moves), bytes=cand.moves.bytes,
-                       predicted_gain=cand.moves.gain)
+        # The trace (torchrun --trace) gets the switch with every move on it; each rank records the same switch.
+        rt.trace_event(f"rebalance v{cand.version}", step=step, count=len(cand.moves.moves), bytes=cand.moves.bytes,
+                       predicted_gain=cand.moves.gain, prepare_s=cand.seconds,
+                       moves=[{k: r[k] for k in ("layer", "expert", "from", "to", "bytes")}
+                              for r in stats.moves[len(stats.moves) - len(cand.moves.moves):]])
 
     # ---- torchrun: agreement through the step headers ---------------------------------------------------------
     def header_fields(self) -> tuple[int, int, int]:

@@ -1,8 +1,11 @@
 """/metrics: the server's Prometheus metrics, on a registry of its own.
 
 Requests, tokens in and out, queue depth, time to first token and per output token, engine recoveries, and per
-device of the deployment the expert tokens it computed with their modeled and measured time and its faults (read
-from the runtime's DispatchStats at each scrape).
+device of the deployment the expert tokens it computed with their modeled and measured time and its faults; with
+the profile's `rebalance:` section, live plan switches, expert moves (by source and destination device) and the
+bytes they copied; with its `cache:` section, cache hits and misses in routed rows, the hit rate, loads, bytes
+loaded, evictions, cached experts per device and the modeled seconds the hits saved. All are read from the runtime's
+DispatchStats at each scrape.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ class ServerMetrics:
         r.register(_EngineCollector(engine))
         if runtime is not None:
             r.register(_DeviceCollector(runtime))
+            if getattr(runtime, "rebalancer", None) is not None:
+                r.register(_RebalanceCollector(runtime))
+            if getattr(runtime, "cache", None) is not None:
+                r.register(_CacheCollector(runtime))
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""
@@ -125,3 +132,61 @@ class _DeviceCollector:
         for d in ids:
             precision.add_metric([d, str(self.runtime.plan.precision.get(d, ""))], 1.0)
         yield precision
+
+
+class _RebalanceCollector:
+    """Live rebalancing (hetrun.runtime.rebalancer): plan switches, expert moves and their bytes since deploy."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def collect(self):
+        s, rb = self.runtime.stats, self.runtime.rebalancer
+        moves = list(s.moves)  # the generation thread appends between steps: read a copy
+        yield CounterMetricFamily("hetrun_rebalance_switches", "Live plan switches (every layer at once, between "
+                                  "steps)", value=len(list(s.switches)))
+        by_pair = CounterMetricFamily("hetrun_rebalance_moves", "Expert copies live rebalancing moved onto a device",
+                                      labels=["from", "to"])
+        per_pair = Tally((str(m.get("from")), str(m.get("to"))) for m in moves)
+        for (src, dst), n in sorted(per_pair.items()):
+            by_pair.add_metric([src, dst], float(n))
+        yield by_pair
+        yield CounterMetricFamily("hetrun_rebalance_bytes", "Expert bytes live rebalancing copied",
+                                  value=float(s.rebalance_bytes))
+        yield CounterMetricFamily("hetrun_rebalance_failures", "Background re-plans that failed (the plan stayed)",
+                                  value=float(s.rebalance_failures))
+        yield GaugeMetricFamily("hetrun_rebalance_plan_version", "Live plan switches behind the running plan",
+                                value=float(rb.version))
+        yield GaugeMetricFamily("hetrun_rebalance_last_predicted_gain", "Predicted step-time gain of the last "
+                                "re-plan decision (fraction; below the threshold nothing moves)",
+                                value=float(rb.last_gain))
+
+
+class _CacheCollector:
+    """The hot-expert cache (hetrun.runtime.expert_cache): hits, misses, loads and modeled time saved since deploy."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def collect(self):
+        s = self.runtime.stats
+        for name, doc, value in (
+                ("hetrun_cache_hits", "Routed rows a cached expert copy served", s.cache_hits),
+                ("hetrun_cache_misses", "Routed rows of cacheable experts that ran on their home device",
+                 s.cache_misses),
+                ("hetrun_cache_loads", "Expert copies loaded into cache slots", s.cache_loads),
+                ("hetrun_cache_loaded_bytes", "Bytes those loads copied", s.cache_bytes),
+                ("hetrun_cache_evictions", "Cached expert copies evicted for hotter ones", s.cache_evictions),
+                ("hetrun_cache_saved_modeled_seconds", "Modeled expert seconds the hits saved against their home "
+                 "devices", s.cache_saved_s),
+                ("hetrun_cache_load_modeled_seconds", "Modeled link seconds of the loads (in the background)",
+                 s.cache_load_s)):
+            yield CounterMetricFamily(name, doc, value=float(value))
+        looked = s.cache_hits + s.cache_misses
+        yield GaugeMetricFamily("hetrun_cache_hit_rate", "Hits over routed rows of cacheable experts since deploy",
+                                value=s.cache_hits / looked if looked else 0.0)
+        held = GaugeMetricFamily("hetrun_cache_experts", "Expert copies the device's cache slots hold now",
+                                 labels=["device"])
+        for device, experts in self.runtime.cache.to_dict().items():
+            held.add_metric([device], float(len(experts)))
+        yield held
