@@ -134,3 +134,21 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_model("olmoe").config.to_dict(), default=str))
     with pytest.raises(CheckpointError, match="safetensors"):
         hetrun.deploy(tmp_path, "cpu")
+
+
+LAUNCH_CASES = [case_missing_shard, case_truncated_shard, case_wrong_dtype, case_unknown_quantization]
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=[c.__name__.removeprefix("case_") for c in LAUNCH_CASES])
+def test_bad_checkpoint_through_the_run_command_is_one_line_and_exit_2(good, tmp_path, capsys, case):
+    """The command that deploys a directory and runs it (`python -m hetrun.launch --model DIR`, torchrun's entry point,
+    here in one process) says the same one line and exits 2."""
+    from hetrun.launch import main as launch
+
+    d = broken(good, tmp_path, "bf16")
+    needle = case(d)
+    report = tmp_path / "report.json"
+    code = launch(["--model", str(d), "--profile", "loopback-2", "--prompt-ids", "1,2,3", "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("hetrun: error: rank 0:") and err.count("\n") == 1 and needle in err, err
+    assert not report.exists()

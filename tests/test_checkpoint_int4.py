@@ -29,8 +29,8 @@ def test_gptq_beats_round_to_nearest_on_the_trained_model(report, precision):
           f"{rtn['top1']['logits_rel_err']:.4f} GPTQ {gptq['top1']['logits_rel_err']:.4f}")
     assert all(g < r for g, r in zip(gptq["layer_rel_err"], rtn["layer_rel_err"]))  # every MoE layer, held out
     assert gptq["top1"]["logits_rel_err"] < rtn["top1"]["logits_rel_err"]
-    if precision == "int4":  # measured +73 to +345 positions of 32768 over three training seeds
-        assert gptq["top1"]["agree"] > rtn["top1"]["agree"]
-    else:  # groups of 32 leave GPTQ little to fix on this model's 72-wide rows: -7 to +92 positions measured
-        assert gptq["top1"]["agree"] >= rtn["top1"]["agree"] - 0.001 * gptq["top1"]["positions"]
+    # teacher-forced top-1 agreement with FP32: GPTQ agrees on more positions. Four runs (the trained model varies a
+    # little from run to run) gave +117 to +153 of 32768 at g128 and +29 to +108 at g32, where groups of 32 leave
+    # GPTQ less to fix; with 1024 calibration tokens instead of 8192, g32 once came out at -7
+    assert gptq["top1"]["agree"] > rtn["top1"]["agree"]
     assert gptq["top1"]["top1"] > 0.95

@@ -61,8 +61,10 @@ def _main(args: argparse.Namespace) -> int:
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise HetrunError(f"unknown arm '{bad[0]}'; use some of: {', '.join(ARMS)}")
-    if args.max_gb is not None and args.max_gb <= 0:
-        raise HetrunError("--max-gb must be positive")
+    if args.max_gb is not None and not 0 < args.max_gb < float("inf"):
+        raise HetrunError(f"--max-gb must be a positive number of GB, got {args.max_gb}")
+    if args.threads is not None and args.threads < 1:
+        raise HetrunError(f"--threads must be at least 1, got {args.threads}")
     result = run_bench(args.shape, arms, args.backend, args.dir, args.max_gb, args.threads, progress=not args.json)
     if args.json:
         print_json(result)

@@ -165,6 +165,7 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
 # (groups of 128 / 32 with zero points), and what three such matrices compound to through a SwiGLU expert.
 INT4_TARGETS = {"int4": {"matrix": 0.125, "expert": 0.19}, "int4-g32": {"matrix": 0.09, "expert": 0.155}}
 CALIBRATION_SEED = 4321
+CALIBRATION_SHAPE = (128, 64)  # GPTQ's calibration: sequences x tokens (8192 positions) of the synthetic language
 
 
 def int4_report(model: str = "tiny", seed: int = 0, prompts: int = 512, tokens: int = 64,
@@ -193,7 +194,7 @@ def int4_report(model: str = "tiny", seed: int = 0, prompts: int = 512, tokens: 
     ref = w.reference(x)
     reference = trained_tiny_model(MODELS[model], seed=seed)
     vocab = reference.config.vocab_size
-    calib_ids = markov_tokens(vocab, 32, 32, seed=CALIBRATION_SEED)
+    calib_ids = markov_tokens(vocab, *CALIBRATION_SHAPE, seed=CALIBRATION_SEED)
     test_ids = markov_tokens(vocab, prompts, tokens, seed=PROMPT_SEED)  # held out: another part of the language
     blocks = find_moe_blocks(reference)
     calib_inputs, _ = _moe_inputs(reference, calib_ids)

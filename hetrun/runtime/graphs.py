@@ -197,7 +197,7 @@ class _Matrices:
     calibration: dict[str, np.ndarray] = field(default_factory=dict)  # matrix -> inputs [M, K]
 
     def rows(self, key: str) -> np.ndarray:
-        return np.concatenate(getattr(self, key), 0).astype(np.float32)  # [N, K]
+        return np.concatenate(getattr(self, key), 0).astype(np.float32, copy=False)  # [N, K]
 
 
 def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
@@ -227,7 +227,7 @@ def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) 
     np_dtype = np.float16 if fmt.name == "fp16" else ml_dtypes.bfloat16
     mats = {}
     for k in ("gate_up", "down"):
-        wt = np.ascontiguousarray(m.rows(k).T).astype(np_dtype)  # [K, N]
+        wt = np.ascontiguousarray(m.rows(k).astype(np_dtype).T)  # [K, N]: narrowed first, half the bytes to move
         mats[k] = b.op("Cast", [b.init(f"w_{k}", wt)], to=TensorProto.FLOAT)
         b.weight_bytes += wt.nbytes
 
