@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from hetrun.formats import base_precision
+from hetrun.formats import base_precision, expert_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +86,13 @@ class Backend(abc.ABC):
     def supports(cls, precision: str) -> bool:
         """Whether this backend executes expert graphs of this precision (a variant such as fp8-w8a16: its base)."""
         return base_precision(precision) in cls.caps.precisions and precision not in cls.caps.excluded
+
+    @classmethod
+    def resident_expert_bytes(cls, precision: str, device_type, hidden: int, intermediate: int) -> float:
+        """Bytes one expert at `precision` keeps resident once this backend has loaded it: its stored bytes, unless
+        the backend holds the format otherwise (CPU runtimes expand some formats to FP32). The planner counts
+        memory with it; deploy measures it (model.hetrun.memory)."""
+        return float(expert_bytes(precision, hidden, intermediate))
 
     @classmethod
     def preferred_precisions(cls, device_type) -> list[str]:

@@ -10,6 +10,7 @@ from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSessi
 from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
+from hetrun.formats import base_precision, expert_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +27,9 @@ PROVIDERS = {
 
 # Formats onnxruntime's CPU kernels cannot compute from compressed weights: it holds them as FP32 after load.
 HELD_AS_FP32_ON_CPU = frozenset({"bf16", "fp16", "fp8", "fp8-w8a16", "int8"})
+# Resident bytes per stored byte of the MatMulNBits formats on CPUs (weights prepacked with their scales), as
+# tests/test_resident_memory.py measures them on 35 MB (FP32) experts with onnxruntime 1.32; others: 1.
+ORT_CPU_RESIDENT = {"int8-w8a8": 1.09, "int4": 1.08}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -57,6 +61,15 @@ class OnnxRuntimeBackend(Backend):
         if device_type.kind == "npu":
             return device_type.vendor == "huawei" and probe_backend("ascend").ok
         return True
+
+    @classmethod
+    def resident_expert_bytes(cls, precision: str, device_type, hidden: int, intermediate: int) -> float:
+        """On CPUs the formats of HELD_AS_FP32_ON_CPU take FP32's bytes, MatMulNBits formats ORT_CPU_RESIDENT's."""
+        if device_type.kind != "cpu":
+            return float(expert_bytes(precision, hidden, intermediate))
+        held = "fp32" if precision in HELD_AS_FP32_ON_CPU else precision
+        factor = ORT_CPU_RESIDENT.get(held, ORT_CPU_RESIDENT.get(base_precision(held), 1.0))
+        return factor * expert_bytes(held, hidden, intermediate)
 
     @classmethod
     def preferred_precisions(cls, device_type: "DeviceType") -> list[str]:

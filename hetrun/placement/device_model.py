@@ -35,6 +35,7 @@ from hetrun.errors import PlacementError
 from hetrun.formats import activation_bytes, expert_bytes
 from hetrun.placement.bounds import lower_bound
 from hetrun.placement.checks import device_vector
+from hetrun.placement.precisions import resident_expert_bytes
 from hetrun.placement.shares import row_sum
 from hetrun.profile import Profile
 from hetrun.roofline import expert_seconds
@@ -55,8 +56,8 @@ class DeviceModel:
     compute_s: np.ndarray  # [D] seconds per routed token through one expert
     comm_s: np.ndarray  # [D] seconds of all-to-all traffic per routed token the device serves
     shared_s: np.ndarray  # [D] seconds per token through one shared expert
-    expert_bytes: np.ndarray  # [D] one routed expert's weights at the device's precision
-    shared_bytes: np.ndarray  # [D] one shared expert's weights at the device's precision
+    expert_bytes: np.ndarray  # [D] one routed expert's resident bytes at the device's precision (as its backend holds it)
+    shared_bytes: np.ndarray  # [D] one shared expert's resident bytes at the device's precision
     memory_bytes: np.ndarray  # [D]
     reserved_bytes: np.ndarray  # [D]
     price_s: np.ndarray  # [D] dollars per second
@@ -152,8 +153,12 @@ def device_model(spec: MoESpec, profile: Profile, precision: dict[str, str], ste
     h, i, i_s = spec.hidden_size, spec.moe_intermediate_size, spec.shared_intermediate_size
     rows = max(1.0, step_tokens * spec.top_k / spec.num_experts)
     prec = tuple(precision[d.id] for d in devs)
-    eb = np.array([expert_bytes(p, h, i) for p in prec], dtype=np.float64)
+    eb = np.array([expert_bytes(p, h, i) for p in prec], dtype=np.float64)  # [D] bytes a call reads
     sb = np.array([expert_bytes(p, h, i_s) if spec.num_shared_experts else 0 for p in prec], dtype=np.float64)
+    # [D] bytes a loaded expert keeps resident (a CPU runtime may hold a format expanded to FP32)
+    held = np.array([resident_expert_bytes(d, p, h, i) for d, p in zip(devs, prec)], dtype=np.float64)
+    held_shared = np.array([resident_expert_bytes(d, p, h, i_s) if spec.num_shared_experts else 0
+                            for d, p in zip(devs, prec)], dtype=np.float64)
     act = np.array([activation_bytes(p) for p in prec])
     if over.cost is None:
         compute = np.array([expert_seconds(d.type, p, rows, h, i, b, a) / rows
@@ -168,7 +173,7 @@ def device_model(spec: MoESpec, profile: Profile, precision: dict[str, str], ste
     return DeviceModel(
         device_ids=tuple(d.id for d in devs), groups=tuple(d.group for d in devs), precision=prec,
         node=np.array([d.node for d in devs], dtype=np.int64), compute_s=compute / budget,
-        comm_s=comm / budget, shared_s=shared / budget, expert_bytes=eb, shared_bytes=sb,
+        comm_s=comm / budget, shared_s=shared / budget, expert_bytes=held, shared_bytes=held_shared,
         memory_bytes=np.array([d.memory_bytes for d in devs]), reserved_bytes=np.array(reserved),
         price_s=np.array([d.price_per_hour / 3600.0 for d in devs]), step_tokens=step_tokens)
 

@@ -13,7 +13,7 @@ import logging
 
 from hetrun.backends.registry import backend_class, resolve_backend
 from hetrun.errors import PrecisionError
-from hetrun.formats import PRECISIONS, base_precision, get_format
+from hetrun.formats import PRECISIONS, base_precision, expert_bytes, get_format
 from hetrun.profile import Device, Profile
 
 log = logging.getLogger("hetrun")
@@ -25,6 +25,15 @@ def runnable_precisions(device: Device) -> set[str]:
     if cls is None:  # backend not importable here: it says why when it is loaded
         return set(PRECISIONS)
     return {p for p in PRECISIONS if cls.supports(p)}
+
+
+def resident_expert_bytes(device: Device, precision: str, hidden: int, intermediate: int) -> float:
+    """Bytes one expert at `precision` keeps resident on `device` once its backend has loaded it (a CPU runtime may
+    hold a format expanded to FP32): what the planner counts against the device's memory."""
+    cls = backend_class(resolve_backend(device))
+    if cls is None:  # backend not importable here: its stored bytes
+        return float(expert_bytes(precision, hidden, intermediate))
+    return cls.resident_expert_bytes(precision, device.type, hidden, intermediate)
 
 
 def _check_explicit(device: Device, precision: str) -> str:

@@ -54,7 +54,10 @@ class ResidentMemory:
     def report(self, plan: Plan, local: "set[int] | frozenset[int] | None" = None) -> dict[str, dict]:
         """Per device id: measured resident bytes, the plan's predicted expert bytes, their ratio, experts compiled.
         Devices of other processes (not in `local`) are left out."""
-        predicted = device_weight_bytes(plan)
+        # the planner's figure (as each backend holds each format), else the stored bytes of a plan without one
+        figures = plan.predicted.get("devices", {}) if isinstance(plan.predicted, dict) else {}
+        predicted = {d: figures[d]["weight_bytes"] if "weight_bytes" in figures.get(d, {}) else b
+                     for d, b in device_weight_bytes(plan).items()}
         out = {}
         for i, did in enumerate(plan.device_ids):
             if local is not None and i not in local:

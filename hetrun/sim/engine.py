@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetrun.errors import HetrunError, PlacementError
-from hetrun.formats import DTYPE_BYTES, expert_bytes
+from hetrun.formats import DTYPE_BYTES
+from hetrun.placement.precisions import resident_expert_bytes
 from hetrun.profile import Profile
 from hetrun.roofline import op_seconds
 from hetrun.sim.comm import Links, alltoall_seconds, device_links, token_bytes, traffic
@@ -181,8 +182,8 @@ class StepModel:
         self.fixed = np.array([fixed_bytes(spec, d, p, ap, bool(a), s)
                                for d, p, ap, a in zip(lay.devices, lay.precision, lay.attention_precision, self.att)])
         mtp_layers = (spec.num_moe_layers + draft_layers) / max(spec.num_moe_layers, 1)  # the MTP layer's experts
-        self.expert_weights = np.array([self.experts_held[:, i].sum() * mtp_layers * expert_bytes(
-            lay.precision[i], spec.hidden_size, spec.moe_intermediate_size) for i in range(D)])
+        self.expert_weights = np.array([self.experts_held[:, i].sum() * mtp_layers * resident_expert_bytes(
+            lay.devices[i], lay.precision[i], spec.hidden_size, spec.moe_intermediate_size) for i in range(D)])
         self.capacity = np.array([d.memory_bytes for d in lay.devices])
         over = (self.fixed + self.expert_weights) > self.capacity
         if over.any():
