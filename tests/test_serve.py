@@ -158,6 +158,20 @@ def test_completion_is_the_untouched_models_greedy_text_with_usage(client, refer
     assert sum(w in known for w in said) >= 0.8 * len(said)  # it reads like the text it was trained on
 
 
+def test_expert_load_trace_feeds_the_planner(server, client, model_dir, tmp_path):
+    client.completions.create(model="tiny", prompt="The harbour master", max_tokens=8, temperature=0)
+    assert server.get("/v1/expert_load")[0] == 401  # behind the API key, like /v1/models
+    status, body = server.get("/v1/expert_load", headers={"Authorization": f"Bearer {API_KEY}"})
+    trace = json.loads(body)
+    table = trace["tokens_per_expert"]  # [L, E] as EPLB lays it out
+    assert status == 200 and len(table) == trace["layers"] and {len(r) for r in table} == {trace["experts"]}
+    assert sum(map(sum, table)) > 0
+    (tmp_path / "load.json").write_bytes(body)
+    from hetrun.cli import main
+    assert main(["plan", "--model", str(model_dir), "--profile", "cpu", "--load", str(tmp_path / "load.json"),
+                 "-o", str(tmp_path / "plan.json")]) == 0
+
+
 def test_chat_applies_the_chat_template_and_stops_at_eos(client, reference):
     messages = [{"role": "user", "content": "What does the clock maker do?"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0)

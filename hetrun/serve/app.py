@@ -65,6 +65,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
+    @app.get("/v1/expert_load")
+    async def expert_load(request: Request):
+        # the expert-load trace, [layers, experts] routed tokens as EPLB lays it out: `hetrun plan --load`,
+        # `hetrun simulate --load` and `hetrun fleet --load` read this document as it is
+        if (problem := _auth_problem(state, request)) is not None:
+            return _error(problem)
+        runtime = getattr(state.served.model, "hetrun", None)
+        if runtime is None:
+            return _error(RequestError("this model runs no hetrun experts, so it counts no expert load", 404))
+        table = runtime.stats.tokens_per_expert  # [L, E]
+        return {"model": state.served.name, "layers": int(table.shape[0]), "experts": int(table.shape[1]),
+                "tokens_per_expert": table.tolist()}
+
     @app.get("/v1/models")
     async def models(request: Request):
         if (problem := _auth_problem(state, request)) is not None:
