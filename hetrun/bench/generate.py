@@ -102,8 +102,6 @@ def _child(system: str, folder: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     runner, dtype, precisions = SYSTEMS[system]
     ids = prompt_ids()
-    if runner == "llama.cpp":
-        return _run_llama(folder / f"model-{dtype}.gguf", ids, threads)
     extra = {}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
         profile = load_profile("cpu")
@@ -126,27 +124,6 @@ def _child(system: str, folder: Path, threads: int) -> dict:
         total = time.perf_counter() - t0
         extra["split"] = {"moe_layers": stats.layer_s / total, "experts": stats.expert_s / total}
     return {**out, **extra}
-
-
-def _run_llama(path: Path, ids: list[int], threads: int) -> dict:
-    import llama_cpp  # optional: the `bench` extra
-
-    llm = llama_cpp.Llama(str(path), n_ctx=PROMPT_LEN + NEW_TOKENS + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=PROMPT_LEN, verbose=False)
-    best_first, best_all, tokens = float("inf"), float("inf"), []
-    for _ in range(3):  # the first run warms up
-        llm.reset()
-        t0 = time.perf_counter()
-        got = []
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if not got:
-                first = time.perf_counter() - t0
-            got.append(int(tok))
-            if len(got) == NEW_TOKENS:
-                break
-        best_first, best_all, tokens = min(best_first, first), min(best_all, time.perf_counter() - t0), got
-    return {"prefill_tps": len(ids) / best_first, "decode_tps": (NEW_TOKENS - 1) / max(best_all - best_first, 1e-9),
-            "tokens": tokens}
 
 
 # ---- GGUF for llama.cpp -------------------------------------------------------------------------------------
@@ -269,9 +246,15 @@ def run(systems: list[str], threads: int) -> dict:
                     out["skipped"][system] = missing
                     continue
                 write_gguf(folder, kind)
-            proc = subprocess.run([sys.executable, "-m", "hetrun", "bench", "generate", "--child", system, "--folder",
-                                   str(folder), "--threads", str(threads)], capture_output=True, text=True,
-                                  timeout=1800, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                # a script of its own (-I: its folder stays off sys.path): the process imports llama_cpp and the
+                # standard library only, so its peak RSS is llama.cpp's
+                cmd = [sys.executable, "-I", str(Path(__file__).with_name("llama_child.py")),
+                       str(folder / f"model-{kind}.gguf"), json.dumps(prompt_ids()), str(threads), str(NEW_TOKENS)]
+            else:
+                cmd = [sys.executable, "-m", "hetrun", "bench", "generate", "--child", system, "--folder", str(folder),
+                       "--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 out["skipped"][system] = f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"

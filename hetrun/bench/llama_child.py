@@ -1,0 +1,35 @@
+"""llama.cpp's side of `hetrun bench generate`, run as a script (python llama_child.py GGUF IDS THREADS NEW) so that
+its process imports llama_cpp and the standard library only: its peak resident memory is llama.cpp's own, not
+torch's and transformers'. Prints one JSON line: prefill and decode tokens/s, the greedy tokens, peak RSS in GB."""
+
+import json
+import resource
+import sys
+import time
+
+
+def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
+    """Greedy generation of `new_tokens` from `ids`, best of two runs after a warm-up."""
+    import llama_cpp  # optional: the `bench` extra
+
+    llm = llama_cpp.Llama(path, n_ctx=len(ids) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=len(ids), verbose=False)
+    best_first, best_all, tokens = float("inf"), float("inf"), []
+    for _ in range(3):  # the first run warms up
+        llm.reset()
+        t0 = time.perf_counter()
+        got, first = [], 0.0
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if not got:
+                first = time.perf_counter() - t0
+            got.append(int(tok))
+            if len(got) == new_tokens:
+                break
+        best_first, best_all, tokens = min(best_first, first), min(best_all, time.perf_counter() - t0), got
+    return {"prefill_tps": len(ids) / best_first, "decode_tps": (new_tokens - 1) / max(best_all - best_first, 1e-9),
+            "tokens": tokens, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+
+
+if __name__ == "__main__":
+    gguf, ids, threads, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(run(gguf, ids, threads, new)))
