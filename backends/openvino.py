@@ -43,8 +43,9 @@ _warned: set[str] = set()
 # Resident bytes per byte of the format an expert is held in (FP32 for FP8, and for BF16/FP16 without native BF16),
 # after OpenVINO 2026.4's CPU plugin has compiled it and run it once, by requested precision, as
 # tests/test_resident_memory.py measures them on 35 MB (FP32) experts: the plugin keeps the model's constants and
-# repacks a second copy for its kernels (release_memory() frees neither).
-OV_CPU_RESIDENT = {"fp32": 2.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.3, "int8": 2.4, "int4": 2.4}
+# repacks a second copy for its kernels (release_memory() frees neither). INT8 varies between runs from 2.4x to
+# 2.75x (the same versions and inputs; a scratch buffer of about 3 MB per expert or not): the middle of that range.
+OV_CPU_RESIDENT = {"fp32": 2.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.3, "int8": 2.58, "int4": 2.4}
 
 
 def device_family(device_string: str) -> str:

@@ -74,7 +74,11 @@ def prompt_ids(seed: int = 0) -> list[int]:
 # ---- one system, in its own process ---------------------------------------------------------------------------
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    # VmHWM, this process's own peak: ru_maxrss survives exec on Linux, so a child would report its parent's peak
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def _run_torch_model(model, ids: list[int]) -> dict:

@@ -27,7 +27,16 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
                 break
         best_first, best_all, tokens = min(best_first, first), min(best_all, time.perf_counter() - t0), got
     return {"prefill_tps": len(ids) / best_first, "decode_tps": (new_tokens - 1) / max(best_all - best_first, 1e-9),
-            "tokens": tokens, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+            "tokens": tokens, "peak_rss_gb": peak_rss_gb()}
+
+
+def peak_rss_gb() -> float:
+    """This process's own peak resident memory (VmHWM: ru_maxrss survives exec, so it would be the parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 if __name__ == "__main__":
