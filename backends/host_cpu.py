@@ -42,6 +42,13 @@ def describe() -> dict:
             "flags": sorted((BF16_FLAGS | INT8_DOT_FLAGS | VECTOR_FLAGS) & flags)}
 
 
+def summary(described: dict) -> str:
+    """One line of what `describe()` found: model, flags of interest, native BF16, INT8 dot products."""
+    return (f"{described['cpu']}; flags {', '.join(described['flags']) or 'none of interest'}; native BF16: "
+            f"{'yes' if described['native_bf16'] else 'no'}; INT8 dot products: "
+            f"{'yes' if described['int8_dot'] else 'no'}")
+
+
 _told: set[tuple[str, str]] = set()
 
 

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hetrun.backends import host_cpu
-from hetrun.bench import Benchmark
+from hetrun.bench import Benchmark, comma_list
+from hetrun.bench.child_process import peak_rss_gb
 from hetrun.deployment import deploy
 from hetrun.errors import HetrunError
 from hetrun.files import print_json
@@ -72,14 +72,6 @@ def prompt_ids(seed: int = 0) -> list[int]:
 
 
 # ---- one system, in its own process ---------------------------------------------------------------------------
-
-def _peak_rss_gb() -> float:
-    # VmHWM, this process's own peak: ru_maxrss survives exec on Linux, so a child would report its parent's peak
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
-
 
 def _run_torch_model(model, ids: list[int]) -> dict:
     """Prefill and decode speed of greedy generate, best of two runs after a warm-up."""
@@ -252,7 +244,7 @@ def run(systems: list[str], threads: int) -> dict:
                 write_gguf(folder, kind)
                 # a script of its own (-I: its folder stays off sys.path): the process imports llama_cpp and the
                 # standard library only, so its peak RSS is llama.cpp's
-                cmd = [sys.executable, "-I", str(Path(__file__).with_name("llama_child.py")),
+                cmd = [sys.executable, "-I", str(Path(__file__).with_name("child_process.py")),
                        str(folder / f"model-{kind}.gguf"), json.dumps(prompt_ids()), str(threads), str(NEW_TOKENS)]
             else:
                 cmd = [sys.executable, "-m", "hetrun", "bench", "generate", "--child", system, "--folder", str(folder),
@@ -281,9 +273,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _main(a: argparse.Namespace) -> int:
     if a.child:
         result = _child(a.child, Path(a.folder), a.threads)
-        print(json.dumps({**result, "peak_rss_gb": _peak_rss_gb()}))
+        print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
         return 0
-    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    systems = comma_list(a.systems)
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise HetrunError(f"unknown system '{unknown[0]}'; choose from: {', '.join(SYSTEMS)}")
@@ -298,8 +290,7 @@ def _main(a: argparse.Namespace) -> int:
 def _print(result: dict) -> None:
     c = Console()
     cpu = result["cpu"]
-    c.print(f"CPU: {cpu['cpu']}, flags {', '.join(cpu['flags']) or 'none of interest'}, native BF16: "
-            f"{'yes' if cpu['native_bf16'] else 'no'}; {result['threads']} threads for every system")
+    c.print(f"CPU: {host_cpu.summary(cpu)}; {result['threads']} threads for every system")
     t = Table(title=f"2-layer Mixtral-shaped model, greedy, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens")
     for col in ("system", "decode tok/s", "prefill tok/s", "peak RSS GB", "= transformers fp32"):
         t.add_column(col, justify="right")

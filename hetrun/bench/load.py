@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from hetrun.bench import Benchmark
+from hetrun.bench.child_process import status_bytes
 from hetrun.errors import HetrunError
 from hetrun.files import print_json
 
@@ -233,14 +234,6 @@ def _dd(files) -> dict:
 
 # ---- the child: one arm, measured --------------------------------------------------------------------------------
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _generate(path: str, shape: str) -> dict:
     import torch  # heavy: the child's work
     import transformers  # heavy: the child's work
@@ -279,7 +272,7 @@ def _arm(arm: str, path: str, work: str, backend: str, threads: int) -> dict:
     threads = threads or None
     precision = "int4" if arm.endswith("int4") else "bf16"
     profile = load_profile(_profile(backend, precision))
-    baseline = _status("VmRSS:")
+    baseline = status_bytes("VmRSS:")
     t0 = time.perf_counter()
     note, runtime, model = "", None, None
     if arm in ("today", "today-int4"):
@@ -307,7 +300,7 @@ def _arm(arm: str, path: str, work: str, backend: str, threads: int) -> dict:
     if model is not None:
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))  # it runs
-    out = {"seconds": seconds, "peak_rss_bytes": _status("VmHWM:"), "baseline_rss_bytes": baseline, "note": note}
+    out = {"seconds": seconds, "peak_rss_bytes": status_bytes("VmHWM:"), "baseline_rss_bytes": baseline, "note": note}
     if runtime is not None:
         out["memory"] = runtime.memory.report(runtime.plan)
     ckpt = getattr(model, "hetrun_checkpoint", None)

@@ -202,9 +202,7 @@ def _main(a: argparse.Namespace) -> int:
 def _print(result: dict) -> None:
     cpu, bw = result["cpu"], result["read_bandwidth_gbs"]
     c = Console()
-    c.print(f"CPU: {cpu['cpu']}, flags {', '.join(cpu['flags']) or 'none of interest'}; native BF16: "
-            f"{'yes' if cpu['native_bf16'] else 'no'}; threads {result['threads']} for every side; "
-            f"read bandwidth {bw:.1f} GB/s")
+    c.print(f"CPU: {host_cpu.summary(cpu)}; threads {result['threads']} for every side; read bandwidth {bw:.1f} GB/s")
     t = Table(title="Mixtral-shaped MoE layer (D=1024, I=2816, 8 experts, top-2): hetrun / reference time")
     for col in ("case", "tokens", "system", "precision", "hetrun ms", "reference", "ms", "ratio", "target",
                 "vs OV block", "weight GB/s", "err"):

@@ -38,9 +38,8 @@ def _devices(args: argparse.Namespace) -> int:
         t.add_row(r["backend"], "[green]ok[/]" if r["available"] else "[red]unavailable[/]", escape(", ".join(r["devices"])),
                   ", ".join(r["precisions"]), escape(" ".join(x for x in (r["reason"], r["install"]) if x)))
     console.print(t)
-    console.print(f"host CPU: {escape(host['cpu'])}; flags {', '.join(host['flags']) or 'none of interest'}; native BF16: "
-                  f"{'yes' if host['native_bf16'] else 'no (BF16 is emulated: CPU backends default to INT8 here)'}; "
-                  f"INT8 dot products: {'yes' if host['int8_dot'] else 'no'}")
+    console.print(f"host CPU: {escape(host_cpu.summary(host))}"
+                  + ("" if host["native_bf16"] else " (BF16 is emulated: CPU backends default to INT8 here)"))
     d = Table(title="real devices (NVIDIA via torch.cuda or the CUDA driver, Ascend via torch_npu, Intel via OpenVINO)")
     for col in ("vendor", "device", "name", "capabilities"):
         d.add_column(col)

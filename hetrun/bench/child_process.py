@@ -1,6 +1,7 @@
-"""llama.cpp's side of `hetrun bench generate`, run as a script (python llama_child.py GGUF IDS THREADS NEW) so that
-its process imports llama_cpp and the standard library only: its peak resident memory is llama.cpp's own, not
-torch's and transformers'. Prints one JSON line: prefill and decode tokens/s, the greedy tokens, peak RSS in GB."""
+"""What benchmark child processes share, on the standard library alone: their own memory figures (status_bytes,
+peak_rss_gb), and llama.cpp's side of `hetrun bench generate`, run as a script (python -I child_process.py GGUF IDS
+THREADS NEW) so that its process imports llama_cpp and nothing else: its peak memory is llama.cpp's own, not
+torch's and transformers'. The script prints one JSON line: prefill and decode tokens/s, greedy tokens, peak RSS."""
 
 import json
 import resource
@@ -30,12 +31,24 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
             "tokens": tokens, "peak_rss_gb": peak_rss_gb()}
 
 
+def status_bytes(key: str) -> int:
+    """A `kB` figure of /proc/self/status (e.g. "VmHWM:", "VmRSS:") in bytes; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_gb() -> float:
-    """This process's own peak resident memory (VmHWM: ru_maxrss survives exec, so it would be the parent's)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9  # kB
+    """This process's own peak resident memory: VmHWM (ru_maxrss survives exec on Linux, so a child would report its
+    parent's peak), else ru_maxrss."""
+    hwm = status_bytes("VmHWM:")
+    if hwm:
+        return hwm / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
