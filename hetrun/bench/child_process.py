@@ -31,10 +31,10 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
             "tokens": tokens, "peak_rss_gb": peak_rss_gb()}
 
 
-def status_bytes(key: str) -> int:
-    """A `kB` figure of /proc/self/status (e.g. "VmHWM:", "VmRSS:") in bytes; 0 where there is none."""
+def status_bytes(key: str, pid: "int | str" = "self") -> int:
+    """A `kB` figure of /proc/PID/status (e.g. "VmHWM:", "VmRSS:") in bytes; 0 where there is none."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(key):
                     return int(line.split()[1]) * 1024

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hetrun.bench import Benchmark
+from hetrun.bench import Benchmark, comma_list
 from hetrun.bench.child_process import status_bytes
 from hetrun.errors import HetrunError
 from hetrun.files import print_json
@@ -58,7 +58,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = comma_list(args.arms)
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise HetrunError(f"unknown arm '{bad[0]}'; use some of: {', '.join(ARMS)}")
@@ -179,24 +179,13 @@ def _available_bytes() -> float:
     return 8 * GB
 
 
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _child(argv: list[str], budget: float) -> dict:
     """Run `argv` in a fresh interpreter (this module's __main__); stop it past `budget` resident bytes."""
     proc = subprocess.Popen([sys.executable, "-m", "hetrun.bench.load", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _rss(proc.pid))
+        peak = max(peak, status_bytes("VmRSS:", proc.pid))
         if peak > budget:
             proc.kill()
             proc.wait()

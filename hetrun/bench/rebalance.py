@@ -49,9 +49,9 @@ from hetrun.errors import HetrunError, PlacementError
 from hetrun.files import print_json, strict_json
 from hetrun.formats import expert_bytes
 from hetrun.placement.device_model import DeviceModel, predict, scale_load
-from hetrun.placement.eplb import eplb_policy
 from hetrun.placement.loads import MAX_LOAD_BYTES, check_model_load, read_load
 from hetrun.placement.plan import Plan
+from hetrun.placement.planner import eplb_best_map, eplb_slots
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import RebalanceSettings, device_catalog, load_profile
 from hetrun.roofline import transfer_seconds
@@ -132,25 +132,9 @@ def step_time(plan: Plan, model: DeviceModel, load: np.ndarray, share=None) -> f
 
 
 def eplb_static(plan: Plan, model: DeviceModel, load: np.ndarray):
-    """(phy2log, device_of, share) of EPLB on the plan's devices for `load`: R rounded up to a multiple of the device
-    count; of its hierarchical (where the nodes allow) and global policies the one with the shorter step."""
-    spec, D = plan.spec, len(plan.device_ids)
-    R = -(-plan.num_slots // D) * D
-    w = scale_load(load, spec, model.step_tokens)
-    nodes, first, count = np.unique(model.node, return_index=True, return_counts=True)
-    in_order = (count == count[0]).all() and (model.node == np.repeat(model.node[np.sort(first)], count[0])).all()
-    options = [("global", 1, 1)]
-    if len(nodes) > 1 and in_order and spec.router.n_group % len(nodes) == 0:
-        options.append(("hierarchical", spec.router.n_group, len(nodes)))
-    best = None
-    for policy, groups, n in options:
-        p2l, _, cnt = eplb_policy(w, R, groups, n, D, policy=policy)
-        dev = np.broadcast_to(np.arange(R) // (R // D), p2l.shape).copy()
-        share = 1.0 / np.take_along_axis(cnt, p2l, 1)
-        t = predict(spec, model, p2l, dev, share, plan.shared_device_of, w)["step_time_s"]
-        if best is None or t < best[0]:
-            best = (t, p2l, dev, share)
-    return best[1:]
+    """(phy2log, device_of, share) of EPLB on the plan's devices for `load`, as placement's eplb_baseline places it."""
+    w = scale_load(load, plan.spec, model.step_tokens)
+    return eplb_best_map(plan.spec, model, w, eplb_slots(plan), plan.shared_device_of)[:3]
 
 
 def replay_rebalance(spec: MoESpec, profile, trace: np.ndarray, window_steps: int, budget_fraction: float,

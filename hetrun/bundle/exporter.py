@@ -45,8 +45,7 @@ from hetrun.bundle.manifest import (
 from hetrun.bundle.signing import SIGNATURE, load_private_key, signature_document
 from hetrun.bundle.target import Staging, check_target
 from hetrun.checkpoint import load_model, open_checkpoint
-from hetrun.checkpoint.config import config_from_json as checkpoint_config
-from hetrun.errors import BundleError, HetrunError, SpecError
+from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime import graphs
@@ -115,11 +114,6 @@ def _directory_source(path: Path) -> ModelSource:
     build() reads the dense part only, each expert is read when its graph is built (hetrun.checkpoint)."""
     ckpt = open_checkpoint(path)
     return ModelSource("directory", str(path), ckpt.config, lambda: load_model(ckpt))
-
-
-def config_from_json(data: bytes, where: str, error=BundleError):
-    """A transformers config from config.json bytes, for a supported family only (never remote code)."""
-    return checkpoint_config(data, where, error)
 
 
 # ---- target directory ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from hetrun.bundle.exporter import config_from_json, is_expert_key
+from hetrun.bundle.exporter import is_expert_key
 from hetrun.bundle.integrity import (
     bundled_profile,
     check_bundle,
@@ -31,6 +31,7 @@ from hetrun.bundle.integrity import (
     resolve_inside,
 )
 from hetrun.bundle.manifest import Manifest, manifest_plan
+from hetrun.checkpoint.config import config_from_json
 from hetrun.errors import BundleError, HetrunError
 from hetrun.formats import base_precision
 from hetrun.placement.precisions import device_precision
@@ -146,7 +147,7 @@ def check_profile_fits(plan, profile: Profile) -> None:
 
 def _dense_model(root: Path, man: Manifest, moe_paths_of, plan):
     """The transformers model from config.json with the bundle's dense weights; expert weights stay unloaded."""
-    config = config_from_json(read_file(root, man.config, man.files[man.config]), man.config)
+    config = config_from_json(read_file(root, man.config, man.files[man.config]), man.config, BundleError)
     _check_before_allocating(root, man, config, plan, moe_paths_of)
     with torch.random.fork_rng(devices=[]):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, man.model.dtype)).eval()

@@ -151,15 +151,26 @@ def eplb_baseline(plan: Plan, load=None) -> dict:
     spec = plan.spec
     table = None if load is None else check_model_load(read_load(load), spec)
     w = scale_load(table, spec, model.step_tokens)
-    D = len(model.device_ids)
-    R = -(-plan.num_slots // D) * D
+    R = eplb_slots(plan)
+    *_, policy, out = eplb_best_map(spec, model, w, R, plan.shared_device_of)
+    return {**out, "slots": int(R), "policy": policy}
+
+
+def eplb_slots(plan: Plan) -> int:
+    """EPLB's slot count on a plan's devices: the plan's, rounded up to a multiple of the device count."""
+    D = len(plan.device_ids)
+    return -(-plan.num_slots // D) * D
+
+
+def eplb_best_map(spec: MoESpec, model, w: np.ndarray, R: int, shared_device_of: np.ndarray):
+    """(phy2log, device_of, share, policy, predicted figures) of EPLB with R slots under load `w`: of its
+    hierarchical (where the nodes allow it) and global policies, the one with the shorter modeled step."""
     best = None
     for force_global in (False, True):
         p2l, dev, share, policy = _eplb_map(spec, model, w, R, force_global)
-        out = predict(spec, model, p2l, dev, share, plan.shared_device_of, w)
-        out.update({"slots": int(R), "policy": policy})
-        if best is None or out["step_time_s"] < best["step_time_s"]:
-            best = out
+        out = predict(spec, model, p2l, dev, share, shared_device_of, w)
+        if best is None or out["step_time_s"] < best[4]["step_time_s"]:
+            best = (p2l, dev, share, policy, out)
         if policy == "global":
             break
     return best

@@ -141,6 +141,7 @@ class ExpertRuntime:
             profile.group(profile.model.cache.device)  # a cache device the profile lacks: one line, before compiling
         self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
         self.steps = 0  # forward passes begun (steps_begin calls)
+        self.placeable_mask = self.placeable()  # [L, E, D] or None; fixed for the deployment's life
         self._background: dict[str, DeviceWorker] = {}
         live, cached = profile.model.rebalance, profile.model.cache
         self.rebalancer = LiveRebalancer(self, live, self.routed_load, self.collective) \
@@ -253,7 +254,6 @@ class MoELayer:
         self.shared_devices = plan.shared_device_of[index].tolist()
         self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}") if runtime.is_local(d) else None
                                 for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
-        self._build_slot_tables()
 
     def _place(self, plan: Plan, copies: dict) -> None:
         """Take the layer's slots from `plan`, with `copies` [(expert, device) -> session] for every pair it uses."""

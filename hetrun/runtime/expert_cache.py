@@ -153,7 +153,7 @@ class ExpertCache:
         L, E = plan.num_layers, plan.spec.num_experts
         owner = (np.arange(L)[:, None] * E + np.arange(E)[None, :]) % len(self.devices)  # [L, E]
         local = np.array([rt.is_local(d) for d in range(len(rt.devices))])  # [D]
-        placeable = rt.placeable()  # [L, E, D] or None: where a copy can be built (a bundle holds some graphs only)
+        placeable = rt.placeable_mask  # [L, E, D] or None: where a copy can be built (a bundle holds some graphs only)
         for li in range(L):
             on_cache = np.isin(plan.device_of[li], self.devices)  # [R]
             home_elsewhere = np.ones(E, dtype=bool)

@@ -425,7 +425,6 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
             _warned.add((w.kind, precision))
             log.warning("%s checkpoint experts (%s) go onto %s devices dequantized and quantized again: %s has no "
                         "form of them", w.kind, _describe(w), precision, precision)
-        b = _Builder(arithmetic=target == "openvino")
         w = w.dequantize()
     _BUILDERS[precision](w, b, _matrices(w, calibration if fmt.base == "int4" else None), fmt)
     return _graph(b, precision, target, w.hidden, w.intermediate)

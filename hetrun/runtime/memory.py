@@ -54,15 +54,15 @@ class ResidentMemory:
     def report(self, plan: Plan, local: "set[int] | frozenset[int] | None" = None) -> dict[str, dict]:
         """Per device id: measured resident bytes, the plan's predicted expert bytes, their ratio, experts compiled.
         Devices of other processes (not in `local`) are left out."""
-        # the planner's figure (as each backend holds each format), else the stored bytes of a plan without one
-        figures = plan.predicted.get("devices", {}) if isinstance(plan.predicted, dict) else {}
-        predicted = {d: figures[d]["weight_bytes"] if "weight_bytes" in figures.get(d, {}) else b
-                     for d, b in device_weight_bytes(plan).items()}
+        # the planner's figure (as each backend holds each format); a plan without one: the stored bytes
+        figures = plan.predicted.get("devices", {})
+        planned = all("weight_bytes" in figures.get(d, {}) for d in plan.device_ids)
+        stored = None if planned else device_weight_bytes(plan)
         out = {}
         for i, did in enumerate(plan.device_ids):
             if local is not None and i not in local:
                 continue
-            want = predicted[did]
+            want = stored[did] if stored is not None else figures[did]["weight_bytes"]
             out[did] = {"measured_bytes": int(self.bytes[i]), "predicted_bytes": int(want),
                         "ratio": float(self.bytes[i] / want) if want else None, "experts": int(self.experts[i])}
         return out

@@ -172,7 +172,7 @@ class LiveRebalancer:
 
         def job() -> Candidate | None:
             t0 = time.perf_counter()
-            mp = decide(plan, load, settings, rt.profile, rt.placeable())
+            mp = decide(plan, load, settings, rt.profile, rt.placeable_mask)
             self.checks += 1
             self.last_gain = 0.0 if mp is None else mp.gain
             if mp is None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hetrun.errors import HetrunError, SpecError
+from hetrun.kernels.fp8 import expand_block_scale
 from hetrun.kernels.gptq import gptq_dequantize
 from hetrun.spec import MoESpec
 
@@ -76,7 +77,7 @@ class Fp8Matrix:
 
     def row_scales(self) -> np.ndarray:
         """The block scales repeated per row [N, ceil(K/bn)] (ONNX blocks along one axis only)."""
-        return np.repeat(self.scale, self.block[0], axis=0)[:self.codes.shape[0]]
+        return expand_block_scale(self.scale, self.codes.shape[0], self.block[0])
 
     def dequantize(self) -> np.ndarray:
         """The FP32 matrix [N, K]."""
