@@ -33,6 +33,7 @@ class Format:
     group: int = 0  # INT4 group size along K; FP4 block size along K (one scale per block)
     version: int = 1  # bumped when the stored layout changes; bundles record it
     graph: bool = True  # hetrun.runtime.graphs builds ONNX graphs of it; False: simulation only
+    int8_activations: bool = False  # activations quantized to INT8 on the fly (MatMulNBits accuracy level 4)
 
 
 ALL_FORMATS: dict[str, Format] = {f.name: f for f in (
@@ -49,8 +50,10 @@ ALL_FORMATS: dict[str, Format] = {f.name: f for f in (
     # Weights as int8 / int4 and activations quantized to INT8 on the fly, per row and block of K (dynamic W8A8 /
     # W4A8): what INT8 NPUs and onnxruntime's MatMulNBits accuracy level 4 compute; fast on CPUs, about 1-2% more
     # error than weight-only.
-    Format("int8-w8a8", "int8", "INT8, block 128, symmetric", "INT8 per 128, dynamic", 1.0, group=128),
-    Format("int4-w4a8", "int4", "INT4, group 128, zero points", "INT8 per 128, dynamic", 1.0, group=128),
+    Format("int8-w8a8", "int8", "INT8, block 128, symmetric", "INT8 per 128, dynamic", 1.0, group=128,
+           int8_activations=True),
+    Format("int4-w4a8", "int4", "INT4, group 128, zero points", "INT8 per 128, dynamic", 1.0, group=128,
+           int8_activations=True),
     # OCP / NVIDIA 4-bit floats (E2M1) with block scales, weights and activations both 4-bit (W4A4), as Blackwell's
     # tensor cores run them: NVFP4 one E4M3 scale per 16 values plus one FP32 per tensor, MXFP4 one E8M0 scale per 32
     # (OCP Microscaling Formats v1.0; NVIDIA "Introducing NVFP4", developer.nvidia.com/blog). Activation bytes

@@ -319,14 +319,8 @@ def _build_int8_nbits(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) 
         rows = m.rows(k)  # [N, K]
         packed, scales = to_matmulnbits_int8(rows, fmt.group)  # [N, nb, block], [N*nb]
         b.weight_bytes += packed.nbytes + scales.nbytes
-        nodes[k] = ([b.init(f"w_{k}_q8", packed), b.init(f"s_{k}", scales)], *rows.shape)
-
-    def matmul(x: str, k: str) -> str:
-        inputs, n, kk = nodes[k]
-        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=8, block_size=fmt.group,
-                    accuracy_level=ACTIVATION_QUANTIZED)
-
-    b.out = b.swiglu("x", matmul)
+        nodes[k] = ([b.init(f"w_{k}_q8", packed), b.init(f"s_{k}", scales)], *rows.shape, fmt.group, None)
+    _nbits_swiglu(b, nodes, 8, fmt)
 
 
 def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
@@ -350,13 +344,18 @@ def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | 
         b.weight_bytes += packed.nbytes + scales.nbytes + zps.nbytes
         perm = None if order is None else b.init(f"order_{k}", np.asarray(order, dtype=np.int64))  # [K]
         nodes[k] = (inputs, n, kk, t.group, perm)
-    level = {"accuracy_level": ACTIVATION_QUANTIZED} if fmt.activations.startswith("INT8") else {}
+    _nbits_swiglu(b, nodes, 4, fmt)
+
+
+def _nbits_swiglu(b: _Builder, nodes: dict, bits: int, fmt: Format) -> None:
+    # the SwiGLU of two MatMulNBits; nodes[k] = (inputs, N, K, block size, act-order permutation or None)
+    level = {"accuracy_level": ACTIVATION_QUANTIZED} if fmt.int8_activations else {}
 
     def matmul(x: str, k: str) -> str:
-        inputs, n, kk, group, perm = nodes[k]
+        inputs, n, kk, block, perm = nodes[k]
         if perm is not None:
             x = b.op("Gather", [x, perm], axis=1)  # [T, K] columns in group order
-        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=4, block_size=group,
+        return b.op("MatMulNBits", [x] + inputs, domain="com.microsoft", K=kk, N=n, bits=bits, block_size=block,
                     **level)
 
     b.out = b.swiglu("x", matmul)
