@@ -27,7 +27,11 @@ def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
 
 def config_from_json(data: bytes, where: str, error=CheckpointError):
     """A transformers config from config.json bytes, for a supported family only."""
-    d = config_dict(data, where, error)
+    return config_from_dict(config_dict(data, where, error), where, error)
+
+
+def config_from_dict(d: dict, where: str, error=CheckpointError):
+    """A transformers config from config_dict's result."""
     mt = d["model_type"]
     try:
         return transformers.CONFIG_MAPPING[mt].from_dict(d)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetrun.checkpoint.config import config_dict, config_from_json
+from hetrun.checkpoint.config import config_dict, config_from_dict
 from hetrun.checkpoint.linears import check_dtypes
 from hetrun.checkpoint.quant import Quantization, quantization_of
 from hetrun.checkpoint.shards import Shards
@@ -50,9 +50,9 @@ def open_checkpoint(path: "str | os.PathLike") -> Checkpoint:
     if not cfg_file.is_file():
         raise CheckpointError(f"'{root}' has no config.json; give a transformers model directory (save_pretrained "
                               "writes one)")
-    data = cfg_file.read_bytes()
-    quant = quantization_of(config_dict(data, str(cfg_file)), str(cfg_file))
-    config = config_from_json(data, str(cfg_file))
+    raw = config_dict(cfg_file.read_bytes(), str(cfg_file))
+    quant = quantization_of(raw, str(cfg_file))
+    config = config_from_dict(raw, str(cfg_file))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     spec = MoESpec.from_hf_config(config)

@@ -37,8 +37,9 @@ class CheckpointExpert(ExpertSource):
         bases = expert_bases(ck.shards, ck.family, self.layer, self.index)
         if bases is not None:
             shapes = ((i, d), (i, d), (d, i))
-            return _assemble([read_linear(ck.shards, ck.quant, b, s, scale=self._stacked_scale(b, n, s))
-                              for n, (b, s) in enumerate(zip(bases, shapes))])
+            scales = self._stacked_scales(bases, shapes)
+            return _assemble([read_linear(ck.shards, ck.quant, b, s, scale=sc)
+                              for b, s, sc in zip(bases, shapes, scales)])
         stacked = stacked_names(ck.shards, ck.family, self.layer)
         if stacked is None:
             raise CheckpointError(f"{ck.root}: has no weights of expert {self.index} of layer {self.layer} (neither "
@@ -68,23 +69,29 @@ class CheckpointExpert(ExpertSource):
         s = np.ascontiguousarray(scale.float().numpy())
         return Fp8Matrix(codes[:i], s[:r], quant.block), Fp8Matrix(codes[i:], s[r:], quant.block)
 
-    def _stacked_scale(self, base: str, which: int, shape: tuple[int, int]):
-        """transformers' FP8 save keeps per-expert E4M3 weights but stacks their scales per layer: this expert's."""
+    def _stacked_scales(self, bases: tuple[str, ...], shapes) -> list:
+        """transformers' FP8 save keeps per-expert E4M3 weights but stacks their scales per layer: this expert's
+        (name, scale) for gate, up and down, None where a matrix has its own; gate and up's read once."""
         shards, quant = self.ckpt.shards, self.ckpt.quant
-        if quant.method != "fp8" or f"{base}.weight_scale_inv" in shards:
-            return None
-        name = f"model.layers.{self.layer}.{MODULE_MOE}.experts.{'down_proj' if which == 2 else 'gate_up_proj'}_scale_inv"
-        if name not in shards:
-            return None
-        scale = shards.read(name, self.index)  # [rows, cols]
-        if which == 2:
-            return name, scale
-        rows = fp8_scale_grid(quant, shape)[0]
-        if scale.shape[0] != 2 * rows:
-            raise CheckpointError(f"{shards.root}: tensor '{name}' has {scale.shape[0]} block rows per expert; gate "
-                                  f"and up [{shape[0]}, {shape[1]}] in the fp8 format's {quant.block[0]}x"
-                                  f"{quant.block[1]} blocks need {rows} each; the block size does not match")
-        return name, scale[:rows] if which == 0 else scale[rows:]
+        prefix = f"model.layers.{self.layer}.{MODULE_MOE}.experts."
+        out, gate_up = [], None
+        for which, (base, shape) in enumerate(zip(bases, shapes)):
+            name = f"{prefix}{'down_proj' if which == 2 else 'gate_up_proj'}_scale_inv"
+            if quant.method != "fp8" or f"{base}.weight_scale_inv" in shards or name not in shards:
+                out.append(None)
+            elif which == 2:
+                out.append((name, shards.read(name, self.index)))  # [rows, cols]
+            else:
+                rows = fp8_scale_grid(quant, shape)[0]
+                if gate_up is None:
+                    gate_up = shards.read(name, self.index)  # [2 rows, cols]
+                    if gate_up.shape[0] != 2 * rows:
+                        raise CheckpointError(
+                            f"{shards.root}: tensor '{name}' has {gate_up.shape[0]} block rows per expert; gate and "
+                            f"up [{shape[0]}, {shape[1]}] in the fp8 format's {quant.block[0]}x{quant.block[1]} "
+                            f"blocks need {rows} each; the block size does not match")
+                out.append((name, gate_up[:rows] if which == 0 else gate_up[rows:]))
+        return out
 
     def _shared(self) -> ExpertWeights | QuantizedExpert:
         ck = self.ckpt

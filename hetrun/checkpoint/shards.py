@@ -66,10 +66,10 @@ class Shards:
 
     def __init__(self, root: "str | os.PathLike"):
         self.root = Path(root)
-        self.weight_map = _weight_map(self.root)
-        self.infos: dict[str, TensorInfo] = {}
-        for file in sorted(set(self.weight_map.values())):
-            self.infos.update(_read_header(self.root, file))
+        self.weight_map, self.infos = _weight_map(self.root)
+        if not self.infos:  # sharded: every shard's header; a single file's was read with its tensor names
+            for file in sorted(set(self.weight_map.values())):
+                self.infos.update(_read_header(self.root, file))
         lacking = [n for n, f in self.weight_map.items() if n not in self.infos or self.infos[n].file != f]
         if lacking:
             raise CheckpointError(f"{self.root / INDEX}: names tensor '{lacking[0]}' in shard "
@@ -135,7 +135,8 @@ class Shards:
         return t.numpy()
 
 
-def _weight_map(root: Path) -> dict[str, str]:
+def _weight_map(root: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    # (tensor name -> shard file, the single file's tensor infos when there is no index: its header, read once)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory '{root}' not found")
     index = root / INDEX
@@ -158,9 +159,10 @@ def _weight_map(root: Path) -> dict[str, str]:
             more = f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""
             raise CheckpointError(f"{index}: shard '{missing[0]}' (tensor '{first}') is missing{more}; "
                                   "re-download the checkpoint")
-        return dict(wmap)
+        return dict(wmap), {}
     if (root / SINGLE).is_file():
-        return {name: SINGLE for name in _read_header(root, SINGLE)}
+        infos = _read_header(root, SINGLE)
+        return {name: SINGLE for name in infos}, infos
     if any(root.glob("*.safetensors")):
         raise CheckpointError(f"'{root}' has safetensors files but neither {INDEX} nor {SINGLE}; save the model with "
                               "save_pretrained, which writes the index")
