@@ -26,6 +26,7 @@ involved compute alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -69,7 +70,6 @@ class DispatchStats:
     # live rebalancing (hetrun.runtime.rebalancer)
     moves: list = field(default_factory=list)  # every expert copy a rebalance made (dicts: step, layer, expert, ...)
     switches: list = field(default_factory=list)  # every plan switch (dicts: version, step, moves, bytes, gain)
-    rebalance_bytes: int = 0  # expert bytes those switches copied
     rebalance_failures: int = 0  # background jobs that failed (the plan stayed)
     # the hot-expert cache (hetrun.runtime.expert_cache)
     cache_hits: int = 0  # routed rows a cached copy served
@@ -84,6 +84,11 @@ class DispatchStats:
     def empty(cls, layers: int, experts: int, devices: int) -> "DispatchStats":
         return cls(np.zeros((layers, experts), np.int64), np.zeros(devices, np.int64), np.zeros(devices),
                    np.zeros(devices))
+
+    @property
+    def rebalance_bytes(self) -> int:
+        """Expert bytes the plan switches copied."""
+        return int(sum(s["bytes"] for s in self.switches))
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -363,8 +368,8 @@ class MoELayer:
         cache = self.runtime.cache
         if cache is None or call.kind != "routed":
             return call
-        return cache.redirect(self, call, lambda device: ExpertCall(call.kind, call.index, device, call.start,
-                                                                    call.end, cached=True))
+        target = cache.redirect(self, call)
+        return call if target is None else dataclasses.replace(call, device=target, cached=True)
 
     def session_of(self, call: ExpertCall) -> ExpertSession:
         """The session a call runs on: its slot's at the planned device, or the cached copy."""

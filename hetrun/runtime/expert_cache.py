@@ -166,23 +166,23 @@ class ExpertCache:
         return owner
 
     # ---- the step's calls ------------------------------------------------------------------------------------
-    def redirect(self, layer, call, cached_call):
-        """`cached_call` (the call moved to the cache device) when the call's expert is cached there and that device
-        is healthy; else `call`. Counts hits and misses in routed rows."""
+    def redirect(self, layer, call) -> int | None:
+        """The cache device a routed call runs on when its expert is cached there and that device is healthy; else
+        None (it runs at home). Counts hits and misses in routed rows."""
         li, e = layer.index, int(layer.phy2log[call.index])
         d = int(self.policy.owner[li, e])
         if d < 0:
-            return call
+            return None
         rows = call.end - call.start
         self.tokens[li, e] += rows
         stats = self.runtime.stats
         target = int(self.devices[d])
         if (li, e) not in self.sessions or not self.runtime.health.usable(target):
             stats.cache_misses += rows
-            return call
+            return None
         stats.cache_hits += rows
         stats.cache_saved_s += self._seconds(call.device, rows) - self._seconds(target, rows)
-        return cached_call(target)
+        return target
 
     def session(self, layer: int, expert: int):
         """The cached copy of `expert` of MoE layer `layer`."""

@@ -199,7 +199,6 @@ class LiveRebalancer:
                                "bytes": cand.moves.bytes, "predicted_gain": cand.moves.gain,
                                "predicted_before_s": cand.moves.before_s, "predicted_after_s": cand.moves.after_s,
                                "prepare_s": cand.seconds})
-        stats.rebalance_bytes += cand.moves.bytes
         for m in cand.moves.moves:
             record = {**m.to_dict(ids), "step": step, "predicted_gain": cand.moves.gain, "version": cand.version}
             stats.moves.append(record)
