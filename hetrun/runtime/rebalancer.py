@@ -107,7 +107,6 @@ class LiveRebalancer:
         self.runtime, self.settings, self.load, self.collective = runtime, settings, load, collective
         self.smoothed = SmoothedLoad(settings.ema)
         self.version = 0  # plan switches so far (torchrun: the same on every rank)
-        self.steps = 0
         self.mark = np.array(load(), dtype=np.float64)  # cumulative load at the last window end
         self.job: Future | None = None
         self.ready: Candidate | None = None  # prepared, waiting for the switch (torchrun: for every rank to agree)
@@ -125,15 +124,19 @@ class LiveRebalancer:
         if self.scheduled is not None:
             cand, self.scheduled = self.scheduled, None
             self._switch(cand)
-        self.steps += 1
         if self.collective:
             return
         self._collect()
         if self.ready is not None:
             cand, self.ready = self.ready, None
             self._switch(cand)
-        if self.steps > 1 and (self.steps - 1) % self.settings.window_steps == 0:
+        if self._window_due():
             self._window_end(start=self.job is None)
+
+    def _window_due(self) -> bool:
+        # a window ended with the step before this one (runtime.steps counts steps begun, this one included)
+        steps = self.runtime.steps
+        return steps > 1 and (steps - 1) % self.settings.window_steps == 0
 
     def _window_end(self, start: bool) -> None:
         now = np.array(self.load(), dtype=np.float64)
@@ -241,7 +244,7 @@ class LiveRebalancer:
                               f"{self.version}); live rebalancing lost step: restart the ranks")
         states = np.where((fields[:, 1] > 0) & (fields[:, 1] <= self.version), IDLE, fields[:, 1])  # [W]
         self._agree(states, fields[:, 2])
-        if layer == 0 and self.steps > 1 and (self.steps - 1) % self.settings.window_steps == 0:
+        if layer == 0 and self._window_due():
             self._window_end(start=bool((states == IDLE).all()) and self.scheduled is None and self.job is None)
 
     def _agree(self, states: np.ndarray, digests: np.ndarray) -> None:
