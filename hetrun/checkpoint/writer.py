@@ -53,10 +53,13 @@ def write_shards(out: "str | os.PathLike", tensors: list[TensorSpec], max_shard_
     index, as save_pretrained lays them out; returns the weight map."""
     out = Path(out)
     groups: list[list[TensorSpec]] = [[]]
+    size = 0  # bytes of the last group
     for t in tensors:
-        if groups[-1] and sum(x.nbytes for x in groups[-1]) + t.nbytes > max_shard_bytes:
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
             groups.append([])
+            size = 0
         groups[-1].append(t)
+        size += t.nbytes
     n = len(groups)
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {}
@@ -85,7 +88,7 @@ def _write_file(path: Path, tensors: list[TensorSpec]) -> None:
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise ValueError(f"tensor '{t.name}' came out {value.dtype} {list(value.shape)}, not {t.dtype} "
                                  f"{list(t.shape)}")
-            f.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(value.contiguous().view(torch.uint8).numpy())  # the tensor's own bytes, no copy
     os.replace(tmp, path)
 
 
