@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hetrun.checkpoint.naming import GPTQ_PARTS
+from hetrun.checkpoint.naming import GPTQ_PARTS, linear_stored
 from hetrun.checkpoint.quant import Quantization
 from hetrun.checkpoint.shards import FLOATS, Shards
 from hetrun.errors import CheckpointError
@@ -32,7 +32,7 @@ def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int
     stacked experts.*_scale_inv).
     """
     if index is None:
-        if f"{base}.weight" not in shards and f"{base}.qweight" in shards:
+        if linear_stored(shards, base) == "gptq":
             return _gptq(shards, quant, base, shape)
         name = f"{base}.weight"
     else:
@@ -151,7 +151,7 @@ def dense_tensor(shards: Shards, quant: Quantization, name: str) -> torch.Tensor
     """A dense (non-expert) tensor for the model's state dict: `name` as stored, or a quantized Linear's weight
     (name ending in .weight) dequantized to FP32."""
     base = name.removesuffix(".weight")
-    if name.endswith(".weight") and name not in shards and f"{base}.qweight" in shards:
+    if name.endswith(".weight") and linear_stored(shards, base) == "gptq":
         return torch.from_numpy(_gptq(shards, quant, base, None).dequantize())
     if shards.info(name).dtype == "F8_E4M3" and name.endswith(".weight"):
         w = read_linear(shards, quant, base)

@@ -16,7 +16,7 @@ import transformers
 from hetrun.checkpoint.directory import Checkpoint
 from hetrun.checkpoint.experts import layer_sources
 from hetrun.checkpoint.linears import dense_tensor
-from hetrun.checkpoint.naming import FAMILY_NAMES, disk_candidates, is_expert_module_key
+from hetrun.checkpoint.naming import FAMILY_NAMES, disk_candidates, is_expert_module_key, linear_stored
 from hetrun.checkpoint.shards import DTYPES, FLOATS
 from hetrun.errors import CheckpointError
 from hetrun.runtime.weights import LazyExperts, LazyMLP, find_moe_blocks
@@ -59,7 +59,7 @@ def load_model(ckpt: Checkpoint, dense: bool = True) -> torch.nn.Module:
         if is_expert_module_key(key, family) or (not dense and not _router_key(key)):
             continue
         name = next((c for c in disk_candidates(key, family) if c in shards or
-                     (c.endswith(".weight") and f"{c.removesuffix('.weight')}.qweight" in shards)), None)
+                     (c.endswith(".weight") and linear_stored(shards, c.removesuffix(".weight")) == "gptq")), None)
         if name is None:
             continue  # tied (lm_head) or missing: told apart after tie_weights below
         value = dense_tensor(shards, ckpt.quant, name)
