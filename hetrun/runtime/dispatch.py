@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -236,6 +237,12 @@ class ExpertRuntime:
         return session
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite: one float64 sum (it cannot overflow on float32 or narrower values, so it
+    is finite exactly when they all are), several times cheaper than isfinite().all()."""
+    return math.isfinite(t.sum(dtype=torch.float64).item())
+
+
 def _iter(items, progress: bool, desc: str):
     if not progress:
         return items
@@ -256,6 +263,7 @@ class MoELayer:
                     if runtime.is_local(d) else None
         self._place(plan, copies)
         self._fallback_sessions: dict[tuple[int, int], ExpertSession] = {}
+        self._gate_cache: tuple[torch.dtype | None, torch.Tensor | None] = (None, None)
         self.shared_devices = plan.shared_device_of[index].tolist()
         self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}") if runtime.is_local(d) else None
                                 for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
@@ -322,22 +330,25 @@ class MoELayer:
         stats, exchange = self.runtime.stats, self.runtime.exchange
         exchange.begin(self)
         t0 = time.perf_counter()
-        x = hidden.detach().float().contiguous()  # [T, D]
-        if not bool(torch.isfinite(x).all()):
+        hidden = hidden.detach()
+        x = hidden.float().contiguous()  # [T, D]
+        if not all_finite(x):
             raise HetrunError(f"the input of MoE layer {self.weights.layer} holds NaN or inf before any expert ran: "
                               "the model's dense part (attention, norms) or its inputs produced it, not a device")
         k = self.router.top_k
-        logits = router_logits(x.to(hidden.dtype), self.weights.gate.to(hidden.dtype), self.router)  # [T, E]
+        logits = router_logits(hidden, self._gate_as(hidden.dtype), self.router)  # [T, E]
         ids, weights = route(logits, self.router, self.weights.correction_bias)  # [T, K], [T, K]
-        slots = self.slots_for(ids)  # [T*K]
-        order = torch.argsort(slots, stable=True)  # [T*K] permutation grouping pairs by slot
-        token_of = order // k  # [T*K] source token of each permuted row
-        routed = RoutedRows(x, x.index_select(0, token_of), torch.bincount(slots, minlength=self.num_slots))
+        # Row bookkeeping in numpy: a few integers per token, where each torch op would cost more than its work.
+        slots = self.slots_for(ids).numpy()  # [T*K]
+        order = np.argsort(slots, kind="stable")  # [T*K] permutation grouping pairs by slot
+        counts = np.bincount(slots, minlength=self.num_slots)  # [R]
+        routed = RoutedRows(x, x.index_select(0, torch.from_numpy(order // k)), torch.from_numpy(counts))
         out_rows, shared_out = exchange(self, routed)  # [T*K, D], S x [T, D]
 
-        pairs = torch.empty_like(out_rows)  # [T*K, D] back in (token, k) order
-        pairs[order] = out_rows * weights.reshape(-1)[order, None].float()
-        pairs = pairs.view(-1, k, pairs.shape[1])  # [T, K, D]
+        back = np.empty_like(order)  # [T*K] row of each (token, k) pair in out_rows
+        back[order] = np.arange(len(order))
+        pairs = out_rows.index_select(0, torch.from_numpy(back)) * weights.reshape(-1, 1).float()  # [T*K, D]
+        pairs = pairs.view(-1, k, pairs.shape[1])  # [T, K, D] back in (token, k) order
         out = pairs[:, 0].clone()  # [T, D] each token's K rows summed in k order, whatever slots the plan gives
         for j in range(1, k):  # them: the same sum, bit for bit, before and after a live rebalance
             out += pairs[:, j]
@@ -345,12 +356,18 @@ class MoELayer:
             if self.weights.shared_gate is not None:
                 ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
             out += ys
-        stats.tokens_per_expert[self.index] += torch.bincount(ids.reshape(-1), minlength=len(self.replica_count)).numpy()
+        np.add.at(stats.tokens_per_expert[self.index], self.phy2log, counts)  # slots' rows summed per expert
         stats.calls += 1
         dt = time.perf_counter() - t0
         stats.layer_s += dt
         exchange.end(self, x.shape[0], dt)
         return out.to(hidden.dtype)
+
+    def _gate_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The router's weight [E, D] in `dtype` (converted once per dtype, not per call)."""
+        if self._gate_cache[0] != dtype:
+            self._gate_cache = (dtype, self.weights.gate.to(dtype))
+        return self._gate_cache[1]
 
     # ---- compute: one expert call, checked, with failover -------------------------------------------
     def calls(self, routed: RoutedRows) -> list[ExpertCall]:
@@ -386,7 +403,8 @@ class MoELayer:
         session = session or self.session_of(call)
         transfers = 0
         dev_rows = rows
-        if rows.device != torch.device(session.device):
+        on_host = session.device == "cpu" and rows.device.type == "cpu"  # the common case, without building a device
+        if not on_host and rows.device != torch.device(session.device):
             dev_rows, transfers = rows.to(session.device), 1
         t0 = time.perf_counter()
         try:
@@ -397,7 +415,7 @@ class MoELayer:
         shape = tuple(getattr(y, "shape", ()))
         if shape != tuple(rows.shape):
             raise DeviceFault(call.device, f"returned shape {list(shape)} for input {list(rows.shape)}")
-        if not bool(torch.isfinite(y).all()):
+        if not all_finite(y):
             raise DeviceFault(call.device, f"returned NaN or inf for {rows.shape[0]} finite input rows")
         if y.device != rows.device:
             y, transfers = y.to(rows.device), transfers + 1
