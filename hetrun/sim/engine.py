@@ -44,6 +44,7 @@ from hetrun.sim.operators import (
     kv_bytes_per_token,
     kv_replication,
     layer_misc_ops,
+    permute_ops,
     stage_seconds,
     swiglu_ops,
     tp_allreduce_seconds,
@@ -290,7 +291,9 @@ class StepModel:
             return ops
 
         allreduce = tp_allreduce_seconds(spec, group_tokens, tp, self.links.intra[i])
-        a_moe = stage_seconds(base + misc(True), dt, eff) + allreduce
+        permute = [permute_ops(spec.top_k, spec.hidden_size, group_tokens / tp, 0.0)[0]] \
+            if s.expert_routing == "permute" else []
+        a_moe = stage_seconds(base + misc(True) + permute, dt, eff) + allreduce
         dense = swiglu_ops("dense_mlp", p, group_tokens, spec.hidden_size, -(-spec.dense_intermediate_size // tp)) \
             if spec.first_dense_layers else []
         a_dense = stage_seconds(base + dense + misc(False), dt, eff) + 2 * allreduce
@@ -332,6 +335,9 @@ class StepModel:
             ew = expert_elementwise_op(prec, noisy[:, ids], spec.hidden_size, spec.moe_intermediate_size,
                                        DTYPE_BYTES[s.dispatch_dtype])
             t = t + op_seconds(dt, "bf16", 0.0, ew.bytes, self._eff[i]["elementwise"], ew.kernels)
+            if s.expert_routing == "permute":
+                un = permute_ops(spec.top_k, spec.hidden_size, 0.0, noisy[:, ids])[1]
+                t = t + op_seconds(dt, "bf16", 0.0, un.bytes, self._eff[i]["elementwise"], un.kernels)
             E[:, ids] = np.where(rows[:, ids] > 0, t, 0.0)
         E += shared_local[None, :]
         if s.shared_experts == "plan" and spec.num_shared_experts:
@@ -533,14 +539,13 @@ class StepModel:
         return result(st, n, kv, True, limit)
 
     def _prompt_stats(self) -> dict:
-        """Per computed prompt token: causal pairs, input tokens incl. cache hits; E[n^2]/E[n]; mean new tokens."""
+        """Per computed prompt token: causal pairs, input tokens incl. cache hits; mean new tokens."""
         smp = self.workload.sample
         new = smp.new.astype(np.float64)
         p = smp.cached.astype(np.float64)
         return {"new": new, "cached": p,
                 "pairs": float((new * p + new * (new + 1) / 2).sum() / new.sum()),  # causal attention pairs
                 "in_per_new": float(smp.prompt.sum() / new.sum()),  # input tokens (incl. cache hits) per computed
-                "n2_over_n": float((new ** 2).sum() / new.sum()),  # E[n^2] / E[n] of computed tokens per request
                 "mean_new": float(new.mean())}
 
     @staticmethod
@@ -552,6 +557,18 @@ class StepModel:
         # sum over pieces j=1..m of (cached + min(j*c, new))
         s_ = m * cached + c * full * (full + 1) / 2 + np.where(m > full, new, 0.0)
         return float(s_.sum() / new.sum())
+
+    @staticmethod
+    def _step_residual(new: np.ndarray, c: float) -> float:
+        """Mean residual of prefill service, in steps, that an arrival waits for per unit of utilization when
+        each step computes a chunk of c prompt tokens as one batch: the step in progress (half a step: a
+        request cannot join a step already running) plus, per token, the steps its own request still holds
+        before reaching it (a prompt of n tokens spans ceil(n / c) steps; token j waits ceil(j / c) - 1 of
+        them). Equal prompts of at most c tokens give M/D/1's S/2; prompts far longer than c give the fluid
+        Pollaczek-Khinchine residual E[n^2] / (2 c E[n])."""
+        m = np.ceil(new / c)  # [N] steps each request spans
+        held = c * (m - 1) * (m - 2) / 2 + (m - 1) * (new - c * (m - 1))  # [N] sum over tokens of steps before
+        return 0.5 + float(held.sum() / new.sum())
 
     def _kv_load_seconds(self, cached: np.ndarray) -> float:
         """Mean seconds to read a request's cached prefix (prefix cache on another node, or `kv_load_gbs`)."""
@@ -565,11 +582,12 @@ class StepModel:
 
         Each attention device computes a chunk of C prompt tokens per step of S seconds (halved from the
         profile's chunk while that helps). Requests arrive at random and each goes to one attention device,
-        so every device is an M/G/1 queue of requests whose service time is their new tokens x S/C
-        (DistServe models prefill as a queue too, M/D/1 for equal lengths). By Pollaczek-Khinchine the mean
-        wait at utilization rho is rho/(1 - rho) x (S/C) x E[n^2] / (2 E[n]). TTFT = wait + S x
-        E[ceil(n / C)] + time to read the cached prefix. The chunk and the utilization are the largest that
-        keep the mean TTFT on target; throughput = rho x capacity.
+        so every device is an M/G/1 queue (DistServe models prefill as a queue too, M/D/1 for equal lengths).
+        By Pollaczek-Khinchine the mean wait at utilization rho is rho/(1 - rho) x R, R the mean residual work
+        an arrival finds ahead of it per unit of utilization (`_step_residual`): a step is one batch, so an
+        arrival first waits out the step in progress (S/2), and a prompt longer than C holds the device for
+        its later chunks too. TTFT = wait + S x E[ceil(n / C)] + time to read the cached prefix. The chunk and
+        the utilization are the largest that keep the mean TTFT on target; throughput = rho x capacity.
         """
         wl = self.workload
         ps = self._prompt_stats()
@@ -594,7 +612,7 @@ class StepModel:
                 st = run(c)
                 service = st.seconds * float(np.mean(np.ceil(new / c)))
                 wait = wl.ttft_s - service - load_s  # time left for queueing
-                residual = st.seconds / c * ps["n2_over_n"] / 2  # P-K: wait = rho / (1 - rho) x residual
+                residual = st.seconds * self._step_residual(new, c)  # P-K: wait = rho / (1 - rho) x residual
                 rho = wait / (residual + wait) if wait > 0 else 0.0
                 cap = float(n.sum()) / st.seconds
                 if best is None or rho * cap > best[0] or (best[0] == 0 and service < best[4]):

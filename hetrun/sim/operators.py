@@ -210,6 +210,16 @@ def expert_elementwise_op(precision: str, rows, hidden: int, intermediate: int, 
               kernels=3.0)
 
 
+def permute_ops(top_k: int, hidden: int, tokens: float, rows) -> tuple[Op, Op]:
+    """(source, destination) gathers that permutation-based routing adds around the all-to-all (BF16 rows): the
+    source copies each of `tokens` tokens out once per routed expert, sorted by expert (read 1, write top_k); the
+    destination restores the arrival order of its `rows` expert outputs before the combine (read and write each)."""
+    src = Op("permute_tokens", "elementwise", "bf16", 0.0, 2.0 * hidden * (1 + top_k) * tokens, kernels=2.0)
+    dst = Op("unpermute_rows", "elementwise", "bf16", 0.0, 4.0 * hidden * np.asarray(rows, dtype=np.float64),
+             kernels=2.0)
+    return src, dst
+
+
 def embedding_ops(spec: MoESpec, tokens: float, head_tokens: float, tp: int = 1) -> list[Op]:
     """Token embedding lookup and the LM head on `head_tokens` tokens (BF16, as DeepSeek keeps them); a `tp`-way
     tensor-parallel group splits the vocabulary."""

@@ -59,6 +59,11 @@ class SimSettings(StrictModel):
     # one copy per routed pair, per device, per node; all: every token to every expert device (allgather before the
     # experts, reduce-scatter after, as TensorRT-LLM runs attention-DP MoE)
     dispatch_dedup: Literal["expert", "device", "node", "all"] = "device"
+    # fused: dispatch kernels read each token in place and write it straight into the experts' buffers (DeepEP,
+    # TensorRT-LLM); permute: tokens are first copied out once per routed expert and sorted by expert, sent with a
+    # plain all-to-all, sorted again by local expert on arrival and put back in order before the combine (two
+    # extra gathers of every routed row, as the CANN recipes' Double-Routing and Megatron's token permutation)
+    expert_routing: Literal["fused", "permute"] = "fused"
     attention_precision: dict[str, str] = {}  # group id -> matmul precision of projections (default: the device's)
     # Execution.
     micro_batches: Literal[1, 2] = 2  # two: DeepSeek's dual micro-batch overlap of compute and all-to-all
