@@ -131,11 +131,13 @@ class OrtSession(ExpertSession):
             sess._model_bytes = None
         self.input = sess.get_inputs()[0].name
         self.output = sess.get_outputs()[0].name
+        width = sess.get_outputs()[0].shape[-1]
+        self.width = width if isinstance(width, int) else None  # output columns; None: the input's (D -> D)
         self.binding = sess.io_binding()
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         x = x.contiguous()  # [N, D]
-        y = x.new_empty(x.shape)  # [N, D] the expert maps D -> D
+        y = x.new_empty((x.shape[0], self.width or x.shape[1]))  # [N, D] for an expert, [N, width] for a linear
         self.binding.bind_input(self.input, "cpu", 0, np.float32, tuple(x.shape), x.data_ptr())
         self.binding.bind_output(self.output, "cpu", 0, np.float32, tuple(y.shape), y.data_ptr())
         self.sess.run_with_iobinding(self.binding)

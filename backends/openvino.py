@@ -213,10 +213,12 @@ class OvSession(ExpertSession):
         hidden = compiled.inputs[0].get_partial_shape()[1]
         if hidden.is_static:
             self.request.infer([np.zeros((1, hidden.get_length()), np.float32)])
+        width = compiled.outputs[0].get_partial_shape()[1]
+        self.width = width.get_length() if width.is_static else None  # output columns; None: the input's
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         x = x.contiguous()  # [N, D]
-        y = x.new_empty(x.shape)  # [N, D]
+        y = x.new_empty((x.shape[0], self.width or x.shape[1]))  # [N, D] for an expert, [N, width] for a linear
         self.request.set_input_tensor(self.tensor(x.numpy(), shared_memory=True))
         self.request.set_output_tensor(self.tensor(y.numpy(), shared_memory=True))
         self.request.infer()

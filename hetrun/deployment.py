@@ -26,6 +26,7 @@ from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
+from hetrun.runtime.dense import run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.weights import model_layer_weights, release_sources
 from hetrun.spec import MoESpec
@@ -67,6 +68,7 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     if runtime is None:  # one process runs every device
         runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
     swap_moe_blocks(model, [path for path, _ in layers], runtime.layers)
+    runtime.dense = run_dense_linears(model, runtime)  # the dense part's linear layers on the dense device
     fallback = profile.fallback_device
     recompiles = runtime.rebalancer is not None or runtime.cache is not None  # they compile experts again later
     if not recompiles and (fallback is None or fallback.id not in plan.device_ids

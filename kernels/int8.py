@@ -47,13 +47,19 @@ def to_matmulnbits_int8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np
     """
     if block < 16 or block & (block - 1):
         raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {block}")
-    w = np.asarray(w, dtype=np.float32)
+    w = np.asarray(w)
     n, k = w.shape
     nb = -(-k // block)
-    padded = np.zeros((n, nb * block), np.float32)
-    padded[:, :k] = w
-    blocks = padded.reshape(n, nb, block)  # [N, nb, block]
-    scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)  # [N, nb]
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int16) + 128  # [N, nb, block]
-    return q.astype(np.uint8), scale.reshape(-1)
+    codes = np.empty((n, nb, block), np.uint8)  # [N, nb, block]
+    scales = np.empty((n, nb), np.float32)  # [N, nb]
+    step = max(1, (16 << 20) // (nb * block * 4))  # rows per 16 MB of FP32 scratch: an LM head is not copied whole
+    for r in range(0, n, step):
+        padded = np.zeros((min(step, n - r), nb * block), np.float32)
+        padded[:, :k] = w[r:r + step]
+        blocks = padded.reshape(-1, nb, block)  # [rows, nb, block]
+        scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)  # [rows, nb]
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127) + 128  # [rows, nb, block]
+        codes[r:r + step] = q.astype(np.uint8)
+        scales[r:r + step] = scale
+    return codes, scales.reshape(-1)

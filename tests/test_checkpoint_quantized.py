@@ -200,7 +200,8 @@ def test_gptq_elsewhere_is_dequantized_once(gptq_dir, caplog, monkeypatch):
 def test_gptq_checkpoint_deploys_onto_int4_devices(gptq_dir):
     profile = {"name": "int4-g32", "devices": [
         {"id": "ort", "type": "host-cpu", "backend": "onnxruntime", "precision": "int4-g32"},
-        {"id": "ov", "type": "host-cpu", "backend": "openvino", "precision": "int4-g32"}]}
+        {"id": "ov", "type": "host-cpu", "backend": "openvino", "precision": "int4-g32"}],
+        "dense_precision": "model"}  # the experts' path alone: attention as the checkpoint has it, not INT8
     ckpt = open_checkpoint(gptq_dir)
     reference = load_model(ckpt)  # attention dequantized, experts read and dequantized per call
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))

@@ -127,6 +127,7 @@ class ExpertRuntime:
 
     collective = False  # whether ranks agree on plan switches through step headers (hetrun.distributed)
     tracer = None  # a hetrun.distributed.trace.Tracer where spans are recorded
+    dense = None  # hetrun.runtime.dense.DenseLinears when the dense part's linear layers run on the dense device
 
     def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights], threads: int | None = None,
                  progress: bool = False, local_devices: "set[int] | None" = None, exchange: "Exchange | None" = None):

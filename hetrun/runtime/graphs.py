@@ -175,12 +175,13 @@ class _Builder:
         h = self.op("Mul", [self.op("Mul", [g, self.op("Sigmoid", [g])]), u])  # [N, I]
         return matmul(h, "down")
 
-    def model(self, x: str, y: str, hidden: int, domains: tuple[str, ...] = ()) -> onnx.ModelProto:
+    def model(self, x: str, y: str, hidden: int, domains: tuple[str, ...] = (), out: int | None = None,
+              name: str = "expert") -> onnx.ModelProto:
         self.nodes.append(helper.make_node("Identity", [y], ["y"]))
         graph = helper.make_graph(
-            self.nodes, "expert",
+            self.nodes, name,
             [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["tokens", hidden])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", hidden])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", hidden if out is None else out])],
             self.inits)
         opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="hetrun")
@@ -438,3 +439,31 @@ def _graph(b: _Builder, precision: str, target: str, hidden: int, intermediate: 
     domains = tuple(sorted({n.domain for n in b.nodes if n.domain}))
     model = b.model("x", b.out, hidden, domains)
     return ExpertGraph(model, precision, hidden, intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer)
+
+
+# ---- one linear layer of a model's dense part (attention projections, dense MLPs, the LM head) --------------
+
+# Formats a dense linear is built in: weights the CPU runtimes compute from compressed storage.
+LINEAR_FORMATS = ("fp32", "int8-w8a8")
+
+
+def build_linear_graph(w: np.ndarray, precision: str) -> onnx.ModelProto:
+    """x [tokens, K] float32 -> x @ w.T [tokens, N] float32 for an nn.Linear weight w [N, K] (no bias), at a
+    precision of LINEAR_FORMATS: "fp32" (MatMul) or "int8-w8a8" (MatMulNBits, INT8 blocks of 128 along K, INT8
+    activations per block on the fly: onnxruntime's and OpenVINO's weight-compressed CPU kernels)."""
+    if precision not in LINEAR_FORMATS:
+        raise ValueError(f"no linear graph for precision {precision!r}; available: {', '.join(LINEAR_FORMATS)}")
+    w = np.asarray(w, dtype=np.float32)  # [N, K]
+    n, k = w.shape
+    b = _Builder(arithmetic=False)
+    if precision == "fp32":
+        y = b.op("MatMul", ["x", b.init("w", np.ascontiguousarray(w.T))])  # [T, N]
+        domains: tuple[str, ...] = ()
+    else:
+        fmt = FORMATS[precision]
+        packed, scales = to_matmulnbits_int8(w, fmt.group)  # [N, nb, block], [N*nb]
+        y = b.op("MatMulNBits", ["x", b.init("w_q8", packed), b.init("s", scales)], domain="com.microsoft", K=k,
+                 N=n, bits=8, block_size=fmt.group, accuracy_level=ACTIVATION_QUANTIZED)  # [T, N]
+        domains = ("com.microsoft",)
+    return b.model("x", y, k, domains, out=n, name="linear")
+

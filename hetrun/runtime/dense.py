@@ -1,0 +1,120 @@
+"""The model's dense part on the dense device: its linear layers (attention projections, dense MLPs, the LM head)
+computed by the dense device's runtime, at a precision that device computes from compressed weights.
+
+At one token a decode step reads every weight of the step once, the dense ones included: on the Mixtral-shaped
+benchmark model the LM head alone is 65 MB in BF16, more than the two experts a token visits. Left in transformers'
+eager torch on a CPU without native BF16, BF16 linears run at FP32 speed on twice the bytes they need.
+
+The profile's `dense_precision` says what runs them:
+  auto       int8-w8a8 where the dense device is a CPU driven by onnxruntime or OpenVINO whose plan precision is
+             an integer format (the default on CPUs without native BF16: hetrun.backends.host_cpu), else "model".
+             INT8 weights in blocks of 128 along K, INT8 activations per block on the fly (MatMulNBits accuracy
+             level 4), the same numerics as the int8-w8a8 experts beside them.
+  model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
+             every profile with a distributed: section: under torchrun the ranks that hold the dense part run it).
+  int8-w8a8, fp32   explicitly; a dense device that cannot run them is a one-line error.
+Embeddings, norms, rotary tables and attention itself stay in torch; MoE blocks are the dispatcher's. A replaced
+layer's weight is released with its nn.Linear (a weight tied to the embeddings stays with them).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from hetrun.backends.base import ExpertSession
+from hetrun.errors import HetrunError, PrecisionError
+from hetrun.formats import base_precision
+from hetrun.runtime.dispatch import ExpertRuntime, all_finite
+from hetrun.runtime.graphs import build_linear_graph
+
+log = logging.getLogger("hetrun")
+RUNTIMES = ("onnxruntime", "openvino")  # backends that run linear graphs on a CPU dense device
+
+
+@dataclass
+class DenseLinears:
+    """What runs the dense part's linear layers: the device, the precision, the layers replaced and their bytes."""
+
+    device: str
+    precision: str
+    layers: list[str] = field(default_factory=list)  # module paths now computed on the device
+    stored_bytes: int = 0  # bytes of the replaced weights as the device stores them (codes and scales)
+
+
+class RuntimeLinear(torch.nn.Module):
+    """Stands where an nn.Linear stood: x [..., K] -> [..., N] in x's dtype, computed by a backend session."""
+
+    def __init__(self, session: ExpertSession, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 device: str, path: str):
+        super().__init__()
+        self.session = session
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.device_id, self.path = device, path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()  # [M, K]
+        y = self.session.forward(rows)  # [M, N] float32
+        if tuple(y.shape) != (rows.shape[0], self.out_features) or not all_finite(y):
+            if not all_finite(rows):
+                raise HetrunError(f"the input of {self.path} holds NaN or inf: the model's dense part or its inputs "
+                                  "produced it, not a device")
+            raise HetrunError(f"dense device '{self.device_id}' returned a wrong result for {self.path} (shape "
+                              f"{list(y.shape)}, or NaN/inf): check the device, or set dense_precision: model")
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, on {self.device_id}"
+
+
+def dense_precision(runtime: ExpertRuntime) -> str:
+    """The precision the dense part's linear layers run at ("model": left as they are), per the profile's
+    `dense_precision`; an explicit precision the dense device cannot run is a one-line PrecisionError."""
+    profile, plan = runtime.profile, runtime.plan
+    asked = profile.model.dense_precision
+    dense = profile.dense_device
+    index = plan.device_ids.index(dense.id) if dense.id in plan.device_ids else None
+    capable = (index is not None and profile.model.distributed is None and dense.backend in RUNTIMES
+               and dense.type.kind == "cpu")  # under torchrun every rank that holds the dense part runs it itself
+    if asked == "model":
+        return "model"
+    if asked == "auto":
+        integer = base_precision(plan.precision.get(dense.id, "fp32")) in ("int8", "int4")
+        return "int8-w8a8" if capable and integer else "model"
+    if not capable:
+        raise PrecisionError(f"dense_precision: {asked} needs a CPU dense device run by {' or '.join(RUNTIMES)} in "
+                             f"one process (no distributed: section); '{dense.id}' is {dense.type.kind} on "
+                             f"{dense.backend}: set dense_precision: model or auto")
+    return asked
+
+
+def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLinears | None:
+    """Replace the model's nn.Linear layers (its MoE blocks already replaced) by RuntimeLinear layers on the dense
+    device at `dense_precision(runtime)`; None when they stay as they are."""
+    precision = dense_precision(runtime)
+    targets = [(path, m) for path, m in model.named_modules() if type(m) is torch.nn.Linear]
+    if precision == "model" or any(m.weight.is_meta for _, m in targets):  # meta: another rank runs the dense part
+        return None
+    dense = runtime.profile.dense_device
+    backend = runtime.backends[runtime.plan.device_ids.index(dense.id)]
+    report = DenseLinears(dense.id, precision)
+    for path, linear in targets:
+        w = linear.weight.detach().float().numpy()  # [N, K]
+        graph = build_linear_graph(w, precision)
+        report.stored_bytes += sum(len(t.raw_data) for t in graph.graph.initializer)
+        session = backend.load(graph.SerializeToString(), path, {})
+        del graph, w
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, RuntimeLinear(session, linear.in_features, linear.out_features, linear.bias, dense.id,
+                                            path))
+        report.layers.append(path)
+    if runtime.profile.model.dense_precision == "auto" and report.layers:
+        log.warning("the dense part's %d linear layers run on '%s' in %s, as its experts do (dense_precision: auto); "
+                    "set dense_precision: model in the profile to keep them as the model has them",
+                    len(report.layers), dense.id, precision)
+    return report

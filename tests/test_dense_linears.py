@@ -1,0 +1,109 @@
+"""The dense part's linear layers on the dense device (hetrun.runtime.dense): which run there, at what precision,
+with what error, and what happens when the device or the input is wrong."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import hetrun
+from hetrun.errors import HetrunError, PrecisionError
+from hetrun.runtime.dense import RuntimeLinear
+from hetrun.runtime.dispatch import HetrunMoEBlock
+from hetrun.runtime.graphs import build_linear_graph
+from hetrun.tiny_models import tiny_model
+
+IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+ORT = [{"id": "ort", "type": "host-cpu", "backend": "onnxruntime"}]
+
+
+def _profile(dense_precision: str, devices=ORT, **extra) -> dict:
+    return {"name": f"dense-{dense_precision}", "devices": devices, "dense_precision": dense_precision, **extra}
+
+
+def _linears(model) -> tuple[list[str], list[str]]:
+    torch_linears = [p for p, m in model.named_modules() if type(m) is torch.nn.Linear]
+    runtime_linears = [p for p, m in model.named_modules() if isinstance(m, RuntimeLinear)]
+    return torch_linears, runtime_linears
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_every_dense_linear_runs_on_the_dense_device_at_int8(family):
+    model = tiny_model(family)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    before, _ = _linears(model)
+    deployed = hetrun.deploy(copy.deepcopy(model), _profile("int8-w8a8"), precision="int8-w8a8")
+    after, replaced = _linears(deployed)
+    assert after == [] and replaced  # no torch nn.Linear (and so no FP32/BF16 dense weight) is left
+    moe = [p for p, m in deployed.named_modules() if isinstance(m, HetrunMoEBlock)]
+    assert sorted(replaced) == sorted(p for p in before if not any(p.startswith(f"{b}.") for b in moe))
+    report = deployed.hetrun.dense
+    assert report.device == "ort:0" and report.precision == "int8-w8a8" and sorted(report.layers) == sorted(replaced)
+    with torch.no_grad():
+        out = deployed(IDS).logits
+    err = float((out - ref).norm() / ref.norm())
+    print(f"{family}: logits error with INT8 experts and INT8 dense linears {err:.4f}")
+    assert err < 0.1  # W8A8 everywhere on random tiny weights (measured 0.03-0.06)
+
+
+def test_fp32_dense_linears_reproduce_the_model():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        ref = model(IDS).logits
+    deployed = hetrun.deploy(copy.deepcopy(model), _profile("fp32"), precision="fp32")
+    assert _linears(deployed)[0] == []
+    with torch.no_grad():
+        out = deployed(IDS).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("precision, dense_precision", [("fp32", "auto"), ("int8-w8a8", "model"), ("bf16", "auto")])
+def test_the_dense_part_stays_in_torch_unless_the_device_runs_an_integer_format(precision, dense_precision):
+    deployed = hetrun.deploy(tiny_model("mixtral"), _profile(dense_precision), precision=precision)
+    torch_linears, replaced = _linears(deployed)
+    assert replaced == [] and torch_linears and deployed.hetrun.dense is None
+
+
+def test_auto_follows_an_integer_dense_device():
+    deployed = hetrun.deploy(tiny_model("mixtral"), _profile("auto"), precision="int8-w8a8")
+    assert deployed.hetrun.dense.precision == "int8-w8a8"
+
+
+def test_an_int8_linear_is_within_w8a8_error_of_its_weight():
+    g = np.random.default_rng(0)
+    w = g.standard_normal((300, 200)).astype(np.float32)  # K=200: a ragged last block of 128
+    x = g.standard_normal((5, 200)).astype(np.float32)
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(build_linear_graph(w, "int8-w8a8").SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ w.T
+    assert y.shape == (5, 300)
+    assert float(np.linalg.norm(y - want) / np.linalg.norm(want)) < 0.02  # INT8 weights and activations per block
+
+
+def test_an_explicit_dense_precision_on_a_simulated_device_is_one_line():
+    sim = [{"id": "gpu", "type": "h100-sxm", "backend": "simulated"}]
+    with pytest.raises(PrecisionError, match="dense_precision: int8-w8a8 needs a CPU dense device") as e:
+        hetrun.deploy(tiny_model("mixtral"), _profile("int8-w8a8", sim), precision="fp32")
+    assert "\n" not in str(e.value)
+
+
+def test_an_unknown_dense_precision_is_a_profile_error():
+    with pytest.raises(HetrunError, match="dense_precision"):
+        hetrun.deploy(tiny_model("mixtral"), _profile("int3"))
+
+
+def test_a_wrong_result_names_the_dense_device_and_nan_input_blames_the_model():
+    deployed = hetrun.deploy(tiny_model("mixtral"), _profile("int8-w8a8"), precision="int8-w8a8")
+    head = deployed.lm_head
+    real = head.session.forward
+    head.session.forward = lambda x: real(x) * float("nan")
+    with pytest.raises(HetrunError, match="dense device 'ort:0' returned a wrong result for lm_head"):
+        with torch.no_grad():
+            deployed(IDS)
+    head.session.forward = real
+    with pytest.raises(HetrunError, match="input of lm_head holds NaN"):
+        head(torch.full((1, head.in_features), float("nan")))
