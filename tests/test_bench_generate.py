@@ -1,0 +1,27 @@
+"""`hetrun bench generate`'s rounds: every system runs once per round in alternating order, and keeps its fastest."""
+
+from hetrun.bench import generate
+
+
+def test_rounds_alternate_and_each_system_keeps_its_fastest(monkeypatch):
+    order, speeds = [], {"transformers bf16": [50.0, 70.0], "hetrun default": [80.0, 60.0]}
+    monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
+
+    def one(system, folder, threads, missing):
+        order.append(system)
+        tps = speeds[system][sum(s == system for s in order) - 1]
+        return {"decode_tps": tps, "prefill_tps": tps * 10, "peak_rss_gb": tps / 100, "tokens": [1, 2]}
+    monkeypatch.setattr(generate, "_one_system", one)
+    out = generate.run(["transformers bf16", "hetrun default"], threads=2, rounds=2)
+    assert order == ["transformers bf16", "hetrun default", "hetrun default", "transformers bf16"]
+    tf, het = out["systems"]["transformers bf16"], out["systems"]["hetrun default"]
+    assert tf["decode_tps"] == 70.0 and tf["decode_tps_rounds"] == [50.0, 70.0] and tf["prefill_tps"] == 700.0
+    assert het["decode_tps"] == 80.0 and het["peak_rss_gb"] == 0.8  # the larger peak of its rounds
+
+
+def test_a_system_that_fails_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
+    monkeypatch.setattr(generate, "_one_system", lambda system, *a: "failed: boom" if system == "hetrun int4" else
+                        {"decode_tps": 1.0, "prefill_tps": 1.0, "peak_rss_gb": 1.0, "tokens": []})
+    out = generate.run(["hetrun int4", "transformers bf16"], threads=1, rounds=3)
+    assert out["skipped"] == {"hetrun int4": "failed: boom"} and list(out["systems"]) == ["transformers bf16"]
