@@ -240,8 +240,9 @@ def _generate(path: str, shape: str) -> dict:
 
 
 def _profile(backend: str, precision: str) -> dict:
+    # dense_precision: model -- the arms compare how experts reach their device; the dense part stays as read
     return {"name": f"load-{precision}", "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend,
-                                                      "precision": precision}]}
+                                                      "precision": precision}], "dense_precision": "model"}
 
 
 def _arm(arm: str, path: str, work: str, backend: str, threads: int) -> dict:

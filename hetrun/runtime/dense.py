@@ -77,8 +77,7 @@ def dense_precision(runtime: ExpertRuntime) -> str:
     profile, plan = runtime.profile, runtime.plan
     asked = profile.model.dense_precision
     dense = profile.dense_device
-    index = plan.device_ids.index(dense.id) if dense.id in plan.device_ids else None
-    capable = (index is not None and profile.model.distributed is None and dense.backend in RUNTIMES
+    capable = (dense.id in plan.device_ids and profile.model.distributed is None and dense.backend in RUNTIMES
                and dense.type.kind == "cpu")  # under torchrun every rank that holds the dense part runs it itself
     if asked == "model":
         return "model"
@@ -103,11 +102,12 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
     backend = runtime.backends[runtime.plan.device_ids.index(dense.id)]
     report = DenseLinears(dense.id, precision)
     for path, linear in targets:
-        w = linear.weight.detach().float().numpy()  # [N, K]
+        weight = linear.weight.detach()
+        w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [N, K], FP32 weights not copied
         graph = build_linear_graph(w, precision)
         report.stored_bytes += sum(len(t.raw_data) for t in graph.graph.initializer)
         session = backend.load(graph.SerializeToString(), path, {})
-        del graph, w
+        del graph, w, weight
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, RuntimeLinear(session, linear.in_features, linear.out_features, linear.bias, dense.id,
