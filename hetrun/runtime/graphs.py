@@ -46,6 +46,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
@@ -82,6 +83,14 @@ class ExpertGraph:
         return {"hidden": self.hidden, "intermediate": self.intermediate, "weight_bytes": self.weight_bytes,
                 "precision": self.precision, "onnx_bytes": self.onnx_bytes, "target": self.target,
                 "quantizer": self.quantizer}
+
+
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """a [N, K] -> a.T [K, N] contiguous, the bytes moved by torch's blocked transpose (numpy's strided copy is
+    1.5x slower on 2-byte and 5x slower on 4-byte values here, and expert graphs transpose every weight)."""
+    bits = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]  # any dtype, ml_dtypes' included
+    t = torch.from_numpy(np.ascontiguousarray(a).view(bits)).t().contiguous()  # [K, N]
+    return t.numpy().view(a.dtype)
 
 
 class _Builder:
@@ -217,7 +226,7 @@ def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
 def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
-        wt = np.ascontiguousarray(m.rows(k).T)  # [K, N]
+        wt = _transposed(m.rows(k))  # [K, N]
         mats[k] = b.init(f"w_{k}", wt)
         b.weight_bytes += wt.nbytes
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
@@ -228,7 +237,7 @@ def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) 
     np_dtype = np.float16 if fmt.name == "fp16" else ml_dtypes.bfloat16
     mats = {}
     for k in ("gate_up", "down"):
-        wt = np.ascontiguousarray(m.rows(k).astype(np_dtype).T)  # [K, N]: narrowed first, half the bytes to move
+        wt = _transposed(m.rows(k).astype(np_dtype))  # [K, N]: narrowed first, half the bytes to move
         mats[k] = b.op("Cast", [b.init(f"w_{k}", wt)], to=TensorProto.FLOAT)
         b.weight_bytes += wt.nbytes
 
@@ -308,7 +317,7 @@ def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     for k in ("gate_up", "down"):
         q = quantize_int8(m.rows(k), axis=0)  # data [N, K], scale [N]
         b.weight_bytes += q.data.nbytes + q.scale.nbytes
-        codes = b.init(f"w_{k}_int8", np.ascontiguousarray(q.data.T))  # [K, N]
+        codes = b.init(f"w_{k}_int8", _transposed(q.data))  # [K, N]
         mats[k] = b.op("DequantizeLinear", [codes, b.init(f"s_{k}", q.scale)], axis=1)  # [K, N]
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
@@ -457,7 +466,7 @@ def build_linear_graph(w: np.ndarray, precision: str) -> onnx.ModelProto:
     n, k = w.shape
     b = _Builder(arithmetic=False)
     if precision == "fp32":
-        y = b.op("MatMul", ["x", b.init("w", np.ascontiguousarray(w.T))])  # [T, N]
+        y = b.op("MatMul", ["x", b.init("w", _transposed(w))])  # [T, N]
         domains: tuple[str, ...] = ()
     else:
         fmt = FORMATS[precision]
