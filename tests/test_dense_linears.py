@@ -107,3 +107,12 @@ def test_a_wrong_result_names_the_dense_device_and_nan_input_blames_the_model():
     head.session.forward = real
     with pytest.raises(HetrunError, match="input of lm_head holds NaN"):
         head(torch.full((1, head.in_features), float("nan")))
+
+
+def test_the_accuracy_report_says_where_the_dense_part_ran():
+    from hetrun.cli.accuracy import accuracy_report
+
+    report = accuracy_report("tiny-mixtral", _profile("auto"), precision="int8-w8a8", prompts=2, tokens=5,
+                             weights="random")
+    assert report["dense"] == {"device": "ort:0", "precision": "int8-w8a8", "layers": 9}
+    assert report["deployment"]["top1"] > 0.5

@@ -94,10 +94,12 @@ def _expert_errors(runtime, inputs: list, reference) -> dict[int, dict]:
 
 
 def _alone_profile(profile, device) -> dict:
-    """A one-device profile of `device`'s type, backend and precision, for the every-expert-at-this-precision run."""
+    """A one-device profile of `device`'s type, backend and precision, for the every-expert-at-this-precision run
+    (the dense part as the model has it: that column is the experts' error alone)."""
     return {"name": f"{device.group}-alone",
             "devices": [{"id": device.group, "type": device.type.name, "backend": device.backend}],
-            "device_types": {k: v.model_dump() for k, v in profile.model.device_types.items()}}
+            "device_types": {k: v.model_dump() for k, v in profile.model.device_types.items()},
+            "dense_precision": "model"}
 
 
 def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | None = None, prompts: int = 8,
@@ -158,7 +160,10 @@ def accuracy_report(model: str = "tiny", profile="mixed-demo", precision: str | 
             "alone": alone_cache[key]})
     return {"model": model, "weights": weights, "family": MODELS[model], "profile": prof.name, "requested_precision": precision,
             "prompts": prompts, "tokens": tokens, "seed": seed, "devices": devices,
-            "deployment": logit_agreement(got, want)}
+            "deployment": logit_agreement(got, want),
+            "dense": None if runtime.dense is None else {"device": runtime.dense.device,
+                                                          "precision": runtime.dense.precision,
+                                                          "layers": len(runtime.dense.layers)}}
 
 
 # The INT4 rows of the precision table, as restated: one matrix's round-to-nearest noise floor on Gaussian weights
@@ -301,8 +306,11 @@ def _print(report: dict) -> None:
     c.print("expert err: each expert's output against the FP32 expert on the hidden states this model feeds it; "
             "solo: end to end with every expert at that device's precision")
     extra = f", {dep['nonfinite_logits']} non-finite logits" if dep["nonfinite_logits"] else ""
-    c.print(f"deployment as planned: logits relative error {_pct(dep['logits_rel_err'])}, top-1 agreement with FP32 "
-            f"{100 * dep['top1']:.1f}% ({dep['agree']}/{dep['positions']} positions){extra}")
+    dense = report.get("dense")
+    where = "the model's own linear layers" if dense is None else \
+        f"{dense['layers']} linear layers on {dense['device']} in {dense['precision']}"
+    c.print(f"deployment as planned (dense part: {where}): logits relative error {_pct(dep['logits_rel_err'])}, "
+            f"top-1 agreement with FP32 {100 * dep['top1']:.1f}% ({dep['agree']}/{dep['positions']} positions){extra}")
 
 
 def _add(p: argparse.ArgumentParser) -> None:
