@@ -116,3 +116,23 @@ def test_the_accuracy_report_says_where_the_dense_part_ran():
                              weights="random")
     assert report["dense"] == {"device": "ort:0", "precision": "int8-w8a8", "layers": 9}
     assert report["deployment"]["top1"] > 0.5
+
+
+def test_siblings_share_one_call_with_the_outputs_their_own_graphs_give():
+    import onnxruntime as ort
+
+    model = tiny_model("mixtral")
+    attn = model.model.layers[0].self_attn
+    weights = {n: getattr(attn, n).weight.detach().numpy().copy() for n in ("q_proj", "k_proj", "v_proj")}
+    deployed = hetrun.deploy(model, _profile("int8-w8a8"), precision="int8-w8a8")
+    q, k, v = (getattr(deployed.model.layers[0].self_attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+    assert q.call is k.call is v.call and deployed.lm_head.call is not q.call
+    x = torch.randn(3, q.in_features)
+    for layer, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):  # the same input: one call, three slices
+        alone = ort.InferenceSession(build_linear_graph(weights[name], "int8-w8a8").SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+        np.testing.assert_array_equal(layer(x).numpy(), alone)
+    assert q.call._input is None  # every member took its columns: nothing held
+    other = torch.randn(3, q.in_features)  # another input for one member: computed for it, not taken from the cache
+    assert not torch.equal(k(other), k(x))
+

@@ -32,6 +32,10 @@ from hetrun.runtime.graphs import build_linear_graph
 
 log = logging.getLogger("hetrun")
 RUNTIMES = ("onnxruntime", "openvino")  # backends that run linear graphs on a CPU dense device
+# Sibling layers that read one input in the transformers models hetrun deploys (Llama-style attention, DeepSeek's
+# MLA, dense SwiGLU MLPs): one runtime call computes them together.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), ("q_proj", "kv_a_proj_with_mqa"),
+            ("gate_proj", "up_proj"))
 
 
 @dataclass
@@ -44,31 +48,66 @@ class DenseLinears:
     stored_bytes: int = 0  # bytes of the replaced weights as the device stores them (codes and scales)
 
 
-class RuntimeLinear(torch.nn.Module):
-    """Stands where an nn.Linear stood: x [..., K] -> [..., N] in x's dtype, computed by a backend session."""
+class SharedInputCall:
+    """One runtime call for linear layers that read the same input (an attention's q, k and v projections): their
+    weights stacked along N in one graph, the output [M, sum of N] kept until each of them has taken its columns.
 
-    def __init__(self, session: ExpertSession, in_features: int, out_features: int, bias: torch.Tensor | None,
-                 device: str, path: str):
+    Stacking rows changes nothing a row computes (INT8 blocks run along K, per row), so each layer's output is what
+    its own graph would give. A member called with another input than the one cached computes the whole stack for
+    it (correct, only slower)."""
+
+    def __init__(self, session: ExpertSession, widths: list[int], device: str, paths: list[str]):
+        self.session, self.device_id, self.paths = session, device, paths
+        self.bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]  # column ranges of the members
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._output: torch.Tensor | None = None
+        self._untaken: set[int] = set()
+
+    def columns(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Member `member`'s output [M, N] float32 for x [..., K]."""
+        if self._input is not x or self._version != x._version or member not in self._untaken:
+            self._input, self._version, self._output = x, x._version, self._run(x)
+            self._untaken = set(range(len(self.paths)))
+        self._untaken.discard(member)
+        y = self._output[:, self.bounds[member]:self.bounds[member + 1]]  # [M, N]
+        if not self._untaken:  # every member has its columns: hold neither the input nor the output any longer
+            self._input = self._output = None
+        return y
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+        y = self.session.forward(rows)  # [M, sum N] float32
+        if tuple(y.shape) != (rows.shape[0], self.bounds[-1]) or not all_finite(y):
+            what = " and ".join(self.paths)
+            if not all_finite(rows):
+                raise HetrunError(f"the input of {what} holds NaN or inf: the model's dense part or its inputs "
+                                  "produced it, not a device")
+            raise HetrunError(f"dense device '{self.device_id}' returned a wrong result for {what} (shape "
+                              f"{list(y.shape)}, or NaN/inf): check the device, or set dense_precision: model")
+        return y
+
+
+class RuntimeLinear(torch.nn.Module):
+    """Stands where an nn.Linear stood: x [..., K] -> [..., N] in x's dtype, its columns of a SharedInputCall."""
+
+    def __init__(self, call: SharedInputCall, member: int, in_features: int, out_features: int,
+                 bias: torch.Tensor | None):
         super().__init__()
-        self.session = session
+        self.call, self.member = call, member
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.device_id, self.path = device, path
+
+    @property
+    def session(self) -> ExpertSession:
+        return self.call.session
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()  # [M, K]
-        y = self.session.forward(rows)  # [M, N] float32
-        if tuple(y.shape) != (rows.shape[0], self.out_features) or not all_finite(y):
-            if not all_finite(rows):
-                raise HetrunError(f"the input of {self.path} holds NaN or inf: the model's dense part or its inputs "
-                                  "produced it, not a device")
-            raise HetrunError(f"dense device '{self.device_id}' returned a wrong result for {self.path} (shape "
-                              f"{list(y.shape)}, or NaN/inf): check the device, or set dense_precision: model")
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
+        y = self.call.columns(x, self.member).to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, on {self.device_id}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, on {self.call.device_id}"
 
 
 def dense_precision(runtime: ExpertRuntime) -> str:
@@ -93,28 +132,46 @@ def dense_precision(runtime: ExpertRuntime) -> str:
 
 def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLinears | None:
     """Replace the model's nn.Linear layers (its MoE blocks already replaced) by RuntimeLinear layers on the dense
-    device at `dense_precision(runtime)`; None when they stay as they are."""
+    device at `dense_precision(runtime)`, siblings of SIBLINGS in one call; None when they stay as they are."""
     precision = dense_precision(runtime)
-    targets = [(path, m) for path, m in model.named_modules() if type(m) is torch.nn.Linear]
-    if precision == "model" or any(m.weight.is_meta for _, m in targets):  # meta: another rank runs the dense part
+    targets = {path: m for path, m in model.named_modules() if type(m) is torch.nn.Linear}
+    if precision == "model" or any(m.weight.is_meta for m in targets.values()):  # meta: another rank runs it
         return None
     dense = runtime.profile.dense_device
     backend = runtime.backends[runtime.plan.device_ids.index(dense.id)]
     report = DenseLinears(dense.id, precision)
-    for path, linear in targets:
-        weight = linear.weight.detach()
-        w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [N, K], FP32 weights not copied
+    for paths in _groups(targets):
+        linears = [targets[p] for p in paths]
+        weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [sum N, K], FP32 not copied
         graph = build_linear_graph(w, precision)
         report.stored_bytes += sum(len(t.raw_data) for t in graph.graph.initializer)
-        session = backend.load(graph.SerializeToString(), path, {})
+        call = SharedInputCall(backend.load(graph.SerializeToString(), "+".join(paths), {}),
+                               [m.out_features for m in linears], dense.id, paths)
         del graph, w, weight
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, RuntimeLinear(session, linear.in_features, linear.out_features, linear.bias, dense.id,
-                                            path))
-        report.layers.append(path)
+        for member, (path, linear) in enumerate(zip(paths, linears)):
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, attr, RuntimeLinear(call, member, linear.in_features, linear.out_features, linear.bias))
+            report.layers.append(path)
     if runtime.profile.model.dense_precision == "auto" and report.layers:
         log.warning("the dense part's %d linear layers run on '%s' in %s, as its experts do (dense_precision: auto); "
                     "set dense_precision: model in the profile to keep them as the model has them",
                     len(report.layers), dense.id, precision)
     return report
+
+
+def _groups(targets: dict[str, torch.nn.Linear]) -> list[list[str]]:
+    # module paths in runs of one call: SIBLINGS of one parent with one input width together, every other alone
+    grouped: list[list[str]] = []
+    taken: set[str] = set()
+    for path in targets:
+        parent, _, name = path.rpartition(".")
+        for names in SIBLINGS:
+            paths = [f"{parent}.{n}" if parent else n for n in names]
+            if name == names[0] and all(p in targets and p not in taken for p in paths) \
+                    and len({targets[p].in_features for p in paths}) == 1:
+                grouped.append(paths)
+                taken.update(paths)
+                break
+    return grouped + [[p] for p in targets if p not in taken]
