@@ -340,7 +340,11 @@ def test_a_non_finite_distributed_timeout_is_one_line_on_every_rank(tmp_path):
     assert proc.returncode != 0
     errs = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     assert sorted(errs) == ["0", "1"], (errs, proc.stderr[-800:])
-    for rank, err in errs.items():
+    # Every rank that got as far as reading the profile says it in one line. The first rank to exit makes torchrun
+    # stop the other, which on a loaded machine may still be importing and then dies before it can say anything.
+    said = {rank: err for rank, err in errs.items() if err.strip()}
+    assert said, errs
+    for rank, err in said.items():
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"hetrun: error: rank {rank}:"), err
         assert "timeout_s" in lines[0] and "finite" in lines[0]
