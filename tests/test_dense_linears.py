@@ -136,3 +136,13 @@ def test_siblings_share_one_call_with_the_outputs_their_own_graphs_give():
     other = torch.randn(3, q.in_features)  # another input for one member: computed for it, not taken from the cache
     assert not torch.equal(k(other), k(x))
 
+
+
+def test_shared_calls_work_under_inference_mode_as_serve_runs_them():
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        want = hetrun.deploy(copy.deepcopy(model), _profile("int8-w8a8"), precision="int8-w8a8")(IDS).logits
+    deployed = hetrun.deploy(model, _profile("int8-w8a8"), precision="int8-w8a8")
+    with torch.inference_mode():
+        got = deployed(IDS).logits
+    assert torch.equal(got, want)

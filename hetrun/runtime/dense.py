@@ -54,7 +54,8 @@ class SharedInputCall:
 
     Stacking rows changes nothing a row computes (INT8 blocks run along K, per row), so each layer's output is what
     its own graph would give. A member called with another input than the one cached computes the whole stack for
-    it (correct, only slower)."""
+    it (correct, only slower). The input is known by identity and, outside inference_mode, its version counter (an
+    inference tensor changed in place between two members' calls would not be noticed: attention code does not)."""
 
     def __init__(self, session: ExpertSession, widths: list[int], device: str, paths: list[str]):
         self.session, self.device_id, self.paths = session, device, paths
@@ -66,8 +67,9 @@ class SharedInputCall:
 
     def columns(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """Member `member`'s output [M, N] float32 for x [..., K]."""
-        if self._input is not x or self._version != x._version or member not in self._untaken:
-            self._input, self._version, self._output = x, x._version, self._run(x)
+        version = -1 if x.is_inference() else x._version  # inference_mode tensors keep no version counter
+        if self._input is not x or self._version != version or member not in self._untaken:
+            self._input, self._version, self._output = x, version, self._run(x)
             self._untaken = set(range(len(self.paths)))
         self._untaken.discard(member)
         y = self._output[:, self.bounds[member]:self.bounds[member + 1]]  # [M, N]
