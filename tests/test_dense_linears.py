@@ -99,12 +99,12 @@ def test_an_unknown_dense_precision_is_a_profile_error():
 def test_a_wrong_result_names_the_dense_device_and_nan_input_blames_the_model():
     deployed = hetrun.deploy(tiny_model("mixtral"), _profile("int8-w8a8"), precision="int8-w8a8")
     head = deployed.lm_head
-    real = head.session.forward
-    head.session.forward = lambda x: real(x) * float("nan")
+    real = head.call.session.forward
+    head.call.session.forward = lambda x: real(x) * float("nan")
     with pytest.raises(HetrunError, match="dense device 'ort:0' returned a wrong result for lm_head"):
         with torch.no_grad():
             deployed(IDS)
-    head.session.forward = real
+    head.call.session.forward = real
     with pytest.raises(HetrunError, match="input of lm_head holds NaN"):
         head(torch.full((1, head.in_features), float("nan")))
 

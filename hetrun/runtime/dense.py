@@ -40,12 +40,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"), 
 
 @dataclass
 class DenseLinears:
-    """What runs the dense part's linear layers: the device, the precision, the layers replaced and their bytes."""
+    """What runs the dense part's linear layers: the device, the precision and the layers replaced."""
 
     device: str
     precision: str
     layers: list[str] = field(default_factory=list)  # module paths now computed on the device
-    stored_bytes: int = 0  # bytes of the replaced weights as the device stores them (codes and scales)
 
 
 class SharedInputCall:
@@ -100,10 +99,6 @@ class RuntimeLinear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    @property
-    def session(self) -> ExpertSession:
-        return self.call.session
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.call.columns(x, self.member).to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # [..., N]
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -147,7 +142,6 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
         w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [sum N, K], FP32 not copied
         graph = build_linear_graph(w, precision)
-        report.stored_bytes += sum(len(t.raw_data) for t in graph.graph.initializer)
         call = SharedInputCall(backend.load(graph.SerializeToString(), "+".join(paths), {}),
                                [m.out_features for m in linears], dense.id, paths)
         del graph, w, weight

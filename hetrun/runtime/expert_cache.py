@@ -36,6 +36,7 @@ import numpy as np
 
 from hetrun.errors import ProfileError
 from hetrun.formats import expert_bytes
+from hetrun.placement.precisions import resident_expert_bytes
 from hetrun.profile import CacheSettings
 from hetrun.roofline import expert_seconds, transfer_seconds
 
@@ -134,13 +135,14 @@ class ExpertCache:
         self._check_memory()
 
     def _check_memory(self) -> None:
-        # The planner does not count cache slots: say so once when they need more than the plan leaves free.
+        # The planner does not count cache slots: say so once when they need more than the plan leaves free, each
+        # slot counted as the planner counts an expert (as the device's backend holds it).
         rt, spec = self.runtime, self.runtime.plan.spec
         for d in self.devices.tolist():
             dev_id = rt.plan.device_ids[d]
             free = rt.plan.predicted.get("devices", {}).get(dev_id, {}).get("memory_free_bytes")
-            need = self.settings.slots * expert_bytes(rt.plan.precision[dev_id], spec.hidden_size,
-                                                      spec.moe_intermediate_size)
+            need = self.settings.slots * resident_expert_bytes(rt.devices[d], rt.plan.precision[dev_id],
+                                                               spec.hidden_size, spec.moe_intermediate_size)
             if free is not None and need > free:
                 log.warning("cache on '%s': %d slots take %.3g GB but the plan leaves %.3g GB free there; lower "
                             "cache.slots, or raise the device's reserved_gb by the slots' size and plan again",
