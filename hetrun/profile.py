@@ -193,7 +193,7 @@ class ProfileModel(StrictModel):
     device_types: dict[str, DeviceType] = {}
     dense_device: str | None = None
     # the dense part's linear layers (hetrun.runtime.dense): "auto", "model" (as the model has them), or a format
-    dense_precision: Literal["auto", "model", "fp32", "int8-w8a8"] = "auto"
+    dense_precision: Literal["auto", "model", "fp32", "int8-w8a8", "int4-w4a8"] = "auto"
     fallback_device: str | None = None
     links: dict[Literal["intra_node", "inter_node"], LinkSpec] = {}
     pins: list[PinRule] = []
