@@ -14,9 +14,10 @@ activations are rounded on their way in:
   int8        symmetric per-output-channel INT8 weights (W8A16); for OpenVINO stored [N, K] and multiplied by
               Gemm(transB=1), the layout its CPU plugin keeps compressed (0.53 against 0.87 ms per expert at one
               token for [K, N] on a 2-core AVX2 host, Mixtral-bench shape).
-  int4        group-wise INT4 with zero points, groups of 128 along K, in com.microsoft.MatMulNBits (OpenVINO
-              runs it exactly, as fast as INT4 DequantizeLinear, and for any K); round-to-nearest, or GPTQ
-              when calibration activations are given.
+  int4        group-wise INT4 with zero points, groups of 128 along K, in com.microsoft.MatMulNBits; round-to-
+              nearest, or GPTQ when calibration activations are given. For OpenVINO the same codes, scales and
+              zero points as UINT4 [N, groups, group] initializers dequantized in f32 before Gemm(transB=1), the
+              pattern its CPU plugin keeps compressed and runs fastest.
   int4-g32    the same with groups of 32.
   int8-w8a8   INT8 weights in blocks of 128 along K and activations quantized to INT8 per block on the fly
               (MatMulNBits bits=8, accuracy level 4): onnxruntime's fast CPU path, as INT8 NPUs compute.
@@ -97,7 +98,7 @@ def _transposed(a: np.ndarray) -> np.ndarray:
 
 class _Builder:
     """Collects nodes and initializers; names stay unique. `arithmetic` rounds narrow floats without Casts;
-    `row_major` stores INT8 weights as nn.Linear does, [N, K], multiplied by Gemm(transB=1)."""
+    `row_major` stores INT8 and INT4 weights as nn.Linear does, [N, K], multiplied by Gemm(transB=1)."""
 
     def __init__(self, arithmetic: bool, row_major: bool = False):
         self.arithmetic = arithmetic
@@ -357,6 +358,12 @@ def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
 def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | None]], fmt: Format) -> None:
     """Both matmuls in com.microsoft.MatMulNBits; `order` (act-order) gathers the input columns first. Formats with
     INT8 activations (int4-w4a8) ask for accuracy level 4."""
+    if b.row_major:
+        for t, _ in tensors.values():
+            n, nb = t.scale.shape
+            b.weight_bytes += n * nb * (t.group // 2 + 4) + n * -(-nb // 2)  # as MatMulNBits stores it
+        b.out = b.swiglu("x", lambda x, k: _row_major_int4(b, x, k, *tensors[k]))
+        return
     nodes = {}
     for k, (t, order) in tensors.items():
         n, kk = t.codes.shape
@@ -366,6 +373,26 @@ def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | 
         perm = None if order is None else b.init(f"order_{k}", np.asarray(order, dtype=np.int64))  # [K]
         nodes[k] = (inputs, n, kk, t.group, perm)
     _nbits_swiglu(b, nodes, 4, fmt)
+
+
+def _row_major_int4(b: _Builder, x: str, name: str, t: Int4Tensor, order: np.ndarray | None) -> str:
+    """x [T, K] @ W.T with INT4 codes kept [N, K] in groups, (codes - zero point) * scale in f32: the pattern
+    OpenVINO's CPU plugin keeps compressed (0.62 against 0.88 ms per Mixtral-bench expert at one token for
+    MatMulNBits on a 2-core AVX2 host). K is padded to whole groups; the padding meets zero input columns."""
+    n, k = t.codes.shape
+    nb = t.scale.shape[1]
+    pad = nb * t.group - k
+    codes = np.pad(t.codes, ((0, 0), (0, pad))).reshape(n, nb, t.group).astype(ml_dtypes.uint4)  # [N, nb, g]
+    zero = t.zero_point.reshape(n, nb, 1).astype(ml_dtypes.uint4)  # [N, nb, 1]
+    w = b.op("Sub", [b.op("Cast", [b.init(f"w_{name}_u4", codes)], to=TensorProto.FLOAT),
+                     b.op("Cast", [b.init(f"z_{name}", zero)], to=TensorProto.FLOAT)])
+    w = b.op("Mul", [w, b.init(f"s_{name}", t.scale.reshape(n, nb, 1).astype(np.float32))])  # [N, nb, g]
+    w = b.op("Reshape", [w, b.const([n, nb * t.group], np.int64)])  # [N, K + pad]
+    if order is not None:
+        x = b.op("Gather", [x, b.init(f"order_{name}", np.asarray(order, dtype=np.int64))], axis=1)  # group order
+    if pad:
+        x = b.op("Pad", [x, b.const([0, 0, 0, pad], np.int64)])  # [T, K + pad]
+    return b.op("Gemm", [x, w], transB=1)  # [T, N]
 
 
 def _nbits_swiglu(b: _Builder, nodes: dict, bits: int, fmt: Format) -> None:
