@@ -120,7 +120,8 @@ def test_graphs_are_valid_onnx_with_two_weight_matmuls(precision, target):
     matmuls = [n for n in g.model.graph.node if n.op_type in ("MatMul", "MatMulNBits", "Gemm")]
     assert len(matmuls) == 2
     if target == "openvino" and precision in ("int8", "int4", "int4-g32"):  # [N, K], as OpenVINO keeps them compressed
-        assert {n.op_type for n in matmuls} == {"Gemm"} and all(n.attribute[0].i == 1 for n in matmuls)
+        assert all(n.op_type == "Gemm" and {a.name: a.i for a in n.attribute} == {"transB": 1} for n in matmuls)
+    assert g.weight_bytes == build_expert_graph(w, precision).weight_bytes  # the format's bytes, whatever the form
     assert g.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "tokens"
     if precision in ("fp8", "fp8-w8a16"):
         dql = [n for n in g.model.graph.node if n.op_type == "DequantizeLinear"]

@@ -52,7 +52,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format
+from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format, matrix_bytes
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
 from hetrun.kernels.int4 import Int4Tensor, quantize_int4, to_matmulnbits
@@ -356,12 +356,10 @@ def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
 
 
 def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | None]], fmt: Format) -> None:
-    """Both matmuls in com.microsoft.MatMulNBits; `order` (act-order) gathers the input columns first. Formats with
-    INT8 activations (int4-w4a8) ask for accuracy level 4."""
+    """Both matmuls in com.microsoft.MatMulNBits (row_major: _row_major_int4's form); `order` (act-order) gathers the
+    input columns first. Formats with INT8 activations (int4-w4a8) ask for accuracy level 4."""
     if b.row_major:
-        for t, _ in tensors.values():
-            n, nb = t.scale.shape
-            b.weight_bytes += n * nb * (t.group // 2 + 4) + n * -(-nb // 2)  # as MatMulNBits stores it
+        b.weight_bytes += sum(matrix_bytes(fmt.name, *t.codes.shape) for t, _ in tensors.values())
         b.out = b.swiglu("x", lambda x, k: _row_major_int4(b, x, k, *tensors[k]))
         return
     nodes = {}
