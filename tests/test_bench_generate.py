@@ -25,3 +25,17 @@ def test_a_system_that_fails_is_skipped_with_its_reason(monkeypatch):
                         {"decode_tps": 1.0, "prefill_tps": 1.0, "peak_rss_gb": 1.0, "tokens": []})
     out = generate.run(["hetrun int4", "transformers bf16"], threads=1, rounds=3)
     assert out["skipped"] == {"hetrun int4": "failed: boom"} and list(out["systems"]) == ["transformers bf16"]
+
+
+def test_the_decode_split_counts_moe_layers_dense_linears_and_the_rest():
+    import hetrun
+    from hetrun.tiny_models import tiny_model
+
+    model = hetrun.deploy(tiny_model("mixtral"), {"name": "split", "devices": [
+        {"id": "ort", "type": "host-cpu", "backend": "onnxruntime"}]}, precision="int8-w8a8")
+    split = generate._decode_split(model, [3, 14, 15, 92, 65])
+    assert set(split) == {"total", "moe_layers", "expert_calls", "dense_linears", "rest"}
+    assert split["moe_layers"] > 0 and split["expert_calls"] > 0 and split["dense_linears"] > 0  # each part is timed
+    assert abs(split["total"] - split["moe_layers"] - split["dense_linears"] - split["rest"]) < 1e-9
+    model.hetrun.stats.reset()
+    assert model.hetrun.stats.dense_s == 0.0

@@ -110,16 +110,25 @@ def _child(system: str, folder: Path, threads: int) -> dict:
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     out = _run_torch_model(model, ids)
-    if runner == "hetrun":  # where decode time goes: MoE layers (experts inside them) against the dense part
-        stats = model.hetrun.stats
+    if runner == "hetrun":
+        extra["split_ms"] = _decode_split(model, ids)
+    return {**out, **extra}
+
+
+def _decode_split(model, ids: list[int]) -> dict:
+    """Where a decode token's time goes, in ms: a 1-token generate subtracted from a NEW_TOKENS one, per token."""
+    stats = model.hetrun.stats
+    runs = []
+    for new in (1, NEW_TOKENS):
         stats.reset()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - t0
-        extra["split"] = {"moe_layers": stats.layer_s / total, "experts": stats.expert_s / total}
-    return {**out, **extra}
+            model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+        runs.append((time.perf_counter() - t0, stats.layer_s, stats.expert_s, stats.dense_s))
+    total, layers, experts, dense = ((b - a) * 1e3 / (NEW_TOKENS - 1) for a, b in zip(*runs))
+    return {"total": total, "moe_layers": layers, "expert_calls": experts, "dense_linears": dense,
+            "rest": total - layers - dense}
 
 
 # ---- GGUF for llama.cpp -------------------------------------------------------------------------------------
@@ -337,9 +346,12 @@ def _print(result: dict) -> None:
             c.print(f"peak RSS {mine} / {ref}: {ratio:.2f} (target <= {want}) "
                     f"{'[green]met[/]' if ratio <= want else '[red]missed[/]'}")
     for name, r in s.items():
-        if "split" in r:
-            c.print(f"{name}: MoE layers {r['split']['moe_layers']:.0%} of a generate call (experts "
-                    f"{r['split']['experts']:.0%}), the dense part and the generate loop the rest")
+        if "split_ms" in r:
+            ms = r["split_ms"]
+            c.print(f"{name}, per decode token: {ms['total']:.2f} ms = MoE layers {ms['moe_layers']:.2f} (their expert "
+                    f"calls {ms['expert_calls']:.2f}, summed over devices that run at once) + dense linear layers on "
+                    f"the dense device {ms['dense_linears']:.2f} + the rest (attention, norms, KV cache, generate "
+                    f"loop) {ms['rest']:.2f}")
     for name, why in result["skipped"].items():
         c.print(f"skipped {name}: {why}")
 

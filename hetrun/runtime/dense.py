@@ -23,6 +23,7 @@ layer's weight is released with its nn.Linear (a weight tied to the embeddings s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from hetrun.backends.base import ExpertSession
 from hetrun.errors import HetrunError, PrecisionError
 from hetrun.formats import base_precision
-from hetrun.runtime.dispatch import ExpertRuntime, all_finite
+from hetrun.runtime.dispatch import DispatchStats, ExpertRuntime, all_finite
 from hetrun.runtime.graphs import build_linear_graph
 
 log = logging.getLogger("hetrun")
@@ -59,8 +60,9 @@ class SharedInputCall:
     it (correct, only slower). The input is known by identity and, outside inference_mode, its version counter (an
     inference tensor changed in place between two members' calls would not be noticed: attention code does not)."""
 
-    def __init__(self, session: ExpertSession, widths: list[int], device: str, paths: list[str]):
-        self.session, self.device_id, self.paths = session, device, paths
+    def __init__(self, session: ExpertSession, widths: list[int], device: str, paths: list[str],
+                 stats: DispatchStats):
+        self.session, self.device_id, self.paths, self.stats = session, device, paths, stats
         self.bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]  # column ranges of the members
         self._input: torch.Tensor | None = None
         self._version = -1
@@ -81,7 +83,9 @@ class SharedInputCall:
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+        t0 = time.perf_counter()
         y = self.session.forward(rows)  # [M, sum N] float32
+        self.stats.dense_s += time.perf_counter() - t0
         if tuple(y.shape) != (rows.shape[0], self.bounds[-1]) or not all_finite(y):
             what = " and ".join(self.paths)
             if not all_finite(rows):
@@ -146,7 +150,7 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
         w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [sum N, K], FP32 not copied
         graph = build_linear_graph(w, precision)
         call = SharedInputCall(backend.load(graph.SerializeToString(), "+".join(paths), {}),
-                               [m.out_features for m in linears], dense.id, paths)
+                               [m.out_features for m in linears], dense.id, paths, runtime.stats)
         del graph, w, weight
         for member, (path, linear) in enumerate(zip(paths, linears)):
             parent_path, _, attr = path.rpartition(".")

@@ -64,6 +64,7 @@ class DispatchStats:
     wall_s_per_device: np.ndarray  # [D] measured wall time inside expert graphs
     layer_s: float = 0.0  # whole MoE layers
     expert_s: float = 0.0  # inside expert graphs; the rest of layer_s is routing, permute, combine and copies
+    dense_s: float = 0.0  # inside the dense part's linear-layer calls on the dense device (hetrun.runtime.dense)
     calls: int = 0
     transfers: int = 0  # copies of rows between host and a device (0 when rows and sessions share a device)
     faults: list = field(default_factory=list)
@@ -104,7 +105,8 @@ class DispatchStats:
                 "devices": {d: {"tokens": int(self.tokens_per_device[i]),
                                 "modeled_s": float(self.modeled_s_per_device[i]),
                                 "wall_s": float(self.wall_s_per_device[i])} for i, d in enumerate(device_ids)},
-                "layer_s": self.layer_s, "expert_s": self.expert_s, "calls": self.calls, "transfers": self.transfers,
+                "layer_s": self.layer_s, "expert_s": self.expert_s, "dense_s": self.dense_s, "calls": self.calls,
+                "transfers": self.transfers,
                 "faults": list(self.faults),
                 "rebalance": {"switches": len(self.switches), "moves": len(self.moves), "bytes": self.rebalance_bytes,
                               "failures": self.rebalance_failures, "switch_log": list(self.switches),
