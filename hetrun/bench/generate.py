@@ -73,23 +73,37 @@ def prompt_ids(seed: int = 0) -> list[int]:
 
 # ---- one system, in its own process ---------------------------------------------------------------------------
 
-def _run_torch_model(model, ids: list[int]) -> dict:
-    """Prefill and decode speed of greedy generate, best of two runs after a warm-up."""
+def _run_torch_model(model, ids: list[int], stats=None) -> dict:
+    """Prefill and decode speed of greedy generate, best of two runs after a warm-up. With a deployment's
+    DispatchStats, also where a decode token's time went in those runs ("split_ms", see _decode_split)."""
     x = torch.tensor([ids])
     gen = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(x[:, :8], max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-        best_first, best_all, tokens = float("inf"), float("inf"), None
+        best: dict[int, tuple] = {}  # new tokens -> (seconds, MoE layer s, expert s, dense s) of the fastest run
         for _ in range(2):
-            t0 = time.perf_counter()
-            model.generate(x, max_new_tokens=1, min_new_tokens=1, **gen)
-            best_first = min(best_first, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            out = model.generate(x, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **gen)
-            best_all = min(best_all, time.perf_counter() - t0)
-            tokens = out[0, len(ids):].tolist()
-    return {"prefill_tps": len(ids) / best_first, "decode_tps": (NEW_TOKENS - 1) / max(best_all - best_first, 1e-9),
-            "tokens": tokens}
+            for new in (1, NEW_TOKENS):
+                if stats is not None:
+                    stats.reset()
+                t0 = time.perf_counter()
+                out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **gen)
+                run = (time.perf_counter() - t0,) + ((stats.layer_s, stats.expert_s, stats.dense_s) if stats else ())
+                best[new] = min(best.get(new, run), run)
+        tokens = out[0, len(ids):].tolist()
+    first, whole = best[1], best[NEW_TOKENS]
+    result = {"prefill_tps": len(ids) / first[0], "decode_tps": (NEW_TOKENS - 1) / max(whole[0] - first[0], 1e-9),
+              "tokens": tokens}
+    if stats is not None:
+        result["split_ms"] = _decode_split(first, whole)
+    return result
+
+
+def _decode_split(first: tuple, whole: tuple) -> dict:
+    """Where a decode token's time goes, in ms: (seconds, MoE layer s, expert s, dense s) of a 1-token generate
+    subtracted from those of a NEW_TOKENS one, per token."""
+    total, layers, experts, dense = ((b - a) * 1e3 / (NEW_TOKENS - 1) for a, b in zip(first, whole))
+    return {"total": total, "moe_layers": layers, "expert_calls": experts, "dense_linears": dense,
+            "rest": total - layers - dense}
 
 
 def _child(system: str, folder: Path, threads: int) -> dict:
@@ -109,26 +123,8 @@ def _child(system: str, folder: Path, threads: int) -> dict:
         extra["precisions"] = dict(model.hetrun.plan.precision)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-    out = _run_torch_model(model, ids)
-    if runner == "hetrun":
-        extra["split_ms"] = _decode_split(model, ids)
+    out = _run_torch_model(model, ids, model.hetrun.stats if runner == "hetrun" else None)
     return {**out, **extra}
-
-
-def _decode_split(model, ids: list[int]) -> dict:
-    """Where a decode token's time goes, in ms: a 1-token generate subtracted from a NEW_TOKENS one, per token."""
-    stats = model.hetrun.stats
-    runs = []
-    for new in (1, NEW_TOKENS):
-        stats.reset()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=0)
-        runs.append((time.perf_counter() - t0, stats.layer_s, stats.expert_s, stats.dense_s))
-    total, layers, experts, dense = ((b - a) * 1e3 / (NEW_TOKENS - 1) for a, b in zip(*runs))
-    return {"total": total, "moe_layers": layers, "expert_calls": experts, "dense_linears": dense,
-            "rest": total - layers - dense}
 
 
 # ---- GGUF for llama.cpp -------------------------------------------------------------------------------------

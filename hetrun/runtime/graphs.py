@@ -182,6 +182,10 @@ class _Builder:
         return self.op("Where", [self.op("IsNaN", [x]), x, r])  # OpenVINO's Clip turns NaN into -448
 
     # ---- the expert ------------------------------------------------------------------------------------
+    def times(self, x: str, w: str) -> str:
+        """x [T, K] times a float weight: w [K, N], or w [N, K] transposed when the builder is row_major."""
+        return self.op("Gemm", [x, w], transB=1) if self.row_major else self.op("MatMul", [x, w])  # [T, N]
+
     def swiglu(self, x: str, matmul: Callable[[str, str], str]) -> str:
         gate_up = matmul(x, "gate_up")  # [N, 2I]
         g, u = self.name("g"), self.name("u")
@@ -322,16 +326,11 @@ def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     for k in ("gate_up", "down"):
         q = quantize_int8(m.rows(k), axis=0)  # data [N, K], scale [N]
         b.weight_bytes += q.data.nbytes + q.scale.nbytes
-        if b.row_major:  # OpenVINO keeps [N, K] codes compressed in its FullyConnected: 1.6x [K, N]'s speed at 1 token
-            codes = b.init(f"w_{k}_int8", np.ascontiguousarray(q.data))  # [N, K]
-            mats[k] = b.op("DequantizeLinear", [codes, b.init(f"s_{k}", q.scale)], axis=0)  # [N, K]
-        else:
-            codes = b.init(f"w_{k}_int8", _transposed(q.data))  # [K, N]
-            mats[k] = b.op("DequantizeLinear", [codes, b.init(f"s_{k}", q.scale)], axis=1)  # [K, N]
-    if b.row_major:
-        b.out = b.swiglu("x", lambda x, k: b.op("Gemm", [x, mats[k]], transB=1))
-    else:
-        b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
+        # OpenVINO keeps [N, K] codes compressed in its FullyConnected: 1.6x [K, N]'s speed at one token
+        codes = np.ascontiguousarray(q.data) if b.row_major else _transposed(q.data)  # [N, K] or [K, N]
+        mats[k] = b.op("DequantizeLinear", [b.init(f"w_{k}_int8", codes), b.init(f"s_{k}", q.scale)],
+                       axis=0 if b.row_major else 1)
+    b.out = b.swiglu("x", lambda x, k: b.times(x, mats[k]))
 
 
 def _build_int8_nbits(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
@@ -390,7 +389,7 @@ def _row_major_int4(b: _Builder, x: str, name: str, t: Int4Tensor, order: np.nda
         x = b.op("Gather", [x, b.init(f"order_{name}", np.asarray(order, dtype=np.int64))], axis=1)  # group order
     if pad:
         x = b.op("Pad", [x, b.const([0, 0, 0, pad], np.int64)])  # [T, K + pad]
-    return b.op("Gemm", [x, w], transB=1)  # [T, N]
+    return b.times(x, w)  # [T, N]
 
 
 def _nbits_swiglu(b: _Builder, nodes: dict, bits: int, fmt: Format) -> None:
