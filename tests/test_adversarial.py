@@ -371,7 +371,7 @@ def test_a_kill_during_the_force_swap_leaves_a_bundle_in_place(atomic, tmp_path,
     if not atomic:
         monkeypatch.setattr(target, "exchange", lambda a, b: False)
     elif not exchange(fake_bundle(tmp_path / "x", "x"), fake_bundle(tmp_path / "y", "y")):
-        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+        pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE); the fallback swap is the atomic=False case")
     staging = Staging.reserve(out, force=True)
     (staging.tmp / MANIFEST).write_text("new")
     renames = []
