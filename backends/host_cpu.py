@@ -6,6 +6,8 @@ import functools
 import logging
 import platform
 
+import torch
+
 from hetrun.formats import base_precision
 
 log = logging.getLogger("hetrun")
@@ -14,6 +16,9 @@ log = logging.getLogger("hetrun")
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 VECTOR_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_fp16"})
+# 16-bit float dtype -> the flags of CPUs that compute it natively (elsewhere torch emulates it through FP32)
+NATIVE_FLAGS = {torch.bfloat16: "AVX512-BF16 or AMX-BF16", torch.float16: "AVX512-FP16 or AMX-FP16"}
+_NATIVE = {torch.bfloat16: BF16_FLAGS, torch.float16: frozenset({"avx512_fp16", "amx_fp16"})}
 
 
 @functools.cache
@@ -32,6 +37,11 @@ def cpu_flags() -> frozenset[str]:
 def native_bf16() -> bool:
     """Whether the CPU multiplies BF16 natively (AVX512-BF16 or AMX); elsewhere BF16 is emulated in FP32."""
     return bool(BF16_FLAGS & cpu_flags())
+
+
+def native_float(dtype: torch.dtype) -> bool:
+    """Whether the CPU computes floating-point `dtype` natively (FP32 and FP64 always; BF16 and FP16 by flags)."""
+    return dtype not in _NATIVE or bool(_NATIVE[dtype] & cpu_flags())
 
 
 def describe() -> dict:

@@ -28,6 +28,7 @@ from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime.dense import run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
+from hetrun.runtime.memory import release_freed_heap
 from hetrun.runtime.weights import model_layer_weights, release_sources
 from hetrun.spec import MoESpec
 
@@ -74,6 +75,7 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     if not recompiles and (fallback is None or fallback.id not in plan.device_ids
                            or not runtime.is_local(plan.device_ids.index(fallback.id))):
         release_sources(weights)  # the replaced blocks' expert tensors are freed with them
+    release_freed_heap()  # what compiling freed, back to the OS rather than kept in malloc's arenas
     model.hetrun = runtime
     return model
 

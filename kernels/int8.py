@@ -41,13 +41,14 @@ def _along(scale: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 def to_matmulnbits_int8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric INT8 in blocks of `block` along K, packed for com.microsoft.MatMulNBits (bits=8), for w [N, K].
 
-    Returns B uint8 [N, n_blocks, block] (codes + 128, the op's default zero point; the ragged tail of the last
-    block holds 128, which dequantizes to 0) and scales float32 [N * n_blocks] (amax / 127 per block, 1 for
-    all-zero blocks).
+    `w` may also be a torch tensor of any float dtype (a BF16 LM head): it is read to FP32 a row chunk at a time, so
+    no FP32 copy of the whole matrix is made. Returns B uint8 [N, n_blocks, block] (codes + 128, the op's default
+    zero point; the ragged tail of the last block holds 128, which dequantizes to 0) and scales float32
+    [N * n_blocks] (amax / 127 per block, 1 for all-zero blocks).
     """
     if block < 16 or block & (block - 1):
         raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {block}")
-    w = np.asarray(w)
+    w = w if hasattr(w, "numpy") else np.asarray(w)
     n, k = w.shape
     nb = -(-k // block)
     codes = np.empty((n, nb, block), np.uint8)  # [N, nb, block]
@@ -55,7 +56,8 @@ def to_matmulnbits_int8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np
     step = max(1, (16 << 20) // (nb * block * 4))  # rows per 16 MB of FP32 scratch: an LM head is not copied whole
     for r in range(0, n, step):
         padded = np.zeros((min(step, n - r), nb * block), np.float32)
-        padded[:, :k] = w[r:r + step]
+        chunk = w[r:r + step]
+        padded[:, :k] = chunk.float().numpy() if hasattr(chunk, "numpy") else chunk  # [rows, K]
         blocks = padded.reshape(-1, nb, block)  # [rows, nb, block]
         scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)  # [rows, nb]
         scale[scale == 0] = 1.0

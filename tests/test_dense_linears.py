@@ -93,6 +93,14 @@ def test_an_integer_linear_is_within_its_formats_error_of_its_weight(precision):
     assert len(weights.raw_data) == 300 * 256 * bits // 8  # K padded to whole blocks, `bits` per weight
 
 
+@pytest.mark.parametrize("precision", sorted(LINEAR_BOUNDS))
+def test_a_bf16_weight_gives_the_graph_of_its_fp32_values(precision):
+    # INT8 reads a BF16 weight to FP32 a row chunk at a time (no whole FP32 copy): the chunks must not change a bit
+    w = torch.randn(70000, 200).to(torch.bfloat16)  # [N, K]: five chunks of 16 MB of FP32 scratch (K padded to 256)
+    from_bf16, from_fp32 = build_linear_graph(w, precision), build_linear_graph(w.float().numpy(), precision)
+    assert [t.raw_data for t in from_bf16.graph.initializer] == [t.raw_data for t in from_fp32.graph.initializer]
+
+
 def test_int4_dense_linears_when_asked_and_int8_beside_int4_experts_by_default():
     model = tiny_model("mixtral")
     with torch.no_grad():

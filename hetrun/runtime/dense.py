@@ -16,7 +16,8 @@ The profile's `dense_precision` says what runs them:
   model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
              every profile with a distributed: section: under torchrun the ranks that hold the dense part run it).
   int8-w8a8, int4-w4a8, fp32   explicitly; a dense device that cannot run them is a one-line error.
-Embeddings, norms, rotary tables and attention itself stay in torch; MoE blocks are the dispatcher's. A replaced
+Embeddings, norms, rotary tables and attention itself stay in torch (in FP32 where the CPU emulates the model's
+16-bit dtype: hetrun.runtime.dense_dtype); MoE blocks are the dispatcher's. A replaced
 layer's weight is released with its nn.Linear (a weight tied to the embeddings stays with them).
 """
 
@@ -31,8 +32,10 @@ import torch
 from hetrun.backends.base import ExpertSession
 from hetrun.errors import HetrunError, PrecisionError
 from hetrun.formats import base_precision
+from hetrun.runtime.dense_dtype import compute_in_fp32
 from hetrun.runtime.dispatch import DispatchStats, ExpertRuntime, all_finite
 from hetrun.runtime.graphs import build_linear_graph
+from hetrun.runtime.memory import release_freed_heap
 
 log = logging.getLogger("hetrun")
 RUNTIMES = ("onnxruntime", "openvino")  # backends that run linear graphs on a CPU dense device
@@ -49,6 +52,7 @@ class DenseLinears:
     device: str
     precision: str
     layers: list[str] = field(default_factory=list)  # module paths now computed on the device
+    upcast_from: torch.dtype | None = None  # the emulated 16-bit dtype the rest now computes in FP32 instead of
 
 
 class SharedInputCall:
@@ -147,11 +151,12 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
     for paths in _groups(targets):
         linears = [targets[p] for p in paths]
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
-        w = (weight if weight.dtype == torch.float32 else weight.float()).numpy()  # [sum N, K], FP32 not copied
-        graph = build_linear_graph(w, precision)
-        call = SharedInputCall(backend.load(graph.SerializeToString(), "+".join(paths), {}),
-                               [m.out_features for m in linears], dense.id, paths, runtime.stats)
-        del graph, w, weight
+        data = build_linear_graph(weight, precision).SerializeToString()  # weight [sum N, K] in the model's dtype
+        del weight
+        release_freed_heap()  # the graph's transients (the LM head's: 100 MB and more) before the runtime's copy
+        call = SharedInputCall(backend.load(data, "+".join(paths), {}), [m.out_features for m in linears], dense.id,
+                               paths, runtime.stats)
+        del data
         for member, (path, linear) in enumerate(zip(paths, linears)):
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
@@ -161,6 +166,8 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
         log.warning("the dense part's %d linear layers run on '%s' in %s, as its experts do (dense_precision: auto); "
                     "set dense_precision: model in the profile to keep them as the model has them",
                     len(report.layers), dense.id, precision)
+    if report.layers:
+        report.upcast_from = compute_in_fp32(model, dense.type.kind)
     return report
 
 

@@ -491,14 +491,18 @@ def _graph(b: _Builder, precision: str, target: str, hidden: int, intermediate: 
 LINEAR_FORMATS = ("fp32", "int8-w8a8", "int4-w4a8")
 
 
-def build_linear_graph(w: np.ndarray, precision: str) -> onnx.ModelProto:
+def build_linear_graph(w: "np.ndarray | torch.Tensor", precision: str) -> onnx.ModelProto:
     """x [tokens, K] float32 -> x @ w.T [tokens, N] float32 for an nn.Linear weight w [N, K] (no bias), at a
     precision of LINEAR_FORMATS: "fp32" (MatMul), "int8-w8a8" (MatMulNBits, INT8 blocks of 128 along K) or
     "int4-w4a8" (MatMulNBits, INT4 groups of 128 with zero points, round-to-nearest), both with INT8 activations
-    per block on the fly: onnxruntime's and OpenVINO's weight-compressed CPU kernels."""
+    per block on the fly: onnxruntime's and OpenVINO's weight-compressed CPU kernels. A torch weight of a 16-bit
+    dtype is quantized to INT8 without a whole FP32 copy of it."""
     if precision not in LINEAR_FORMATS:
         raise ValueError(f"no linear graph for precision {precision!r}; available: {', '.join(LINEAR_FORMATS)}")
-    w = np.asarray(w, dtype=np.float32)  # [N, K]
+    if isinstance(w, torch.Tensor) and (precision != "int8-w8a8" or w.dtype == torch.float32):
+        w = w.float().numpy()  # FP32 already: not copied
+    if not isinstance(w, torch.Tensor):
+        w = np.asarray(w, dtype=np.float32)  # [N, K]
     n, k = w.shape
     b = _Builder(arithmetic=False)
     if precision == "fp32":
