@@ -8,7 +8,7 @@ import hetrun
 from tests.conftest import FAMILIES
 
 # Device type each backend drives in this suite; vendor backends need their hardware.
-BACKEND_DEVICE = {"onnxruntime": "host-cpu", "openvino": "host-cpu", "simulated": "h100-sxm",
+BACKEND_DEVICE = {"onnxruntime": "host-cpu", "openvino": "host-cpu", "torch": "host-cpu", "simulated": "h100-sxm",
                   "nvidia": "h100-sxm", "ascend": "ascend-910b2"}
 
 
@@ -45,7 +45,7 @@ def test_logits_and_greedy_tokens_match_transformers(backend, family, fresh):
     assert stats.tokens_per_device.sum() == stats.tokens_per_expert.sum()
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "simulated"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch", "simulated"])
 def test_one_token_and_idle_experts(backend, fresh):
     require(backend)
     reference = fresh("deepseek_v3")

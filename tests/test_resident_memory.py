@@ -17,6 +17,7 @@ import sys
 import pytest
 
 CASES = [("onnxruntime", p) for p in ("fp32", "bf16", "fp16", "fp8", "int8", "int8-w8a8", "int4")] + \
+        [("torch", p) for p in ("fp32", "bf16", "fp16")] + \
         [("openvino", p) for p in ("fp32", "bf16", "fp16", "fp8", "int8", "int4")]
 
 MEASURE = """
