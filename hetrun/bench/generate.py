@@ -4,7 +4,9 @@ The model is a 2-layer Mixtral-shaped MoE (hidden 1024, intermediate 2816, 8 exp
 random weights, written once as a checkpoint; every system generates greedily from the same 128-token prompt, 64
 new tokens, in a child process of its own (so that each one's peak resident memory is its own), with the same
 thread count. Reported per system: prefill tokens/s (prompt tokens / time to the first token), decode tokens/s
-(the next 63 tokens), peak RSS, and whether its greedy tokens equal transformers' in FP32. llama.cpp runs when
+(the next 63 tokens), peak RSS, and whether its greedy tokens equal transformers' in FP32. The checkpoint is BF16,
+as MoE checkpoints ship: transformers loads it in BF16 or FP32, hetrun deploys it as a user would (`hetrun fp32`
+casts the deployed model to FP32 afterwards). llama.cpp runs when
 `llama-cpp-python` is installed (the `bench` extra) from GGUF files written from the same weights with the `gguf`
 package: F32, Q8_0 and Q4_0, compared with hetrun at FP32, INT8 and INT4 experts.
 """
@@ -39,14 +41,14 @@ from hetrun.tiny_models import random_model
 
 SPEC = MoESpec.from_preset("mixtral-bench").replace(name="mixtral-bench-2l", num_layers=2)
 PROMPT_LEN, NEW_TOKENS = 128, 64
-# system -> (runner, model dtype, hetrun precision per backend or None)
+# system -> (runner, model dtype (None: as deploy leaves it), hetrun precision per backend or None)
 SYSTEMS = {
     "transformers bf16": ("transformers", "bfloat16", None),
     "transformers fp32": ("transformers", "float32", None),
-    "hetrun default": ("hetrun", "bfloat16", None),
+    "hetrun default": ("hetrun", None, None),
     "hetrun fp32": ("hetrun", "float32", {"onnxruntime": "fp32", "openvino": "fp32"}),
-    "hetrun int8": ("hetrun", "bfloat16", {"onnxruntime": "int8-w8a8", "openvino": "int8"}),
-    "hetrun int4": ("hetrun", "bfloat16", {"onnxruntime": "int4-w4a8", "openvino": "int4"}),
+    "hetrun int8": ("hetrun", None, {"onnxruntime": "int8-w8a8", "openvino": "int8"}),
+    "hetrun int4": ("hetrun", None, {"onnxruntime": "int4-w4a8", "openvino": "int4"}),
     "llama.cpp F32": ("llama.cpp", "F32", None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None),
@@ -60,8 +62,8 @@ RSS_TARGETS = [("hetrun default", "transformers bf16", 1.1), ("hetrun fp32", "ll
 
 
 def write_checkpoint(folder: Path, seed: int = 0) -> None:
-    """The benchmark model as a transformers checkpoint (safetensors, FP32) in `folder`."""
-    model = random_model(SPEC, seed=seed)
+    """The benchmark model as a transformers checkpoint (safetensors, BF16, as MoE checkpoints ship) in `folder`."""
+    model = random_model(SPEC, seed=seed).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
 
 
@@ -77,16 +79,21 @@ def _run_torch_model(model, ids: list[int], stats=None) -> dict:
     """Prefill and decode speed of greedy generate, best of two runs after a warm-up. With a deployment's
     DispatchStats, also where a decode token's time went in those runs ("split_ms", see _decode_split)."""
     x = torch.tensor([ids])
-    gen = dict(do_sample=False, pad_token_id=0)
+    # no end-of-sequence token, so every run makes exactly its tokens: min_new_tokens would do it too, but its logits
+    # processor searches the whole vocabulary for the EOS id at every step (about 1 ms per token here, for every
+    # system alike; llama.cpp's loop does no such thing)
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        model.generate(x[:, :8], max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+        model.generate(x[:, :8], max_new_tokens=2, **gen)  # warm-up
         best: dict[int, tuple] = {}  # new tokens -> (seconds, MoE layer s, expert s, dense s) of the fastest run
         for _ in range(2):
             for new in (1, NEW_TOKENS):
                 if stats is not None:
                     stats.reset()
                 t0 = time.perf_counter()
-                out = model.generate(x, max_new_tokens=new, min_new_tokens=new, **gen)
+                out = model.generate(x, max_new_tokens=new, **gen)
+                if out.shape[1] != len(ids) + new:
+                    raise HetrunError(f"generate made {out.shape[1] - len(ids)} tokens instead of {new}")
                 run = (time.perf_counter() - t0,) + ((stats.layer_s, stats.expert_s, stats.dense_s) if stats else ())
                 best[new] = min(best.get(new, run), run)
         tokens = out[0, len(ids):].tolist()
@@ -119,7 +126,10 @@ def _child(system: str, folder: Path, threads: int) -> dict:
         if precisions is not None:
             p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)
             kw["plan"] = dataclasses.replace(p, precision={d.id: precisions[d.backend] for d in profile.devices})
-        model = deploy(str(folder), profile, threads=threads, **kw).to(getattr(torch, dtype)).eval()
+        model = deploy(str(folder), profile, threads=threads, **kw).eval()
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype))
+        extra["torch_ops_dtype"] = str(model.model.norm.weight.dtype).removeprefix("torch.")  # attention, norms
         extra["precisions"] = dict(model.hetrun.plan.precision)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
@@ -132,11 +142,11 @@ def _child(system: str, folder: Path, threads: int) -> dict:
 def write_gguf(folder: Path, kind: str) -> Path:
     """The checkpoint in `folder` as a llama.cpp GGUF (Mixtral is its llama architecture with experts)."""
     import gguf  # optional: the `bench` extra
-    from safetensors.numpy import load_file  # heavy: only when writing GGUF
+    from safetensors.torch import load_file  # heavy: only when writing GGUF
 
     tensors = {}
     for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
+        tensors.update({k: v.float().numpy() for k, v in load_file(f).items()})  # BF16 values, exact in FP32
     cfg = json.loads((folder / "config.json").read_text())
     a, d = SPEC.attention, SPEC.hidden_size
     qtype = {"F32": gguf.GGMLQuantizationType.F32, "Q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -347,7 +357,7 @@ def _print(result: dict) -> None:
             c.print(f"{name}, per decode token: {ms['total']:.2f} ms = MoE layers {ms['moe_layers']:.2f} (their expert "
                     f"calls {ms['expert_calls']:.2f}, summed over devices that run at once) + dense linear layers on "
                     f"the dense device {ms['dense_linears']:.2f} + the rest (attention, norms, KV cache, generate "
-                    f"loop) {ms['rest']:.2f}")
+                    f"loop, in {r.get('torch_ops_dtype', '?')}) {ms['rest']:.2f}")
     for name, why in result["skipped"].items():
         c.print(f"skipped {name}: {why}")
 
