@@ -102,6 +102,33 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     return ExpertMatrices(gate_up, down, quantized[0], quantized[1])
 
 
+def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.ndarray, np.ndarray] | None:
+    """(gate_up [D, 2I], down [I, D]) as stored, when each weight matmul reads a float initializer directly (FP32
+    graphs) or through a Cast to float (FP16/BF16 graphs): the arrays themselves (ml_dtypes.bfloat16, float16 or
+    float32, read-only), without evaluating the graph or widening them. None for any other form
+    (read_expert_matrices reads every form, widened to FP32)."""
+    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
+    g = model.graph
+    const = _constant_names(g)
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    stored = []
+    for n in (n for n in g.node if _weight_input(n, const) is not None):
+        weight = _weight_input(n, const)
+        cast = producer.get(weight)
+        if cast is not None and cast.op_type == "Cast":
+            weight = cast.input[0]
+        if n.op_type != "MatMul" or weight not in inits or _gathered_columns(g, n.input[0]) is not None:
+            return None
+        init = inits[weight]
+        if init.data_type not in (TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT):
+            return None
+        stored.append(numpy_helper.to_array(init))
+    if len(stored) != 2 or stored[0].ndim != 2 or stored[1].shape != (stored[0].shape[1] // 2, stored[0].shape[0]):
+        return None
+    return stored[0], stored[1]
+
+
 def _gathered_columns(g: onnx.GraphProto, name: str) -> np.ndarray | None:
     """The column order when `name` is Gather(x, constant indices, axis=1) of the activations, else None."""
     node = next((n for n in g.node if name in n.output), None)

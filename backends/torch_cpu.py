@@ -17,6 +17,7 @@ process's (torch.set_num_threads): the device's `threads` does not apply here.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from hetrun.backends import host_cpu
@@ -61,20 +62,30 @@ class TorchCpuBackend(Backend):
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         import torch  # heavy: loaded only on probe or load, so the registry stays light
-        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
+        from hetrun.backends.graph_matrices import read_expert_matrices, read_stored_float_matrices  # imports onnx
 
-        m = read_expert_matrices(graph)  # gate_up [D, 2I], down [I, D] float32, the graph's values exactly
         dtype = getattr(torch, DTYPES[self.precision])
+        # the narrow initializers as stored (the FP16/BF16 graphs), else every form evaluated and widened to FP32
+        stored = read_stored_float_matrices(graph)
+        if stored is None:
+            m = read_expert_matrices(graph)
+            stored = m.gate_up, m.down  # [D, 2I], [I, D]
         narrow_native = dtype == torch.float32 or host_cpu.native_float(dtype)
-        return TorchCpuSession(_rows_major(m.gate_up, dtype), _rows_major(m.down, dtype),
+        return TorchCpuSession(_rows_major(stored[0], dtype), _rows_major(stored[1], dtype),
                                None if narrow_native else NARROW_ROWS)
 
 
 def _rows_major(w, dtype: "torch.dtype") -> "torch.Tensor":
     import torch  # heavy: loaded only on probe or load
 
+    with warnings.catch_warnings():  # a graph's initializer is read-only: the transpose below copies it
+        warnings.simplefilter("ignore", UserWarning)
+        if w.dtype.name == "bfloat16":  # ml_dtypes' BF16: the same 16 bits as torch's
+            t = torch.from_numpy(w.view("uint16")).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(w)
     # [K, N] -> [N, K], nn.Linear's layout: narrowed first (half the bytes to move), then torch's blocked transpose
-    return torch.from_numpy(w).to(dtype).t().contiguous()
+    return t.to(dtype).t().contiguous()
 
 
 class TorchCpuSession(ExpertSession):

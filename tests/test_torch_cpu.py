@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from hetrun.backends import host_cpu
+from hetrun.backends.graph_matrices import read_expert_matrices
 
 from hetrun.bench.precision import cpu_backend, gaussian_expert
 from hetrun.runtime.graphs import build_expert_graph
@@ -33,10 +34,14 @@ def test_torch_computes_the_graphs_numbers(precision, rows):
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
                                               ("fp32", torch.float32)])
-def test_weights_stay_in_the_formats_dtype(precision, dtype):
+def test_weights_stay_in_the_formats_dtype_and_are_the_graphs(precision, dtype):
     s = _session("torch", precision)
     assert s.gate_up.dtype == s.down.dtype == dtype
     assert s.gate_up.shape == (1024, 256) and s.down.shape == (256, 512)  # [N, K]: 2 bytes per BF16/FP16 weight
+    # read straight from the stored initializers: bit for bit what evaluating the graph gives
+    m = read_expert_matrices(build_expert_graph(W, precision, target="torch").serialize())
+    assert torch.equal(s.gate_up.float(), torch.from_numpy(m.gate_up).t())
+    assert torch.equal(s.down.float(), torch.from_numpy(m.down).t())
 
 
 def test_the_narrow_product_runs_at_every_row_count_where_the_cpu_has_the_dtype(monkeypatch):
