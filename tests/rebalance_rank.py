@@ -34,8 +34,16 @@ def main(case_path: str) -> int:
                                      min_new_tokens=case["max_new_tokens"], do_sample=False)
             tokens.append(out[0].tolist())
         rt.finish()
+    # A plan prepared in the background but not switched to when generation ended read its experts all the same
+    # (more likely on a loaded machine): its moves onto this rank are counted apart.
+    rb, prepared = rt.rebalancer, []
+    if rb is not None:
+        finished = rb.job.result() if rb.job is not None and rb.job.exception() is None else None
+        for cand in (rb.ready, rb.scheduled, finished):
+            if cand is not None:
+                prepared += [m.to_dict(rt.plan.device_ids) for m in cand.moves.moves if rt.is_local(m.device)]
     with open(os.path.join(case["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"reads": dict(model.hetrun_checkpoint.shards.reads), "tokens": tokens,
+        json.dump({"reads": dict(model.hetrun_checkpoint.shards.reads), "tokens": tokens, "prepared": prepared,
                    "switches": rt.stats.switches, "moves": rt.stats.moves,
                    "local_devices": sorted(rt.local_devices or ())}, f)
     from hetrun.distributed.world import current_world

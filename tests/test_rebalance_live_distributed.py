@@ -99,7 +99,8 @@ def test_launch_trace_and_report_carry_every_move(ranks, tmp_path):
 def test_moved_experts_are_read_again_from_the_checkpoint_on_their_new_rank(tmp_path):
     """Two real ranks (torchrun) deploy a checkpoint directory, the dense part on rank 0 alone. Each rank reads its
     own experts at deploy, and each expert live rebalancing moves onto its device once more, from the files: every
-    (layer, expert) is read exactly (held at deploy) + (moves onto this rank) times. Tokens equal one process running
+    (layer, expert) is read exactly (held at deploy) + (moves onto this rank) times, plus once for a plan prepared in
+    the background but not yet switched to when generation ended. Tokens equal one process running
     the static plan of the same directory."""
     family = "qwen3_moe"
     ckpt = save_checkpoint(tiny_model(family), tmp_path / "ckpt", max_shard_bytes=200_000)
@@ -124,9 +125,10 @@ def test_moved_experts_are_read_again_from_the_checkpoint_on_their_new_rank(tmp_
             for e in range(p.spec.num_experts):
                 held = int(e in p.phy2log[li][p.device_of[li] == d].tolist())
                 moves = sum(1 for m in got["moves"] if (m["layer"], m["expert"], m["to"]) == (li, e, dev))
+                prepared = sum(1 for m in got["prepared"] if (m["layer"], m["expert"], m["to"]) == (li, e, dev))
                 moved_in[r] += moves
                 name = f"model.layers.{layer}.mlp.experts.{e}.gate_proj.weight"
-                assert got["reads"].get(name, 0) == held + moves, (r, name, held, moves)
+                assert got["reads"].get(name, 0) == held + moves + prepared, (r, name, held, moves, prepared)
     assert sum(moved_in) == len(ranks[0]["moves"]) > 0
     static = hetrun.deploy(str(ckpt), profile("rank0", False), precision="fp32", plan=p, threads=1)
     for prompt, got in zip(PROMPTS, ranks[0]["tokens"]):
