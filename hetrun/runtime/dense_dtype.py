@@ -3,9 +3,10 @@
 What stays in torch after deploy is small: embeddings, norms, rotary tables, the routers' gates and attention
 itself (scores, softmax, the KV cache). On a CPU that emulates BF16 (or FP16) those ops run slower in the model's
 16-bit dtype than in FP32: every op converts its operands, and torch's CPU attention and reductions take the slow
-path. Measured on the Mixtral-shaped benchmark model (2-core AVX2 host, one decode token): torch's own ops took
-4.9 ms per token in BF16 against 2.2 ms with the same ops in FP32 (SDPA 432 -> 150 us, the router matmul 140 ->
-13 us, argmax over the vocabulary 162 -> 45 us).
+path. Measured on the Mixtral-shaped benchmark model (2-core AVX2 host, one decode token): under torch.profiler
+(which inflates small ops) torch's own ops took 4.9 ms per token in BF16 against 2.2 ms in FP32 (SDPA 432 -> 150 us,
+the router matmul 140 -> 13 us, argmax over the vocabulary 162 -> 45 us); without it, everything of a decode token
+outside the MoE layers and the dense linear layers took 5.21 against 4.55 ms (median of three processes each).
 
 So when the linear layers were moved to a CPU dense device (hetrun.runtime.dense) and the host computes the model's
 dtype only by emulation (hetrun.backends.host_cpu), the remaining small parameters and buffers are cast to FP32 and
