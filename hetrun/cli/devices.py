@@ -39,7 +39,8 @@ def _devices(args: argparse.Namespace) -> int:
                   ", ".join(r["precisions"]), escape(" ".join(x for x in (r["reason"], r["install"]) if x)))
     console.print(t)
     console.print(f"host CPU: {escape(host_cpu.summary(host))}"
-                  + ("" if host["native_bf16"] else " (BF16 is emulated: CPU backends default to INT8 here)"))
+                  + ("" if host["native_bf16"] else " (BF16 is emulated: onnxruntime and OpenVINO default to INT8 here; "
+                                                   "the torch backend holds BF16 narrow)"))
     d = Table(title="real devices (NVIDIA via torch.cuda or the CUDA driver, Ascend via torch_npu, Intel via OpenVINO)")
     for col in ("vendor", "device", "name", "capabilities"):
         d.add_column(col)
