@@ -290,3 +290,20 @@ def test_grid_helpers_round_trip():
     assert scale[0] == np.float32(3.0 / 15) and zp[0] == 5
     codes = int4_codes(w, scale[:, None], zp[:, None])
     assert codes[0, 0] == 0 and codes[0, 2] == 5 and codes[0, -1] == 15
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_in_row_chunks_is_int4_in_one_piece_and_stacks_like_its_rows(symmetric, monkeypatch):
+    from hetrun.kernels import int4
+
+    w = np.random.default_rng(5).standard_normal((300, 200)).astype(np.float32)  # K=200: a short last group
+    monkeypatch.setattr(int4, "CHUNK_BYTES", 8 * 256 * 4)  # 8 rows of padded FP32 per chunk: 38 chunks
+    chunked = int4.quantize_int4(w, 128, symmetric)
+    groups = np.pad(w, ((0, 0), (0, 56))).reshape(300, 2, 128)  # [N, G, g] the whole matrix at once
+    scale, zp = int4.int4_grid(groups, symmetric)
+    codes = int4.int4_codes(groups, scale[..., None], zp[..., None]).reshape(300, -1)[:, :200]
+    assert np.array_equal(chunked.codes, codes) and np.array_equal(chunked.scale, scale)
+    assert np.array_equal(chunked.zero_point, zp)
+    stacked = int4.stack_rows([int4.quantize_int4(w[:100], 128, symmetric), int4.quantize_int4(w[100:], 128, symmetric)])
+    for a, b in zip((stacked.codes, stacked.scale, stacked.zero_point), (codes, scale, zp)):
+        assert np.array_equal(a, b)

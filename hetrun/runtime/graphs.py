@@ -55,7 +55,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format, matrix_bytes
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
-from hetrun.kernels.int4 import Int4Tensor, quantize_int4, to_matmulnbits
+from hetrun.kernels.int4 import Int4Tensor, quantize_int4, stack_rows, to_matmulnbits
 from hetrun.kernels.int8 import quantize_int8, to_matmulnbits_int8
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
 
@@ -348,9 +348,10 @@ def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     b.quantizer = "gptq" if m.calibration else "rtn"
     tensors = {}
     for k in ("gate_up", "down"):
-        rows = m.rows(k)  # [N, K]
-        tensors[k] = (gptq_quantize_int4(rows, m.calibration[k], fmt.group) if m.calibration
-                      else quantize_int4(rows, fmt.group, symmetric=False), None)
+        if m.calibration:
+            tensors[k] = (gptq_quantize_int4(m.rows(k), m.calibration[k], fmt.group), None)  # rows [N, K]
+        else:  # each part on its own (gate, up): no stacked FP32 copy of the pair
+            tensors[k] = (stack_rows([quantize_int4(p, fmt.group, symmetric=False) for p in getattr(m, k)]), None)
     _int4_expert(b, tensors, fmt)
 
 
