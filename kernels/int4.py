@@ -69,7 +69,8 @@ def quantize_int4(w: np.ndarray, group: int = 128, symmetric: bool = False) -> I
     """Round-to-nearest INT4 of ``w [N, K]`` in groups of ``group`` along K (last group may be short).
 
     Rows are independent, so they are quantized a chunk of CHUNK_BYTES at a time: the temporaries of rounding stay
-    small beside the matrix (a 11264 x 2048 gate_up took 360 MB more at its peak in one piece)."""
+    small beside the matrix (building a 2048 x 5632 expert's INT4 graph peaked 364 MB above its FP32 weights with
+    its stacked gate_up rounded in one piece, 85 MB by chunks and by matrix)."""
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
     n_groups = -(-k // group)
