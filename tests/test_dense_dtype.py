@@ -30,11 +30,10 @@ def test_an_emulated_bf16_model_computes_its_dense_part_in_fp32_with_the_embeddi
     table = model.get_input_embeddings().weight
     deployed = _deploy(model, monkeypatch, native=False)
     assert deployed.hetrun.dense.upcast_from == torch.bfloat16
-    dtypes = _dtypes(deployed)
-    embeddings = {n for n in dtypes if "embed" in n}
-    assert embeddings and all(dtypes[n] == torch.bfloat16 for n in embeddings)
-    assert {dtypes[n] for n in dtypes if n not in embeddings} == {torch.float32}  # norms, gates, biases
-    assert deployed.get_input_embeddings().weight.shape == table.shape
+    assert set(_dtypes(deployed).values()) == {torch.float32}  # norms, gates, biases
+    embedding = deployed.get_input_embeddings().weight  # a buffer now, still narrow
+    assert embedding.dtype == torch.bfloat16 and embedding.shape == table.shape
+    assert deployed.dtype == torch.float32  # what transformers sizes its caches by
     with torch.no_grad():
         logits = deployed(IDS).logits
         tokens = deployed.generate(IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -56,6 +55,38 @@ def test_fp32_compute_is_at_least_as_close_to_the_fp32_model_as_bf16_compute(fam
         errors[native] = float((out - ref).norm() / ref.norm())
     print(f"{family}: logits error, dense part in BF16 {errors[True]:.4f}, in FP32 {errors[False]:.4f}")
     assert errors[False] <= errors[True] * 1.05 and errors[False] < 0.1
+
+
+def test_continuous_batching_serves_the_fp32_computing_model(monkeypatch):
+    # transformers' paged cache takes model.dtype: it must be the activations' FP32, not the narrow table's BF16
+    import asyncio
+
+    import transformers
+
+    from hetrun.serve.builtin import builtin_model_dir
+    from hetrun.serve.engine import Engine, EngineConfig
+
+    # the built-in trained model: its logits have margins, so greedy tokens do not flip on summation order
+    model = transformers.AutoModelForCausalLM.from_pretrained(builtin_model_dir(), local_files_only=True,
+                                                              dtype=torch.bfloat16).eval()
+    deployed = _deploy(model, monkeypatch, native=False)
+    ids = IDS[0].tolist()
+    with torch.no_grad():
+        want = deployed.generate(IDS, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+
+    async def served(engine):
+        last = None
+        async for step in engine.generate(ids, 6, None):
+            last = step
+        return last
+
+    engine = Engine(deployed, [-1], EngineConfig(context_length=64))  # no EOS: exactly 6 tokens
+    engine.start()
+    try:
+        got = asyncio.run(served(engine))
+    finally:
+        engine.stop()
+    assert list(got.tokens) == want
 
 
 def test_a_native_host_or_dense_precision_model_leaves_the_dtype_alone(monkeypatch):

@@ -11,7 +11,9 @@ outside the MoE layers and the dense linear layers took 5.21 against 4.55 ms (me
 So when the linear layers were moved to a CPU dense device (hetrun.runtime.dense) and the host computes the model's
 dtype only by emulation (hetrun.backends.host_cpu), the remaining small parameters and buffers are cast to FP32 and
 the embedding table is left compact, its rows cast to FP32 as they are looked up: a few kilobytes more per layer,
-never a second copy of a large tensor. Activations, the KV cache and the logits are then FP32. `dense_precision:
+never a second copy of a large tensor. Activations, the KV cache and the logits are then FP32. The table is held
+as a buffer rather than a parameter, so that `model.dtype` (transformers: the first floating parameter's dtype) says
+FP32 and the caches transformers allocates from it (continuous batching's paged cache) match the activations. `dense_precision:
 model` (the linear layers kept as the model has them) leaves the model's dtype untouched, and so does a host that
 computes the dtype natively. A user's `model.to(dtype)` after deploy is honoured as asked.
 """
@@ -39,7 +41,10 @@ def compute_in_fp32(model: torch.nn.Module, dense_kind: str) -> torch.dtype | No
     added = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
-            if module.weight.dtype == dtype:
+            if module.weight.dtype == dtype:  # kept narrow, as a buffer: the model's dtype is its parameters'
+                table = module.weight.detach()
+                del module._parameters["weight"]
+                module.register_buffer("weight", table)
                 module.register_forward_hook(_fp32_rows)
             continue
         for name, p in module.named_parameters(recurse=False):
