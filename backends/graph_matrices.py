@@ -113,8 +113,9 @@ def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.nda
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
     stored = []
-    for n in (n for n in g.node if _weight_input(n, const) is not None):
-        weight = _weight_input(n, const)
+    for n, weight in ((n, _weight_input(n, const)) for n in g.node):
+        if weight is None:
+            continue
         cast = producer.get(weight)
         if cast is not None and cast.op_type == "Cast":
             weight = cast.input[0]

@@ -36,7 +36,7 @@ def cpu_flags() -> frozenset[str]:
 
 def native_bf16() -> bool:
     """Whether the CPU multiplies BF16 natively (AVX512-BF16 or AMX); elsewhere BF16 is emulated in FP32."""
-    return bool(BF16_FLAGS & cpu_flags())
+    return native_float(torch.bfloat16)
 
 
 def native_float(dtype: torch.dtype) -> bool:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+import torch
 from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 
 if TYPE_CHECKING:
-    import torch
-
     from hetrun.profile import DeviceType
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -38,15 +37,11 @@ class TorchCpuBackend(Backend):
         precisions=frozenset(DTYPES),
         device_kinds=frozenset({"cpu"}),
         real_hardware=True,
-        install_hint="torch is one of hetrun's own dependencies: reinstall hetrun (`pip install -e .`)",
     )
 
     @classmethod
     def probe(cls) -> Availability:
-        try:
-            import torch  # heavy: loaded only on probe or load, so the registry stays light
-        except ImportError as e:
-            return Availability(False, f"torch is not installed ({e})")
+        # torch is one of hetrun's own dependencies, already imported: nothing can be missing
         return Availability(True, devices=("cpu",), details={"version": torch.__version__,
                                                              "threads": torch.get_num_threads()})
 
@@ -61,7 +56,6 @@ class TorchCpuBackend(Backend):
         return [p for p in ("bf16", "fp16", "fp32") if p in device_type.precisions]
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import torch  # heavy: loaded only on probe or load, so the registry stays light
         from hetrun.backends.graph_matrices import read_expert_matrices, read_stored_float_matrices  # imports onnx
 
         dtype = getattr(torch, DTYPES[self.precision])
@@ -75,9 +69,7 @@ class TorchCpuBackend(Backend):
                                None if narrow_native else NARROW_ROWS)
 
 
-def _rows_major(w, dtype: "torch.dtype") -> "torch.Tensor":
-    import torch  # heavy: loaded only on probe or load
-
+def _rows_major(w, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():  # a graph's initializer is read-only: the transpose below copies it
         warnings.simplefilter("ignore", UserWarning)
         if w.dtype.name == "bfloat16":  # ml_dtypes' BF16: the same 16 bits as torch's
@@ -91,20 +83,16 @@ def _rows_major(w, dtype: "torch.dtype") -> "torch.Tensor":
 class TorchCpuSession(ExpertSession):
     """y = down(silu(g) * u), [g, u] = x @ gate_up, with the weights [N, K] held in the format's dtype."""
 
-    def __init__(self, gate_up: "torch.Tensor", down: "torch.Tensor", narrow_rows: int | None):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, narrow_rows: int | None):
         self.gate_up, self.down = gate_up, down  # [2I, D], [D, I]
         self.narrow_rows = narrow_rows  # None: the narrow weights at any row count
 
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        import torch  # heavy: loaded only on probe or load
-
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             g, u = self._linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each, float32
             return self._linear(torch.nn.functional.silu(g) * u, self.down)  # [N, D]
 
-    def _linear(self, x: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
-        import torch  # heavy: loaded only on probe or load
-
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype == torch.float32:
             return torch.nn.functional.linear(x, w)
         x = x.to(w.dtype)  # [N, K] rounded to the format

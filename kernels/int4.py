@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from hetrun.kernels.row_chunks import fp32_row_chunks
 
 
 @dataclass(frozen=True)
@@ -62,28 +63,24 @@ def int4_codes(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.n
     return np.clip(np.rint(w / scale) + zero_point.astype(np.float32), 0, 15).astype(np.uint8)
 
 
-CHUNK_BYTES = 16 << 20  # FP32 scratch per row chunk: a whole expert matrix is never copied at once
-
-
 def quantize_int4(w: np.ndarray, group: int = 128, symmetric: bool = False) -> Int4Tensor:
     """Round-to-nearest INT4 of ``w [N, K]`` in groups of ``group`` along K (last group may be short).
 
-    Rows are independent, so they are quantized a chunk of CHUNK_BYTES at a time: the temporaries of rounding stay
-    small beside the matrix (building a 2048 x 5632 expert's INT4 graph peaked 364 MB above its FP32 weights with
-    its stacked gate_up rounded in one piece, 85 MB by chunks and by matrix)."""
-    w = np.asarray(w, dtype=np.float32)
+    ``w`` may be numpy or a torch tensor of any float dtype. Rows are independent, so they are read and quantized a
+    chunk at a time (hetrun.kernels.row_chunks): the temporaries of rounding stay small beside the matrix (building a
+    2048 x 5632 expert's INT4 graph peaked 364 MB above its FP32 weights with its stacked gate_up rounded in one
+    piece, 85 MB by chunks and by matrix)."""
+    w = w if hasattr(w, "numpy") else np.asarray(w)
     n, k = w.shape
     n_groups = -(-k // group)
     codes = np.empty((n, k), np.uint8)  # [N, K]
     scale = np.empty((n, n_groups), np.float32)  # [N, G]
     zp = np.empty((n, n_groups), np.uint8)  # [N, G]
-    step = max(1, CHUNK_BYTES // (n_groups * group * 4))
-    for r in range(0, n, step):
-        rows = w[r:r + step]
-        groups = np.pad(rows, ((0, 0), (0, n_groups * group - k))).reshape(len(rows), n_groups, group)  # [n, G, g]
-        scale[r:r + step], zp[r:r + step] = int4_grid(groups, symmetric)
-        codes[r:r + step] = int4_codes(groups, scale[r:r + step, :, None],
-                                       zp[r:r + step, :, None]).reshape(len(rows), -1)[:, :k]
+    for r, rows in fp32_row_chunks(w, n_groups * group):  # zero-padded to whole groups, as before
+        groups = rows.reshape(len(rows), n_groups, group)  # [n, G, g]
+        end = r + len(rows)
+        scale[r:end], zp[r:end] = int4_grid(groups, symmetric)
+        codes[r:end] = int4_codes(groups, scale[r:end, :, None], zp[r:end, :, None]).reshape(len(rows), -1)[:, :k]
     return Int4Tensor(codes, scale, zp, group, symmetric)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from hetrun.kernels.row_chunks import fp32_row_chunks
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,11 @@ def to_matmulnbits_int8(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np
     nb = -(-k // block)
     codes = np.empty((n, nb, block), np.uint8)  # [N, nb, block]
     scales = np.empty((n, nb), np.float32)  # [N, nb]
-    step = max(1, (16 << 20) // (nb * block * 4))  # rows per 16 MB of FP32 scratch: an LM head is not copied whole
-    for r in range(0, n, step):
-        padded = np.zeros((min(step, n - r), nb * block), np.float32)
-        chunk = w[r:r + step]
-        padded[:, :k] = chunk.float().numpy() if hasattr(chunk, "numpy") else chunk  # [rows, K]
-        blocks = padded.reshape(-1, nb, block)  # [rows, nb, block]
+    for r, rows in fp32_row_chunks(w, nb * block):  # an LM head is never copied whole to FP32
+        blocks = rows.reshape(-1, nb, block)  # [rows, nb, block]
         scale = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)  # [rows, nb]
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127) + 128  # [rows, nb, block]
-        codes[r:r + step] = q.astype(np.uint8)
-        scales[r:r + step] = scale
+        codes[r:r + len(rows)] = q.astype(np.uint8)
+        scales[r:r + len(rows)] = scale
     return codes, scales.reshape(-1)

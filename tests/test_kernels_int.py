@@ -294,10 +294,10 @@ def test_grid_helpers_round_trip():
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_in_row_chunks_is_int4_in_one_piece_and_stacks_like_its_rows(symmetric, monkeypatch):
-    from hetrun.kernels import int4
+    from hetrun.kernels import int4, row_chunks
 
     w = np.random.default_rng(5).standard_normal((300, 200)).astype(np.float32)  # K=200: a short last group
-    monkeypatch.setattr(int4, "CHUNK_BYTES", 8 * 256 * 4)  # 8 rows of padded FP32 per chunk: 38 chunks
+    monkeypatch.setattr(row_chunks, "CHUNK_BYTES", 8 * 256 * 4)  # 8 rows of padded FP32 per chunk: 38 chunks
     chunked = int4.quantize_int4(w, 128, symmetric)
     groups = np.pad(w, ((0, 0), (0, 56))).reshape(300, 2, 128)  # [N, G, g] the whole matrix at once
     scale, zp = int4.int4_grid(groups, symmetric)

@@ -52,7 +52,7 @@ class DenseLinears:
     device: str
     precision: str
     layers: list[str] = field(default_factory=list)  # module paths now computed on the device
-    upcast_from: torch.dtype | None = None  # the emulated 16-bit dtype the rest now computes in FP32 instead of
+    upcast_from: torch.dtype | None = None  # the model's emulated 16-bit dtype, when the rest now computes in FP32
 
 
 class SharedInputCall:

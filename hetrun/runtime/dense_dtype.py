@@ -47,11 +47,11 @@ def compute_in_fp32(model: torch.nn.Module, dense_kind: str) -> torch.dtype | No
                 module.register_buffer("weight", table)
                 module.register_forward_hook(_fp32_rows)
             continue
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if p.dtype == dtype:
                 p.data = p.data.float()
                 added += p.numel() * 2
-        for name, b in module.named_buffers(recurse=False):
+        for name, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.dtype == dtype:
                 module._buffers[name] = b.float()
                 added += b.numel() * 2

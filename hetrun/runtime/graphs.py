@@ -496,18 +496,16 @@ def build_linear_graph(w: "np.ndarray | torch.Tensor", precision: str) -> onnx.M
     """x [tokens, K] float32 -> x @ w.T [tokens, N] float32 for an nn.Linear weight w [N, K] (no bias), at a
     precision of LINEAR_FORMATS: "fp32" (MatMul), "int8-w8a8" (MatMulNBits, INT8 blocks of 128 along K) or
     "int4-w4a8" (MatMulNBits, INT4 groups of 128 with zero points, round-to-nearest), both with INT8 activations
-    per block on the fly: onnxruntime's and OpenVINO's weight-compressed CPU kernels. A torch weight of a 16-bit
-    dtype is quantized to INT8 without a whole FP32 copy of it."""
+    per block on the fly: onnxruntime's and OpenVINO's weight-compressed CPU kernels. The integer formats read a
+    torch weight of any float dtype (a BF16 LM head) a row chunk at a time, never as a whole FP32 copy."""
     if precision not in LINEAR_FORMATS:
         raise ValueError(f"no linear graph for precision {precision!r}; available: {', '.join(LINEAR_FORMATS)}")
-    if isinstance(w, torch.Tensor) and (precision != "int8-w8a8" or w.dtype == torch.float32):
+    if precision == "fp32" and isinstance(w, torch.Tensor):
         w = w.float().numpy()  # FP32 already: not copied
-    if not isinstance(w, torch.Tensor):
-        w = np.asarray(w, dtype=np.float32)  # [N, K]
-    n, k = w.shape
+    n, k = w.shape  # [N, K]
     b = _Builder(arithmetic=False)
     if precision == "fp32":
-        y = b.op("MatMul", ["x", b.init("w", _transposed(w))])  # [T, N]
+        y = b.op("MatMul", ["x", b.init("w", _transposed(np.asarray(w, dtype=np.float32)))])  # [T, N]
         domains: tuple[str, ...] = ()
     else:
         fmt = FORMATS[precision]
