@@ -197,3 +197,29 @@ def test_torchrun_ranks_read_only_their_experts_and_the_dense_part_where_it_runs
     with torch.no_grad():
         want = one.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False)[0].tolist()
     assert ranks[0]["tokens"] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graphs_built_from_stored_16_bit_weights_equal_those_from_fp32(tmp_path, dtype):
+    """Graph builders take a 16-bit expert as stored (no whole FP32 copy of it is made): every format's graph, on
+    either target, is byte for byte the graph built from the FP32 read, for checkpoint and module experts alike."""
+    from hetrun.formats import FORMATS
+    from hetrun.runtime.graphs import build_expert_graph
+    from hetrun.runtime.weights import ModuleExpert
+
+    model = tiny_model("qwen3_moe").to(dtype)
+    save_checkpoint(model, tmp_path, max_shard_bytes=SHARD)
+    stored = CheckpointExpert(open_checkpoint(tmp_path), 1, 2)
+    ex = model.model.layers[0].mlp.experts
+    i = ex.gate_up_proj.shape[1] // 2
+    module = ModuleExpert(ex.gate_up_proj[:, :i].detach(), ex.gate_up_proj[:, i:].detach(), ex.down_proj.detach(), 3)
+    for source in (stored, module):
+        w = source.read_stored()
+        assert w.gate.dtype.itemsize == 2 and w.down.dtype.itemsize == 2  # not widened
+        np.testing.assert_array_equal(w.gate.astype(np.float32), source.read().gate)
+        for precision in FORMATS:
+            for target in ("onnxruntime", "openvino"):
+                got = build_expert_graph(source, precision, target=target)
+                want = build_expert_graph(source.read(), precision, target=target)
+                assert got.model.SerializeToString() == want.model.SerializeToString(), (precision, target)
+                assert got.weight_bytes == want.weight_bytes

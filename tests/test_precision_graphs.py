@@ -168,7 +168,8 @@ def rounding_graph(fmt: str, arithmetic: bool) -> bytes:
     y = b.round_to("x", fmt)
     b.nodes.append(helper.make_node("Identity", [y], ["y"]))
     graph = helper.make_graph(b.nodes, "round", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])], b.inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])],
+                              b.proto.graph.initializer)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model.SerializeToString()

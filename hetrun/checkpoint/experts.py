@@ -3,8 +3,8 @@
 A CheckpointExpert is an ExpertSource (hetrun.runtime.weights): it holds names, not tensors. read() reads the
 expert's three matrices from the shards -- per-expert tensors, a slice of stacked ones, FP8 codes with their block
 scales (per expert, or transformers' stacked *_scale_inv), GPTQ parts -- and returns FP32 ExpertWeights for float
-checkpoints or a QuantizedExpert with the stored codes unchanged; the graph builder converts it to its device's
-precision and drops it.
+checkpoints or a QuantizedExpert with the stored codes unchanged; read_stored() leaves float matrices in their stored
+dtype, which the graph builder converts to its device's precision before dropping them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ class CheckpointExpert(ExpertSource):
         self.name = f"L{layer}.{'E' if kind == 'routed' else 'S'}{index}"
 
     def read(self) -> ExpertWeights | QuantizedExpert:
+        return self._read(narrow=False)
+
+    def read_stored(self) -> ExpertWeights | QuantizedExpert:
+        return self._read(narrow=True)
+
+    def _read(self, narrow: bool) -> ExpertWeights | QuantizedExpert:
         if self.kind == "shared":
             return self._shared()
         ck, d, i = self.ckpt, self.hidden, self.intermediate
@@ -38,21 +44,21 @@ class CheckpointExpert(ExpertSource):
         if bases is not None:
             shapes = ((i, d), (i, d), (d, i))
             scales = self._stacked_scales(bases, shapes)
-            return _assemble([read_linear(ck.shards, ck.quant, b, s, scale=sc)
+            return _assemble([read_linear(ck.shards, ck.quant, b, s, scale=sc, narrow=narrow)
                               for b, s, sc in zip(bases, shapes, scales)])
         stacked = stacked_names(ck.shards, ck.family, self.layer)
         if stacked is None:
             raise CheckpointError(f"{ck.root}: has no weights of expert {self.index} of layer {self.layer} (neither "
                                   f"per-expert tensors nor stacked experts.gate_up_proj)")
-        gate, up = self._stacked_gate_up(stacked[0])
-        down = read_linear(ck.shards, ck.quant, stacked[1], (d, i), index=self.index)
+        gate, up = self._stacked_gate_up(stacked[0], narrow)
+        down = read_linear(ck.shards, ck.quant, stacked[1], (d, i), index=self.index, narrow=narrow)
         return _assemble([gate, up, down])
 
-    def _stacked_gate_up(self, name: str) -> tuple[Stored, Stored]:
+    def _stacked_gate_up(self, name: str, narrow: bool) -> tuple[Stored, Stored]:
         """Gate and up of this expert from a stacked gate_up [E, 2I, D] (FP8: scales [E, 2 ceil(I/bm), ...])."""
         shards, quant, d, i = self.ckpt.shards, self.ckpt.quant, self.hidden, self.intermediate
         if shards.info(name).dtype != "F8_E4M3" or quant.method != "fp8":
-            gate_up = read_linear(shards, quant, name, (2 * i, d), index=self.index)
+            gate_up = read_linear(shards, quant, name, (2 * i, d), index=self.index, narrow=narrow)
             if not isinstance(gate_up, np.ndarray):
                 raise CheckpointError(f"{shards.root}: stacked experts '{name}' are not a layout {quant.describe} "
                                       "writes")

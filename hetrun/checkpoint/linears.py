@@ -1,6 +1,6 @@
 """One Linear's weight [out, in] as a checkpoint stores it, read and checked against its format.
 
-  float   X.weight in F32, BF16, F16 (or F64)                       -> float32 numpy
+  float   X.weight in F32, BF16, F16 (or F64)                       -> float32 numpy (or as stored)
   fp8     X.weight F8_E4M3 + X.weight_scale_inv [ceil(out/bm), ceil(in/bn)] (F32, or UE8M0)   -> Fp8Matrix
   gptq    X.qweight, X.qzeros, X.scales, X.g_idx                      -> GptqMatrix
 
@@ -23,13 +23,14 @@ Stored = np.ndarray | Fp8Matrix | GptqMatrix
 
 
 def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int, int] | None = None,
-                index: int | None = None, scale: tuple[str, torch.Tensor] | None = None) -> Stored:
+                index: int | None = None, scale: tuple[str, torch.Tensor] | None = None, narrow: bool = False) -> Stored:
     """The weight of Linear `base` (`base`.weight, or GPTQ's `base`.qweight ...) as stored; `shape` (out, in) is
     checked when given.
 
     With `index`, `base` names a stacked [E, out, in] tensor and its slice `index` is read; `scale` supplies an FP8
     weight's block scales, (name for messages, tensor), when the checkpoint keeps them elsewhere (transformers'
-    stacked experts.*_scale_inv).
+    stacked experts.*_scale_inv). A float weight is FP32, or with `narrow` numpy of its stored dtype (BF16 as
+    ml_dtypes.bfloat16).
     """
     if index is None:
         if linear_stored(shards, base) == "gptq":
@@ -44,7 +45,7 @@ def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int
         raise CheckpointError(f"{shards.root}: tensor '{name}' has shape {list(dims)}; the model's config needs"
                               f"{want} (config.json and weights disagree)")
     if info.dtype in FLOATS:
-        return shards.read(name, index).float().numpy()
+        return shards.numpy(name, index) if narrow else shards.read(name, index).float().numpy()
     if info.dtype == "F8_E4M3":
         if quant.method != "fp8":
             raise CheckpointError(f"{shards.root}: tensor '{name}' is F8_E4M3 but config.json has no fp8 "

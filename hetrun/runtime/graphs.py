@@ -43,6 +43,7 @@ computes in f16 or bf16 the backend asks for the standard form instead.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,7 +105,8 @@ class _Builder:
         self.arithmetic = arithmetic
         self.row_major = row_major
         self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        # initializers are written straight into the model: helper.make_graph and make_model would copy each twice
+        self.proto = onnx.ModelProto()
         self.weight_bytes = 0
         self.onnx_bytes = 0
         self.quantizer = ""
@@ -118,8 +120,7 @@ class _Builder:
 
     def init(self, name: str, array: np.ndarray) -> str:
         """A weight initializer; its bytes count towards onnx_bytes (format bytes are counted by the caller)."""
-        t = numpy_helper.from_array(array, self.name(name))
-        self.inits.append(t)
+        t = _initializer(self.proto.graph.initializer.add(), array, self.name(name))
         self.onnx_bytes += len(t.raw_data) if t.HasField("raw_data") else array.nbytes
         return t.name
 
@@ -129,7 +130,7 @@ class _Builder:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             self._consts[key] = self.name("c")
-            self.inits.append(numpy_helper.from_array(arr, self._consts[key]))
+            _initializer(self.proto.graph.initializer.add(), arr, self._consts[key])
         return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
@@ -196,27 +197,57 @@ class _Builder:
     def model(self, x: str, y: str, hidden: int, domains: tuple[str, ...] = (), out: int | None = None,
               name: str = "expert") -> onnx.ModelProto:
         self.nodes.append(helper.make_node("Identity", [y], ["y"]))
-        graph = helper.make_graph(
-            self.nodes, name,
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["tokens", hidden])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", hidden if out is None else out])],
-            self.inits)
-        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="hetrun")
+        model, graph = self.proto, self.proto.graph  # what make_graph and make_model build, initializers in place
+        graph.node.extend(self.nodes)
+        graph.name = name
+        graph.input.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["tokens", hidden]))
+        graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                          ["tokens", hidden if out is None else out]))
+        model.opset_import.extend([helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains])
+        model.producer_name = "hetrun"
         model.ir_version = IR_VERSION
         return model
 
 
-@dataclass(frozen=True)
-class _Matrices:
-    """The expert's two weights in nn.Linear layout [out, in]; gate_up keeps gate and up apart for block scales."""
+_PACKED = (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1)  # two values a byte: numpy_helper packs them
 
-    gate_up: tuple[np.ndarray, ...]  # ([I, D], [I, D]) stacked along rows
-    down: tuple[np.ndarray, ...]  # ([D, I],)
+
+def _initializer(t: onnx.TensorProto, array: np.ndarray, name: str) -> onnx.TensorProto:
+    """`t` filled as numpy_helper.from_array(array, name) would be, its bytes copied in once (from_array's tensor
+    would be copied again into the graph)."""
+    data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    if data_type in _PACKED or sys.byteorder != "little":
+        t.CopyFrom(numpy_helper.from_array(array, name))
+        return t
+    t.name = name
+    t.dims.extend(array.shape)
+    t.data_type = data_type
+    t.raw_data = np.ascontiguousarray(array).tobytes()
+    return t
+
+
+@dataclass
+class _Matrices:
+    """The expert's two weights in nn.Linear layout [out, in]; gate_up keeps gate and up apart for block scales.
+    A builder takes each once: with no other reference left, a matrix's source bytes go as soon as it is converted."""
+
+    gate_up: tuple[np.ndarray, ...] | None  # ([I, D], [I, D]) stacked along rows, float32 or as stored (bfloat16 ...)
+    down: tuple[np.ndarray, ...] | None  # ([D, I],)
+    hidden: int
+    intermediate: int
     calibration: dict[str, np.ndarray] = field(default_factory=dict)  # matrix -> inputs [M, K]
 
-    def rows(self, key: str) -> np.ndarray:
-        return np.concatenate(getattr(self, key), 0).astype(np.float32, copy=False)  # [N, K]
+    def take(self, key: str) -> tuple[np.ndarray, ...]:
+        parts = getattr(self, key)
+        setattr(self, key, None)
+        return parts
+
+    def rows(self, key: str, dtype=np.float32) -> np.ndarray:
+        rows = np.concatenate(self.take(key), 0)  # [N, K]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def fp32_parts(self, key: str) -> tuple[np.ndarray, ...]:
+        return tuple(p.astype(np.float32, copy=False) for p in self.take(key))
 
 
 def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
@@ -225,14 +256,14 @@ def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
         x = np.asarray(calibration, dtype=np.float32)  # [M, D]
         if x.ndim != 2 or x.shape[1] != w.hidden:
             raise ValueError(f"calibration activations must be [tokens, {w.hidden}], got shape {x.shape}")
-        g, u = x @ w.gate.T, x @ w.up.T  # [M, I]
+        g, u = (x @ p.astype(np.float32, copy=False).T for p in (w.gate, w.up))  # [M, I]
         calib = {"gate_up": x, "down": (g / (1.0 + np.exp(-g))) * u}  # inputs of each matmul in the FP32 expert
-    return _Matrices((w.gate, w.up), (w.down,), calib)
+    return _Matrices((w.gate, w.up), (w.down,), w.hidden, w.intermediate, calib)
 
 
 # ---- builders: each stores both matrices and sets b.out -------------------------------------------------------
 
-def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+def _build_fp32(b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
         wt = _transposed(m.rows(k))  # [K, N]
@@ -241,12 +272,12 @@ def _build_fp32(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_float16ish(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+def _build_float16ish(b: _Builder, m: _Matrices, fmt: Format) -> None:
     """FP16/BF16: weights stored narrow, activations rounded to it around each matmul, products accumulated in FP32."""
     np_dtype = np.float16 if fmt.name == "fp16" else ml_dtypes.bfloat16
     mats = {}
     for k in ("gate_up", "down"):
-        wt = _transposed(m.rows(k).astype(np_dtype))  # [K, N]: narrowed first, half the bytes to move
+        wt = _transposed(m.rows(k, np_dtype))  # [K, N]: narrowed first, half the bytes to move
         mats[k] = b.op("Cast", [b.init(f"w_{k}", wt)], to=TensorProto.FLOAT)
         b.weight_bytes += wt.nbytes
 
@@ -306,9 +337,9 @@ def _fp8_tiles(b: _Builder, x: str, k: int) -> str:
     return deq
 
 
-def _build_fp8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
-    parts = {k: tuple(_fp8_blocks(p) for p in getattr(m, k)) for k in ("gate_up", "down")}
-    _fp8_expert(b, parts, fmt, w.hidden, w.intermediate)
+def _build_fp8(b: _Builder, m: _Matrices, fmt: Format) -> None:
+    parts = {k: tuple(_fp8_blocks(p) for p in m.fp32_parts(k)) for k in ("gate_up", "down")}
+    _fp8_expert(b, parts, fmt, m.hidden, m.intermediate)
 
 
 def _fp8_expert(b: _Builder, parts: dict[str, tuple[Fp8Matrix, ...]], fmt: Format, hidden: int,
@@ -321,7 +352,7 @@ def _fp8_expert(b: _Builder, parts: dict[str, tuple[Fp8Matrix, ...]], fmt: Forma
         b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
 
 
-def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+def _build_int8(b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
         q = quantize_int8(m.rows(k), axis=0)  # data [N, K], scale [N]
@@ -333,25 +364,27 @@ def _build_int8(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> Non
     b.out = b.swiglu("x", lambda x, k: b.times(x, mats[k]))
 
 
-def _build_int8_nbits(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+def _build_int8_nbits(b: _Builder, m: _Matrices, fmt: Format) -> None:
     """int8-w8a8: symmetric INT8 weights in blocks along K, activations quantized to INT8 per block on the fly."""
     nodes = {}
     for k in ("gate_up", "down"):
-        rows = m.rows(k)  # [N, K]
+        rows = m.rows(k, None)  # [N, K] as stored: read to FP32 a row chunk at a time
         packed, scales = to_matmulnbits_int8(rows, fmt.group)  # [N, nb, block], [N*nb]
         b.weight_bytes += packed.nbytes + scales.nbytes
         nodes[k] = ([b.init(f"w_{k}_q8", packed), b.init(f"s_{k}", scales)], *rows.shape, fmt.group, None)
     _nbits_swiglu(b, nodes, 8, fmt)
 
 
-def _build_int4(w: ExpertWeights, b: _Builder, m: _Matrices, fmt: Format) -> None:
+def _build_int4(b: _Builder, m: _Matrices, fmt: Format) -> None:
     b.quantizer = "gptq" if m.calibration else "rtn"
     tensors = {}
     for k in ("gate_up", "down"):
         if m.calibration:
             tensors[k] = (gptq_quantize_int4(m.rows(k), m.calibration[k], fmt.group), None)  # rows [N, K]
-        else:  # each part on its own (gate, up): no stacked FP32 copy of the pair
-            tensors[k] = (stack_rows([quantize_int4(p, fmt.group, symmetric=False) for p in getattr(m, k)]), None)
+        else:  # each part on its own (gate, up), let go once quantized: no stacked copy of the pair
+            parts = list(m.take(k))
+            tensors[k] = (stack_rows([quantize_int4(parts.pop(0), fmt.group, symmetric=False)
+                                      for _ in range(len(parts))]), None)
     _int4_expert(b, tensors, fmt)
 
 
@@ -441,7 +474,7 @@ def _build_native(w: QuantizedExpert, b: _Builder, fmt: Format) -> bool:
     return False
 
 
-_BUILDERS: dict[str, Callable[[ExpertWeights, _Builder, _Matrices, Format], None]] = {
+_BUILDERS: dict[str, Callable[[_Builder, _Matrices, Format], None]] = {
     "fp32": _build_fp32, "fp16": _build_float16ish, "bf16": _build_float16ish, "fp8": _build_fp8,
     "fp8-w8a16": _build_fp8, "int8": _build_int8, "int4": _build_int4, "int4-g32": _build_int4,
     "int8-w8a8": _build_int8_nbits, "int4-w4a8": _build_int4,
@@ -461,7 +494,7 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
         raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(FORMATS)}")
     fmt = FORMATS[precision]
     if isinstance(w, ExpertSource):
-        w = w.read()
+        w = w.read_stored()  # 16-bit experts stay 16-bit until their format's builder converts them
     b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino")
     if isinstance(w, QuantizedExpert):
         if _build_native(w, b, fmt):
@@ -471,8 +504,10 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
             log.warning("%s checkpoint experts (%s) go onto %s devices dequantized and quantized again: %s has no "
                         "form of them", w.kind, _describe(w), precision, precision)
         w = w.dequantize()
-    _BUILDERS[precision](w, b, _matrices(w, calibration if fmt.base == "int4" else None), fmt)
-    return _graph(b, precision, target, w.hidden, w.intermediate)
+    m = _matrices(w, calibration if fmt.base == "int4" else None)
+    del w  # a source's read is held by `m` alone now, so each matrix is freed once its builder has converted it
+    _BUILDERS[precision](b, m, fmt)
+    return _graph(b, precision, target, m.hidden, m.intermediate)
 
 
 def _describe(w: QuantizedExpert) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -148,6 +149,11 @@ class ExpertSource(abc.ABC):
     def read(self) -> ExpertWeights | QuantizedExpert:
         """The expert as stored: FP32 weights, or the checkpoint's quantized matrices unchanged."""
 
+    def read_stored(self) -> ExpertWeights | QuantizedExpert:
+        """read(), with float matrices left in the dtype they are stored in (numpy float16, ml_dtypes bfloat16, ...):
+        what the graph builders take, so a 16-bit expert is never held whole in FP32 while its graph is built."""
+        return self.read()
+
     def weights(self) -> ExpertWeights:
         """FP32 weights (dequantized when stored quantized)."""
         w = self.read()
@@ -175,19 +181,32 @@ class ModuleExpert(ExpertSource):
         self.intermediate = int(gate.shape[1]) // part[1]
 
     def read(self) -> ExpertWeights:
+        return ExpertWeights(*(np.ascontiguousarray(t.to(torch.float32).numpy()) for t in self._parts()))
+
+    def read_stored(self) -> ExpertWeights:
+        return ExpertWeights(*(stored_numpy(t) for t in self._parts()))
+
+    def _parts(self) -> tuple[torch.Tensor, ...]:
         if self._tensors is None:
             raise HetrunError(f"expert {self.name or self.index} was released after deploy (deploy() frees a "
                               "module's experts once compiled); deploy from a checkpoint directory, "
                               "hetrun.deploy('path/to/model-dir', ...), to let hetrun read experts again")
         gate, up, down = self._tensors
         rows = slice(self.part[0] * self.intermediate, (self.part[0] + 1) * self.intermediate)
-        with torch.no_grad():
-            parts = (gate[self.index, rows], up[self.index, rows], down[self.index, :, rows])  # [I, D] [I, D] [D, I]
-            return ExpertWeights(*(np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy()) for t in parts))
+        parts = (gate[self.index, rows], up[self.index, rows], down[self.index, :, rows])  # [I, D] [I, D] [D, I]
+        return tuple(t.detach().to("cpu") for t in parts)
 
     def release(self) -> None:
         """Drop the references to the module's tensors."""
         self._tensors = None
+
+
+def stored_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU float tensor as a contiguous numpy array of its own dtype (BF16 as ml_dtypes.bfloat16, same bytes)."""
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy() if t.dtype in (torch.float16, torch.float32, torch.float64) else t.float().numpy()
 
 
 class LazyExperts(torch.nn.Module):
