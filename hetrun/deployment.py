@@ -26,7 +26,7 @@ from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
-from hetrun.runtime.dense import run_dense_linears
+from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.memory import release_freed_heap
 from hetrun.runtime.weights import model_layer_weights, release_sources
@@ -67,9 +67,15 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
         runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
     if runtime is None:  # one process runs every device
-        runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
+        runtime = ExpertRuntime(plan, profile, None, threads=threads)  # its devices; the experts below
+        # the dense part's linear layers onto the dense device first: converting them (an LM head's graph is built
+        # and loaded beside its 16-bit weight) then meets the dense part alone in memory, not every expert too
+        runtime.dense = run_dense_linears(model, runtime, [path for path, _ in layers])
+        runtime.compile_layers(weights, progress)
+    else:
+        runtime.dense = run_dense_linears(model, runtime)  # under torchrun: one-line errors only, nothing moves
     swap_moe_blocks(model, [path for path, _ in layers], runtime.layers)
-    runtime.dense = run_dense_linears(model, runtime)  # the dense part's linear layers on the dense device
+    compute_rest_in_fp32(model, runtime)
     fallback = profile.fallback_device
     recompiles = runtime.rebalancer is not None or runtime.cache is not None  # they compile experts again later
     if not recompiles and (fallback is None or fallback.id not in plan.device_ids

@@ -2,6 +2,7 @@
 with what error, and what happens when the device or the input is wrong."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_an_integer_linear_is_within_its_formats_error_of_its_weight(precision):
 @pytest.mark.parametrize("precision", sorted(LINEAR_BOUNDS))
 def test_a_bf16_weight_gives_the_graph_of_its_fp32_values(precision):
     # INT8 reads a BF16 weight to FP32 a row chunk at a time (no whole FP32 copy): the chunks must not change a bit
-    w = torch.randn(70000, 200).to(torch.bfloat16)  # [N, K]: five chunks of 16 MB of FP32 scratch (K padded to 256)
+    w = torch.randn(70000, 200).to(torch.bfloat16)  # [N, K]: 18 chunks of 4 MB of FP32 scratch (K padded to 256)
     from_bf16, from_fp32 = build_linear_graph(w, precision), build_linear_graph(w.float().numpy(), precision)
     assert [t.raw_data for t in from_bf16.graph.initializer] == [t.raw_data for t in from_fp32.graph.initializer]
 
@@ -177,3 +178,29 @@ def test_shared_calls_work_under_inference_mode_as_serve_runs_them():
     with torch.inference_mode():
         got = deployed(IDS).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_dense_linears_are_loaded_before_any_expert_and_never_from_inside_an_moe_block(family, monkeypatch):
+    # An LM head's conversion holds its 16-bit weight, its INT8 codes and their serialized bytes at once: deploy
+    # does it before compiling experts, beside the dense part alone. Shared experts and routers (nn.Linear inside
+    # the MoE blocks) stay the expert runtime's.
+    from hetrun.backends.onnxruntime import OnnxRuntimeBackend
+
+    loads = []
+    load = OnnxRuntimeBackend.load
+    monkeypatch.setattr(OnnxRuntimeBackend, "load",
+                        lambda self, graph, name, meta: loads.append(name) or load(self, graph, name, meta))
+    model = tiny_model(family)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    deployed = hetrun.deploy(model, _profile("int8-w8a8"), precision="int8-w8a8")
+    dense = deployed.hetrun.dense.layers
+    first_expert = next(i for i, n in enumerate(loads) if re.match(r"L\d+\.", n))  # L<layer>.E<e> or .S<s>
+    moe = tuple(f"{p}." for p, m in deployed.named_modules() if isinstance(m, HetrunMoEBlock))
+    assert loads[:first_expert] and not any(p.startswith(moe) for n in loads[:first_expert] for p in n.split("+"))
+    assert all(re.match(r"L\d+\.", n) for n in loads[first_expert:]) and any(".S" in n for n in loads[first_expert:])
+    assert len(dense) == sum(n.count("+") + 1 for n in loads[:first_expert]) and "lm_head" in dense
+    with torch.no_grad():
+        got = deployed(IDS).logits
+    assert float((got - ref).norm() / ref.norm()) < 0.1  # W8A8 on random tiny weights, as above

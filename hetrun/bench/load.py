@@ -50,6 +50,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "torch"),
                    help="backend of the one CPU device deployed to (default onnxruntime; torch holds BF16 experts "
                         "narrow, and its INT4 arms run on onnxruntime, which torch has no INT4 for)")
+    p.add_argument("--dense-precision", default="model", choices=("model", "auto"),
+                   help="the profile's dense_precision: model (default: the dense part stays as read, so the arms "
+                        "differ only in how experts arrive) or auto (what a profile gets by default: INT8 dense "
+                        "linear layers beside INT4 experts)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to run (default all: {', '.join(ARMS)})")
     p.add_argument("--dir", default=None, help="folder for the generated checkpoint (default: the system temp folder)")
     p.add_argument("--max-gb", type=float, default=None,
@@ -67,7 +71,8 @@ def _main(args: argparse.Namespace) -> int:
         raise HetrunError(f"--max-gb must be a positive number of GB, got {args.max_gb}")
     if args.threads is not None and args.threads < 1:
         raise HetrunError(f"--threads must be at least 1, got {args.threads}")
-    result = run_bench(args.shape, arms, args.backend, args.dir, args.max_gb, args.threads, progress=not args.json)
+    result = run_bench(args.shape, arms, args.backend, args.dir, args.max_gb, args.threads, progress=not args.json,
+                       dense_precision=args.dense_precision)
     if args.json:
         print_json(result)
     elif result.get("skipped"):
@@ -78,7 +83,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_bench(shape: str = "mixtral-4.4g", arms=ARMS, backend: str = "onnxruntime", folder: str | None = None,
-              max_gb: float | None = None, threads: int | None = None, progress: bool = False) -> dict:
+              max_gb: float | None = None, threads: int | None = None, progress: bool = False,
+              dense_precision: str = "model") -> dict:
     """Generate the checkpoint, run each arm in a child process, delete the checkpoint; see the module doc."""
     hidden, inter, experts, top_k, layers, vocab = SHAPES[shape]
     expert_bytes = layers * experts * 3 * hidden * inter * 2
@@ -101,13 +107,15 @@ def run_bench(shape: str = "mixtral-4.4g", arms=ARMS, backend: str = "onnxruntim
         shards = sorted(ckpt.glob("*.safetensors"))
         weights = sum(f.stat().st_size for f in shards)
         dd = _dd(shards)
-        out = {"shape": shape, "backend": backend, "weights_bytes": weights, "shards": len(shards),
+        out = {"shape": shape, "backend": backend, "dense_precision": dense_precision, "weights_bytes": weights,
+               "shards": len(shards),
                "largest_shard_bytes": max(f.stat().st_size for f in shards), "generate_s": gen["seconds"],
                "dd": dd, "budget_bytes": budget, "arms": {}}
         for arm in arms:
             _say(progress, f"running {arm}")
             _drop_cache(shards)
-            out["arms"][arm] = _child(["arm", arm, str(ckpt), str(work), backend, str(threads or 0)], budget)
+            out["arms"][arm] = _child(["arm", arm, str(ckpt), str(work), backend, str(threads or 0), dense_precision],
+                                      budget)
         out["ratios"] = _ratios(out)
         return out
     finally:
@@ -143,7 +151,8 @@ def _print(out: dict) -> None:
     c = Console(width=max(Console().width, 140))
     c.print(f"checkpoint: {out['shape']}, {out['weights_bytes'] / GB:.2f} GB in {out['shards']} shards (largest "
             f"{out['largest_shard_bytes'] / GB:.2f} GB); dd reads it at {out['dd']['bytes_per_s'] / GB:.2f} GB/s; "
-            f"device: one host CPU on {out['backend']}; the machine may be shared: compare ratios within this run")
+            f"device: one host CPU on {out['backend']}, dense_precision: {out['dense_precision']}; the machine may be "
+            "shared: compare ratios within this run")
     t = Table(title="hetrun bench load: each arm in a fresh process")
     for col in ("arm", "wall s", "peak RSS GB", "after imports GB", "read GB/s", "device memory / plan", "note"):
         t.add_column(col, justify="left" if col in ("arm", "note") else "right")
@@ -241,13 +250,12 @@ def _generate(path: str, shape: str) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
-def _profile(backend: str, precision: str) -> dict:
-    # dense_precision: model -- the arms compare how experts reach their device; the dense part stays as read
+def _profile(backend: str, precision: str, dense_precision: str) -> dict:
     return {"name": f"load-{precision}", "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend,
-                                                      "precision": precision}], "dense_precision": "model"}
+                                                      "precision": precision}], "dense_precision": dense_precision}
 
 
-def _arm(arm: str, path: str, work: str, backend: str, threads: int) -> dict:
+def _arm(arm: str, path: str, work: str, backend: str, threads: int, dense_precision: str = "model") -> dict:
     import dataclasses
 
     import torch  # heavy: the child's work
@@ -266,7 +274,7 @@ def _arm(arm: str, path: str, work: str, backend: str, threads: int) -> dict:
     precision = "int4" if arm.endswith("int4") else "bf16"
     if not backend_class(backend).supports(precision):
         backend = "onnxruntime"  # torch: no INT4
-    profile = load_profile(_profile(backend, precision))
+    profile = load_profile(_profile(backend, precision, dense_precision))
     baseline = status_bytes("VmRSS:")
     t0 = time.perf_counter()
     note, runtime, model = "", None, None
@@ -322,7 +330,7 @@ if __name__ == "__main__":  # a child of run_bench: one measured arm, its result
         if sys.argv[1] == "generate":
             result = _generate(sys.argv[2], sys.argv[3])
         else:
-            result = _arm(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
+            result = _arm(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7])
     except HetrunError as e:
         result = {"error": str(e)}
     print(json.dumps(result))

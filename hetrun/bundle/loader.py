@@ -36,7 +36,7 @@ from hetrun.errors import BundleError, HetrunError
 from hetrun.formats import base_precision
 from hetrun.placement.precisions import device_precision
 from hetrun.profile import Profile, load_profile
-from hetrun.runtime.dense import run_dense_linears
+from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
 from hetrun.spec import MoESpec
@@ -266,6 +266,7 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     runtime = BundleRuntime(plan, prof, weights, threads=threads, progress=progress)
     swap_moe_blocks(model, [path for _, path, _ in blocks], runtime.layers)
     runtime.dense = run_dense_linears(model, runtime)  # as deploy() runs them, from the bundle's dense weights
+    compute_rest_in_fp32(model, runtime)
     model.hetrun = runtime
     model.hetrun_manifest = man
     return model

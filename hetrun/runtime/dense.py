@@ -138,11 +138,15 @@ def dense_precision(runtime: ExpertRuntime) -> str:
     return asked
 
 
-def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLinears | None:
-    """Replace the model's nn.Linear layers (its MoE blocks already replaced) by RuntimeLinear layers on the dense
-    device at `dense_precision(runtime)`, siblings of SIBLINGS in one call; None when they stay as they are."""
+def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
+                      moe_blocks: "tuple[str, ...] | list[str]" = ()) -> DenseLinears | None:
+    """Replace the model's nn.Linear layers, those inside the MoE blocks at paths `moe_blocks` excepted (or the
+    blocks already swapped), by RuntimeLinear layers on the dense device at `dense_precision(runtime)`, siblings of
+    SIBLINGS in one call; None when they stay as they are. Once the MoE blocks are swapped, compute_rest_in_fp32."""
     precision = dense_precision(runtime)
-    targets = {path: m for path, m in model.named_modules() if type(m) is torch.nn.Linear}
+    inside = tuple(f"{p}." for p in moe_blocks)
+    targets = {path: m for path, m in model.named_modules()
+               if type(m) is torch.nn.Linear and path not in moe_blocks and not path.startswith(inside)}
     if precision == "model" or any(m.weight.is_meta for m in targets.values()):  # meta: another rank runs it
         return None
     dense = runtime.profile.dense_device
@@ -166,9 +170,15 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime) -> DenseLi
         log.warning("the dense part's %d linear layers run on '%s' in %s, as its experts do (dense_precision: auto); "
                     "set dense_precision: model in the profile to keep them as the model has them",
                     len(report.layers), dense.id, precision)
-    if report.layers:
-        report.upcast_from = compute_in_fp32(model, dense.type.kind)
     return report
+
+
+def compute_rest_in_fp32(model: torch.nn.Module, runtime: ExpertRuntime) -> None:
+    """After run_dense_linears and the MoE blocks' swap: the torch ops left around the moved linear layers compute
+    in FP32 where the CPU only emulates the model's 16-bit dtype (hetrun.runtime.dense_dtype)."""
+    report = runtime.dense
+    if report is not None and report.layers:
+        report.upcast_from = compute_in_fp32(model, runtime.profile.dense_device.type.kind)
 
 
 def _groups(targets: dict[str, torch.nn.Linear]) -> list[list[str]]:

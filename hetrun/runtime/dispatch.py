@@ -131,7 +131,7 @@ class ExpertRuntime:
     tracer = None  # a hetrun.distributed.trace.Tracer where spans are recorded
     dense = None  # hetrun.runtime.dense.DenseLinears when the dense part's linear layers run on the dense device
 
-    def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights], threads: int | None = None,
+    def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights] | None, threads: int | None = None,
                  progress: bool = False, local_devices: "set[int] | None" = None, exchange: "Exchange | None" = None):
         self.plan = plan
         self.profile = profile
@@ -148,10 +148,20 @@ class ExpertRuntime:
                          for i, d in enumerate(self.devices)]
         if profile.model.cache is not None:
             profile.group(profile.model.cache.device)  # a cache device the profile lacks: one line, before compiling
-        self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
         self.steps = 0  # forward passes begun (steps_begin calls)
-        self.placeable_mask = self.placeable()  # [L, E, D] or None; fixed for the deployment's life
         self._background: dict[str, DeviceWorker] = {}
+        self.layers: list[MoELayer] = []
+        self.placeable_mask = self.rebalancer = self.cache = None
+        if weights is not None:
+            self.compile_layers(weights, progress)
+
+    def compile_layers(self, weights: list[MoELayerWeights], progress: bool = False) -> None:
+        """Compile every MoE layer's experts on their devices, then start live rebalancing and the cache where the
+        profile asks for them. The constructor does it when given the weights; deploy() passes None and calls this
+        once the dense part's linear layers are on their device, so their conversion meets a smaller resident set."""
+        self.layers = [MoELayer(self, li, w) for li, w in enumerate(_iter(weights, progress, "compiling experts"))]
+        self.placeable_mask = self.placeable()  # [L, E, D] or None; fixed for the deployment's life
+        profile = self.profile
         live, cached = profile.model.rebalance, profile.model.cache
         self.rebalancer = LiveRebalancer(self, live, self.routed_load, self.collective) \
             if live is not None and live.enabled else None
@@ -235,8 +245,10 @@ class ExpertRuntime:
         backend = self.backends[device]
         with self.memory.measure(device) if measure else contextlib.nullcontext():
             graph = build_expert_graph(expert, backend.precision, target=backend.graph_target())
-            session = backend.load(graph.serialize(), name, graph.meta)
-            del graph
+            data, meta = graph.serialize(), graph.meta
+            del graph  # the serialized bytes alone while the backend loads them: one copy of the weights fewer
+            session = backend.load(data, name, meta)
+            del data  # before the measurement ends
         return session
 
 
