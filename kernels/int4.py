@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from hetrun.kernels import row_chunks
 from hetrun.kernels.row_chunks import fp32_row_chunks
 
 
@@ -108,9 +109,12 @@ def to_matmulnbits(t: Int4Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
         raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {t.group}")
     n, k = t.codes.shape
     n_blocks = t.scale.shape[1]
-    codes = np.repeat(t.zero_point, t.group, axis=1)  # [N, n_blocks * group]
-    codes[:, :k] = t.codes
-    b = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(n, n_blocks, t.group // 2)
+    b = np.empty((n, n_blocks, t.group // 2), np.uint8)  # [N, n_blocks, group / 2]
+    step = max(1, row_chunks.CHUNK_BYTES // (n_blocks * t.group))  # rows packed at a time: small scratch beside the codes
+    for r in range(0, n, step):
+        codes = np.repeat(t.zero_point[r:r + step], t.group, axis=1)  # [rows, n_blocks * group]
+        codes[:, :k] = t.codes[r:r + step]
+        b[r:r + step] = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, n_blocks, t.group // 2)
     if t.symmetric:
         return b, t.scale.reshape(-1), None
     zp = np.pad(t.zero_point, ((0, 0), (0, n_blocks % 2)))  # [N, 2 * ceil(n_blocks / 2)]

@@ -307,3 +307,7 @@ def test_int4_in_row_chunks_is_int4_in_one_piece_and_stacks_like_its_rows(symmet
     stacked = int4.stack_rows([int4.quantize_int4(w[:100], 128, symmetric), int4.quantize_int4(w[100:], 128, symmetric)])
     for a, b in zip((stacked.codes, stacked.scale, stacked.zero_point), (codes, scale, zp)):
         assert np.array_equal(a, b)
+    packed_in_chunks = int4.to_matmulnbits(chunked)  # packing goes by row chunks too (here 32 rows each)
+    monkeypatch.setattr(row_chunks, "CHUNK_BYTES", 1 << 30)
+    for a, b in zip(packed_in_chunks, int4.to_matmulnbits(chunked)):
+        assert (a is None and b is None) or np.array_equal(a, b)

@@ -120,9 +120,9 @@ class _Builder:
 
     def init(self, name: str, array: np.ndarray) -> str:
         """A weight initializer; its bytes count towards onnx_bytes (format bytes are counted by the caller)."""
-        t = _initializer(self.proto.graph.initializer.add(), array, self.name(name))
-        self.onnx_bytes += len(t.raw_data) if t.HasField("raw_data") else array.nbytes
-        return t.name
+        name = self.name(name)
+        self.onnx_bytes += _initializer(self.proto.graph.initializer.add(), array, name)
+        return name
 
     def const(self, value, dtype=np.float32) -> str:
         """A small constant (scalar or shape), shared by every use."""
@@ -212,18 +212,18 @@ class _Builder:
 _PACKED = (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1)  # two values a byte: numpy_helper packs them
 
 
-def _initializer(t: onnx.TensorProto, array: np.ndarray, name: str) -> onnx.TensorProto:
-    """`t` filled as numpy_helper.from_array(array, name) would be, its bytes copied in once (from_array's tensor
-    would be copied again into the graph)."""
+def _initializer(t: onnx.TensorProto, array: np.ndarray, name: str) -> int:
+    """Fill `t` as numpy_helper.from_array(array, name) would, its bytes copied in once (from_array's tensor would be
+    copied again into the graph); returns the bytes stored. (Reading t.raw_data back would copy them once more.)"""
     data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
     if data_type in _PACKED or sys.byteorder != "little":
         t.CopyFrom(numpy_helper.from_array(array, name))
-        return t
+        return len(t.raw_data) if t.HasField("raw_data") else array.nbytes
     t.name = name
     t.dims.extend(array.shape)
     t.data_type = data_type
     t.raw_data = np.ascontiguousarray(array).tobytes()
-    return t
+    return array.nbytes
 
 
 @dataclass
