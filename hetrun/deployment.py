@@ -62,7 +62,7 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     elif plan.spec.num_experts != spec.num_experts or plan.num_layers != spec.num_moe_layers:
         raise HetrunError(f"plan was made for '{plan.spec.name}', not this model; re-plan with hetrun.plan()")
     layers = model_layer_weights(spec, model)
-    weights = [w for _, w in layers]
+    weights, paths = [w for _, w in layers], [path for path, _ in layers]
     runtime = None
     if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
         runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
@@ -70,11 +70,11 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
         runtime = ExpertRuntime(plan, profile, None, threads=threads)  # its devices; the experts below
         # the dense part's linear layers onto the dense device first: converting them (an LM head's graph is built
         # and loaded beside its 16-bit weight) then meets the dense part alone in memory, not every expert too
-        runtime.dense = run_dense_linears(model, runtime, [path for path, _ in layers])
+        runtime.dense = run_dense_linears(model, runtime, paths)
         runtime.compile_layers(weights, progress)
     else:
-        runtime.dense = run_dense_linears(model, runtime)  # under torchrun: one-line errors only, nothing moves
-    swap_moe_blocks(model, [path for path, _ in layers], runtime.layers)
+        runtime.dense = run_dense_linears(model, runtime, paths)  # under torchrun: one-line errors, nothing moves
+    swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
     fallback = profile.fallback_device
     recompiles = runtime.rebalancer is not None or runtime.cache is not None  # they compile experts again later

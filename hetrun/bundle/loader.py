@@ -263,9 +263,11 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
             tuple(BundledExpert(store, li, "routed", e) for e in range(spec.num_experts)),
             tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])),
             None if gate is None else gate.weight.detach().float().clone()))
-    runtime = BundleRuntime(plan, prof, weights, threads=threads, progress=progress)
-    swap_moe_blocks(model, [path for _, path, _ in blocks], runtime.layers)
-    runtime.dense = run_dense_linears(model, runtime)  # as deploy() runs them, from the bundle's dense weights
+    paths = [path for _, path, _ in blocks]
+    runtime = BundleRuntime(plan, prof, None, threads=threads)
+    runtime.dense = run_dense_linears(model, runtime, paths)  # as deploy() runs them (first), from the bundle's
+    runtime.compile_layers(weights, progress)  # dense weights
+    swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
     model.hetrun = runtime
     model.hetrun_manifest = man

@@ -23,7 +23,8 @@ Stored = np.ndarray | Fp8Matrix | GptqMatrix
 
 
 def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int, int] | None = None,
-                index: int | None = None, scale: tuple[str, torch.Tensor] | None = None, narrow: bool = False) -> Stored:
+                index: int | None = None, scale: tuple[str, torch.Tensor] | None = None,
+                narrow: bool = False) -> Stored:
     """The weight of Linear `base` (`base`.weight, or GPTQ's `base`.qweight ...) as stored; `shape` (out, in) is
     checked when given.
 
