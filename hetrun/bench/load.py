@@ -15,6 +15,8 @@ Targets (the issue's): directory BF16 peak <= 1.15 x the weights' bytes + 1.5 GB
 directory BF16 peak; export-directory peak <= the largest shard + 1.5 GB; today / directory wall time >= 1.5. Disk
 read throughput of the directory arms is set against `dd` on the same files (each file's pages are dropped from
 the page cache first, posix_fadvise). The per-device resident memory of each deploy is set against the plan's.
+The profile keeps the dense part as read (dense_precision: model) unless --dense-precision auto asks for what a
+profile gets by default: INT8 dense linear layers beside INT4 experts, the BF16 arms unchanged.
 A child that outgrows --max-gb is stopped and reported, so a small machine is not driven out of memory. The
 machine may be shared: compare ratios within one run.
 """
