@@ -83,7 +83,7 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
     g = model.graph
     const = _constant_names(g)
-    weighted = [n for n in g.node if _weight_input(n, const) is not None]
+    weighted = [n for n in g.node if (_weight_input(n, const) or _transposed_weight(n, const)) is not None]
     if len(weighted) != 2:
         raise ValueError(f"expert graph has {len(weighted)} weight matmuls; expected 2 (fused gate_up, then down)")
     dense = _evaluate_weights(model, weighted, const)
@@ -105,26 +105,28 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
 def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.ndarray, np.ndarray] | None:
     """(gate_up [D, 2I], down [I, D]) as stored, when each weight matmul reads a float initializer directly (FP32
     graphs) or through a Cast to float (FP16/BF16 graphs): the arrays themselves (ml_dtypes.bfloat16, float16 or
-    float32, read-only), without evaluating the graph or widening them. None for any other form
-    (read_expert_matrices reads every form, widened to FP32)."""
+    float32, read-only), without evaluating the graph or widening them; a weight stored [N, K] for Gemm(transB=1)
+    comes as its transposed view. None for any other form (read_expert_matrices reads every form, widened to
+    FP32)."""
     model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
     g = model.graph
     const = _constant_names(g)
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
     stored = []
-    for n, weight in ((n, _weight_input(n, const)) for n in g.node):
+    for n, weight in ((n, _weight_input(n, const) or _transposed_weight(n, const)) for n in g.node):
         if weight is None:
             continue
         cast = producer.get(weight)
         if cast is not None and cast.op_type == "Cast":
             weight = cast.input[0]
-        if n.op_type != "MatMul" or weight not in inits or _gathered_columns(g, n.input[0]) is not None:
+        if weight not in inits or _gathered_columns(g, n.input[0]) is not None or n.op_type not in ("MatMul", "Gemm"):
             return None
         init = inits[weight]
         if init.data_type not in (TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT):
             return None
-        stored.append(numpy_helper.to_array(init))
+        w = numpy_helper.to_array(init)
+        stored.append(w.T if n.op_type == "Gemm" else w)  # [K, N]
     if len(stored) != 2 or stored[0].ndim != 2 or stored[1].shape != (stored[0].shape[1] // 2, stored[0].shape[0]):
         return None
     return stored[0], stored[1]
@@ -150,6 +152,15 @@ def _constant_names(g: onnx.GraphProto) -> set[str]:
     return const
 
 
+def _transposed_weight(node: onnx.NodeProto, const: set[str]) -> str | None:
+    """The constant weight [N, K] of Gemm(x, w, transB=1) without bias, the float row-major form; else None."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and len(node.input) == 2 and node.input[0] not in const and node.input[1] in const \
+            and attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+        return node.input[1]
+    return None
+
+
 def _weight_input(node: onnx.NodeProto, const: set[str]) -> str | None:
     """The constant weight a matmul node applies to an activation, or None for any other node."""
     if node.op_type == "MatMul" and node.input[0] not in const and node.input[1] in const:
@@ -167,9 +178,12 @@ def _evaluate_weights(model: onnx.ModelProto, weighted: list[onnx.NodeProto], co
     const_nodes = [n for n in g.node if n.output and all(o in const for o in n.output)]
     nodes, inputs, outputs = list(const_nodes), [], []
     for i, n in enumerate(weighted):
-        if n.op_type == "MatMul":
+        if n.op_type in ("MatMul", "Gemm"):
             cast = f"hetrun_w{i}"
             nodes.append(helper.make_node("Cast", [n.input[1]], [cast], to=TensorProto.FLOAT))
+            if n.op_type == "Gemm":  # [N, K] applied transposed
+                nodes.append(helper.make_node("Transpose", [cast], [f"{cast}_t"], perm=[1, 0]))
+                cast = f"{cast}_t"
             outputs.append(cast)
         else:  # MatMulNBits packs its weight: apply it to the identity to read the matrix back
             k = helper.get_attribute_value(next(a for a in n.attribute if a.name == "K"))

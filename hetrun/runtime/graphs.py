@@ -99,11 +99,13 @@ def _transposed(a: np.ndarray) -> np.ndarray:
 
 class _Builder:
     """Collects nodes and initializers; names stay unique. `arithmetic` rounds narrow floats without Casts;
-    `row_major` stores INT8 and INT4 weights as nn.Linear does, [N, K], multiplied by Gemm(transB=1)."""
+    `row_major` stores INT8 and INT4 weights as nn.Linear does, [N, K], multiplied by Gemm(transB=1);
+    `float_row_major` FP32, FP16 and BF16 ones (the torch backend holds them so: no transpose there and back)."""
 
-    def __init__(self, arithmetic: bool, row_major: bool = False):
+    def __init__(self, arithmetic: bool, row_major: bool = False, float_row_major: bool = False):
         self.arithmetic = arithmetic
         self.row_major = row_major
+        self.float_row_major = float_row_major
         self.nodes: list[onnx.NodeProto] = []
         # initializers are written straight into the model: helper.make_graph and make_model would copy each twice
         self.proto = onnx.ModelProto()
@@ -183,9 +185,10 @@ class _Builder:
         return self.op("Where", [self.op("IsNaN", [x]), x, r])  # OpenVINO's Clip turns NaN into -448
 
     # ---- the expert ------------------------------------------------------------------------------------
-    def times(self, x: str, w: str) -> str:
-        """x [T, K] times a float weight: w [K, N], or w [N, K] transposed when the builder is row_major."""
-        return self.op("Gemm", [x, w], transB=1) if self.row_major else self.op("MatMul", [x, w])  # [T, N]
+    def times(self, x: str, w: str, row_major: bool | None = None) -> str:
+        """x [T, K] times a float weight: w [K, N], or w [N, K] transposed when row_major (default: the builder's)."""
+        row_major = self.row_major if row_major is None else row_major
+        return self.op("Gemm", [x, w], transB=1) if row_major else self.op("MatMul", [x, w])  # [T, N]
 
     def swiglu(self, x: str, matmul: Callable[[str, str], str]) -> str:
         gate_up = matmul(x, "gate_up")  # [N, 2I]
@@ -263,13 +266,18 @@ def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
 
 # ---- builders: each stores both matrices and sets b.out -------------------------------------------------------
 
+def _float_weight(b: _Builder, m: _Matrices, k: str, dtype) -> np.ndarray:
+    rows = m.rows(k, dtype)  # [N, K]
+    return rows if b.float_row_major else _transposed(rows)  # [N, K] or [K, N]
+
+
 def _build_fp32(b: _Builder, m: _Matrices, fmt: Format) -> None:
     mats = {}
     for k in ("gate_up", "down"):
-        wt = _transposed(m.rows(k))  # [K, N]
+        wt = _float_weight(b, m, k, np.float32)
         mats[k] = b.init(f"w_{k}", wt)
         b.weight_bytes += wt.nbytes
-    b.out = b.swiglu("x", lambda x, k: b.op("MatMul", [x, mats[k]]))
+    b.out = b.swiglu("x", lambda x, k: b.times(x, mats[k], b.float_row_major))
 
 
 def _build_float16ish(b: _Builder, m: _Matrices, fmt: Format) -> None:
@@ -277,12 +285,12 @@ def _build_float16ish(b: _Builder, m: _Matrices, fmt: Format) -> None:
     np_dtype = np.float16 if fmt.name == "fp16" else ml_dtypes.bfloat16
     mats = {}
     for k in ("gate_up", "down"):
-        wt = _transposed(m.rows(k, np_dtype))  # [K, N]: narrowed first, half the bytes to move
+        wt = _float_weight(b, m, k, np_dtype)  # narrowed first: half the bytes to move
         mats[k] = b.op("Cast", [b.init(f"w_{k}", wt)], to=TensorProto.FLOAT)
         b.weight_bytes += wt.nbytes
 
     def matmul(x: str, k: str) -> str:
-        return b.round_to(b.op("MatMul", [b.round_to(x, fmt.name), mats[k]]), fmt.name)
+        return b.round_to(b.times(b.round_to(x, fmt.name), mats[k], b.float_row_major), fmt.name)
 
     b.out = b.swiglu("x", matmul)
 
@@ -495,7 +503,7 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
     fmt = FORMATS[precision]
     if isinstance(w, ExpertSource):
         w = w.read_stored()  # 16-bit experts stay 16-bit until their format's builder converts them
-    b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino")
+    b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino", float_row_major=target == "torch")
     if isinstance(w, QuantizedExpert):
         if _build_native(w, b, fmt):
             return _graph(b, precision, target, w.hidden, w.intermediate)
