@@ -30,8 +30,8 @@ def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int
 
     With `index`, `base` names a stacked [E, out, in] tensor and its slice `index` is read; `scale` supplies an FP8
     weight's block scales, (name for messages, tensor), when the checkpoint keeps them elsewhere (transformers'
-    stacked experts.*_scale_inv). A float weight is FP32, or with `narrow` numpy of its stored dtype (BF16 as
-    ml_dtypes.bfloat16).
+    stacked experts.*_scale_inv). A float weight is FP32, or with `narrow` a 16-bit one numpy of its stored dtype
+    (BF16 as ml_dtypes.bfloat16).
     """
     if index is None:
         if linear_stored(shards, base) == "gptq":
@@ -46,7 +46,9 @@ def read_linear(shards: Shards, quant: Quantization, base: str, shape: tuple[int
         raise CheckpointError(f"{shards.root}: tensor '{name}' has shape {list(dims)}; the model's config needs"
                               f"{want} (config.json and weights disagree)")
     if info.dtype in FLOATS:
-        return shards.numpy(name, index) if narrow else shards.read(name, index).float().numpy()
+        # 16-bit weights as stored; F64 to FP32 as before (straight to BF16 could round twice differently)
+        return shards.numpy(name, index) if narrow and info.dtype in ("BF16", "F16") else \
+            shards.read(name, index).float().numpy()
     if info.dtype == "F8_E4M3":
         if quant.method != "fp8":
             raise CheckpointError(f"{shards.root}: tensor '{name}' is F8_E4M3 but config.json has no fp8 "

@@ -202,11 +202,12 @@ class ModuleExpert(ExpertSource):
 
 
 def stored_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU float tensor as a contiguous numpy array of its own dtype (BF16 as ml_dtypes.bfloat16, same bytes)."""
+    """A CPU float tensor as a contiguous numpy array: 16-bit ones in their own dtype (BF16 as ml_dtypes.bfloat16,
+    same bytes), any other as FP32."""
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy() if t.dtype in (torch.float16, torch.float32, torch.float64) else t.float().numpy()
+    return t.numpy() if t.dtype in (torch.float16, torch.float32) else t.float().numpy()
 
 
 class LazyExperts(torch.nn.Module):
