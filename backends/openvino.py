@@ -44,9 +44,8 @@ _warned: set[str] = set()
 # after OpenVINO 2026.4's CPU plugin has compiled it and run it once, by requested precision, as
 # tests/test_resident_memory.py measures them on 35 MB (FP32) experts: the plugin keeps the model's constants and
 # repacks a second copy for its kernels (release_memory() frees neither). INT8 experts in nn.Linear layout
-# ([N, K] codes, Gemm transB) take 2.08-2.11x once the process has compiled any INT8 graph; the first INT8 graph a
-# process compiles adds about 5 MB once (2.38x on two 17 MB experts), which deploy now spends on the dense part's
-# INT8 linear layers, built before the experts.
+# ([N, K] codes, Gemm transB) take 2.08-2.11x; the first INT8 graph a process compiles adds about 5 MB once besides
+# (2.38x on two 17 MB experts), a one-time cost the test warms up like the plugin's own.
 OV_CPU_RESIDENT = {"fp32": 2.0, "bf16": 2.0, "fp16": 2.0, "fp8": 2.3, "int8": 2.1, "int4": 2.4}
 
 

@@ -45,12 +45,16 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     whole model. `precision=None` lets each device use its best precision; `"fp32"` forces FP32 everywhere.
     The hetrun runtime (plan, statistics, `memory`: resident bytes per device) is attached as `model.hetrun`.
 
+    A passed-in model is changed only once every expert has compiled (a failure leaves it as it was); a directory's
+    model, hetrun's own, has its dense linear layers moved to the dense device first, for less peak memory.
+
     Afterwards no FP32 or BF16 copy of a routed expert stays alive: a passed-in model's expert tensors are released
     once compiled (kept only when the profile's fallback device may have to compile them on a failure; a directory's
     experts are read again from the files instead).
     """
     profile = load_profile(profile)
-    if isinstance(model, (str, os.PathLike)):
+    read_here = isinstance(model, (str, os.PathLike))
+    if read_here:
         model = checkpoint_model(model, profile)
     config = getattr(model, "config", None)
     if config is None:
@@ -66,14 +70,16 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     runtime = None
     if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
         runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
-    if runtime is None:  # one process runs every device
+    if runtime is None and read_here:  # one process runs every device of a model it read itself
         runtime = ExpertRuntime(plan, profile, None, threads=threads)  # its devices; the experts below
         # the dense part's linear layers onto the dense device first: converting them (an LM head's graph is built
         # and loaded beside its 16-bit weight) then meets the dense part alone in memory, not every expert too
         runtime.dense = run_dense_linears(model, runtime, paths)
         runtime.compile_layers(weights, progress)
-    else:
-        runtime.dense = run_dense_linears(model, runtime, paths)  # under torchrun: one-line errors, nothing moves
+    else:  # a caller's model is changed only once every expert has compiled (a failure leaves it as it was)
+        if runtime is None:
+            runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
+        runtime.dense = run_dense_linears(model, runtime, paths)  # (under torchrun: one-line errors, nothing moves)
     swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
     fallback = profile.fallback_device

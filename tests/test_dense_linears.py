@@ -181,20 +181,23 @@ def test_shared_calls_work_under_inference_mode_as_serve_runs_them():
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
-def test_dense_linears_are_loaded_before_any_expert_and_never_from_inside_an_moe_block(family, monkeypatch):
-    # An LM head's conversion holds its 16-bit weight, its INT8 codes and their serialized bytes at once: deploy
-    # does it before compiling experts, beside the dense part alone. Shared experts and routers (nn.Linear inside
-    # the MoE blocks) stay the expert runtime's.
+def test_dense_linears_are_loaded_before_any_expert_and_never_from_inside_an_moe_block(family, monkeypatch, tmp_path):
+    # An LM head's conversion holds its 16-bit weight, its INT8 codes and their serialized bytes at once: deploying
+    # a checkpoint directory does it before compiling experts, beside the dense part alone. Shared experts and
+    # routers (nn.Linear inside the MoE blocks) stay the expert runtime's.
     from hetrun.backends.onnxruntime import OnnxRuntimeBackend
+
+    from hetrun.checkpoint.writer import save_checkpoint
 
     loads = []
     load = OnnxRuntimeBackend.load
     monkeypatch.setattr(OnnxRuntimeBackend, "load",
                         lambda self, graph, name, meta: loads.append(name) or load(self, graph, name, meta))
     model = tiny_model(family)
+    save_checkpoint(model, tmp_path)
     with torch.no_grad():
         ref = model(IDS).logits
-    deployed = hetrun.deploy(model, _profile("int8-w8a8"), precision="int8-w8a8")
+    deployed = hetrun.deploy(tmp_path, _profile("int8-w8a8"), precision="int8-w8a8")
     dense = deployed.hetrun.dense.layers
     first_expert = next(i for i, n in enumerate(loads) if re.match(r"L\d+\.", n))  # L<layer>.E<e> or .S<s>
     moe = tuple(f"{p}." for p, m in deployed.named_modules() if isinstance(m, HetrunMoEBlock))
@@ -204,3 +207,22 @@ def test_dense_linears_are_loaded_before_any_expert_and_never_from_inside_an_moe
     with torch.no_grad():
         got = deployed(IDS).logits
     assert float((got - ref).norm() / ref.norm()) < 0.1  # W8A8 on random tiny weights, as above
+
+
+def test_a_callers_model_is_left_as_it_was_when_an_expert_fails_to_compile(monkeypatch):
+    # deploy(model) compiles every expert before it touches the caller's model: a failure changes nothing
+    from hetrun.backends.onnxruntime import OnnxRuntimeBackend
+
+    def load(self, graph, name, meta):
+        raise HetrunError(f"device refused {name}")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", load)
+    model = tiny_model("qwen2_moe")
+    before = {p: type(m) for p, m in model.named_modules()}
+    with torch.no_grad():
+        ref = model(IDS).logits
+    with pytest.raises(HetrunError, match="device refused L"):
+        hetrun.deploy(model, _profile("int8-w8a8"), precision="int8-w8a8")
+    assert {p: type(m) for p, m in model.named_modules()} == before
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref)

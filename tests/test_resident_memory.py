@@ -30,11 +30,12 @@ spec = MoESpec.from_preset("mixtral-bench").replace(name="resident", num_experts
 def one_device(backend):
     return {"name": backend + "-only", "devices": [{"id": "cpu", "type": "host-cpu", "backend": backend}],
             "dense_device": "cpu"}
-for backend in ("onnxruntime", "openvino"):  # each runtime's one-time start-up (thread pools, plugins) first
+cases = json.loads(sys.argv[1])
+for backend, precision in cases:  # each runtime's one-time costs (thread pools, plugins, a format's kernels) first
     hetrun.deploy(random_model(spec.replace(hidden_size=64, moe_intermediate_size=64)), one_device(backend),
-                  precision="fp32", threads=1)
+                  precision=precision, threads=1)
 keep, out = [], {}
-for backend, precision in json.loads(sys.argv[1]):
+for backend, precision in cases:
     model = hetrun.deploy(random_model(spec, seed=0), one_device(backend), precision=precision, threads=1)
     keep.append(model)  # never freed: the next case must not reuse its memory
     out[backend + " " + precision] = model.hetrun.memory.report(model.hetrun.plan)["cpu:0"]
