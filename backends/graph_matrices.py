@@ -83,7 +83,7 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
     g = model.graph
     const = _constant_names(g)
-    weighted = [n for n in g.node if (_weight_input(n, const) or _transposed_weight(n, const)) is not None]
+    weighted = [n for n in g.node if _weight_input(n, const) is not None]
     if len(weighted) != 2:
         raise ValueError(f"expert graph has {len(weighted)} weight matmuls; expected 2 (fused gate_up, then down)")
     dense = _evaluate_weights(model, weighted, const)
@@ -114,13 +114,13 @@ def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.nda
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
     stored = []
-    for n, weight in ((n, _weight_input(n, const) or _transposed_weight(n, const)) for n in g.node):
+    for n, weight in ((n, _weight_input(n, const)) for n in g.node):
         if weight is None:
             continue
         cast = producer.get(weight)
         if cast is not None and cast.op_type == "Cast":
             weight = cast.input[0]
-        if weight not in inits or _gathered_columns(g, n.input[0]) is not None or n.op_type not in ("MatMul", "Gemm"):
+        if weight not in inits or _gathered_columns(g, n.input[0]) is not None or n.op_type == "MatMulNBits":
             return None
         init = inits[weight]
         if init.data_type not in (TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT):
@@ -152,21 +152,16 @@ def _constant_names(g: onnx.GraphProto) -> set[str]:
     return const
 
 
-def _transposed_weight(node: onnx.NodeProto, const: set[str]) -> str | None:
-    """The constant weight [N, K] of Gemm(x, w, transB=1) without bias, the float row-major form; else None."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Gemm" and len(node.input) == 2 and node.input[0] not in const and node.input[1] in const \
-            and attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
-        return node.input[1]
-    return None
-
-
 def _weight_input(node: onnx.NodeProto, const: set[str]) -> str | None:
     """The constant weight a matmul node applies to an activation, or None for any other node."""
     if node.op_type == "MatMul" and node.input[0] not in const and node.input[1] in const:
         return node.input[1]
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and node.input[0] not in const:
         return node.input[1]
+    if node.op_type == "Gemm" and len(node.input) == 2 and node.input[0] not in const and node.input[1] in const:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}  # the float row-major form: [N, K]
+        if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+            return node.input[1]
     return None
 
 

@@ -17,8 +17,7 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 VECTOR_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_fp16"})
 # 16-bit float dtype -> the flags of CPUs that compute it natively (elsewhere torch emulates it through FP32)
-NATIVE_FLAGS = {torch.bfloat16: "AVX512-BF16 or AMX-BF16", torch.float16: "AVX512-FP16 or AMX-FP16"}
-_NATIVE = {torch.bfloat16: BF16_FLAGS, torch.float16: frozenset({"avx512_fp16", "amx_fp16"})}
+NATIVE_FLAGS = {torch.bfloat16: BF16_FLAGS, torch.float16: frozenset({"avx512_fp16", "amx_fp16"})}
 
 
 @functools.cache
@@ -41,7 +40,12 @@ def native_bf16() -> bool:
 
 def native_float(dtype: torch.dtype) -> bool:
     """Whether the CPU computes floating-point `dtype` natively (FP32 and FP64 always; BF16 and FP16 by flags)."""
-    return dtype not in _NATIVE or bool(_NATIVE[dtype] & cpu_flags())
+    return dtype not in NATIVE_FLAGS or bool(NATIVE_FLAGS[dtype] & cpu_flags())
+
+
+def native_flags_text(dtype: torch.dtype) -> str:
+    """The flags that would make `dtype` native, as people write them ("AMX-BF16 or AVX512-BF16")."""
+    return " or ".join(sorted(f.upper().replace("_", "-") for f in NATIVE_FLAGS.get(dtype, ())))
 
 
 def describe() -> dict:

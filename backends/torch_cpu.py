@@ -70,13 +70,14 @@ class TorchCpuBackend(Backend):
 
 
 def _rows_major(w, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # a graph's initializer is read-only: the transpose below copies it
+    with warnings.catch_warnings():  # a graph's initializer is read-only; the session never writes its weights
         warnings.simplefilter("ignore", UserWarning)
         if w.dtype.name == "bfloat16":  # ml_dtypes' BF16: the same 16 bits as torch's
             t = torch.from_numpy(w.view("uint16")).view(torch.bfloat16)
         else:
             t = torch.from_numpy(w)
-    # [K, N] -> [N, K], nn.Linear's layout: narrowed first (half the bytes to move), then torch's blocked transpose
+    # [K, N] -> [N, K], nn.Linear's layout. The torch target's graphs store [N, K] (w is its transposed view): no
+    # copy then; other graphs' [K, N] are narrowed first (half the bytes to move), then transposed by torch
     return t.to(dtype).t().contiguous()
 
 

@@ -70,16 +70,15 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     runtime = None
     if profile.model.distributed is not None:  # the profile lays out ranks: under torchrun each rank runs its own part
         runtime = distributed_runtime(plan, profile, weights, threads=threads, progress=progress)
-    if runtime is None and read_here:  # one process runs every device of a model it read itself
-        runtime = ExpertRuntime(plan, profile, None, threads=threads)  # its devices; the experts below
-        # the dense part's linear layers onto the dense device first: converting them (an LM head's graph is built
-        # and loaded beside its 16-bit weight) then meets the dense part alone in memory, not every expert too
-        runtime.dense = run_dense_linears(model, runtime, paths)
+    # A model hetrun read itself has its dense linear layers converted first (an LM head's graph is built and loaded
+    # beside its 16-bit weight: then beside the dense part alone, not every expert too); a caller's model is changed
+    # only once every expert has compiled, so a failure leaves it as it was.
+    dense_first = runtime is None and read_here
+    if runtime is None:  # one process runs every device
+        runtime = ExpertRuntime(plan, profile, None if dense_first else weights, threads=threads, progress=progress)
+    runtime.dense = run_dense_linears(model, runtime, paths)  # (under torchrun: one-line errors, nothing moves)
+    if dense_first:
         runtime.compile_layers(weights, progress)
-    else:  # a caller's model is changed only once every expert has compiled (a failure leaves it as it was)
-        if runtime is None:
-            runtime = ExpertRuntime(plan, profile, weights, threads=threads, progress=progress)
-        runtime.dense = run_dense_linears(model, runtime, paths)  # (under torchrun: one-line errors, nothing moves)
     swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
     fallback = profile.fallback_device

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-from hetrun.kernels import row_chunks
-from hetrun.kernels.row_chunks import fp32_row_chunks
+from hetrun.kernels.row_chunks import fp32_row_chunks, rows_per_chunk
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def to_matmulnbits(t: Int4Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     n, k = t.codes.shape
     n_blocks = t.scale.shape[1]
     b = np.empty((n, n_blocks, t.group // 2), np.uint8)  # [N, n_blocks, group / 2]
-    step = max(1, row_chunks.CHUNK_BYTES // (n_blocks * t.group))  # rows packed at a time: little scratch
+    step = rows_per_chunk(n_blocks * t.group)  # rows packed at a time: little scratch
     for r in range(0, n, step):
         codes = np.repeat(t.zero_point[r:r + step], t.group, axis=1)  # [rows, n_blocks * group]
         codes[:, :k] = t.codes[r:r + step]

@@ -14,10 +14,15 @@ import numpy as np
 CHUNK_BYTES = 4 << 20  # FP32 scratch per chunk: rounding's temporaries are a few chunks (4 MB was faster than 16 too)
 
 
+def rows_per_chunk(row_bytes: int) -> int:
+    """Rows of `row_bytes` each that fit in CHUNK_BYTES (at least one)."""
+    return max(1, CHUNK_BYTES // row_bytes)
+
+
 def fp32_row_chunks(w, padded_k: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows [n, padded_k] float32) for w [N, K], CHUNK_BYTES at a time; columns K..padded_k are 0."""
     n, k = w.shape
-    step = max(1, CHUNK_BYTES // (padded_k * 4))
+    step = rows_per_chunk(padded_k * 4)
     for r in range(0, n, step):
         chunk = w[r:r + step]
         rows = np.zeros((chunk.shape[0], padded_k), np.float32)  # [n, padded_k]

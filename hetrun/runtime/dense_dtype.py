@@ -59,7 +59,7 @@ def compute_in_fp32(model: torch.nn.Module, dense_kind: str) -> torch.dtype | No
     log.warning("the dense part's remaining torch ops (attention, norms, routers) compute in FP32: this CPU has no "
                 "native %s arithmetic (%s), and FP32 runs them faster here; %.0f kB more, the embedding table stays "
                 "%s. Set dense_precision: model in the profile to keep the model's dtype", name,
-                host_cpu.NATIVE_FLAGS[dtype], added / 1e3, name)
+                host_cpu.native_flags_text(dtype), added / 1e3, name)
     return dtype
 
 
