@@ -101,6 +101,13 @@ class OnnxRuntimeBackend(Backend):
         return OrtSession(ort.InferenceSession(graph, sess_options=session_options(self.threads),
                                                providers=self.providers()))
 
+    def load_graph(self, graph: bytes):
+        """An onnxruntime InferenceSession of any graph (not an expert's: several inputs and outputs, bound by the
+        caller), with the options and providers this device's expert sessions get."""
+        import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
+
+        return ort.InferenceSession(graph, sess_options=session_options(self.threads), providers=self.providers())
+
 
 def session_options(threads: int | None):
     """onnxruntime session options for expert graphs that share the host's cores with torch."""

@@ -26,6 +26,7 @@ from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan as make_plan
 from hetrun.profile import Profile, load_profile
+from hetrun.runtime.attention import run_attention
 from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.memory import release_freed_heap
@@ -81,6 +82,7 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
         runtime.compile_layers(weights, progress)
     swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
+    run_attention(model, runtime)
     fallback = profile.fallback_device
     recompiles = runtime.rebalancer is not None or runtime.cache is not None  # they compile experts again later
     if not recompiles and (fallback is None or fallback.id not in plan.device_ids

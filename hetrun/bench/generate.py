@@ -355,9 +355,10 @@ def _print(result: dict) -> None:
         if "split_ms" in r:
             ms = r["split_ms"]
             c.print(f"{name}, per decode token: {ms['total']:.2f} ms = MoE layers {ms['moe_layers']:.2f} (their expert "
-                    f"calls {ms['expert_calls']:.2f}, summed over devices that run at once) + dense linear layers on "
-                    f"the dense device {ms['dense_linears']:.2f} + the rest (attention, norms, KV cache, generate "
-                    f"loop, in {r.get('torch_ops_dtype', '?')}) {ms['rest']:.2f}")
+                    f"calls {ms['expert_calls']:.2f}, summed over devices that run at once) + the dense part's calls "
+                    f"on the dense device (linear layers, and attention where it runs there) {ms['dense_linears']:.2f}"
+                    f" + the rest (norms, embeddings, attention left to torch, the generate loop, in "
+                    f"{r.get('torch_ops_dtype', '?')}) {ms['rest']:.2f}")
     for name, why in result["skipped"].items():
         c.print(f"skipped {name}: {why}")
 

@@ -36,6 +36,7 @@ from hetrun.errors import BundleError, HetrunError
 from hetrun.formats import base_precision
 from hetrun.placement.precisions import device_precision
 from hetrun.profile import Profile, load_profile
+from hetrun.runtime.attention import run_attention
 from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
@@ -269,6 +270,7 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     runtime.compile_layers(weights, progress)  # dense weights
     swap_moe_blocks(model, paths, runtime.layers)
     compute_rest_in_fp32(model, runtime)
+    run_attention(model, runtime)
     model.hetrun = runtime
     model.hetrun_manifest = man
     return model

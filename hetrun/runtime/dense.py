@@ -16,8 +16,9 @@ The profile's `dense_precision` says what runs them:
   model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
              every profile with a distributed: section: under torchrun the ranks that hold the dense part run it).
   int8-w8a8, int4-w4a8, fp32   explicitly; a dense device that cannot run them is a one-line error.
-Embeddings, norms, rotary tables and attention itself stay in torch (in FP32 where the CPU emulates the model's
-16-bit dtype: hetrun.runtime.dense_dtype); MoE blocks are the dispatcher's. A replaced
+Embeddings, norms and rotary tables stay in torch (in FP32 where the CPU emulates the model's 16-bit dtype:
+hetrun.runtime.dense_dtype), attention too unless it can follow its projections onto onnxruntime
+(hetrun.runtime.attention); MoE blocks are the dispatcher's. A replaced
 layer's weight is released with its nn.Linear (a weight tied to the embeddings stays with them).
 """
 
@@ -53,6 +54,7 @@ class DenseLinears:
     precision: str
     layers: list[str] = field(default_factory=list)  # module paths now computed on the device
     upcast_from: torch.dtype | None = None  # the model's emulated 16-bit dtype, when the rest now computes in FP32
+    attention_layers: int = 0  # layers whose attention runs on the device too (hetrun.runtime.attention)
 
 
 class SharedInputCall:
@@ -84,6 +86,10 @@ class SharedInputCall:
         if not self._untaken:  # every member has its columns: hold neither the input nor the output any longer
             self._input = self._output = None
         return y
+
+    def run_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output at once, [M, sum of N] float32 for x [..., K] (nothing kept for the members)."""
+        return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()  # [M, K]

@@ -64,7 +64,7 @@ class DispatchStats:
     wall_s_per_device: np.ndarray  # [D] measured wall time inside expert graphs
     layer_s: float = 0.0  # whole MoE layers
     expert_s: float = 0.0  # inside expert graphs; the rest of layer_s is routing, permute, combine and copies
-    dense_s: float = 0.0  # inside the dense part's linear-layer calls on the dense device (hetrun.runtime.dense)
+    dense_s: float = 0.0  # inside the dense part's calls on the dense device (hetrun.runtime.dense, .attention)
     calls: int = 0
     transfers: int = 0  # copies of rows between host and a device (0 when rows and sessions share a device)
     faults: list = field(default_factory=list)
