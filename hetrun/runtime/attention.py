@@ -6,7 +6,7 @@ Left to transformers, each decode step of each layer costs a dozen small torch o
 runtime calls (rotary tables, rotate-half, a torch.cat that copies the whole KV cache per step, SDPA, transposes):
 on the Mixtral-shaped benchmark model (2-core AVX2 host, 190 cached tokens) 1.1 ms per layer, of which the two
 projection calls are 0.33 ms. As a GroupQueryAttention call on the projections' packed output it is one call more
-and none of the rest.
+and none of the rest: 0.65 ms per layer, decode 8% faster end to end.
 
 The KV cache stays transformers': each layer's entry of its DynamicCache becomes an InPlaceKVLayer, whose keys and
 values are views of buffers with room to grow, so the runtime's op appends in place (past and present bound to the
@@ -99,7 +99,7 @@ class RuntimeAttention:
         self.qkv: SharedInputCall = module.q_proj.call
         self.calls = 0  # calls taken over (the tests read it)
         self.binding = shared.session.io_binding()  # this layer's: its cache buffers stay bound between steps
-        self._bound: dict[str, int] = {}  # input or output name -> data_ptr bound
+        self._bound: dict[str, tuple] = {}  # input or output name -> (data_ptr, shape) bound
         self._lengths = torch.zeros(1, dtype=torch.int32)  # [B] last position per sequence, filled in place
         self._total = torch.zeros(1, dtype=torch.int32)  # [1] tokens after this call, filled in place
 
