@@ -158,3 +158,40 @@ def test_a_cache_layer_of_another_kind_is_left_to_transformers(mixtral_fp32):
     assert _attention_calls(deployed) == before
     assert all(type(layer) is DynamicLayer for layer in cache.layers)
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_beam_search_reorders_the_in_place_cache(mixtral_fp32):
+    model, deployed = mixtral_fp32
+    before = _attention_calls(deployed)
+    with torch.no_grad():
+        ref = model.generate(IDS, max_new_tokens=10, num_beams=3, **GEN)
+        out = deployed.generate(IDS, max_new_tokens=10, num_beams=3, **GEN)
+    assert torch.equal(out, ref)
+    assert all(after > b for after, b in zip(_attention_calls(deployed), before))  # 3 beams on the runtime
+
+
+def test_continuous_batching_runs_transformers_attention_on_its_paged_cache(mixtral_fp32):
+    import asyncio
+
+    from hetrun.serve.engine import Engine, EngineConfig
+
+    model, deployed = mixtral_fp32
+    prompts = [IDS[0, :6].tolist(), IDS[0, 2:].tolist()]
+    with torch.no_grad():
+        want = [model.generate(torch.tensor([p]), max_new_tokens=8, **GEN)[0, len(p):].tolist() for p in prompts]
+
+    async def both(engine):
+        async def one(ids):
+            steps = [step async for step in engine.generate(ids, 8)]
+            return steps[-1].tokens
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    before = _attention_calls(deployed)
+    engine = Engine(deployed, [-1], EngineConfig(context_length=64))  # no EOS: exactly 8 tokens each
+    engine.start()
+    try:
+        got = asyncio.run(both(engine))
+    finally:
+        engine.stop()
+    assert got == want
+    assert _attention_calls(deployed) == before  # the paged cache is transformers': none taken over
