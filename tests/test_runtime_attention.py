@@ -107,6 +107,14 @@ def test_other_attention_stays_transformers(family):
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+def test_eager_attention_is_left_alone(mixtral_fp32):
+    model, _ = mixtral_fp32
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"  # transformers then builds a mask for every call
+    deployed = hetrun.deploy(eager, _profile(), precision="fp32")
+    assert deployed.hetrun.dense.layers and deployed.hetrun.dense.attention_layers == 0
+
+
 def test_dense_linears_in_torch_leave_attention_alone():
     deployed = hetrun.deploy(tiny_model("mixtral"), _profile("model"), precision="fp32")
     assert deployed.hetrun.dense is None and _attention_calls(deployed) == []

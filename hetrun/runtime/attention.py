@@ -275,6 +275,9 @@ def run_attention(model: torch.nn.Module, runtime: ExpertRuntime) -> int:
     modules = [m for m in model.modules() if type(m).__name__ in ATTENTION_CLASSES]
     reasons = {why_not(m, config) for m in modules}
     rope = getattr(rotary, "rope_type", None)
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != "sdpa":  # eager attention always gets a mask, so no call would be taken over
+        reasons.add(f"its attention implementation is {implementation!r}, not 'sdpa'")
     if model.dtype != torch.float32:  # the graph computes in FP32: so does the rest of the dense part, or not this
         reasons.add(f"the model computes in {str(model.dtype).removeprefix('torch.')}")
     if rotary is None or rope not in STATIC_ROPE:
