@@ -32,8 +32,13 @@ def mixtral_fp32():
     return model, deployed
 
 
-def test_fp32_attention_on_the_runtime_is_transformers_attention(mixtral_fp32):
-    model, deployed = mixtral_fp32
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_fp32_attention_on_the_runtime_is_transformers_attention(family, mixtral_fp32):
+    if family == "mixtral":
+        model, deployed = mixtral_fp32
+    else:  # Qwen2-MoE: q/k/v biases; Qwen3-MoE: per-head q/k norms
+        model = tiny_model(family)
+        deployed = hetrun.deploy(copy.deepcopy(model), _profile(), precision="fp32")
     assert deployed.hetrun.dense.attention_layers == model.config.num_hidden_layers
     before = _attention_calls(deployed)
     with torch.no_grad():
@@ -97,7 +102,7 @@ def test_int8_attention_errs_as_transformers_attention_on_the_same_projections(m
     assert err_on < 0.1 and abs(err_on - err_off) < 0.01  # W8A8 projections (both measured 0.054)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])  # q/k norms over all heads; multi-head latent
 def test_other_attention_stays_transformers(family):
     model = tiny_model(family)
     deployed = hetrun.deploy(copy.deepcopy(model), _profile(), precision="fp32")

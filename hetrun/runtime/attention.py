@@ -12,8 +12,10 @@ The KV cache stays transformers': each layer's entry of its DynamicCache becomes
 values are views of buffers with room to grow, so the runtime's op appends in place (past and present bound to the
 same memory), and transformers' own attention code, should it run on the same cache, appends in place too.
 
-Taken over only where the result is transformers' own: Llama-style attention classes (ATTENTION_CLASSES) without
-biases, q/k norms or a sliding window, with a rotate-half rotary table that depends on the position alone, in FP32,
+Taken over only where the result is transformers' own: Llama-style attention classes (ATTENTION_CLASSES: Mixtral,
+Llama, Mistral, Qwen2-MoE with its q/k/v biases, Qwen3-MoE with its per-head q/k norms, both applied in torch to the
+projections' output as transformers applies them) without a sliding window or attention sinks, with a rotate-half
+rotary table that depends on the position alone, in FP32,
 and per call only without an attention mask (no padding: transformers passes none to SDPA then), with the
 positions the cache implies, on a DynamicCache layer that is empty or already in place. Every other call runs
 transformers' code unchanged.
@@ -36,7 +38,7 @@ from hetrun.runtime.dispatch import ExpertRuntime, all_finite
 from hetrun.runtime.graphs import OPSET
 
 log = logging.getLogger("hetrun")
-ATTENTION_CLASSES = ("MixtralAttention", "LlamaAttention", "MistralAttention")
+ATTENTION_CLASSES = ("MixtralAttention", "LlamaAttention", "MistralAttention", "Qwen2MoeAttention", "Qwen3MoeAttention")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary tables that do not depend on the sequence length
 ROTARY_ROWS = 4096  # positions in the first rotary table; doubled whenever a sequence outgrows it
 KV_HEADROOM = 256  # tokens of room a KV buffer is given beyond what it holds, at least (and an eighth more)
@@ -98,6 +100,10 @@ class RuntimeAttention:
         self.module, self.original, self.shared = module, original, shared
         self.qkv: SharedInputCall = module.q_proj.call
         self.calls = 0  # calls taken over (the tests read it)
+        projections = (module.q_proj, module.k_proj, module.v_proj)
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
+        self.bias = torch.cat(biases).float() if any(p.bias is not None for p in projections) else None  # [sum N]
+        self.norms = (module.q_norm, module.k_norm) if hasattr(module, "q_norm") else None  # per head, Qwen3-style
         self.binding = shared.session.io_binding()  # this layer's: its cache buffers stay bound between steps
         self._bound: dict[str, tuple] = {}  # input or output name -> (data_ptr, shape) bound
         self._lengths = torch.zeros(1, dtype=torch.int32)  # [B] last position per sequence, filled in place
@@ -110,12 +116,25 @@ class RuntimeAttention:
         b, s, _ = hidden_states.shape
         g = self.shared
         n = layer.length()
-        packed = self.qkv.run_all(hidden_states)  # [B*S, (Hq + 2 Hkv) * Dh]
+        packed = self._projected(hidden_states)  # [B*S, (Hq + 2 Hkv) * Dh]
         kbuf, vbuf = layer.reserve(g.kv_like(b), s)  # [B, Hkv, C, Dh] each
         out = self._attend(packed.view(b, s, -1), kbuf, vbuf, n)  # [B, S, Hq * Dh]
         layer.advance(s)
         self.calls += 1
         return self.module.o_proj(out), None
+
+    def _projected(self, hidden: torch.Tensor) -> torch.Tensor:
+        # q, k and v [M, (Hq + 2 Hkv) * Dh] as transformers hands them to rotary: biases added, q/k normed per head
+        packed = self.qkv.run_all(hidden)  # [M, (Hq + 2 Hkv) * Dh]
+        if self.bias is not None:
+            packed = packed + self.bias
+        if self.norms is not None:
+            g, m = self.shared, packed.shape[0]
+            q_end, k_end = g.heads * g.head_dim, (g.heads + g.kv_heads) * g.head_dim
+            q = self.norms[0](packed[:, :q_end].reshape(m, g.heads, g.head_dim)).reshape(m, q_end)
+            k = self.norms[1](packed[:, q_end:k_end].reshape(m, g.kv_heads, g.head_dim)).reshape(m, k_end - q_end)
+            packed = torch.cat([q, k, packed[:, k_end:]], dim=1)
+        return packed
 
     def _attend(self, packed: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, cached: int) -> torch.Tensor:
         # Attention output [B, S, Hq*Dh] of packed q/k/v [B, S, (Hq + 2 Hkv)*Dh] against `cached` tokens in kbuf
@@ -246,11 +265,9 @@ def why_not(module: torch.nn.Module, config) -> str:
     q, k, v, o = projections
     if not (q.call is k.call is v.call and (q.member, k.member, v.member) == (0, 1, 2)):
         return "its q, k and v projections are not one call"
-    if any(p.bias is not None for p in projections):
-        return "its projections have biases"
-    if any(hasattr(module, a) for a in ("q_norm", "k_norm", "sinks")):
-        return "it normalizes q/k or has attention sinks"
-    if getattr(config, "sliding_window", None) is not None:
+    if hasattr(module, "sinks"):
+        return "it has attention sinks"
+    if _slides(module, config):
         return "it has a sliding window"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(module, "head_dim", None)
@@ -259,7 +276,18 @@ def why_not(module: torch.nn.Module, config) -> str:
         return "its head layout is not q, k, v heads of one size"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "its rotary embedding covers part of each head"
+    norms = [getattr(module, n, None) for n in ("q_norm", "k_norm")]
+    if any(n is not None for n in norms) and not all(getattr(n, "weight", torch.empty(0)).shape == (head_dim,)
+                                                     for n in norms):
+        return "its q/k norms are not one per head"  # (OLMoE's span every head at once)
     return ""
+
+
+def _slides(module: torch.nn.Module, config) -> bool:
+    # whether any layer attends through a sliding window (Qwen2-MoE keeps a window size it does not use)
+    if getattr(module, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    return getattr(config, "use_sliding_window", True) is not False and bool(getattr(config, "sliding_window", None))
 
 
 def run_attention(model: torch.nn.Module, runtime: ExpertRuntime) -> int:
