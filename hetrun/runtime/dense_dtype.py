@@ -1,7 +1,8 @@
 """The dtype the dense part's torch ops compute in once its linear layers run on the dense device.
 
-What stays in torch after deploy is small: embeddings, norms, rotary tables, the routers' gates and attention
-itself (scores, softmax, the KV cache). On a CPU that emulates BF16 (or FP16) those ops run slower in the model's
+What stays in torch after deploy is small: embeddings, norms, rotary tables, the routers' gates and, where it
+does not follow its projections onto onnxruntime (hetrun.runtime.attention), attention itself (scores, softmax, the
+KV cache). On a CPU that emulates BF16 (or FP16) those ops run slower in the model's
 16-bit dtype than in FP32: every op converts its operands, and torch's CPU attention and reductions take the slow
 path. Measured on the Mixtral-shaped benchmark model (2-core AVX2 host, one decode token): under torch.profiler
 (which inflates small ops) torch's own ops took 4.9 ms per token in BF16 against 2.2 ms in FP32 (SDPA 432 -> 150 us,
