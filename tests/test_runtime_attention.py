@@ -112,6 +112,22 @@ def test_other_attention_stays_transformers(family):
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+def test_a_rotary_table_that_is_not_rotate_half_is_left_alone(mixtral_fp32):
+    model, _ = mixtral_fp32
+    interleaved = copy.deepcopy(model)
+    rotary = interleaved.model.rotary_emb
+    own = rotary.forward
+
+    def forward(x, position_ids):  # each frequency repeated in pairs (GPT-J style), not in halves
+        cos, sin = own(x, position_ids)
+        half = cos.shape[-1] // 2
+        return tuple(t[..., :half].repeat_interleave(2, dim=-1) for t in (cos, sin))
+
+    rotary.forward = forward
+    deployed = hetrun.deploy(interleaved, _profile(), precision="fp32")
+    assert deployed.hetrun.dense.layers and deployed.hetrun.dense.attention_layers == 0
+
+
 def test_eager_attention_is_left_alone(mixtral_fp32):
     model, _ = mixtral_fp32
     eager = copy.deepcopy(model)

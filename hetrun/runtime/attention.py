@@ -262,7 +262,7 @@ def why_not(module: torch.nn.Module, config) -> str:
     projections = [getattr(module, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     if not all(isinstance(p, RuntimeLinear) for p in projections):
         return "its projections do not all run on the dense device"
-    q, k, v, o = projections
+    q, k, v, _ = projections
     if not (q.call is k.call is v.call and (q.member, k.member, v.member) == (0, 1, 2)):
         return "its q, k and v projections are not one call"
     if hasattr(module, "sinks"):
@@ -281,6 +281,13 @@ def why_not(module: torch.nn.Module, config) -> str:
                                                      for n in norms):
         return "its q/k norms are not one per head"  # (OLMoE's span every head at once)
     return ""
+
+
+def _rotates_half(rotary: torch.nn.Module) -> bool:
+    # GroupQueryAttention's tables hold one half of a head's cos and sin: the other half must repeat it
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(64)[None])  # [1, 64, Dh]
+    half = cos.shape[-1] // 2
+    return all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
 
 
 def _slides(module: torch.nn.Module, config) -> bool:
@@ -310,6 +317,8 @@ def run_attention(model: torch.nn.Module, runtime: ExpertRuntime) -> int:
         reasons.add(f"the model computes in {str(model.dtype).removeprefix('torch.')}")
     if rotary is None or rope not in STATIC_ROPE:
         reasons.add(f"its rotary embedding ({rope or 'none found'}) depends on the sequence length")
+    elif not _rotates_half(rotary):
+        reasons.add("its rotary table is not rotate-half (each half of a head's cos and sin alike)")
     if not modules or reasons - {""}:
         why = "; ".join(sorted(reasons - {""})) or "no attention module of a known kind"
         log.info("attention stays in transformers' code: %s", why)
