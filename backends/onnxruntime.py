@@ -118,6 +118,10 @@ def session_options(threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # No per-session memory arena: each session's arena keeps the intermediates of its largest call for good, so a
+    # 1,024-token prefill left the benchmark model's 16 expert sessions (and the dense part's) 170-220 MB above
+    # where a model without arenas peaks (decode and prefill speed within the VM's noise, four runs each).
+    opts.enable_cpu_mem_arena = False
     # Idle ORT threads must not spin: torch runs routing and combine on the same cores right after each call.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Fold DequantizeLinear of FP8/INT8 weights into FP32 at load: otherwise onnxruntime dequantizes FP8 on every

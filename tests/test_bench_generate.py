@@ -7,7 +7,7 @@ def test_rounds_alternate_and_each_system_keeps_its_fastest(monkeypatch):
     order, speeds = [], {"transformers bf16": [50.0, 70.0], "hetrun default": [80.0, 60.0]}
     monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
 
-    def one(system, folder, threads, missing):
+    def one(system, folder, threads, missing, prompt_tokens):
         order.append(system)
         tps = speeds[system][sum(s == system for s in order) - 1]
         return {"decode_tps": tps, "prefill_tps": tps * 10, "peak_rss_gb": tps / 100, "tokens": [1, 2]}
@@ -40,3 +40,20 @@ def test_the_decode_split_counts_moe_layers_dense_linears_and_the_rest():
     assert abs(split["total"] - split["moe_layers"] - split["dense_linears"] - split["rest"]) < 1e-9
     model.hetrun.stats.reset()
     assert model.hetrun.stats.dense_s == 0.0
+
+
+def test_the_prompt_length_reaches_every_system_and_is_checked(monkeypatch, capsys):
+    from hetrun.cli import main
+
+    monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
+    seen = []
+    monkeypatch.setattr(generate, "_one_system", lambda system, folder, threads, missing, prompt_tokens: seen.append(
+        prompt_tokens) or {"decode_tps": 1.0, "prefill_tps": 1.0, "peak_rss_gb": 1.0, "tokens": []})
+    out = generate.run(["transformers bf16", "hetrun default"], threads=1, rounds=1, prompt_tokens=1024)
+    assert seen == [1024, 1024] and out["prompt_tokens"] == 1024
+    assert len(generate.prompt_ids(length=1024)) == 1024 and generate.prompt_ids()[:8] == generate.prompt_ids(
+        length=1024)[:8]
+    for bad in ("3", "4033"):  # at least 8; with the 64 new tokens within the model's 4096 positions
+        assert main(["bench", "generate", "--prompt-tokens", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--prompt-tokens must be between 8 and 4032" in err[0]

@@ -37,7 +37,7 @@ from hetrun.files import print_json
 from hetrun.placement.planner import plan
 from hetrun.profile import load_profile
 from hetrun.spec import MoESpec
-from hetrun.tiny_models import random_model
+from hetrun.tiny_models import random_config, random_model
 
 SPEC = MoESpec.from_preset("mixtral-bench").replace(name="mixtral-bench-2l", num_layers=2)
 PROMPT_LEN, NEW_TOKENS = 128, 64
@@ -67,10 +67,10 @@ def write_checkpoint(folder: Path, seed: int = 0) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def prompt_ids(seed: int = 0) -> list[int]:
-    """The benchmark prompt: PROMPT_LEN token ids drawn from the vocabulary."""
+def prompt_ids(seed: int = 0, length: int = PROMPT_LEN) -> list[int]:
+    """The benchmark prompt: `length` token ids drawn from the vocabulary."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, SPEC.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+    return torch.randint(3, SPEC.vocab_size, (length,), generator=g).tolist()
 
 
 # ---- one system, in its own process ---------------------------------------------------------------------------
@@ -113,12 +113,12 @@ def _decode_split(first: tuple, whole: tuple) -> dict:
             "rest": total - layers - dense}
 
 
-def _child(system: str, folder: Path, threads: int) -> dict:
+def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_LEN) -> dict:
     import transformers  # heavy: only in the benchmark's child processes
 
     torch.set_num_threads(threads)
     runner, dtype, precisions = SYSTEMS[system]
-    ids = prompt_ids()
+    ids = prompt_ids(length=prompt_tokens)
     extra = {}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
         profile = load_profile("cpu")
@@ -243,11 +243,12 @@ def llama_cpp_available() -> str:
     return ""
 
 
-def run(systems: list[str], threads: int, rounds: int = 2) -> dict:
+def run(systems: list[str], threads: int, rounds: int = 2, prompt_tokens: int = PROMPT_LEN) -> dict:
     """Each system in a child process on one checkpoint, `rounds` times in alternating order (this VM's memory
     bandwidth drifts over minutes, so no system always runs first); per system its fastest round."""
     missing = llama_cpp_available()
-    out: dict = {"cpu": host_cpu.describe(), "threads": threads, "rounds": rounds, "systems": {}, "skipped": {}}
+    out: dict = {"cpu": host_cpu.describe(), "threads": threads, "rounds": rounds, "prompt_tokens": prompt_tokens,
+                 "systems": {}, "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="hetrun-bench-generate-") as tmp:
         folder = Path(tmp)
         write_checkpoint(folder)
@@ -256,7 +257,7 @@ def run(systems: list[str], threads: int, rounds: int = 2) -> dict:
             for system in systems if r % 2 == 0 else systems[::-1]:
                 if system in out["skipped"]:
                     continue
-                result = _one_system(system, folder, threads, missing)
+                result = _one_system(system, folder, threads, missing, prompt_tokens)
                 if isinstance(result, str):
                     out["skipped"][system] = result
                     runs.pop(system, None)
@@ -274,7 +275,7 @@ def run(systems: list[str], threads: int, rounds: int = 2) -> dict:
     return out
 
 
-def _one_system(system: str, folder: Path, threads: int, missing: str) -> "dict | str":
+def _one_system(system: str, folder: Path, threads: int, missing: str, prompt_tokens: int = PROMPT_LEN) -> "dict | str":
     # one round of one system in its own process: its result, or why it did not run
     runner, kind, _ = SYSTEMS[system]
     if runner == "llama.cpp":
@@ -286,10 +287,10 @@ def _one_system(system: str, folder: Path, threads: int, missing: str) -> "dict 
         # a script of its own (-I: its folder stays off sys.path): the process imports llama_cpp and the
         # standard library only, so its peak RSS is llama.cpp's
         cmd = [sys.executable, "-I", str(Path(__file__).with_name("child_process.py")), str(gguf_path),
-               json.dumps(prompt_ids()), str(threads), str(NEW_TOKENS)]
+               json.dumps(prompt_ids(length=prompt_tokens)), str(threads), str(NEW_TOKENS)]
     else:
         cmd = [sys.executable, "-m", "hetrun", "bench", "generate", "--child", system, "--folder", str(folder),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--prompt-tokens", str(prompt_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -303,6 +304,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every system")
     p.add_argument("--rounds", type=int, default=2, help="runs of every system, in alternating order; each keeps its "
                    "fastest (default 2)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_LEN,
+                   help=f"prompt length in tokens (default {PROMPT_LEN}); longer prompts show what the KV cache costs "
+                        f"each decode step (with the {NEW_TOKENS} new tokens, within the model's positions)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one system, in its own process
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -310,7 +314,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def _main(a: argparse.Namespace) -> int:
     if a.child:
-        result = _child(a.child, Path(a.folder), a.threads)
+        result = _child(a.child, Path(a.folder), a.threads, a.prompt_tokens)
         print(json.dumps({**result, "peak_rss_gb": peak_rss_gb()}))
         return 0
     systems = comma_list(a.systems)
@@ -319,7 +323,11 @@ def _main(a: argparse.Namespace) -> int:
         raise HetrunError(f"unknown system '{unknown[0]}'; choose from: {', '.join(SYSTEMS)}")
     if a.rounds < 1:
         raise HetrunError(f"--rounds must be at least 1, got {a.rounds}")
-    result = run(systems, a.threads, a.rounds)
+    positions = random_config(SPEC).max_position_embeddings
+    if not 8 <= a.prompt_tokens <= positions - NEW_TOKENS:
+        raise HetrunError(f"--prompt-tokens must be between 8 and {positions - NEW_TOKENS} (the model's {positions} "
+                          f"positions less {NEW_TOKENS} new tokens), got {a.prompt_tokens}")
+    result = run(systems, a.threads, a.rounds, a.prompt_tokens)
     if a.json:
         print_json(result)
     else:
@@ -332,7 +340,8 @@ def _print(result: dict) -> None:
     cpu = result["cpu"]
     c.print(f"CPU: {host_cpu.summary(cpu)}; {result['threads']} threads for every system; each system's fastest of "
             f"{result['rounds']} rounds (decode tok/s of every round in --json)")
-    t = Table(title=f"2-layer Mixtral-shaped model, greedy, {PROMPT_LEN}-token prompt, {NEW_TOKENS} new tokens")
+    t = Table(title=f"2-layer Mixtral-shaped model, greedy, {result.get('prompt_tokens', PROMPT_LEN)}-token prompt, "
+                    f"{NEW_TOKENS} new tokens")
     for col in ("system", "decode tok/s", "prefill tok/s", "peak RSS GB", "= transformers fp32"):
         t.add_column(col, justify="right")
     for name, r in result["systems"].items():
