@@ -94,12 +94,9 @@ class OnnxRuntimeBackend(Backend):
         return chosen
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
-
         if self.device.type.kind == "cpu" and self.precision in HELD_AS_FP32_ON_CPU:
             host_cpu.say_held_as_fp32("onnxruntime", self.precision)
-        return OrtSession(ort.InferenceSession(graph, sess_options=session_options(self.threads),
-                                               providers=self.providers()))
+        return OrtSession(self.load_graph(graph))
 
     def load_graph(self, graph: bytes):
         """An onnxruntime InferenceSession of any graph (not an expert's: several inputs and outputs, bound by the

@@ -79,7 +79,7 @@ class SharedInputCall:
         """Member `member`'s output [M, N] float32 for x [..., K]."""
         version = -1 if x.is_inference() else x._version  # inference_mode tensors keep no version counter
         if self._input is not x or self._version != version or member not in self._untaken:
-            self._input, self._version, self._output = x, version, self._run(x)
+            self._input, self._version, self._output = x, version, self.run_all(x)
             self._untaken = set(range(len(self.paths)))
         self._untaken.discard(member)
         y = self._output[:, self.bounds[member]:self.bounds[member + 1]]  # [M, N]
@@ -89,9 +89,6 @@ class SharedInputCall:
 
     def run_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output at once, [M, sum of N] float32 for x [..., K] (nothing kept for the members)."""
-        return self._run(x)
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()  # [M, K]
         t0 = time.perf_counter()
         y = self.session.forward(rows)  # [M, sum N] float32
