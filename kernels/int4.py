@@ -8,6 +8,7 @@ Codes are kept unpacked as uint8 0..15 with a zero point per group:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -70,7 +71,7 @@ def quantize_int4(w: np.ndarray, group: int = 128, symmetric: bool = False) -> I
     chunk at a time (hetrun.kernels.row_chunks): the temporaries of rounding stay small beside the matrix (building a
     2048 x 5632 expert's INT4 graph peaked 364 MB above its FP32 weights with its stacked gate_up rounded in one
     piece, 85 MB by chunks and by matrix)."""
-    w = w if hasattr(w, "numpy") else np.asarray(w)
+    w = w if hasattr(w, "shape") else np.asarray(w)  # numpy, torch, or rows read on slicing
     n, k = w.shape
     n_groups = -(-k // group)
     codes = np.empty((n, k), np.uint8)  # [N, K]
@@ -118,6 +119,41 @@ def to_matmulnbits(t: Int4Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
         return b, t.scale.reshape(-1), None
     zp = np.pad(t.zero_point, ((0, 0), (0, n_blocks % 2)))  # [N, 2 * ceil(n_blocks / 2)]
     return b, t.scale.reshape(-1), (zp[:, 0::2] | zp[:, 1::2] << 4).reshape(-1)
+
+
+def quantize_to_matmulnbits(parts: Iterable, shape: tuple[int, int],
+                            group: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric round-to-nearest INT4 of the matrices ``parts`` ([n_i, K] each, numpy or torch, any float dtype)
+    stacked along N into ``shape`` (N, K), packed for MatMulNBits as ``to_matmulnbits(stack_rows([quantize_int4(p,
+    group) ...]))`` packs them, byte for byte, a chunk of rows at a time: no unpacked codes and no stacked copy are
+    ever held, and each part is let go once packed (pass a generator to read the next one only then).
+
+    Returns B uint8 ``[N, n_blocks, group / 2]``, scales float32 ``[N * n_blocks]`` and zero points uint8
+    ``[N * ceil(n_blocks / 2)]``, as to_matmulnbits does.
+    """
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"MatMulNBits needs a power-of-two block_size >= 16, got {group}")
+    n, k = shape
+    nb = -(-k // group)
+    b = np.empty((n, nb, group // 2), np.uint8)  # [N, nb, group / 2]
+    scale = np.empty((n, nb), np.float32)  # [N, nb]
+    zp = np.zeros((n, nb + nb % 2), np.uint8)  # [N, nb rounded up to even]: zero points two a byte
+    start = 0
+    for w in parts:
+        w = w if hasattr(w, "shape") else np.asarray(w)  # numpy, torch, or rows read on slicing
+        if w.ndim != 2 or w.shape[1] != k or start + w.shape[0] > n:
+            raise ValueError(f"matrices of shape {list(w.shape)} do not stack into [{n}, {k}]")
+        for r, rows in fp32_row_chunks(w, nb * group):  # padding columns are 0, which rounds to the zero point
+            groups = rows.reshape(len(rows), nb, group)  # [c, nb, g]
+            r, end = start + r, start + r + len(rows)
+            scale[r:end], zp[r:end, :nb] = int4_grid(groups, False)
+            codes = int4_codes(groups, scale[r:end, :, None], zp[r:end, :nb, None]).reshape(len(rows), -1)
+            b[r:end] = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, nb, group // 2)
+        start += w.shape[0]
+        del w
+    if start != n:
+        raise ValueError(f"matrices of {start} rows in all do not stack into [{n}, {k}]")
+    return b, scale.reshape(-1), (zp[:, 0::2] | zp[:, 1::2] << 4).reshape(-1)
 
 
 def to_onnx_int4(t: Int4Tensor) -> OnnxInt4:

@@ -214,14 +214,57 @@ def test_graphs_built_from_stored_16_bit_weights_equal_those_from_fp32(tmp_path,
     ex = model.model.layers[0].mlp.experts
     i = ex.gate_up_proj.shape[1] // 2
     module = ModuleExpert(ex.gate_up_proj[:, :i].detach(), ex.gate_up_proj[:, i:].detach(), ex.down_proj.detach(), 3)
+    assert stored.stored_readers() is not None  # per-expert tensors: each matrix read when its builder takes it
     for source in (stored, module):
         w = source.read_stored()
         width = 4 if dtype == torch.float64 else 2
         assert w.gate.dtype.itemsize == width and w.down.dtype.itemsize == width  # 16-bit ones not widened
         np.testing.assert_array_equal(w.gate.astype(np.float32), source.read().gate)
         for precision in FORMATS:
-            for target in ("onnxruntime", "openvino"):
+            for target in ("onnxruntime", "openvino", "torch"):
                 got = build_expert_graph(source, precision, target=target)
                 want = build_expert_graph(source.read(), precision, target=target)
                 assert got.model.SerializeToString() == want.model.SerializeToString(), (precision, target)
                 assert got.weight_bytes == want.weight_bytes
+
+
+def test_int4_build_reads_each_matrix_only_when_it_quantizes_it(bf16_dirs, monkeypatch):
+    """A checkpoint expert's INT4 graph reads gate, up and down one at a time, each only once the previous one is
+    packed, so at most one stored matrix is held while the graph is built (the issue's deploy peak at INT4)."""
+    import hetrun.kernels.int4 as int4
+
+    from hetrun.runtime.graphs import build_expert_graph
+
+    source = CheckpointExpert(open_checkpoint(bf16_dirs["mixtral"]), 1, 2)
+    events, readers = [], source.stored_readers()
+
+    def logged(i):
+        def read():
+            events.append(f"read {i}")
+            return readers[i]()
+        return read
+
+    chunks = int4.fp32_row_chunks
+    monkeypatch.setattr(int4, "fp32_row_chunks", lambda *a: (events.append("pack") or c for c in chunks(*a)))
+    monkeypatch.setattr(source, "stored_readers", lambda: tuple(logged(i) for i in range(3)))
+    got = build_expert_graph(source, "int4", "onnxruntime")
+    assert got.model.SerializeToString() == build_expert_graph(source.read(), "int4", "onnxruntime").model.SerializeToString()
+    assert [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]] == \
+        ["read 0", "pack", "read 1", "pack", "read 2", "pack"]
+
+
+def test_large_reads_get_pages_of_their_own(bf16_dirs, monkeypatch):
+    """Reads past OWN_PAGES_BYTES land in anonymous mappings (unmapped when dropped) and hold the stored bytes."""
+    from safetensors.torch import load_file
+
+    import hetrun.checkpoint.shards as shards_module
+
+    monkeypatch.setattr(shards_module, "OWN_PAGES_BYTES", 1)
+    ckpt = open_checkpoint(bf16_dirs["mixtral"])
+    want = {}
+    for f in sorted(Path(bf16_dirs["mixtral"]).glob("*.safetensors")):
+        want.update(load_file(f))
+    for name, tensor in want.items():
+        got = ckpt.shards.read(name)
+        assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    assert not shards_module._read_buffer(4096).untyped_storage().resizable()  # an mmap, not torch's allocator

@@ -5,7 +5,16 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 from hetrun.kernels.gptq import gptq_quantize_int4
-from hetrun.kernels.int4 import Int4Tensor, int4_codes, int4_grid, quantize_int4, to_matmulnbits, to_onnx_int4
+from hetrun.kernels.int4 import (
+    Int4Tensor,
+    int4_codes,
+    int4_grid,
+    quantize_int4,
+    quantize_to_matmulnbits,
+    stack_rows,
+    to_matmulnbits,
+    to_onnx_int4,
+)
 from hetrun.kernels.int8 import quantize_int8
 from onnx import TensorProto, helper, numpy_helper
 
@@ -149,6 +158,26 @@ def test_matmulnbits_packing_layout():
     for group in (8, 96):
         with pytest.raises(ValueError):
             to_matmulnbits(quantize_int4(np.ones((2, 192), np.float32), group))
+
+
+@pytest.mark.parametrize("k,group", [(40, 16), (256, 128), (300, 32), (2048, 128)])
+def test_quantize_to_matmulnbits_packs_what_quantize_then_pack_gives(k, group):
+    """Quantizing and packing a chunk of rows at a time, straight from stacked parts of any float dtype, gives
+    to_matmulnbits(stack_rows(quantize_int4 ...)) byte for byte (ragged K and odd block counts included)."""
+    import torch
+
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((37, k)).astype(np.float32)  # [37, K]
+    b = torch.from_numpy(rng.standard_normal((3000, k)).astype(np.float32) * 3).to(torch.bfloat16)  # [3000, K]
+    want = to_matmulnbits(stack_rows([quantize_int4(a, group), quantize_int4(b, group)]))
+    got = quantize_to_matmulnbits(iter([a, b]), (3037, k), group)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and np.array_equal(w, g)
+    for parts, shape in (([a], (38, k)), ([a, a], (37, k)), ([a], (37, k + 1))):
+        with pytest.raises(ValueError, match="stack"):
+            quantize_to_matmulnbits(parts, shape, group)
+    with pytest.raises(ValueError, match="block_size"):
+        quantize_to_matmulnbits([a], (37, k), 24)
 
 
 def matmulnbits_model(tmp_path, t):

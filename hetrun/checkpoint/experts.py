@@ -4,16 +4,20 @@ A CheckpointExpert is an ExpertSource (hetrun.runtime.weights): it holds names, 
 expert's three matrices from the shards -- per-expert tensors, a slice of stacked ones, FP8 codes with their block
 scales (per expert, or transformers' stacked *_scale_inv), GPTQ parts -- and returns FP32 ExpertWeights for float
 checkpoints or a QuantizedExpert with the stored codes unchanged; read_stored() leaves float matrices in their stored
-dtype, which the graph builder converts to its device's precision before dropping them.
+dtype, which the graph builder converts to its device's precision before dropping them; stored_readers() reads
+per-expert 16-bit matrices only when the builder takes each, by rows (StoredRows) where it quantizes row-wise.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 
 from hetrun.checkpoint.directory import Checkpoint
 from hetrun.checkpoint.linears import Stored, fp8_scale_grid, read_linear
 from hetrun.checkpoint.naming import MODULE_MOE, expert_bases, shared_base, stacked_names
+from hetrun.checkpoint.shards import FLOATS, Shards, StoredRows
 from hetrun.errors import CheckpointError
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
 
@@ -35,6 +39,15 @@ class CheckpointExpert(ExpertSource):
 
     def read_stored(self) -> ExpertWeights | QuantizedExpert:
         return self._read(narrow=True)
+
+    def stored_readers(self):
+        ck = self.ckpt
+        bases = expert_bases(ck.shards, ck.family, self.layer, self.index) if self.kind == "routed" else None
+        if bases is None or any(f"{b}.weight" not in ck.shards or ck.shards.info(f"{b}.weight").dtype not in FLOATS
+                                for b in bases):
+            return None  # stacked, shared or quantized: read whole
+        d, i = self.hidden, self.intermediate
+        return tuple(partial(_stored_rows, ck.shards, ck.quant, b, s) for b, s in zip(bases, ((i, d), (i, d), (d, i))))
 
     def _read(self, narrow: bool) -> ExpertWeights | QuantizedExpert:
         if self.kind == "shared":
@@ -113,6 +126,15 @@ class CheckpointExpert(ExpertSource):
         rows = slice(self.part[0] * self.intermediate, (self.part[0] + 1) * self.intermediate)
         return ExpertWeights(np.ascontiguousarray(w.gate[rows]), np.ascontiguousarray(w.up[rows]),
                              np.ascontiguousarray(w.down[:, rows]))
+
+
+def _stored_rows(shards: Shards, quant, base: str, shape: tuple[int, int]) -> "StoredRows | np.ndarray":
+    """A float weight for a graph builder: a 16-bit one as StoredRows (read by rows as the builder converts it), any
+    other as read_linear reads it (and a wrong shape is its one-line error)."""
+    info = shards.info(f"{base}.weight")
+    if info.dtype in ("BF16", "F16") and tuple(info.shape) == tuple(shape):
+        return StoredRows(shards, f"{base}.weight")
+    return read_linear(shards, quant, base, shape, narrow=True)
 
 
 def _assemble(mats: list[Stored]) -> ExpertWeights | QuantizedExpert:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -56,7 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format, matrix_bytes
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
-from hetrun.kernels.int4 import Int4Tensor, quantize_int4, stack_rows, to_matmulnbits
+from hetrun.kernels.int4 import Int4Tensor, quantize_int4, quantize_to_matmulnbits, stack_rows, to_matmulnbits
 from hetrun.kernels.int8 import quantize_int8, to_matmulnbits_int8
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
 
@@ -234,16 +234,23 @@ class _Matrices:
     """The expert's two weights in nn.Linear layout [out, in]; gate_up keeps gate and up apart for block scales.
     A builder takes each once: with no other reference left, a matrix's source bytes go as soon as it is converted."""
 
-    gate_up: tuple[np.ndarray, ...] | None  # ([I, D], [I, D]) stacked along rows, float32 or as stored (bfloat16 ...)
-    down: tuple[np.ndarray, ...] | None  # ([D, I],)
+    gate_up: tuple | None  # ([I, D], [I, D]) stacked along rows, float32 or as stored (bfloat16 ...), or their readers
+    down: tuple | None  # ([D, I],)
     hidden: int
     intermediate: int
     calibration: dict[str, np.ndarray] = field(default_factory=dict)  # matrix -> inputs [M, K]
 
     def take(self, key: str) -> tuple[np.ndarray, ...]:
-        parts = getattr(self, key)
+        return tuple(np.asarray(p) for p in self.each(key))  # a StoredRows part read whole
+
+    def each(self, key: str) -> Iterator:
+        """The parts one at a time; a part held as a reader (ExpertSource.stored_readers) is read only then, and may
+        be read by rows (StoredRows: the row-chunked quantizers take it so)."""
+        parts = list(getattr(self, key))
         setattr(self, key, None)
-        return parts
+        while parts:
+            part = parts.pop(0)
+            yield part() if callable(part) else part
 
     def rows(self, key: str, dtype=np.float32) -> np.ndarray:
         rows = np.concatenate(self.take(key), 0)  # [N, K]
@@ -389,28 +396,33 @@ def _build_int4(b: _Builder, m: _Matrices, fmt: Format) -> None:
     for k in ("gate_up", "down"):
         if m.calibration:
             tensors[k] = (gptq_quantize_int4(m.rows(k), m.calibration[k], fmt.group), None)  # rows [N, K]
-        else:  # each part on its own (gate, up), let go once quantized: no stacked copy of the pair
-            parts = list(m.take(k))
-            tensors[k] = (stack_rows([quantize_int4(parts.pop(0), fmt.group, symmetric=False)
-                                      for _ in range(len(parts))]), None)
+        elif b.row_major:  # each part on its own (gate, up), let go once quantized: no stacked copy of the pair
+            tensors[k] = (stack_rows([quantize_int4(p, fmt.group, symmetric=False) for p in m.each(k)]), None)
+        else:  # packed for MatMulNBits as quantized, a chunk of rows at a time, each part read only then
+            shape = (2 * m.intermediate, m.hidden) if k == "gate_up" else (m.hidden, m.intermediate)
+            tensors[k] = ((*quantize_to_matmulnbits(m.each(k), shape, fmt.group), shape[1], fmt.group), None)
     _int4_expert(b, tensors, fmt)
 
 
-def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor, np.ndarray | None]], fmt: Format) -> None:
+def _int4_expert(b: _Builder, tensors: dict[str, tuple[Int4Tensor | tuple, np.ndarray | None]], fmt: Format) -> None:
     """Both matmuls in com.microsoft.MatMulNBits (row_major: _row_major_int4's form); `order` (act-order) gathers the
-    input columns first. Formats with INT8 activations (int4-w4a8) ask for accuracy level 4."""
+    input columns first. A tensor may come packed already: (B, scales, zero points, K, group), to_matmulnbits'
+    arrays (quantize_to_matmulnbits'). Formats with INT8 activations (int4-w4a8) ask for accuracy level 4."""
     if b.row_major:
         b.weight_bytes += sum(matrix_bytes(fmt.name, *t.codes.shape) for t, _ in tensors.values())
         b.out = b.swiglu("x", lambda x, k: _row_major_int4(b, x, k, *tensors[k]))
         return
     nodes = {}
     for k, (t, order) in tensors.items():
-        n, kk = t.codes.shape
-        packed, scales, zps = to_matmulnbits(t)  # [N, nb, group/2], [N*nb], [N*ceil(nb/2)]
+        # [N, nb, group/2], [N*nb], [N*ceil(nb/2)]; t is packed already where _build_int4 packed it as it quantized
+        packed, scales, zps, kk, group = (*to_matmulnbits(t), t.codes.shape[1], t.group) \
+            if isinstance(t, Int4Tensor) else t
+        tensors[k] = None  # the arrays go once their initializers hold them
         inputs = [b.init(f"w_{k}_q4", packed), b.init(f"s_{k}", scales), b.init(f"z_{k}", zps)]
         b.weight_bytes += packed.nbytes + scales.nbytes + zps.nbytes
         perm = None if order is None else b.init(f"order_{k}", np.asarray(order, dtype=np.int64))  # [K]
-        nodes[k] = (inputs, n, kk, t.group, perm)
+        nodes[k] = (inputs, packed.shape[0], kk, group, perm)
+        del t, packed, scales, zps
     _nbits_swiglu(b, nodes, 4, fmt)
 
 
@@ -501,9 +513,14 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
     if precision not in FORMATS:
         raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(FORMATS)}")
     fmt = FORMATS[precision]
-    if isinstance(w, ExpertSource):
-        w = w.read_stored()  # 16-bit experts stay 16-bit until their format's builder converts them
     b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino", float_row_major=target == "torch")
+    if isinstance(w, ExpertSource):
+        readers = w.stored_readers() if calibration is None or fmt.base != "int4" else None
+        if readers is not None:  # each matrix read when its builder takes it, in its stored dtype
+            m = _Matrices(readers[:2], readers[2:], w.hidden, w.intermediate)
+            _BUILDERS[precision](b, m, fmt)
+            return _graph(b, precision, target, m.hidden, m.intermediate)
+        w = w.read_stored()  # 16-bit experts stay 16-bit until their format's builder converts them
     if isinstance(w, QuantizedExpert):
         if _build_native(w, b, fmt):
             return _graph(b, precision, target, w.hidden, w.intermediate)
@@ -556,7 +573,7 @@ def build_linear_graph(w: "np.ndarray | torch.Tensor", precision: str) -> onnx.M
             packed, scales = to_matmulnbits_int8(w, fmt.group)  # [N, nb, block], [N*nb]
             inputs, bits = [b.init("w_q8", packed), b.init("s", scales)], 8
         else:
-            packed, scales, zps = to_matmulnbits(quantize_int4(w, fmt.group, symmetric=False))  # [N, nb, g/2], ...
+            packed, scales, zps = quantize_to_matmulnbits((w,), (n, k), fmt.group)  # [N, nb, g/2], ...
             inputs, bits = [b.init("w_q4", packed), b.init("s", scales), b.init("z", zps)], 4
         y = b.op("MatMulNBits", ["x", *inputs], domain="com.microsoft", K=k, N=n, bits=bits, block_size=fmt.group,
                  accuracy_level=ACTIVATION_QUANTIZED)  # [T, N]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -153,6 +154,11 @@ class ExpertSource(abc.ABC):
         """read(), with float matrices left in the dtype they are stored in (numpy float16, ml_dtypes bfloat16, ...):
         what the graph builders take, so a 16-bit expert is never held whole in FP32 while its graph is built."""
         return self.read()
+
+    def stored_readers(self) -> "tuple[Callable[[], np.ndarray], ...] | None":
+        """Readers of gate, up and down as read_stored() leaves them, each reading its matrix only when called, so a
+        graph builder holds one matrix at a time; None where the expert is only read whole (read_stored())."""
+        return None
 
     def weights(self) -> ExpertWeights:
         """FP32 weights (dequantized when stored quantized)."""
