@@ -268,3 +268,27 @@ def test_large_reads_get_pages_of_their_own(bf16_dirs, monkeypatch):
         got = ckpt.shards.read(name)
         assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
     assert not shards_module._read_buffer(4096).untyped_storage().resizable()  # an mmap, not torch's allocator
+
+
+def test_input_embeddings_are_a_map_of_their_shard(bf16_dirs, tmp_path):
+    """An untied input-embedding table is looked up a few rows a step: it stays a copy-on-write map of its shard
+    (only touched rows resident, as llama.cpp maps weights), equal to the stored table; the shard is never written,
+    and a table tied to the LM head (read whole every step) is read as any other tensor."""
+    from hetrun.checkpoint.skeleton import _lookup_table_key
+
+    d = bf16_dirs["mixtral"]
+    shards_before = {f.name: f.read_bytes() for f in Path(d).glob("*.safetensors")}
+    model = load_model(open_checkpoint(d))
+    table = model.get_input_embeddings().weight
+    assert not table.untyped_storage().resizable()  # a map, not one of torch's allocations
+    want = tiny_model("mixtral").to(torch.bfloat16)
+    assert torch.equal(table, want.get_input_embeddings().weight)
+    with torch.no_grad():
+        table[0].zero_()  # copy-on-write: the process's page changes, the file does not
+        got = model(ids_for(model)).logits
+    assert torch.isfinite(got).all()
+    assert {f.name: f.read_bytes() for f in Path(d).glob("*.safetensors")} == shards_before
+    tied = copy.deepcopy(want.config)
+    tied.tie_word_embeddings = True
+    assert _lookup_table_key(want, tied) is None
+    assert _lookup_table_key(want, want.config) == "model.embed_tokens.weight"

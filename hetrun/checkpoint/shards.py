@@ -135,6 +135,33 @@ class Shards:
         self.bytes_read += nbytes
         return buf.view(DTYPES[info.dtype][0]).reshape(shape)
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a private, copy-on-write memory map of its shard (its stored dtype): pages are read from
+        the file when first touched and only those are resident, as llama.cpp maps its weights; for a table that is
+        looked up, not read whole, at every step (the input embeddings). The shard must not change while mapped."""
+        info = self.info(name)
+        dtype, width = DTYPES[info.dtype]
+        if info.start % width or not hasattr(mmap, "MAP_PRIVATE"):
+            return self.read(name)  # unaligned values (or no mmap flags here): read as any other
+        path = self.root / info.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < info.start + info.nbytes:  # a map past the end would fault on first touch
+                raise CheckpointError(f"{path}: is truncated: tensor '{name}' ends at byte {info.start + info.nbytes}, "
+                                      f"the file ends at byte {size}; re-download or re-save the checkpoint")
+            first = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+            pages = mmap.mmap(fd, info.start + info.nbytes - first, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first)
+        finally:
+            os.close(fd)
+        self.reads[name] += 1
+        return torch.frombuffer(pages, dtype=dtype, count=info.nbytes // width,
+                                offset=info.start - first).reshape(info.shape)
+
     def numpy(self, name: str, index: int | None = None, rows: slice | None = None) -> np.ndarray:
         """read() as a numpy array; BF16 and FP8 come as ml_dtypes arrays of the same bytes."""
         t = self.read(name, index, rows)

@@ -54,6 +54,7 @@ def load_model(ckpt: Checkpoint, dense: bool = True) -> torch.nn.Module:
             setattr(block, shared_attr, LazyMLP(shared, getattr(getattr(block, shared_attr), "act_fn", None)))
 
     wanted = model.state_dict()  # meta tensors: names, shapes and dtypes to fill
+    lookup = _lookup_table_key(model, config)
     tensors = {}
     for key, meta in wanted.items():
         if is_expert_module_key(key, family) or (not dense and not _router_key(key)):
@@ -62,7 +63,9 @@ def load_model(ckpt: Checkpoint, dense: bool = True) -> torch.nn.Module:
                      (c.endswith(".weight") and linear_stored(shards, c.removesuffix(".weight")) == "gptq")), None)
         if name is None:
             continue  # tied (lm_head) or missing: told apart after tie_weights below
-        value = dense_tensor(shards, ckpt.quant, name)
+        # the input embeddings as stored are looked up a few rows a step: mapped, only the rows touched are resident
+        mapped = key == lookup and name in shards and DTYPES.get(shards.info(name).dtype, (None,))[0] == meta.dtype
+        value = shards.mapped(name) if mapped else dense_tensor(shards, ckpt.quant, name)
         if tuple(value.shape) != tuple(meta.shape):
             raise CheckpointError(f"{ckpt.root}: tensor '{name}' has shape {list(value.shape)}; the model of "
                                   f"config.json needs {list(meta.shape)} (config.json and weights disagree)")
@@ -87,6 +90,14 @@ def load_model(ckpt: Checkpoint, dense: bool = True) -> torch.nn.Module:
                                   f"({' '.join(str(e).split())[:120]})") from None
     model.hetrun_checkpoint = ckpt
     return model
+
+
+def _lookup_table_key(model: torch.nn.Module, config) -> str | None:
+    """The state-dict key of the input embeddings' table, unless tied to the LM head (read whole every step)."""
+    if getattr(config, "tie_word_embeddings", False):
+        return None
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    return next((k for k, p in model.named_parameters() if p is table), None)
 
 
 def _router_key(key: str) -> bool:
