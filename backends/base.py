@@ -26,6 +26,9 @@ class BackendCaps:
     real_hardware: bool  # False for the simulated backend
     install_hint: str = ""
     excluded: frozenset[str] = frozenset()  # variants it does not run although it runs their base
+    # load() takes the graph's onnx.ModelProto itself, in this process: no serialization of its weights (protobuf
+    # copies them at about 1 GB/s of fresh memory here) and no parsing them back
+    loads_model_proto: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,4 +109,5 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        """Compile one serialized ONNX expert graph for this device. `meta` carries flops/bytes per token."""
+        """Compile one serialized ONNX expert graph for this device (an onnx.ModelProto where caps.loads_model_proto
+        says so). `meta` carries flops/bytes per token."""

@@ -25,6 +25,8 @@ from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 
 if TYPE_CHECKING:
+    import onnx
+
     from hetrun.profile import DeviceType
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -37,6 +39,7 @@ class TorchCpuBackend(Backend):
         precisions=frozenset(DTYPES),
         device_kinds=frozenset({"cpu"}),
         real_hardware=True,
+        loads_model_proto=True,  # reads the weights straight out of the graph's initializers
     )
 
     @classmethod
@@ -55,7 +58,7 @@ class TorchCpuBackend(Backend):
         """BF16 first (half FP32's bytes, FP32's range), then FP16 and FP32, of those the catalog lists."""
         return [p for p in ("bf16", "fp16", "fp32") if p in device_type.precisions]
 
-    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
+    def load(self, graph: "bytes | onnx.ModelProto", name: str, meta: dict) -> ExpertSession:
         from hetrun.backends.graph_matrices import read_expert_matrices, read_stored_float_matrices  # imports onnx
 
         dtype = getattr(torch, DTYPES[self.precision])

@@ -62,3 +62,34 @@ def test_deploy_on_torch_places_and_reports_like_any_backend():
     assert model.hetrun.plan.precision == {"t:0": "bf16"}  # its preferred format
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[3, 1, 4, 1, 5]])).logits).all()
+
+
+def test_deploy_hands_torch_the_graph_itself_and_other_backends_its_bytes(monkeypatch):
+    """The torch backend reads weights out of the graph in this process (caps.loads_model_proto): deploy hands it the
+    ModelProto, never serialized (protobuf's copies were half of a BF16 deploy's time); onnxruntime gets the bytes.
+    Both compute what the same weights give when loaded from the serialized graph."""
+    import onnx
+
+    import hetrun
+    from hetrun.runtime.graphs import ExpertGraph
+    from hetrun.tiny_models import tiny_model
+
+    serialized = []
+    monkeypatch.setattr(ExpertGraph, "serialize", lambda g: serialized.append(1) or g.model.SerializeToString())
+    loaded = []
+    for backend in ("torch", "onnxruntime"):
+        cls = type(cpu_backend(backend, "fp32", 1))
+        real = cls.load
+        monkeypatch.setattr(cls, "load", lambda self, g, *a, _real=real: loaded.append(type(g)) or _real(self, g, *a))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        serialized.clear(), loaded.clear()
+        profile = {"name": backend, "devices": [{"id": "d", "type": "host-cpu", "backend": backend,
+                                                  "precision": "fp32"}]}
+        model = hetrun.deploy(tiny_model("mixtral"), profile)
+        assert set(loaded) == {onnx.ModelProto if backend == "torch" else bytes}, backend
+        assert bool(serialized) == (backend != "torch")
+        with torch.no_grad():
+            outs[backend] = model(ids).logits
+    torch.testing.assert_close(outs["torch"], outs["onnxruntime"], rtol=1e-4, atol=1e-4)
