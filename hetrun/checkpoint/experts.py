@@ -17,6 +17,7 @@ import numpy as np
 from hetrun.checkpoint.directory import Checkpoint
 from hetrun.checkpoint.linears import Stored, fp8_scale_grid, read_linear
 from hetrun.checkpoint.naming import MODULE_MOE, expert_bases, shared_base, stacked_names
+from hetrun.checkpoint.quant import Quantization
 from hetrun.checkpoint.shards import FLOATS, Shards, StoredRows
 from hetrun.errors import CheckpointError
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
@@ -128,7 +129,7 @@ class CheckpointExpert(ExpertSource):
                              np.ascontiguousarray(w.down[:, rows]))
 
 
-def _stored_rows(shards: Shards, quant, base: str, shape: tuple[int, int]) -> "StoredRows | np.ndarray":
+def _stored_rows(shards: Shards, quant: Quantization, base: str, shape: tuple[int, int]) -> "StoredRows | np.ndarray":
     """A float weight for a graph builder: a 16-bit one as StoredRows (read by rows as the builder converts it), any
     other as read_linear reads it (and a wrong shape is its one-line error)."""
     info = shards.info(f"{base}.weight")

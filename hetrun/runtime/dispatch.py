@@ -246,7 +246,7 @@ class ExpertRuntime:
         with self.memory.measure(device) if measure else contextlib.nullcontext():
             graph = build_expert_graph(expert, backend.precision, target=backend.graph_target())
             data, meta = graph.model if backend.caps.loads_model_proto else graph.serialize(), graph.meta
-            del graph  # the serialized bytes alone while the backend loads them: one copy of the weights fewer
+            del graph  # the bytes (or, to a backend that takes it, the proto) alone while the backend loads them
             session = backend.load(data, name, meta)
             del data  # before the measurement ends
         return session
