@@ -26,8 +26,8 @@ class BackendCaps:
     real_hardware: bool  # False for the simulated backend
     install_hint: str = ""
     excluded: frozenset[str] = frozenset()  # variants it does not run although it runs their base
-    # load() takes the graph's onnx.ModelProto itself, in this process: no serialization of its weights (protobuf
-    # copies them at about 1 GB/s of fresh memory here) and no parsing them back
+    # load() takes the ExpertGraph itself, in this process, built in_process (weights held beside the proto): no
+    # copies of the weights into protobuf and out again (each at about 1 GB/s of fresh memory here)
     loads_model_proto: bool = False
 
 
@@ -109,5 +109,5 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        """Compile one serialized ONNX expert graph for this device (an onnx.ModelProto where caps.loads_model_proto
-        says so). `meta` carries flops/bytes per token."""
+        """Compile one serialized ONNX expert graph for this device (the ExpertGraph itself where
+        caps.loads_model_proto says so). `meta` carries flops/bytes per token."""

@@ -78,9 +78,10 @@ class ExpertMatrices:
         return self.down.shape[0]
 
 
-def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
-    """The expert's weights from its ONNX graph (serialized or not); ValueError when the graph is not a SwiGLU expert."""
-    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
+def read_expert_matrices(graph) -> ExpertMatrices:
+    """The expert's weights from its ONNX graph (bytes, an onnx.ModelProto or an ExpertGraph); ValueError when the
+    graph is not a SwiGLU expert."""
+    model = _model(graph)
     g = model.graph
     const = _constant_names(g)
     weighted = [n for n in g.node if _weight_input(n, const) is not None]
@@ -102,13 +103,14 @@ def read_expert_matrices(graph: "bytes | onnx.ModelProto") -> ExpertMatrices:
     return ExpertMatrices(gate_up, down, quantized[0], quantized[1])
 
 
-def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.ndarray, np.ndarray] | None:
+def read_stored_float_matrices(graph) -> tuple[np.ndarray, np.ndarray] | None:
     """(gate_up [D, 2I], down [I, D]) as stored, when each weight matmul reads a float initializer directly (FP32
     graphs) or through a Cast to float (FP16/BF16 graphs): the arrays themselves (ml_dtypes.bfloat16, float16 or
-    float32, read-only), without evaluating the graph or widening them; a weight stored [N, K] for Gemm(transB=1)
-    comes as its transposed view. None for any other form (read_expert_matrices reads every form, widened to
-    FP32)."""
-    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load_from_string(graph)
+    float32; read-only, or the graph's own arrays for an in_process ExpertGraph), without evaluating the graph or
+    widening them; a weight stored [N, K] for Gemm(transB=1) comes as its transposed view. None for any other form
+    (read_expert_matrices reads every form, widened to FP32). `graph`: bytes, an onnx.ModelProto or an ExpertGraph."""
+    arrays = getattr(graph, "arrays", {})  # an in_process ExpertGraph's weights, held beside its proto
+    model = graph.model if arrays else _model(graph)  # not filled: the arrays are read where they are
     g = model.graph
     const = _constant_names(g)
     producer = {o: n for n in g.node for o in n.output}
@@ -125,11 +127,19 @@ def read_stored_float_matrices(graph: "bytes | onnx.ModelProto") -> tuple[np.nda
         init = inits[weight]
         if init.data_type not in (TensorProto.BFLOAT16, TensorProto.FLOAT16, TensorProto.FLOAT):
             return None
-        w = numpy_helper.to_array(init)
+        w = arrays[weight] if weight in arrays else numpy_helper.to_array(init)
         stored.append(w.T if n.op_type == "Gemm" else w)  # [K, N]
     if len(stored) != 2 or stored[0].ndim != 2 or stored[1].shape != (stored[0].shape[1] // 2, stored[0].shape[0]):
         return None
     return stored[0], stored[1]
+
+
+def _model(graph) -> onnx.ModelProto:
+    if isinstance(graph, (bytes, bytearray, memoryview)):
+        return onnx.load_from_string(bytes(graph))
+    if isinstance(graph, onnx.ModelProto):
+        return graph
+    return graph.filled_model()  # an ExpertGraph: whole, its arrays moved in where it held them beside
 
 
 def _gathered_columns(g: onnx.GraphProto, name: str) -> np.ndarray | None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import onnx
 
     from hetrun.profile import DeviceType
+    from hetrun.runtime.graphs import ExpertGraph
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 NARROW_ROWS = 7  # at most this many rows multiply the narrow weights on a CPU that emulates their dtype
@@ -39,7 +40,7 @@ class TorchCpuBackend(Backend):
         precisions=frozenset(DTYPES),
         device_kinds=frozenset({"cpu"}),
         real_hardware=True,
-        loads_model_proto=True,  # reads the weights straight out of the graph's initializers
+        loads_model_proto=True,  # reads the weights straight out of the graph (its arrays, held beside)
     )
 
     @classmethod
@@ -58,7 +59,7 @@ class TorchCpuBackend(Backend):
         """BF16 first (half FP32's bytes, FP32's range), then FP16 and FP32, of those the catalog lists."""
         return [p for p in ("bf16", "fp16", "fp32") if p in device_type.precisions]
 
-    def load(self, graph: "bytes | onnx.ModelProto", name: str, meta: dict) -> ExpertSession:
+    def load(self, graph: "bytes | onnx.ModelProto | ExpertGraph", name: str, meta: dict) -> ExpertSession:
         from hetrun.backends.graph_matrices import read_expert_matrices, read_stored_float_matrices  # imports onnx
 
         dtype = getattr(torch, DTYPES[self.precision])

@@ -244,9 +244,10 @@ class ExpertRuntime:
         `measure` is False (background compiles: other threads' memory would count too)."""
         backend = self.backends[device]
         with self.memory.measure(device) if measure else contextlib.nullcontext():
-            graph = build_expert_graph(expert, backend.precision, target=backend.graph_target())
-            data, meta = graph.model if backend.caps.loads_model_proto else graph.serialize(), graph.meta
-            del graph  # the bytes (or, to a backend that takes it, the proto) alone while the backend loads them
+            in_process = backend.caps.loads_model_proto
+            graph = build_expert_graph(expert, backend.precision, target=backend.graph_target(), in_process=in_process)
+            data, meta = graph if in_process else graph.serialize(), graph.meta
+            del graph  # the bytes (or the graph itself, to a backend that reads it in this process) alone
             session = backend.load(data, name, meta)
             del data  # before the measurement ends
         return session

@@ -78,9 +78,19 @@ class ExpertGraph:
     target: str = "onnxruntime"
     onnx_bytes: int = 0  # bytes of the graph's weight initializers (block scales repeated per row, as ONNX wants them)
     quantizer: str = ""  # "rtn" or "gptq" for INT4
+    # in_process graphs: weight initializers whose bytes are held here, not in `model` (their raw_data is empty)
+    arrays: dict = field(default_factory=dict)
 
     def serialize(self) -> bytes:
-        return self.model.SerializeToString()
+        return self.filled_model().SerializeToString()
+
+    def filled_model(self) -> onnx.ModelProto:
+        """`model` with every initializer's bytes in it (an in_process graph's arrays moved into the proto once)."""
+        if self.arrays:
+            for t in self.model.graph.initializer:
+                if t.name in self.arrays:
+                    t.raw_data = np.ascontiguousarray(self.arrays.pop(t.name)).tobytes()
+        return self.model
 
     @property
     def meta(self) -> dict:
@@ -102,10 +112,12 @@ class _Builder:
     `row_major` stores INT8 and INT4 weights as nn.Linear does, [N, K], multiplied by Gemm(transB=1);
     `float_row_major` FP32, FP16 and BF16 ones (the torch backend holds them so: no transpose there and back)."""
 
-    def __init__(self, arithmetic: bool, row_major: bool = False, float_row_major: bool = False):
+    def __init__(self, arithmetic: bool, row_major: bool = False, float_row_major: bool = False,
+                 keep_arrays: bool = False):
         self.arithmetic = arithmetic
         self.row_major = row_major
         self.float_row_major = float_row_major
+        self.arrays: dict[str, np.ndarray] | None = {} if keep_arrays else None  # in_process: weights held here
         self.nodes: list[onnx.NodeProto] = []
         # initializers are written straight into the model: helper.make_graph and make_model would copy each twice
         self.proto = onnx.ModelProto()
@@ -123,7 +135,15 @@ class _Builder:
     def init(self, name: str, array: np.ndarray) -> str:
         """A weight initializer; its bytes count towards onnx_bytes (format bytes are counted by the caller)."""
         name = self.name(name)
-        self.onnx_bytes += _initializer(self.proto.graph.initializer.add(), array, name)
+        t = self.proto.graph.initializer.add()
+        data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        if self.arrays is not None and data_type not in _PACKED:  # the bytes stay in the array, not copied in
+            t.name, t.data_type = name, data_type
+            t.dims.extend(array.shape)
+            self.arrays[name] = array
+            self.onnx_bytes += array.nbytes
+        else:
+            self.onnx_bytes += _initializer(t, array, name)
         return name
 
     def const(self, value, dtype=np.float32) -> str:
@@ -502,18 +522,22 @@ _BUILDERS: dict[str, Callable[[_Builder, _Matrices, Format], None]] = {
 
 
 def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", precision: str = "fp32",
-                       target: str = "onnxruntime", calibration: np.ndarray | None = None) -> ExpertGraph:
+                       target: str = "onnxruntime", calibration: np.ndarray | None = None,
+                       in_process: bool = False) -> ExpertGraph:
     """The ONNX graph of one expert at a precision, for the backend `target`, with its stored weight bytes counted.
 
     `w` may be FP32 weights, a checkpoint's quantized expert (built natively on a device of its format, else
     dequantized once), or an ExpertSource (read now, dropped with the graph's inputs). `calibration` ([tokens, D]
     activations the expert sees) makes the INT4 formats quantize with GPTQ instead of round-to-nearest; other
-    formats, and experts already quantized in the device's format, do not use it.
+    formats, and experts already quantized in the device's format, do not use it. `in_process` (for a backend that
+    reads the graph in this process: BackendCaps.loads_model_proto) keeps the weight initializers' bytes in
+    `ExpertGraph.arrays` instead of copying them into the proto; serialize() and filled_model() put them in.
     """
     if precision not in FORMATS:
         raise ValueError(f"no expert graph for precision {precision!r}; available: {', '.join(FORMATS)}")
     fmt = FORMATS[precision]
-    b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino", float_row_major=target == "torch")
+    b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino", float_row_major=target == "torch",
+                 keep_arrays=in_process)
     if isinstance(w, ExpertSource):
         readers = w.stored_readers() if calibration is None or fmt.base != "int4" else None
         if readers is not None:  # each matrix read when its builder takes it, in its stored dtype
@@ -543,7 +567,8 @@ def _describe(w: QuantizedExpert) -> str:
 def _graph(b: _Builder, precision: str, target: str, hidden: int, intermediate: int) -> ExpertGraph:
     domains = tuple(sorted({n.domain for n in b.nodes if n.domain}))
     model = b.model("x", b.out, hidden, domains)
-    return ExpertGraph(model, precision, hidden, intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer)
+    return ExpertGraph(model, precision, hidden, intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer,
+                       b.arrays or {})
 
 
 # ---- one linear layer of a model's dense part (attention projections, dense MLPs, the LM head) --------------
