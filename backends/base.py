@@ -28,7 +28,7 @@ class BackendCaps:
     excluded: frozenset[str] = frozenset()  # variants it does not run although it runs their base
     # load() takes the ExpertGraph itself, in this process, built in_process (weights held beside the proto): no
     # copies of the weights into protobuf and out again (each at about 1 GB/s of fresh memory here)
-    loads_model_proto: bool = False
+    loads_in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,4 +110,4 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
         """Compile one serialized ONNX expert graph for this device (the ExpertGraph itself where
-        caps.loads_model_proto says so). `meta` carries flops/bytes per token."""
+        caps.loads_in_process says so). `meta` carries flops/bytes per token."""

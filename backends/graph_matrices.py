@@ -135,8 +135,8 @@ def read_stored_float_matrices(graph) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _model(graph) -> onnx.ModelProto:
-    if isinstance(graph, (bytes, bytearray, memoryview)):
-        return onnx.load_from_string(bytes(graph))
+    if isinstance(graph, bytes):
+        return onnx.load_from_string(graph)
     if isinstance(graph, onnx.ModelProto):
         return graph
     return graph.filled_model()  # an ExpertGraph: whole, its arrays moved in where it held them beside

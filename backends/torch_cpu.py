@@ -40,7 +40,7 @@ class TorchCpuBackend(Backend):
         precisions=frozenset(DTYPES),
         device_kinds=frozenset({"cpu"}),
         real_hardware=True,
-        loads_model_proto=True,  # reads the weights straight out of the graph (its arrays, held beside)
+        loads_in_process=True,  # reads the weights straight out of the graph (its arrays, held beside)
     )
 
     @classmethod

@@ -114,11 +114,11 @@ def to_matmulnbits(t: Int4Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     for r in range(0, n, step):
         codes = np.repeat(t.zero_point[r:r + step], t.group, axis=1)  # [rows, n_blocks * group]
         codes[:, :k] = t.codes[r:r + step]
-        b[r:r + step] = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, n_blocks, t.group // 2)
+        b[r:r + step] = _nibbles(codes).reshape(-1, n_blocks, t.group // 2)
     if t.symmetric:
         return b, t.scale.reshape(-1), None
     zp = np.pad(t.zero_point, ((0, 0), (0, n_blocks % 2)))  # [N, 2 * ceil(n_blocks / 2)]
-    return b, t.scale.reshape(-1), (zp[:, 0::2] | zp[:, 1::2] << 4).reshape(-1)
+    return b, t.scale.reshape(-1), _nibbles(zp).reshape(-1)
 
 
 def quantize_to_matmulnbits(parts: Iterable, shape: tuple[int, int],
@@ -148,12 +148,17 @@ def quantize_to_matmulnbits(parts: Iterable, shape: tuple[int, int],
             r, end = start + r, start + r + len(rows)
             scale[r:end], zp[r:end, :nb] = int4_grid(groups, False)
             codes = int4_codes(groups, scale[r:end, :, None], zp[r:end, :nb, None]).reshape(len(rows), -1)
-            b[r:end] = (codes[:, 0::2] | codes[:, 1::2] << 4).reshape(-1, nb, group // 2)
+            b[r:end] = _nibbles(codes).reshape(-1, nb, group // 2)
         start += w.shape[0]
         del w
     if start != n:
         raise ValueError(f"matrices of {start} rows in all do not stack into [{n}, {k}]")
-    return b, scale.reshape(-1), (zp[:, 0::2] | zp[:, 1::2] << 4).reshape(-1)
+    return b, scale.reshape(-1), _nibbles(zp).reshape(-1)
+
+
+def _nibbles(a: np.ndarray) -> np.ndarray:
+    # uint8 values 0..15 [rows, 2m] -> [rows, m] bytes, two values each, the first in the low nibble (MatMulNBits')
+    return a[:, 0::2] | a[:, 1::2] << 4
 
 
 def to_onnx_int4(t: Int4Tensor) -> OnnxInt4:

@@ -65,7 +65,7 @@ def test_deploy_on_torch_places_and_reports_like_any_backend():
 
 
 def test_deploy_hands_torch_the_graph_itself_and_other_backends_its_bytes(monkeypatch):
-    """The torch backend reads an expert graph in this process (caps.loads_model_proto): deploy builds it in_process
+    """The torch backend reads an expert graph in this process (caps.loads_in_process): deploy builds it in_process
     and hands over the ExpertGraph, its weights held beside the proto, never copied into it nor serialized (protobuf's
     copies were most of a BF16 deploy's time); onnxruntime gets the bytes. Both compute what the same weights give."""
     import hetrun

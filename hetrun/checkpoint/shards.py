@@ -116,17 +116,13 @@ class Shards:
         view = memoryview(buf.numpy())
         path = self.root / info.file
         t0 = time.perf_counter()
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        fd = _open(path)
         try:
             done = 0
             while done < nbytes:
                 n = os.preadv(fd, [view[done:]], start + done)
                 if n <= 0:
-                    raise CheckpointError(f"{path}: is truncated: tensor '{name}' ends at byte {start + nbytes}, the "
-                                          f"file ends at byte {start + done}; re-download or re-save the checkpoint")
+                    raise _truncated(path, name, start + nbytes, start + done)
                 done += n
         finally:
             os.close(fd)
@@ -144,15 +140,11 @@ class Shards:
         if info.start % width or not hasattr(mmap, "MAP_PRIVATE"):
             return self.read(name)  # unaligned values (or no mmap flags here): read as any other
         path = self.root / info.file
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        fd = _open(path)
         try:
             size = os.fstat(fd).st_size
             if size < info.start + info.nbytes:  # a map past the end would fault on first touch
-                raise CheckpointError(f"{path}: is truncated: tensor '{name}' ends at byte {info.start + info.nbytes}, "
-                                      f"the file ends at byte {size}; re-download or re-save the checkpoint")
+                raise _truncated(path, name, info.start + info.nbytes, size)
             first = info.start - info.start % mmap.ALLOCATIONGRANULARITY
             pages = mmap.mmap(fd, info.start + info.nbytes - first, flags=mmap.MAP_PRIVATE,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=first)
@@ -166,9 +158,24 @@ class Shards:
         """read() as a numpy array; BF16 and FP8 come as ml_dtypes arrays of the same bytes."""
         t = self.read(name, index, rows)
         code = self.info(name).dtype
-        if code in _NUMPY:
-            return t.view(torch.uint8).numpy().view(_NUMPY[code])
-        return t.numpy()
+        return t.view(torch.uint8).numpy().view(_NUMPY[code]) if code in _NUMPY else t.numpy()
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype code (ml_dtypes' for BF16 and FP8, which numpy lacks)."""
+    return np.dtype(_NUMPY[code]) if code in _NUMPY else torch.empty(0, dtype=DTYPES[code][0]).numpy().dtype
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _truncated(path: Path, name: str, end: int, size: int) -> CheckpointError:
+    return CheckpointError(f"{path}: is truncated: tensor '{name}' ends at byte {end}, the file ends at byte {size}; "
+                           "re-download or re-save the checkpoint")
 
 
 def _weight_map(root: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
@@ -242,8 +249,7 @@ def _read_header(root: Path, file: str) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor '{name[:80]}' ({code} {list(shape)}) spans {end - begin} bytes, "
                                   f"its shape needs {want}; the file is corrupt")
         if base + end > size:
-            raise CheckpointError(f"{path}: is truncated: tensor '{name[:80]}' ends at byte {base + end}, the file "
-                                  f"has {size}; re-download or re-save the checkpoint")
+            raise _truncated(path, name[:80], base + end, size)
         out[name] = TensorInfo(name, file, code, shape, base + begin, end - begin)
     return out
 
@@ -254,8 +260,8 @@ class StoredRows:
 
     def __init__(self, shards: Shards, name: str):
         self.shards, self.name = shards, name
-        self.shape = shards.info(name).shape
-        self.dtype = shards.numpy(name, rows=slice(0, 0)).dtype  # no rows: nothing read
+        info = shards.info(name)
+        self.shape, self.dtype = info.shape, numpy_dtype(info.dtype)
         self.ndim = len(self.shape)
 
     def __getitem__(self, rows: slice) -> np.ndarray:

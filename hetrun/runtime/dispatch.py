@@ -244,7 +244,7 @@ class ExpertRuntime:
         `measure` is False (background compiles: other threads' memory would count too)."""
         backend = self.backends[device]
         with self.memory.measure(device) if measure else contextlib.nullcontext():
-            in_process = backend.caps.loads_model_proto
+            in_process = backend.caps.loads_in_process
             graph = build_expert_graph(expert, backend.precision, target=backend.graph_target(), in_process=in_process)
             data, meta = graph if in_process else graph.serialize(), graph.meta
             del graph  # the bytes (or the graph itself, to a backend that reads it in this process) alone

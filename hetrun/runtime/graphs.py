@@ -530,7 +530,7 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
     dequantized once), or an ExpertSource (read now, dropped with the graph's inputs). `calibration` ([tokens, D]
     activations the expert sees) makes the INT4 formats quantize with GPTQ instead of round-to-nearest; other
     formats, and experts already quantized in the device's format, do not use it. `in_process` (for a backend that
-    reads the graph in this process: BackendCaps.loads_model_proto) keeps the weight initializers' bytes in
+    reads the graph in this process: BackendCaps.loads_in_process) keeps the weight initializers' bytes in
     `ExpertGraph.arrays` instead of copying them into the proto; serialize() and filled_model() put them in.
     """
     if precision not in FORMATS:
@@ -538,12 +538,10 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
     fmt = FORMATS[precision]
     b = _Builder(arithmetic=target == "openvino", row_major=target == "openvino", float_row_major=target == "torch",
                  keep_arrays=in_process)
-    if isinstance(w, ExpertSource):
-        readers = w.stored_readers() if calibration is None or fmt.base != "int4" else None
-        if readers is not None:  # each matrix read when its builder takes it, in its stored dtype
-            m = _Matrices(readers[:2], readers[2:], w.hidden, w.intermediate)
-            _BUILDERS[precision](b, m, fmt)
-            return _graph(b, precision, target, m.hidden, m.intermediate)
+    # a source of per-expert 16-bit matrices hands readers: each matrix read when its builder takes it
+    readers = w.stored_readers() if isinstance(w, ExpertSource) and (calibration is None or fmt.base != "int4") \
+        else None
+    if readers is None and isinstance(w, ExpertSource):
         w = w.read_stored()  # 16-bit experts stay 16-bit until their format's builder converts them
     if isinstance(w, QuantizedExpert):
         if _build_native(w, b, fmt):
@@ -553,7 +551,8 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
             log.warning("%s checkpoint experts (%s) go onto %s devices dequantized and quantized again: %s has no "
                         "form of them", w.kind, _describe(w), precision, precision)
         w = w.dequantize()
-    m = _matrices(w, calibration if fmt.base == "int4" else None)
+    m = _Matrices(readers[:2], readers[2:], w.hidden, w.intermediate) if readers is not None else \
+        _matrices(w, calibration if fmt.base == "int4" else None)
     del w  # a source's read is held by `m` alone now, so each matrix is freed once its builder has converted it
     _BUILDERS[precision](b, m, fmt)
     return _graph(b, precision, target, m.hidden, m.intermediate)
