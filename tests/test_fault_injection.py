@@ -157,3 +157,19 @@ def test_non_finite_input_is_reported_as_the_model_s_not_a_device_s(reference):
     with pytest.raises(HetrunError, match="holds NaN or inf before any expert ran"):
         layer(x)
     assert not model.hetrun.stats.faults
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_catches_every_nan_and_infinity_and_no_large_finite_value(dtype):
+    from hetrun.runtime.dispatch import all_finite
+
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.randn(3, 1000).to(dtype))
+    assert all_finite(torch.full((4, 8), big, dtype=dtype))  # finite values whose float32 sum overflows
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(2, 1000).to(dtype)
+        t[1, 517] = bad
+        assert not all_finite(t)
+    both = torch.zeros(5, dtype=dtype)
+    both[1], both[3] = float("inf"), -float("inf")  # their sum is NaN, not a cancellation
+    assert not all_finite(both)

@@ -254,9 +254,11 @@ class ExpertRuntime:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of `t` is finite: one float64 sum (it cannot overflow on float32 or narrower values, so it
-    is finite exactly when they all are), several times cheaper than isfinite().all()."""
-    return math.isfinite(t.sum(dtype=torch.float64).item())
+    """Whether every value of `t` is finite, from sums: a NaN or an infinity makes any sum NaN or infinite, so a
+    finite float32 sum (3-4x cheaper than a float64 one on a [1, 32000] row of logits here, 20x cheaper than
+    isfinite().all()) proves every value finite. Only when it is not (a NaN, an infinity, or finite values too large
+    for float32 to add) does a float64 sum, which cannot overflow on float32 or narrower values, decide."""
+    return math.isfinite(t.sum(dtype=torch.float32).item()) or math.isfinite(t.sum(dtype=torch.float64).item())
 
 
 def _iter(items, progress: bool, desc: str):
@@ -641,7 +643,8 @@ class LocalExchange(Exchange):
         rt = layer.runtime
         by_device: dict[int, list[ExpertCall]] = {}
         failed: list[tuple[ExpertCall, DeviceFault | None]] = []
-        for call in layer.calls(routed):
+        calls = layer.calls(routed)  # routed ones in slot order, then the shared ones in order
+        for call in calls:
             if rt.health.usable(call.device):
                 by_device.setdefault(call.device, []).append(call)
             else:
@@ -661,13 +664,10 @@ class LocalExchange(Exchange):
                 rt.health.ok(d)
         for call, fault in failed:  # after the healthy devices finished: failover reuses their sessions safely
             results[call] = layer.failover(call, _rows(routed, call), fault)
-        out = torch.empty_like(routed.rows)  # [T*K, D]
-        shared: list[torch.Tensor] = [routed.x] * len(layer.shared_devices)
-        for call, y in results.items():
-            if call.kind == "routed":
-                out[call.start:call.end] = y
-            else:
-                shared[call.index] = y
+        # the routed calls cover routed.rows in slot order, one after the other: their outputs joined in that order
+        ys = [results[c] for c in calls if c.kind == "routed"]
+        out = ys[0] if len(ys) == 1 else torch.cat(ys) if ys else torch.empty_like(routed.rows)  # [T*K, D]
+        shared = [results[c] for c in calls if c.kind == "shared"]
         return out, shared
 
 
