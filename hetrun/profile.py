@@ -69,6 +69,10 @@ def _numbers_only(annotation) -> bool:
     return bool(args) and all(a in (int, float) for a in args)
 
 
+DensePrecision = Literal["auto", "model", "fp32", "int8-w8a8", "int4-w4a8"]
+DENSE_PRECISIONS: tuple[str, ...] = get_args(DensePrecision)
+
+
 class LinkSpec(StrictModel):
     name: str = ""
     bandwidth_gbs: float = Field(ge=MIN_RATE, le=MAX_BANDWIDTH_GBS, description="one direction, GB/s")
@@ -193,7 +197,7 @@ class ProfileModel(StrictModel):
     device_types: dict[str, DeviceType] = {}
     dense_device: str | None = None
     # the dense part's linear layers (hetrun.runtime.dense): "auto", "model" (as the model has them), or a format
-    dense_precision: Literal["auto", "model", "fp32", "int8-w8a8", "int4-w4a8"] = "auto"
+    dense_precision: DensePrecision = "auto"
     fallback_device: str | None = None
     links: dict[Literal["intra_node", "inter_node"], LinkSpec] = {}
     pins: list[PinRule] = []

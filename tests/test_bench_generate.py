@@ -7,7 +7,7 @@ def test_rounds_alternate_and_each_system_keeps_its_fastest(monkeypatch):
     order, speeds = [], {"transformers bf16": [50.0, 70.0], "hetrun default": [80.0, 60.0]}
     monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
 
-    def one(system, folder, threads, missing, prompt_tokens):
+    def one(system, folder, threads, missing, prompt_tokens, dense_precision):
         order.append(system)
         tps = speeds[system][sum(s == system for s in order) - 1]
         return {"decode_tps": tps, "prefill_tps": tps * 10, "peak_rss_gb": tps / 100, "tokens": [1, 2]}
@@ -47,7 +47,7 @@ def test_the_prompt_length_reaches_every_system_and_is_checked(monkeypatch, caps
 
     monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
     seen = []
-    monkeypatch.setattr(generate, "_one_system", lambda system, folder, threads, missing, prompt_tokens: seen.append(
+    monkeypatch.setattr(generate, "_one_system", lambda system, folder, threads, missing, prompt_tokens, dense: seen.append(
         prompt_tokens) or {"decode_tps": 1.0, "prefill_tps": 1.0, "peak_rss_gb": 1.0, "tokens": []})
     out = generate.run(["transformers bf16", "hetrun default"], threads=1, rounds=1, prompt_tokens=1024)
     assert seen == [1024, 1024] and out["prompt_tokens"] == 1024
@@ -57,3 +57,17 @@ def test_the_prompt_length_reaches_every_system_and_is_checked(monkeypatch, caps
         assert main(["bench", "generate", "--prompt-tokens", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--prompt-tokens must be between 8 and 4032" in err[0]
+
+
+def test_a_target_is_checked_on_the_fastest_variant_of_its_system():
+    ran = {"hetrun int4": {"decode_tps": 80.0}, "hetrun int4 onnxruntime": {"decode_tps": 120.0},
+           "hetrun int4 openvino": {"decode_tps": 60.0}, "hetrun int8 onnxruntime": {"decode_tps": 500.0},
+           "hetrun default": {"decode_tps": 90.0}}
+    assert generate.fastest_variant(ran, "hetrun int4") == "hetrun int4 onnxruntime"
+    assert generate.fastest_variant(ran, "hetrun default") == "hetrun default"
+    assert generate.fastest_variant(ran, "hetrun fp32") is None
+    # every low-precision system names its devices: the cpu profile, or one runtime alone
+    for name in ("hetrun int8", "hetrun int4"):
+        variants = [s for s in generate.SYSTEMS if s.startswith(name)]
+        assert variants == [name, f"{name} onnxruntime", f"{name} openvino"]
+        assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino") for s in variants)

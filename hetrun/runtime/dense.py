@@ -9,8 +9,9 @@ The profile's `dense_precision` says what runs them:
   auto       int8-w8a8 where the dense device is a CPU driven by onnxruntime or OpenVINO whose plan precision is
              an integer format (the default on CPUs without native BF16: hetrun.backends.host_cpu), else "model".
              INT8 weights in blocks of 128 along K, INT8 activations per block on the fly (MatMulNBits accuracy
-             level 4), the same numerics as the int8-w8a8 experts beside them. Beside INT4 experts too: an INT4
-             LM head was 5-10% faster than INT8 at one token on a 2-core AVX2 host, for about twice the error.
+             level 4), the same numerics as the int8-w8a8 experts beside them. Beside INT4 experts too, for
+             accuracy: on the 2-layer benchmark model (2-core AVX2 host) an INT4 LM head took 1.03 ms a decode
+             token against INT8's 1.68 ms (two runs each), for about twice the error; ask for int4-w4a8 for that.
   int4-w4a8  asked for: INT4 weights in groups of 128 with zero points (round-to-nearest), INT8 activations,
              every linear layer the LM head included (as llama.cpp's Q4_0 files hold them): half INT8's bytes.
   model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
