@@ -2,6 +2,7 @@
 with what error, and what happens when the device or the input is wrong."""
 
 import copy
+import logging
 import re
 
 import numpy as np
@@ -102,12 +103,15 @@ def test_a_bf16_weight_gives_the_graph_of_its_fp32_values(precision):
     assert [t.raw_data for t in from_bf16.graph.initializer] == [t.raw_data for t in from_fp32.graph.initializer]
 
 
-def test_int4_dense_linears_when_asked_and_int8_beside_int4_experts_by_default():
+def test_int4_dense_linears_when_asked_and_int8_beside_int4_experts_by_default(caplog):
     model = tiny_model("mixtral")
     with torch.no_grad():
         ref = model(IDS).logits
-    auto = hetrun.deploy(copy.deepcopy(model), _profile("auto"), precision="int4-w4a8")
+    with caplog.at_level(logging.WARNING, logger="hetrun"):
+        auto = hetrun.deploy(copy.deepcopy(model), _profile("auto"), precision="int4-w4a8")
     assert auto.hetrun.dense.precision == "int8-w8a8"
+    said = [r.getMessage() for r in caplog.records if "linear layers run on" in r.getMessage()]
+    assert len(said) == 1 and "in int8-w8a8, beside its int4-w4a8 experts" in said[0] and "or int4-w4a8" in said[0]
     deployed = hetrun.deploy(model, _profile("int4-w4a8"), precision="int4-w4a8")
     assert deployed.hetrun.dense.precision == "int4-w4a8" and _linears(deployed)[0] == []
     with torch.no_grad():

@@ -171,9 +171,13 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
             setattr(parent, attr, RuntimeLinear(call, member, linear.in_features, linear.out_features, linear.bias))
             report.layers.append(path)
     if runtime.profile.model.dense_precision == "auto" and report.layers:
-        log.warning("the dense part's %d linear layers run on '%s' in %s, as its experts do (dense_precision: auto); "
-                    "set dense_precision: model in the profile to keep them as the model has them",
-                    len(report.layers), dense.id, precision)
+        experts = runtime.plan.precision.get(dense.id, precision)
+        log.warning("the dense part's %d linear layers run on '%s' in %s, %s (dense_precision: auto); set "
+                    "dense_precision: model in the profile to keep them as the model has them%s",
+                    len(report.layers), dense.id, precision,
+                    "as its experts do" if experts == precision else f"beside its {experts} experts",
+                    ", or int4-w4a8 for INT4 ones (faster at one token, about twice the error)"
+                    if base_precision(experts) == "int4" else "")
     return report
 
 
