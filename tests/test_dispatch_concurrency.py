@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 
 import hetrun
@@ -62,3 +63,22 @@ def test_rows_reach_cpu_sessions_without_a_copy(fresh):
     assert seen and rt.stats.transfers == 0  # no host<->device copies on a CPU deployment
     # every session read a slice of one permuted-rows buffer per layer call, not a copy of its own
     assert len(set(seen)) <= rt.stats.calls
+
+
+def test_hidden_states_on_a_gpu_stay_there_through_gpu_experts(fresh):
+    from hetrun.backends.registry import probe_backend
+
+    avail = probe_backend("nvidia")
+    if not (avail.ok and torch.cuda.is_available()):
+        pytest.skip("needs an NVIDIA GPU and a CUDA build of torch: "
+                    f"{avail.reason or 'torch here is a CPU build'}")
+    ids = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 8]])
+    reference = fresh("qwen2_moe")  # routed, shared and gated shared experts
+    with torch.no_grad():
+        want = reference(ids).logits
+    gpu = {"name": "gpu", "devices": [{"id": "gpu", "type": "h100-sxm", "backend": "nvidia"}]}
+    model = hetrun.deploy(fresh("qwen2_moe"), gpu, precision="fp32").to("cuda")  # the dense part on the GPU too
+    with torch.no_grad():
+        got = model(ids.to("cuda")).logits
+    assert got.device.type == "cuda" and model.hetrun.stats.transfers == 0  # rows never left the GPU
+    assert (got.cpu() - want).abs().max().item() <= 1e-4 * want.abs().max().item()

@@ -281,7 +281,7 @@ class MoELayer:
                     if runtime.is_local(d) else None
         self._place(plan, copies)
         self._fallback_sessions: dict[tuple[int, int], ExpertSession] = {}
-        self._gate_cache: tuple[torch.dtype | None, torch.Tensor | None] = (None, None)
+        self._router_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
         self.shared_devices = plan.shared_device_of[index].tolist()
         self.shared_sessions = [runtime.compile(d, w, f"L{weights.layer}.S{s}") if runtime.is_local(d) else None
                                 for s, (w, d) in enumerate(zip(weights.shared, self.shared_devices))]
@@ -354,25 +354,28 @@ class MoELayer:
             raise HetrunError(f"the input of MoE layer {self.weights.layer} holds NaN or inf before any expert ran: "
                               "the model's dense part (attention, norms) or its inputs produced it, not a device")
         k = self.router.top_k
-        logits = router_logits(hidden, self._gate_as(hidden.dtype), self.router)  # [T, E]
-        ids, weights = route(logits, self.router, self.weights.correction_bias)  # [T, K], [T, K]
-        # Row bookkeeping in numpy: a few integers per token, where each torch op would cost more than its work.
-        slots = self.slots_for(ids).numpy()  # [T*K]
+        gate, bias, shared_gate = self._router_as(hidden.dtype, hidden.device)
+        logits = router_logits(hidden, gate, self.router)  # [T, E]
+        ids, weights = route(logits, self.router, bias)  # [T, K], [T, K]
+        # Row bookkeeping on the host, in numpy: a few integers per token (copied off an accelerator, where the hidden
+        # states live on one), where each torch op would cost more than its work. The rows stay where x is.
+        slots = self.slots_for(ids.cpu()).numpy()  # [T*K]
         order = np.argsort(slots, kind="stable")  # [T*K] permutation grouping pairs by slot
         counts = np.bincount(slots, minlength=self.num_slots)  # [R]
-        routed = RoutedRows(x, x.index_select(0, torch.from_numpy(order // k)), torch.from_numpy(counts))
+        gather = torch.from_numpy(order // k).to(x.device)  # [T*K]
+        routed = RoutedRows(x, x.index_select(0, gather), torch.from_numpy(counts))
         out_rows, shared_out = exchange(self, routed)  # [T*K, D], S x [T, D]
 
         back = np.empty_like(order)  # [T*K] row of each (token, k) pair in out_rows
         back[order] = np.arange(len(order))
-        pairs = out_rows.index_select(0, torch.from_numpy(back)) * weights.reshape(-1, 1).float()  # [T*K, D]
+        pairs = out_rows.index_select(0, torch.from_numpy(back).to(x.device)) * weights.reshape(-1, 1).float()
         pairs = pairs.view(-1, k, pairs.shape[1])  # [T, K, D] back in (token, k) order
         out = pairs[:, 0].clone()  # [T, D] each token's K rows summed in k order, whatever slots the plan gives
         for j in range(1, k):  # them: the same sum, bit for bit, before and after a live rebalance
             out += pairs[:, j]
         for ys in shared_out:  # [T, D] each
             if self.weights.shared_gate is not None:
-                ys = torch.sigmoid(torch.nn.functional.linear(x, self.weights.shared_gate)) * ys
+                ys = torch.sigmoid(torch.nn.functional.linear(x, shared_gate)) * ys
             out += ys
         np.add.at(stats.tokens_per_expert[self.index], self.phy2log, counts)  # slots' rows summed per expert
         stats.calls += 1
@@ -381,11 +384,15 @@ class MoELayer:
         exchange.end(self, x.shape[0], dt)
         return out.to(hidden.dtype)
 
-    def _gate_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The router's weight [E, D] in `dtype` (converted once per dtype, not per call)."""
-        if self._gate_cache[0] != dtype:
-            self._gate_cache = (dtype, self.weights.gate.to(dtype))
-        return self._gate_cache[1]
+    def _router_as(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """The router's weight [E, D] in `dtype`, its correction bias [E] and the shared experts' gate [1, D] (each
+        or None), on `device`, where the hidden states are: converted once per dtype and device, not per call."""
+        key = (dtype, device)
+        if key not in self._router_cache:
+            w = self.weights
+            self._router_cache[key] = (w.gate.to(device=device, dtype=dtype), *(
+                None if t is None else t.to(device) for t in (w.correction_bias, w.shared_gate)))
+        return self._router_cache[key]
 
     # ---- compute: one expert call, checked, with failover -------------------------------------------
     def calls(self, routed: RoutedRows) -> list[ExpertCall]:
