@@ -41,6 +41,7 @@ from hetrun.files import print_json
 GB = 1e9
 SHAPES = {  # hidden, intermediate, experts, top-k, layers, vocab
     "mixtral-4.4g": (2048, 5632, 8, 2, 8, 32000),
+    "mixtral-2.2g": (2048, 5632, 8, 2, 4, 32000),  # half its layers: today's BF16 path fits in ~12 GB of memory
     "small": (1024, 2816, 8, 2, 4, 32000),
 }
 ARMS = ("today", "module", "directory", "today-int4", "directory-int4", "export-module", "export-directory")
@@ -48,7 +49,9 @@ ARMS = ("today", "module", "directory", "today-int4", "directory-int4", "export-
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=SHAPES, default="mixtral-4.4g",
-                   help="checkpoint shape: the issue's Mixtral-shaped 4.4 GB of experts (default), or small (0.6 GB)")
+                   help="checkpoint shape: the issue's Mixtral-shaped 4.4 GB of experts (default), the same with half "
+                        "its layers (mixtral-2.2g: today's BF16 path, which holds FP32 copies of every expert, fits "
+                        "where the full one does not), or small (0.6 GB)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino", "torch"),
                    help="backend of the one CPU device deployed to (default onnxruntime; torch holds BF16 experts "
                         "narrow, and its INT4 arms run on onnxruntime, which torch has no INT4 for)")
