@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from hetrun.backends import host_cpu
 
 import hetrun
 from hetrun.errors import HetrunError, PrecisionError
@@ -61,16 +62,41 @@ def test_fp32_dense_linears_reproduce_the_model():
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("precision, dense_precision", [("fp32", "auto"), ("int8-w8a8", "model"), ("bf16", "auto")])
-def test_the_dense_part_stays_in_torch_unless_the_device_runs_an_integer_format(precision, dense_precision):
-    deployed = hetrun.deploy(tiny_model("mixtral"), _profile(dense_precision), precision=precision)
+OV = [{"id": "ov", "type": "host-cpu", "backend": "openvino"}]
+
+
+@pytest.mark.parametrize("precision, dense_precision, devices", [
+    ("int8-w8a8", "model", ORT), ("bf16", "auto", ORT),
+    ("fp32", "auto", OV)])  # OpenVINO would hold FP32 weights twice (its repacked copy beside the graph's)
+def test_the_dense_part_stays_in_torch_unless_auto_moves_it(precision, dense_precision, devices):
+    deployed = hetrun.deploy(tiny_model("mixtral"), _profile(dense_precision, devices), precision=precision)
     torch_linears, replaced = _linears(deployed)
     assert replaced == [] and torch_linears and deployed.hetrun.dense is None
 
 
-def test_auto_follows_an_integer_dense_device():
-    deployed = hetrun.deploy(tiny_model("mixtral"), _profile("auto"), precision="int8-w8a8")
-    assert deployed.hetrun.dense.precision == "int8-w8a8"
+@pytest.mark.parametrize("precision, devices, want", [("int8-w8a8", ORT, "int8-w8a8"), ("int8", OV, "int8-w8a8"),
+                                                      ("fp32", ORT, "fp32")])
+def test_auto_follows_an_integer_dense_device_and_fp32_on_onnxruntime(precision, devices, want):
+    deployed = hetrun.deploy(tiny_model("mixtral"), _profile("auto", devices), precision=precision)
+    assert deployed.hetrun.dense.precision == want and _linears(deployed)[0] == []
+
+
+def test_auto_fp32_reproduces_a_bf16_model_in_fp32_with_its_attention_on_the_runtime(monkeypatch):
+    # a BF16 model (as checkpoints ship) deployed with FP32 experts on a CPU that emulates BF16: linears and
+    # attention on onnxruntime in FP32, the rest upcast -- the logits and greedy tokens of the model cast to FP32
+    monkeypatch.setattr(host_cpu, "native_float", lambda dtype: dtype in (torch.float32, torch.float64))
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    deployed = hetrun.deploy(copy.deepcopy(model), _profile("auto"), precision="fp32")
+    report = deployed.hetrun.dense
+    assert report.precision == "fp32" and report.upcast_from == torch.bfloat16
+    assert report.attention_layers == model.config.num_hidden_layers
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref, out = reference(IDS).logits, deployed(IDS).logits
+        want, got = reference.generate(IDS, **gen), deployed.generate(IDS, **gen)
+    assert out.dtype == torch.float32 and float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert torch.equal(got, want)
 
 
 # error bound of one Gaussian matrix with Gaussian inputs; stored bits per weight

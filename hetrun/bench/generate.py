@@ -6,7 +6,8 @@ new tokens, in a child process of its own (so that each one's peak resident memo
 thread count. Reported per system: prefill tokens/s (prompt tokens / time to the first token), decode tokens/s
 (the next 63 tokens), peak RSS, and whether its greedy tokens equal transformers' in FP32. The checkpoint is BF16,
 as MoE checkpoints ship: transformers loads it in BF16 or FP32, hetrun deploys it as a user would (`hetrun fp32`
-casts the deployed model to FP32 afterwards). llama.cpp runs when
+with FP32 experts and its dense part computing in FP32: deploy upcasts it where the CPU emulates BF16, the model is
+cast afterwards where it does not). llama.cpp runs when
 `llama-cpp-python` is installed (the `bench` extra) from GGUF files written from the same weights with the `gguf`
 package: F32, Q8_0 and Q4_0, compared with hetrun at FP32, INT8 and INT4 experts.
 """
@@ -43,19 +44,21 @@ from hetrun.tiny_models import random_config, random_model
 
 SPEC = MoESpec.from_preset("mixtral-bench").replace(name="mixtral-bench-2l", num_layers=2)
 PROMPT_LEN, NEW_TOKENS = 128, 64
-# system -> (runner, model dtype (None: as deploy leaves it), hetrun precision per backend or None, hetrun's devices:
-# a key of hetrun.bench.moe.SYSTEMS). Without a runtime named, hetrun runs on the `cpu` profile: this CPU through
-# onnxruntime and OpenVINO at once, each with half the experts. The INT8 and INT4 systems also run on each runtime
-# alone, as a user who wants one CPU's speed would deploy: the runtimes' low-precision kernels differ by CPU (on one
-# without INT8 dot products OpenVINO's INT4 expert was 3-4x slower than onnxruntime's at one token), and two devices
-# on one CPU share its cores.
+# system -> (runner, model dtype (for hetrun: the dtype its dense part must compute in; None: as deploy leaves it),
+# hetrun precision per backend or None, hetrun's devices: a key of hetrun.bench.moe.SYSTEMS). Without a runtime
+# named, hetrun runs on the `cpu` profile: this CPU through onnxruntime and OpenVINO at once, each with half the
+# experts. The FP32, INT8 and INT4 systems also run on each runtime alone, as a user who wants one CPU's speed would
+# deploy: the runtimes' kernels differ by CPU (on one without INT8 dot products OpenVINO's INT4 expert was 3-4x
+# slower than onnxruntime's at one token), two devices on one CPU share its cores, and what runs the dense part
+# follows the dense device's runtime (hetrun.runtime.dense).
+FP32 = {"onnxruntime": "fp32", "openvino": "fp32"}
 SYSTEMS = {
     "transformers bf16": ("transformers", "bfloat16", None, None),
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
-    "hetrun fp32": ("hetrun", "float32", {"onnxruntime": "fp32", "openvino": "fp32"}, "cpu profile"),
-    **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", None, LOW_PRECISION[kind], devices)
-       for kind in ("int8", "int4") for devices in ("cpu profile", "onnxruntime", "openvino")},
+    **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}":
+       ("hetrun", "float32" if kind == "fp32" else None, FP32 if kind == "fp32" else LOW_PRECISION[kind], devices)
+       for kind in ("fp32", "int8", "int4") for devices in ("cpu profile", "onnxruntime", "openvino")},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),
@@ -138,8 +141,8 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
             p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)
             kw["plan"] = dataclasses.replace(p, precision={d.id: precisions[d.backend] for d in profile.devices})
         model = deploy(str(folder), profile, threads=threads, **kw).eval()
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype))
+        if dtype is not None and model.dtype != getattr(torch, dtype):  # a host that computes BF16 natively keeps
+            model = model.to(getattr(torch, dtype))  # it: cast then (here deploy's upcast made it FP32 already)
         extra["torch_ops_dtype"] = str(model.model.norm.weight.dtype).removeprefix("torch.")  # attention, norms
         extra["precisions"] = dict(model.hetrun.plan.precision)
         extra["dense_linears"] = model.hetrun.dense.precision if model.hetrun.dense is not None else "model"

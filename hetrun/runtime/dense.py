@@ -7,11 +7,18 @@ eager torch on a CPU without native BF16, BF16 linears run at FP32 speed on twic
 
 The profile's `dense_precision` says what runs them:
   auto       int8-w8a8 where the dense device is a CPU driven by onnxruntime or OpenVINO whose plan precision is
-             an integer format (the default on CPUs without native BF16: hetrun.backends.host_cpu), else "model".
+             an integer format (the default on CPUs without native BF16: hetrun.backends.host_cpu); fp32 where it
+             is a CPU driven by onnxruntime whose plan precision is fp32; else "model".
              INT8 weights in blocks of 128 along K, INT8 activations per block on the fly (MatMulNBits accuracy
              level 4), the same numerics as the int8-w8a8 experts beside them. Beside INT4 experts too, for
              accuracy: on the 2-layer benchmark model (2-core AVX2 host) an INT4 LM head took 1.03 ms a decode
              token against INT8's 1.68 ms (two runs each), for about twice the error; ask for int4-w4a8 for that.
+             FP32 on onnxruntime because attention then follows its projections onto the runtime (hetrun.runtime.
+             attention) and the rest computes in FP32 beside a compact embedding table: the benchmark model's BF16
+             checkpoint deployed with FP32 experts on onnxruntime decoded 67-74 tokens/s this way against 41-47
+             with its dense part cast to FP32 in torch, at 1.33 against 1.37-1.40 GB peak (one process each, two
+             runs). Not on OpenVINO: its CPU plugin keeps a repacked copy of FP32 weights beside the graph's, so the
+             LM head would be held twice (2.03 GB peak there, for the same speed).
   int4-w4a8  asked for: INT4 weights in groups of 128 with zero points (round-to-nearest), INT8 activations,
              every linear layer the LM head included (as llama.cpp's Q4_0 files hold them): half INT8's bytes.
   model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
@@ -133,8 +140,10 @@ def dense_precision(runtime: ExpertRuntime) -> str:
     if asked == "model":
         return "model"
     if asked == "auto":
-        integer = base_precision(plan.precision.get(dense.id, "fp32")) in ("int8", "int4")
-        return "int8-w8a8" if capable and integer else "model"
+        experts = base_precision(plan.precision.get(dense.id, "fp32"))
+        if capable and experts in ("int8", "int4"):
+            return "int8-w8a8"
+        return "fp32" if capable and experts == "fp32" and dense.backend == "onnxruntime" else "model"
     if not capable:
         raise PrecisionError(f"dense_precision: {asked} needs a CPU dense device run by {' or '.join(RUNTIMES)} in "
                              f"one process (no distributed: section); '{dense.id}' is {dense.type.kind} on "
