@@ -87,6 +87,22 @@ def test_long_generation_grows_the_cache_and_the_rotary_tables(mixtral_fp32, mon
     assert shared.cos.shape[0] == 64  # 8 -> 16 -> 32 -> 64 for 50 positions
 
 
+def test_the_model_reads_its_rotary_rows_from_the_tables(mixtral_fp32, monkeypatch):
+    model, deployed = mixtral_fp32
+    table = deployed.model.rotary_emb
+    assert isinstance(table, attention.RotaryTable) and table.rotary is not model.model.rotary_emb
+    monkeypatch.setattr(attention, "ROTARY_ROWS", 8)
+    table.shared.cos = table.shared.sin = torch.empty(0)  # tables of 8 positions: the calls below grow them
+    x = torch.zeros(2, 3, model.config.hidden_size)
+    for positions in (torch.tensor([[5], [900]]), torch.tensor([[0, 1, 2], [40, 41, 42]]), torch.tensor([[7]])):
+        for mine, theirs in zip(table(x, positions), model.model.rotary_emb(x, positions)):
+            assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+    assert table.shared.cos_rows.shape[0] == 1024  # grown to hold position 900
+    for mine, theirs in zip(table(x.bfloat16(), torch.tensor([[3]])), model.model.rotary_emb(x.bfloat16(),
+                                                                                       torch.tensor([[3]]))):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs)
+
+
 def test_int8_attention_errs_as_transformers_attention_on_the_same_projections(mixtral_fp32):
     model, _ = mixtral_fp32
     deployed = hetrun.deploy(copy.deepcopy(model), _profile("int8-w8a8"), precision="fp32")
