@@ -98,6 +98,9 @@ def test_the_model_reads_its_rotary_rows_from_the_tables(mixtral_fp32, monkeypat
         for mine, theirs in zip(table(x, positions), model.model.rotary_emb(x, positions)):
             assert mine.shape == theirs.shape and torch.equal(mine, theirs)
     assert table.shared.cos_rows.shape[0] == 1024  # grown to hold position 900
+    negative = torch.tensor([[-3, 0, 1]])  # the module's own values, not a wrapped-around row
+    for mine, theirs in zip(table(x, negative), model.model.rotary_emb(x, negative)):
+        assert torch.equal(mine, theirs)
     for mine, theirs in zip(table(x.bfloat16(), torch.tensor([[3]])), model.model.rotary_emb(x.bfloat16(),
                                                                                        torch.tensor([[3]]))):
         assert mine.dtype == torch.bfloat16 and torch.equal(mine, theirs)

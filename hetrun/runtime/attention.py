@@ -236,8 +236,8 @@ class RotaryTable(torch.nn.Module):
     """Stands where the model's rotary module stood once its attention runs on the runtime: the cos and sin
     [B, S, Dh] the model hands every layer are rows of the tables SharedGqa holds (the module's own values, computed
     once), instead of a dozen small ops per step (about 0.13 ms a decode token on the benchmark model, where the
-    layers taken over do not read them at all). Positions beyond the tables grow them; hidden states off the host
-    CPU go to the module itself."""
+    layers taken over do not read them at all). Positions beyond the tables grow them; negative positions and
+    hidden states off the host CPU go to the module itself."""
 
     def __init__(self, rotary: torch.nn.Module, shared: SharedGqa):
         super().__init__()
@@ -246,8 +246,11 @@ class RotaryTable(torch.nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.device.type != "cpu" or position_ids.device.type != "cpu" or position_ids.numel() == 0:
             return self.rotary(x, position_ids)
+        lo, hi = (int(t) for t in position_ids.aminmax())
+        if lo < 0:  # (an index would wrap around)
+            return self.rotary(x, position_ids)
         g = self.shared
-        g.tables(int(position_ids.max()) + 1)
+        g.tables(hi + 1)
         return g.cos_rows[position_ids].to(x.dtype), g.sin_rows[position_ids].to(x.dtype)  # [B, S, Dh] each
 
 

@@ -15,10 +15,10 @@ The profile's `dense_precision` says what runs them:
              token against INT8's 1.68 ms (two runs each), for about twice the error; ask for int4-w4a8 for that.
              FP32 on onnxruntime because attention then follows its projections onto the runtime (hetrun.runtime.
              attention) and the rest computes in FP32 beside a compact embedding table: the benchmark model's BF16
-             checkpoint deployed with FP32 experts on onnxruntime decoded 67-74 tokens/s this way against 41-47
-             with its dense part cast to FP32 in torch, at 1.33 against 1.37-1.40 GB peak (one process each, two
-             runs). Not on OpenVINO: its CPU plugin keeps a repacked copy of FP32 weights beside the graph's, so the
-             LM head would be held twice (2.03 GB peak there, for the same speed).
+             checkpoint deployed with FP32 experts on onnxruntime decoded 65-74 tokens/s this way against 33-47
+             with its dense part cast to FP32 in torch (five and six runs, one process each), at 1.33-1.36 against
+             1.37-1.40 GB peak. Not on OpenVINO: its CPU plugin keeps a repacked copy of FP32 weights beside the
+             graph's, so the LM head would be held twice (2.03 GB peak there, for no more speed).
   int4-w4a8  asked for: INT4 weights in groups of 128 with zero points (round-to-nearest), INT8 activations,
              every linear layer the LM head included (as llama.cpp's Q4_0 files hold them): half INT8's bytes.
   model      the model's own nn.Linear layers, untouched (and every precision that is not an integer format, and
