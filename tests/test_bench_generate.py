@@ -66,8 +66,8 @@ def test_a_target_is_checked_on_the_fastest_variant_of_its_system():
     assert generate.fastest_variant(ran, "hetrun int4") == "hetrun int4 onnxruntime"
     assert generate.fastest_variant(ran, "hetrun default") == "hetrun default"
     assert generate.fastest_variant(ran, "hetrun fp32") is None
-    # every low-precision system names its devices: the cpu profile, or one runtime alone
-    for name in ("hetrun int8", "hetrun int4"):
+    # every FP32 and low-precision system names its devices: the cpu profile, or one runtime alone
+    for name in ("hetrun fp32", "hetrun int8", "hetrun int4"):
         variants = [s for s in generate.SYSTEMS if s.startswith(name)]
         assert variants == [name, f"{name} onnxruntime", f"{name} openvino"]
         assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino") for s in variants)

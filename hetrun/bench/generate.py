@@ -51,14 +51,14 @@ PROMPT_LEN, NEW_TOKENS = 128, 64
 # deploy: the runtimes' kernels differ by CPU (on one without INT8 dot products OpenVINO's INT4 expert was 3-4x
 # slower than onnxruntime's at one token), two devices on one CPU share its cores, and what runs the dense part
 # follows the dense device's runtime (hetrun.runtime.dense).
-FP32 = {"onnxruntime": "fp32", "openvino": "fp32"}
+KINDS = {"fp32": ("float32", {"onnxruntime": "fp32", "openvino": "fp32"}),  # kind -> (model dtype, precisions)
+         **{kind: (None, precisions) for kind, precisions in LOW_PRECISION.items()}}
 SYSTEMS = {
     "transformers bf16": ("transformers", "bfloat16", None, None),
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
-    **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}":
-       ("hetrun", "float32" if kind == "fp32" else None, FP32 if kind == "fp32" else LOW_PRECISION[kind], devices)
-       for kind in ("fp32", "int8", "int4") for devices in ("cpu profile", "onnxruntime", "openvino")},
+    **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", *KINDS[kind], devices)
+       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),
