@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.graph_files import load_through_folder
 from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
 from hetrun.formats import base_precision, expert_bytes
 
 if TYPE_CHECKING:
+    import onnx
     import torch
+
+    from hetrun.runtime.graphs import ExpertGraph
 
 log = logging.getLogger("hetrun")
 
@@ -62,6 +66,7 @@ class OpenVinoBackend(Backend):
         real_hardware=True,
         excluded=frozenset({"int8-w8a8", "int4-w4a8"}),  # its INT8/INT4 kernels keep FP32 activations (exact), not W8A8
         install_hint="install it with `pip install hetrun[intel]` (Intel GPU/NPU also need Intel's GPU or NPU drivers)",
+        loads_in_process=True,  # takes the ExpertGraph and reads its weights from a folder (hetrun.backends.graph_files)
     )
 
     @classmethod
@@ -146,18 +151,24 @@ class OpenVinoBackend(Backend):
         supported = _supported_properties(_core(), device_string)
         return {k: v for k, v in cfg.items() if supported is None or k in supported}
 
-    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
+    def load(self, graph: "bytes | onnx.ModelProto | ExpertGraph", name: str, meta: dict) -> ExpertSession:
         narrow = self.precision in ("fp8", "fp8-w8a16") or (self.precision in ("bf16", "fp16")
                                                              and not host_cpu.native_bf16())
         if self.device.type.kind == "cpu" and narrow:
             host_cpu.say_held_as_fp32("openvino", self.precision)
         core = _core()
-        model = core.read_model(io.BytesIO(graph))
         device = self.device_string()
         config = self.compile_config(device)
-        if device_family(device) == "NPU":
-            return StaticShapeSession(core, model, device, config)
-        return OvSession(core.compile_model(model, device, config))
+
+        def compiled(model) -> ExpertSession:
+            if device_family(device) == "NPU":
+                return StaticShapeSession(core, model, device, config)
+            return OvSession(core.compile_model(model, device, config))
+
+        # read at once, not mapped: mapped weights would become resident only when a call touches them, from a
+        # temporary file, where the memory deploy measures per expert would not see them
+        return load_through_folder(graph, lambda path: compiled(core.read_model(path, config={"ENABLE_MMAP": False})),
+                                   lambda data: compiled(core.read_model(io.BytesIO(data))))
 
 
 def device_capabilities(core, device: str) -> dict:

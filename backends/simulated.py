@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
-from hetrun.backends.onnxruntime import OrtSession, session_options
+from hetrun.backends.onnxruntime import OrtSession, inference_session, session_options
 from hetrun.backends.registry import probe_backend
 
 from hetrun.roofline import expert_seconds
+
+if TYPE_CHECKING:
+    from hetrun.runtime.graphs import ExpertGraph
 
 
 class SimulatedBackend(Backend):
@@ -15,6 +20,7 @@ class SimulatedBackend(Backend):
         precisions=frozenset({"fp32", "fp16", "bf16", "fp8", "int8", "int4"}),
         device_kinds=frozenset({"cpu", "gpu", "npu", "accelerator"}),
         real_hardware=False,
+        loads_in_process=True,  # takes the ExpertGraph and reads its weights from a folder (hetrun.backends.graph_files)
     )
 
     @classmethod
@@ -24,12 +30,11 @@ class SimulatedBackend(Backend):
             return Availability(False, f"the simulated backend executes graphs with onnxruntime: {host.reason}")
         return Availability(True, devices=("host CPU",))
 
-    def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
-        import onnxruntime as ort  # heavy: loaded only when an expert loads
-
-        opts = session_options(self.threads)
-        sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
-        return SimulatedSession(sess, self, meta)
+    def load(self, graph: "bytes | ExpertGraph", name: str, meta: dict) -> ExpertSession:
+        sess = inference_session(graph, session_options(self.threads), ["CPUExecutionProvider"])
+        session = SimulatedSession(sess, self, meta)
+        session.warm_up()
+        return session
 
 
 class SimulatedSession(OrtSession):

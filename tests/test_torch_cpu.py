@@ -64,10 +64,13 @@ def test_deploy_on_torch_places_and_reports_like_any_backend():
         assert torch.isfinite(model(torch.tensor([[3, 1, 4, 1, 5]])).logits).all()
 
 
-def test_deploy_hands_torch_the_graph_itself_and_other_backends_its_bytes(monkeypatch):
-    """The torch backend reads an expert graph in this process (caps.loads_in_process): deploy builds it in_process
-    and hands over the ExpertGraph, its weights held beside the proto, never copied into it nor serialized (protobuf's
-    copies were most of a BF16 deploy's time); onnxruntime gets the bytes. Both compute what the same weights give."""
+def test_deploy_hands_in_process_backends_the_graph_itself(monkeypatch):
+    """torch and onnxruntime read an expert graph in this process (caps.loads_in_process): deploy builds it
+    in_process and hands over the ExpertGraph, its weights held beside the proto, never copied into it nor
+    serialized (protobuf's copies were most of a BF16 deploy's time; onnxruntime reads the arrays from a folder,
+    hetrun.backends.graph_files). Both compute what the same weights give."""
+    import onnx
+
     import hetrun
     from hetrun.runtime.graphs import ExpertGraph
     from hetrun.tiny_models import tiny_model
@@ -75,11 +78,16 @@ def test_deploy_hands_torch_the_graph_itself_and_other_backends_its_bytes(monkey
     serialized = []
     real_serialize = ExpertGraph.serialize
     monkeypatch.setattr(ExpertGraph, "serialize", lambda g: serialized.append(1) or real_serialize(g))
-    loaded = []
+    loaded = []  # (graph type, weights beside its proto, weights inside it) as each load() began
+
+    def seen(g):
+        inside = [t.name for t in g.model.graph.initializer if t.raw_data] if isinstance(g, ExpertGraph) else None
+        return type(g), len(getattr(g, "arrays", {})), inside
+
     for backend in ("torch", "onnxruntime"):
         cls = type(cpu_backend(backend, "fp32", 1))
         real = cls.load
-        monkeypatch.setattr(cls, "load", lambda self, g, *a, _real=real: loaded.append(g) or _real(self, g, *a))
+        monkeypatch.setattr(cls, "load", lambda self, g, *a, _real=real: loaded.append(seen(g)) or _real(self, g, *a))
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     outs = {}
     for backend in ("torch", "onnxruntime"):
@@ -87,13 +95,11 @@ def test_deploy_hands_torch_the_graph_itself_and_other_backends_its_bytes(monkey
         profile = {"name": backend, "devices": [{"id": "d", "type": "host-cpu", "backend": backend,
                                                   "precision": "fp32"}]}
         model = hetrun.deploy(tiny_model("mixtral"), profile)
-        assert loaded and bool(serialized) == (backend != "torch")
-        if backend == "torch":
-            for g in loaded:
-                assert isinstance(g, ExpertGraph) and len(g.arrays) == 2  # gate_up and down, beside the proto
-                assert not any(t.raw_data for t in g.model.graph.initializer if t.name in g.arrays)
-        else:
-            assert all(isinstance(g, bytes) for g in loaded)
+        assert not serialized and all(kind in (ExpertGraph, onnx.ModelProto) for kind, _, _ in loaded)
+        experts = [(beside, inside) for kind, beside, inside in loaded if kind is ExpertGraph]
+        assert len(experts) == 2 * 8  # tiny_model("mixtral"): 2 layers of 8 experts (the dense linears: protos)
+        for beside, inside in experts:
+            assert beside == 2 and not any(n.startswith("w_") for n in inside)  # gate_up and down, beside the proto
         with torch.no_grad():
             outs[backend] = model(ids).logits
     torch.testing.assert_close(outs["torch"], outs["onnxruntime"], rtol=1e-4, atol=1e-4)

@@ -168,7 +168,9 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
     for paths in _groups(targets):
         linears = [targets[p] for p in paths]
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
-        data = build_linear_graph(weight, precision).SerializeToString()  # weight [sum N, K] in the model's dtype
+        data = build_linear_graph(weight, precision)  # weight [sum N, K] in the model's dtype
+        if not backend.caps.loads_in_process:
+            data = data.SerializeToString()
         del weight
         release_freed_heap()  # the graph's transients (the LM head's: 100 MB and more) before the runtime's copy
         call = SharedInputCall(backend.load(data, "+".join(paths), {}), [m.out_features for m in linears], dense.id,

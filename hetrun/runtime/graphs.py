@@ -53,6 +53,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from hetrun.backends.graph_files import filled
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format, matrix_bytes
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
@@ -86,11 +87,7 @@ class ExpertGraph:
 
     def filled_model(self) -> onnx.ModelProto:
         """`model` with every initializer's bytes in it (an in_process graph's arrays moved into the proto once)."""
-        if self.arrays:
-            for t in self.model.graph.initializer:
-                if t.name in self.arrays:
-                    t.raw_data = np.ascontiguousarray(self.arrays.pop(t.name)).tobytes()
-        return self.model
+        return filled(self.model, self.arrays)
 
     @property
     def meta(self) -> dict:
