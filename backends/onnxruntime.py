@@ -42,7 +42,7 @@ class OnnxRuntimeBackend(Backend):
         device_kinds=frozenset({"cpu", "gpu", "npu"}),
         real_hardware=True,
         install_hint="install it with `pip install onnxruntime` (or onnxruntime-gpu / onnxruntime-cann for accelerators)",
-        loads_in_process=True,  # takes the ExpertGraph and reads its weights from a folder (hetrun.runtime.graph_files)
+        loads_in_process=True,  # takes the ExpertGraph and reads its weights from a folder (hetrun.backends.graph_files)
     )
 
     @classmethod
