@@ -2,8 +2,8 @@
 
 Loading a graph from serialized bytes holds its weights three times at once on the way in: the proto, the bytes
 and the runtime's parse of them, before the runtime's own copy replaces all three. Written as external data, each
-weight goes from its array to a file once, and the runtime reads (onnxruntime: maps) it from there: the proto that
-reaches the runtime is a few kB, and a graph over protobuf's 2 GB limit (an FP32 LM head of a large vocabulary)
+weight goes from its array to a file once, and the runtime reads it from there (onnxruntime maps some of them in,
+OpenVINO is asked to read them whole): the proto that reaches the runtime is a few kB, and a graph over protobuf's 2 GB limit (an FP32 LM head of a large vocabulary)
 loads as any other. Measured on one Mixtral-bench-sized expert (2048 x 5632) with onnxruntime 1.32, the
 resident set while its session was created peaked above where it ended by 27 MB (INT4), 44 MB
 (INT8) and 132 MB (FP32) from bytes, and by 5, 11 and 44 MB from a folder.

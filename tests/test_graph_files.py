@@ -56,7 +56,10 @@ def test_a_written_graph_reads_back_with_the_same_initializers(tmp_path, precisi
 def test_a_session_from_a_folder_computes_what_one_from_bytes_does(runtime, precision):
     be = cpu_backend(runtime, precision, 1)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((5, D), np.float32))
-    graph = lambda **k: build_expert_graph(weights(), precision, target=be.graph_target(), **k)  # noqa: E731
+
+    def graph(**k):
+        return build_expert_graph(weights(), precision, target=be.graph_target(), **k)
+
     from_bytes = be.load(graph().serialize(), "b", {}).forward(x)
     from_folder = be.load(graph(in_process=True), "f", {}).forward(x)
     assert torch.equal(from_bytes, from_folder)
