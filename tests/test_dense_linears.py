@@ -256,3 +256,39 @@ def test_a_callers_model_is_left_as_it_was_when_an_expert_fails_to_compile(monke
     assert {p: type(m) for p, m in model.named_modules()} == before
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, ref)
+
+
+@pytest.mark.parametrize("source", ["directory", "model"])
+def test_a_read_checkpoints_16_bit_dense_weights_go_before_the_runtime_reads_their_graph(source, monkeypatch,
+                                                                                          tmp_path):
+    # A model hetrun read itself drops each dense layer's 16-bit weights once its graph is built, before the runtime
+    # loads it (an LM head's are twice its INT8 bytes); a caller's model keeps them until the layer is replaced.
+    from hetrun.backends.onnxruntime import OnnxRuntimeBackend
+
+    from hetrun import deployment
+    from hetrun.checkpoint.writer import save_checkpoint
+
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        ref = model(IDS).logits
+    mine = copy.deepcopy(model)
+    held = {"model": mine}
+    read = deployment.checkpoint_model
+    monkeypatch.setattr(deployment, "checkpoint_model", lambda *a, **k: held.setdefault("model", read(*a, **k)))
+    seen = {}  # dense layer path -> its weight's elements when its graph was loaded
+    load = OnnxRuntimeBackend.load
+
+    def spy(self, graph, name, meta):
+        if not re.match(r"L\d+\.", name):
+            seen.update({p: held["model"].get_submodule(p).weight.numel() for p in name.split("+")})
+        return load(self, graph, name, meta)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", spy)
+    if source == "directory":
+        save_checkpoint(model, tmp_path)
+        held.clear()
+    deployed = hetrun.deploy(tmp_path if source == "directory" else mine, _profile("int8-w8a8"), precision="int8-w8a8")
+    assert "lm_head" in seen and set(seen) == set(deployed.hetrun.dense.layers)
+    assert all(n == 0 for n in seen.values()) if source == "directory" else all(n > 0 for n in seen.values())
+    with torch.no_grad():
+        assert float((deployed(IDS).logits - ref).norm() / ref.norm()) < 0.1

@@ -165,6 +165,9 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
     dense = runtime.profile.dense_device
     backend = runtime.backends[runtime.plan.device_ids.index(dense.id)]
     report = DenseLinears(dense.id, precision)
+    # a model hetrun read from a checkpoint directory is its own: a failure discards it, so each layer's weights can
+    # go once its graph is built; a caller's model keeps them until its layer is replaced
+    own = getattr(model, "hetrun_checkpoint", None) is not None
     for paths in _groups(targets):
         linears = [targets[p] for p in paths]
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
@@ -172,6 +175,9 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
         if not backend.caps.loads_in_process:
             data = data.SerializeToString()
         del weight
+        if own:  # the 16-bit weights go before the runtime reads the graph: an LM head's are twice its INT8 bytes
+            for m in linears:
+                m.weight = torch.nn.Parameter(m.weight.new_empty(0), requires_grad=False)
         release_freed_heap()  # the graph's transients (the LM head's: 100 MB and more) before the runtime's copy
         call = SharedInputCall(backend.load(data, "+".join(paths), {}), [m.out_features for m in linears], dense.id,
                                paths, runtime.stats)
