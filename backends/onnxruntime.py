@@ -100,9 +100,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self, graph: "bytes | onnx.ModelProto | ExpertGraph", name: str, meta: dict) -> ExpertSession:
         if self.device.type.kind == "cpu" and self.precision in HELD_AS_FP32_ON_CPU:
             host_cpu.say_held_as_fp32("onnxruntime", self.precision)
-        session = OrtSession(self.load_graph(graph))
-        session.warm_up()
-        return session
+        return OrtSession(self.load_graph(graph))
 
     def load_graph(self, graph: "bytes | onnx.ModelProto | ExpertGraph"):
         """An onnxruntime InferenceSession of any graph (not an expert's: several inputs and outputs, bound by the
@@ -159,15 +157,13 @@ class OrtSession(ExpertSession):
         width = sess.get_outputs()[0].shape[-1]
         self.width = width if isinstance(width, int) else None  # output columns; None: the input's (D -> D)
         self.binding = sess.io_binding()
-
-    def warm_up(self) -> None:
-        """One call on a zero row. A session read from a folder maps some weights in (scales, zero points) and sets
-        up kernel state on its first call: made at load, it counts in the memory deploy measures per expert (about
-        1.6 MB of a 2048 x 5632 INT4 expert's 20 MB), and the first step does not pay for it."""
-        import torch  # heavy: backends stay light until a session runs
-
-        width = self.sess.get_inputs()[0].shape[-1]
+        # One call on a zero row here: a session read from a folder maps some weights in (scales, zero points) and
+        # sets up kernel state on its first call. Made at load, it counts in the memory deploy measures per expert
+        # (about 1.6 MB of a 2048 x 5632 INT4 expert's 20 MB), and the first step does not pay for it.
+        width = sess.get_inputs()[0].shape[-1]
         if isinstance(width, int):
+            import torch  # heavy: backends stay light until a session runs
+
             self.forward(torch.zeros(1, width))
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":

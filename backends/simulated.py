@@ -31,10 +31,8 @@ class SimulatedBackend(Backend):
         return Availability(True, devices=("host CPU",))
 
     def load(self, graph: "bytes | ExpertGraph", name: str, meta: dict) -> ExpertSession:
-        sess = inference_session(graph, session_options(self.threads), ["CPUExecutionProvider"])
-        session = SimulatedSession(sess, self, meta)
-        session.warm_up()
-        return session
+        return SimulatedSession(inference_session(graph, session_options(self.threads), ["CPUExecutionProvider"]),
+                                self, meta)
 
 
 class SimulatedSession(OrtSession):

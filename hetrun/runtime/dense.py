@@ -171,9 +171,7 @@ def run_dense_linears(model: torch.nn.Module, runtime: ExpertRuntime,
     for paths in _groups(targets):
         linears = [targets[p] for p in paths]
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
-        data = build_linear_graph(weight, precision)  # weight [sum N, K] in the model's dtype
-        if not backend.caps.loads_in_process:
-            data = data.SerializeToString()
+        data = build_linear_graph(weight, precision)  # weight [sum N, K] in the model's dtype; both RUNTIMES take it
         del weight
         if own:  # the 16-bit weights go before the runtime reads the graph: an LM head's are twice its INT8 bytes
             for m in linears:
