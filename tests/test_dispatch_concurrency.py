@@ -45,6 +45,25 @@ def test_a_step_costs_the_slowest_device_not_the_sum(fresh):
     assert took >= 0.4  # and it did wait for the slower one
 
 
+def test_a_decode_token_alone_gets_its_rows_of_a_batch_whichever_order_its_slots_are_in(fresh):
+    # One token takes the dispatcher's decode path (its pairs in Python lists); a batch the general one. The K
+    # outputs come back in slot order and must be weighted and summed in the router's k order either way.
+    from hetrun.runtime.routing import route, router_logits
+
+    model = hetrun.deploy(fresh("mixtral"), TWO, precision="fp32")
+    layer = model.hetrun.layers[0]
+    assert not layer.replicated
+    x = torch.randn(48, layer.weights.gate.shape[1], generator=torch.Generator().manual_seed(3))  # [T, D]
+    with torch.no_grad():
+        ids, _ = route(router_logits(x, layer.weights.gate, layer.router), layer.router, None)
+        slots = layer.slots_for(ids).view(-1, 2)  # [T, K]
+        assert (slots[:, 0] < slots[:, 1]).any() and (slots[:, 0] > slots[:, 1]).any()  # both orders occur
+        batch = layer(x)  # [T, D]
+        alone = torch.cat([layer(x[t:t + 1]) for t in range(x.shape[0])])  # [T, D]
+    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
+    assert model.hetrun.stats.tokens_per_expert[0].sum() == 2 * 2 * x.shape[0]  # both passes counted
+
+
 def test_rows_reach_cpu_sessions_without_a_copy(fresh):
     model = hetrun.deploy(fresh("qwen3_moe"), "cpu", precision="fp32")
     rt = model.hetrun

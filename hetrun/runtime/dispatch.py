@@ -327,6 +327,7 @@ class MoELayer:
         self.slot_table = torch.from_numpy(slot_table)
         self.cum_table = torch.from_numpy(cum_table)
         self.replica_count = torch.from_numpy(counts)
+        self.slot_of = slot_table[:, 0].tolist()  # [E] each expert's slot, when none is replicated
 
     def slots_for(self, ids: torch.Tensor) -> torch.Tensor:
         """Physical slot per routed (token, k) pair [T*K]; tokens of a replicated expert split by the plan's shares."""
@@ -357,22 +358,20 @@ class MoELayer:
         gate, bias, shared_gate = self._router_as(hidden.dtype, hidden.device)
         logits = router_logits(hidden, gate, self.router)  # [T, E]
         ids, weights = route(logits, self.router, bias)  # [T, K], [T, K]
-        # Row bookkeeping on the host, in numpy: a few integers per token (copied off an accelerator, where the hidden
-        # states live on one), where each torch op would cost more than its work. The rows stay where x is.
-        slots = self.slots_for(ids.cpu()).numpy()  # [T*K]
-        order = np.argsort(slots, kind="stable")  # [T*K] permutation grouping pairs by slot
+        # Row bookkeeping on the host: a few integers per token (copied off an accelerator, where the hidden states
+        # live on one), in numpy, where each torch op would cost more than its work; a decode token's K pairs in
+        # Python, where even numpy's would. The rows stay where x is.
+        if x.shape[0] == 1 and not self.replicated:
+            slots = [self.slot_of[e] for e in ids.view(-1).tolist()]  # [K]
+            order = sorted(range(k), key=slots.__getitem__)  # [K] pairs by slot (stable, as argsort)
+            rows = x.expand(k, -1).contiguous()  # [K, D] every pair is the token's row
+        else:
+            slots = self.slots_for(ids.cpu()).numpy()  # [T*K]
+            order = np.argsort(slots, kind="stable")  # [T*K] permutation grouping pairs by slot
+            rows = x.index_select(0, torch.from_numpy(order // k).to(x.device))  # [T*K, D]
         counts = np.bincount(slots, minlength=self.num_slots)  # [R]
-        gather = torch.from_numpy(order // k).to(x.device)  # [T*K]
-        routed = RoutedRows(x, x.index_select(0, gather), torch.from_numpy(counts))
-        out_rows, shared_out = exchange(self, routed)  # [T*K, D], S x [T, D]
-
-        back = np.empty_like(order)  # [T*K] row of each (token, k) pair in out_rows
-        back[order] = np.arange(len(order))
-        pairs = out_rows.index_select(0, torch.from_numpy(back).to(x.device)) * weights.reshape(-1, 1).float()
-        pairs = pairs.view(-1, k, pairs.shape[1])  # [T, K, D] back in (token, k) order
-        out = pairs[:, 0].clone()  # [T, D] each token's K rows summed in k order, whatever slots the plan gives
-        for j in range(1, k):  # them: the same sum, bit for bit, before and after a live rebalance
-            out += pairs[:, j]
+        out_rows, shared_out = exchange(self, RoutedRows(x, rows, torch.from_numpy(counts)))  # [T*K, D], S x [T, D]
+        out = self._combine(out_rows, order, weights)  # [T, D]
         for ys in shared_out:  # [T, D] each
             if self.weights.shared_gate is not None:
                 ys = torch.sigmoid(torch.nn.functional.linear(x, shared_gate)) * ys
@@ -383,6 +382,21 @@ class MoELayer:
         stats.layer_s += dt
         exchange.end(self, x.shape[0], dt)
         return out.to(hidden.dtype)
+
+    def _combine(self, out_rows: torch.Tensor, order, weights: torch.Tensor) -> torch.Tensor:
+        # Each token's K rows of out_rows [T*K, D] (grouped by slot: pair order[i] is row i) weighted by weights
+        # [T, K] and summed in k order, whatever slots the plan gives them: the same sum, bit for bit, before and
+        # after a live rebalance.
+        k = weights.shape[1]
+        back = np.empty(len(order), np.int64)
+        back[order] = np.arange(len(order))  # [T*K] row of each (token, k) pair in out_rows
+        if (back[1:] < back[:-1]).any():  # not already in (token, k) order
+            out_rows = out_rows.index_select(0, torch.from_numpy(back).to(out_rows.device))
+        pairs = (out_rows * weights.reshape(-1, 1).float()).view(-1, k, out_rows.shape[1])  # [T, K, D]
+        out = pairs[:, 0] + pairs[:, 1] if k > 1 else pairs[:, 0].clone()  # [T, D]
+        for j in range(2, k):
+            out += pairs[:, j]
+        return out
 
     def _router_as(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """The router's weight [E, D] in `dtype`, its correction bias [E] and the shared experts' gate [1, D] (each
@@ -397,10 +411,13 @@ class MoELayer:
     # ---- compute: one expert call, checked, with failover -------------------------------------------
     def calls(self, routed: RoutedRows) -> list[ExpertCall]:
         """The expert calls a layer call needs: one per slot that received rows (only those), one per shared expert."""
-        counts = routed.counts.tolist()  # [R]
-        ends = np.cumsum(counts)
-        out = [self.placed(ExpertCall("routed", r, int(self.device_of[r]), int(ends[r] - counts[r]), int(ends[r])))
-               for r in np.flatnonzero(counts).tolist()]
+        counts = routed.counts.numpy()  # [R]
+        used = np.flatnonzero(counts)  # slots that received rows
+        ends = np.cumsum(counts)[used]
+        out = [ExpertCall("routed", r, d, end - n, end) for r, d, n, end in
+               zip(used.tolist(), self.device_of[used].tolist(), counts[used].tolist(), ends.tolist())]
+        if self.runtime.cache is not None:
+            out = [self.placed(c) for c in out]
         t = routed.x.shape[0]
         out += [ExpertCall("shared", s, d, 0, t) for s, d in enumerate(self.shared_devices)]
         return out
@@ -437,9 +454,9 @@ class MoELayer:
         except Exception as e:  # noqa: BLE001 -- any backend failure is the device's fault here
             raise DeviceFault(call.device, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
         dt = time.perf_counter() - t0
-        shape = tuple(getattr(y, "shape", ()))
-        if shape != tuple(rows.shape):
-            raise DeviceFault(call.device, f"returned shape {list(shape)} for input {list(rows.shape)}")
+        if getattr(y, "shape", None) != rows.shape:
+            raise DeviceFault(call.device, f"returned shape {list(getattr(y, 'shape', ()))} for input "
+                                           f"{list(rows.shape)}")
         if not all_finite(y):
             raise DeviceFault(call.device, f"returned NaN or inf for {rows.shape[0]} finite input rows")
         if y.device != rows.device:
@@ -563,9 +580,10 @@ class CallResult:
     transfers: int  # host<->device copies the call needed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertCall:
-    """One expert call of a layer call: rows start:end of the permuted rows through a slot or a shared expert."""
+    """One expert call of a layer call: rows start:end of the permuted rows through a slot or a shared expert.
+    Known by identity (a dict key per layer call: hashing its fields would cost more than the lookup)."""
 
     kind: str  # "routed" (index: slot) or "shared" (index: shared expert)
     index: int
