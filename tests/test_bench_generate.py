@@ -71,3 +71,24 @@ def test_a_target_is_checked_on_the_fastest_variant_of_its_system():
         variants = [s for s in generate.SYSTEMS if s.startswith(name)]
         assert variants == [name, f"{name} onnxruntime", f"{name} openvino"]
         assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino") for s in variants)
+
+
+def test_matching_dense_precision_is_the_format_of_the_llama_cpp_file_each_system_is_held_against():
+    assert generate.dense_precision_of("hetrun int4 onnxruntime", "matching") == "int4-w4a8"  # Q4_0: all INT4
+    assert generate.dense_precision_of("hetrun int4", "matching") == "int4-w4a8"
+    assert generate.dense_precision_of("hetrun int8 openvino", "matching") == "int8-w8a8"  # Q8_0
+    assert generate.dense_precision_of("hetrun fp32", "matching") == "auto"
+    assert generate.dense_precision_of("hetrun default", "matching") == "auto"
+    assert generate.dense_precision_of("hetrun int4", "auto") == "auto"  # asked for: every system alike
+
+
+def test_each_system_reports_its_logits_error_against_transformers_fp32(monkeypatch):
+    monkeypatch.setattr(generate, "write_checkpoint", lambda folder: None)
+    logits = {"transformers fp32": [3.0, 4.0], "hetrun int4": [3.0, 4.5]}
+    monkeypatch.setattr(generate, "_one_system", lambda system, *a: {
+        "decode_tps": 1.0, "prefill_tps": 1.0, "peak_rss_gb": 1.0, "tokens": [7], "logits": logits[system]})
+    out = generate.run(["transformers fp32", "hetrun int4"], threads=1, rounds=1)
+    got = out["systems"]["hetrun int4"]
+    assert abs(got["logits_error_vs_transformers_fp32"] - 0.5 / 5.0) < 1e-6
+    assert out["systems"]["transformers fp32"]["logits_error_vs_transformers_fp32"] == 0.0
+    assert all("logits" not in r for r in out["systems"].values())  # 32,000 numbers each: not in the output

@@ -1,7 +1,8 @@
 """What benchmark child processes share, on the standard library alone: their own memory figures (status_bytes,
 peak_rss_gb), and llama.cpp's side of `hetrun bench generate`, run as a script (python -I child_process.py GGUF IDS
 THREADS NEW) so that its process imports llama_cpp and nothing else: its peak memory is llama.cpp's own, not
-torch's and transformers'. The script prints one JSON line: prefill and decode tokens/s, greedy tokens, peak RSS."""
+torch's and transformers'. The script prints one JSON line: prefill and decode tokens/s, greedy tokens, the
+prompt's last logits, peak RSS."""
 
 import json
 import resource
@@ -10,7 +11,8 @@ import time
 
 
 def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
-    """Greedy generation of `new_tokens` from `ids`, best of two runs after a warm-up."""
+    """Greedy generation of `new_tokens` from `ids`, best of two runs after a warm-up, and the logits of the last
+    prompt position."""
     import llama_cpp  # optional: the `bench` extra
 
     llm = llama_cpp.Llama(path, n_ctx=len(ids) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
@@ -27,8 +29,11 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
             if len(got) == new_tokens:
                 break
         best_first, best_all, tokens = min(best_first, first), min(best_all, time.perf_counter() - t0), got
+    llm.reset()
+    llm.eval(ids)  # the prompt once more, untimed: the logits of its last position
+    last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # float* [V]
     return {"prefill_tps": len(ids) / best_first, "decode_tps": (new_tokens - 1) / max(best_all - best_first, 1e-9),
-            "tokens": tokens, "peak_rss_gb": peak_rss_gb()}
+            "tokens": tokens, "logits": [last[i] for i in range(llm.n_vocab())], "peak_rss_gb": peak_rss_gb()}
 
 
 def status_bytes(key: str, pid: "int | str" = "self") -> int:

@@ -9,7 +9,11 @@ as MoE checkpoints ship: transformers loads it in BF16 or FP32, hetrun deploys i
 with FP32 experts and its dense part computing in FP32: deploy upcasts it where the CPU emulates BF16, the model is
 cast afterwards where it does not). llama.cpp runs when
 `llama-cpp-python` is installed (the `bench` extra) from GGUF files written from the same weights with the `gguf`
-package: F32, Q8_0 and Q4_0, compared with hetrun at FP32, INT8 and INT4 experts.
+package: F32, Q8_0 and Q4_0, compared with hetrun at FP32, INT8 and INT4 experts. Those files quantize every linear
+layer, the LM head included, so by default (--dense-precision matching) hetrun's INT8 and INT4 systems run their
+dense linear layers in INT8 and INT4 too; --dense-precision auto deploys them as deploy() would by default (INT8
+dense linear layers beside INT4 experts). Each system's relative error of the prompt's last logits against
+transformers FP32 is reported beside its speed.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ TARGETS = [("hetrun default", "transformers bf16", 1.25), ("hetrun int4", "trans
            ("hetrun int4", "llama.cpp Q4_0", 0.6)]
 RSS_TARGETS = [("hetrun default", "transformers bf16", 1.1), ("hetrun fp32", "llama.cpp F32", 1.5),
                ("hetrun int8", "llama.cpp Q8_0", 1.5), ("hetrun int4", "llama.cpp Q4_0", 1.5)]
+# --dense-precision matching (the default): each hetrun system's dense linear layers (attention projections, the
+# LM head) in the weight format of the llama.cpp file it is held against, which write_gguf quantizes whole: INT4
+# beside INT4 experts (Q4_0), INT8 beside INT8 (Q8_0, as auto gives); every other system as auto gives.
+MATCHING_DENSE = {"int4": "int4-w4a8", "int8": "int8-w8a8"}
 
 
 def write_checkpoint(folder: Path, seed: int = 0) -> None:
@@ -87,9 +95,18 @@ def prompt_ids(seed: int = 0, length: int = PROMPT_LEN) -> list[int]:
 
 # ---- one system, in its own process ---------------------------------------------------------------------------
 
+def dense_precision_of(system: str, asked: str) -> str:
+    """The dense_precision a hetrun system deploys with: `asked`, where "matching" is MATCHING_DENSE's."""
+    if asked != "matching":
+        return asked
+    kind = system.split()[1] if system.startswith("hetrun ") else ""
+    return MATCHING_DENSE.get(kind, "auto")
+
+
 def _run_torch_model(model, ids: list[int], stats=None) -> dict:
-    """Prefill and decode speed of greedy generate, best of two runs after a warm-up. With a deployment's
-    DispatchStats, also where a decode token's time went in those runs ("split_ms", see _decode_split)."""
+    """Prefill and decode speed of greedy generate, best of two runs after a warm-up, and the logits of the
+    prompt's last position (what the first new token is chosen from). With a deployment's DispatchStats, also where
+    a decode token's time went in those runs ("split_ms", see _decode_split)."""
     x = torch.tensor([ids])
     # no end-of-sequence token, so every run makes exactly its tokens: min_new_tokens would do it too, but its logits
     # processor searches the whole vocabulary for the EOS id at every step (about 1 ms per token here, for every
@@ -109,9 +126,10 @@ def _run_torch_model(model, ids: list[int], stats=None) -> dict:
                 run = (time.perf_counter() - t0,) + ((stats.layer_s, stats.expert_s, stats.dense_s) if stats else ())
                 best[new] = min(best.get(new, run), run)
         tokens = out[0, len(ids):].tolist()
+        logits = model(x).logits[0, -1].float()  # [V]
     first, whole = best[1], best[NEW_TOKENS]
     result = {"prefill_tps": len(ids) / first[0], "decode_tps": (NEW_TOKENS - 1) / max(whole[0] - first[0], 1e-9),
-              "tokens": tokens}
+              "tokens": tokens, "logits": logits.tolist()}
     if stats is not None:
         result["split_ms"] = _decode_split(first, whole)
     return result
@@ -126,7 +144,7 @@ def _decode_split(first: tuple, whole: tuple) -> dict:
 
 
 def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_LEN,
-           dense_precision: str = "auto") -> dict:
+           dense_precision: str = "matching") -> dict:
     import transformers  # heavy: only in the benchmark's child processes
 
     torch.set_num_threads(threads)
@@ -135,7 +153,7 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
     extra = {}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
         profile = load_profile({"name": f"bench-{devices}", "devices": DEVICES[devices],
-                                "dense_precision": dense_precision})
+                                "dense_precision": dense_precision_of(system, dense_precision)})
         kw = {}
         if precisions is not None:
             p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)
@@ -259,7 +277,7 @@ def llama_cpp_available() -> str:
 
 
 def run(systems: list[str], threads: int, rounds: int = 2, prompt_tokens: int = PROMPT_LEN,
-        dense_precision: str = "auto") -> dict:
+        dense_precision: str = "matching") -> dict:
     """Each system in a child process on one checkpoint, `rounds` times in alternating order (this VM's memory
     bandwidth drifts over minutes, so no system always runs first); per system its fastest round."""
     missing = llama_cpp_available()
@@ -285,9 +303,13 @@ def run(systems: list[str], threads: int, rounds: int = 2, prompt_tokens: int = 
                                   "decode_tps_rounds": [x["decode_tps"] for x in rs],
                                   "prefill_tps": max(x["prefill_tps"] for x in rs),
                                   "peak_rss_gb": max(x["peak_rss_gb"] for x in rs)}
-    ref = out["systems"].get("transformers fp32", {}).get("tokens")
+    ref = out["systems"].get("transformers fp32", {})
+    want = torch.tensor(ref["logits"]) if "logits" in ref else None  # [V]
     for name, r in out["systems"].items():
-        r["tokens_equal_transformers_fp32"] = None if ref is None else r.get("tokens") == ref
+        r["tokens_equal_transformers_fp32"] = None if "tokens" not in ref else r.get("tokens") == ref["tokens"]
+        logits = r.pop("logits", None)  # [V] 32,000 numbers: not kept in the output
+        if logits is not None and want is not None:
+            r["logits_error_vs_transformers_fp32"] = float((torch.tensor(logits) - want).norm() / want.norm())
     return out
 
 
@@ -299,7 +321,7 @@ def fastest_variant(systems: dict, name: str) -> str | None:
 
 
 def _one_system(system: str, folder: Path, threads: int, missing: str, prompt_tokens: int = PROMPT_LEN,
-                dense_precision: str = "auto") -> "dict | str":
+                dense_precision: str = "matching") -> "dict | str":
     # one round of one system in its own process: its result, or why it did not run
     runner, kind = SYSTEMS[system][:2]
     if runner == "llama.cpp":
@@ -331,10 +353,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_LEN,
                    help=f"prompt length in tokens (default {PROMPT_LEN}); longer prompts show what the KV cache costs "
                         f"each decode step (with the {NEW_TOKENS} new tokens, within the model's positions)")
-    p.add_argument("--dense-precision", default="auto", choices=DENSE_PRECISIONS,
-                   help="the hetrun systems' dense_precision (hetrun.runtime.dense): auto (default: INT8 linear layers "
-                        "beside integer experts), int4-w4a8 (every linear layer INT4 with the INT4 experts, the LM "
-                        "head included, as the Q4_0 GGUF holds them), int8-w8a8, fp32 or model")
+    p.add_argument("--dense-precision", default="matching", choices=("matching",) + DENSE_PRECISIONS,
+                   help="the hetrun systems' dense_precision (hetrun.runtime.dense): matching (default: the weight "
+                        "format of the llama.cpp file each is held against, which quantizes every linear layer: "
+                        "INT4 linear layers, the LM head included, beside INT4 experts as Q4_0; INT8 beside INT8 "
+                        "as Q8_0; auto otherwise), auto (what deploy picks: INT8 linear layers beside any integer "
+                        "experts), int4-w4a8, int8-w8a8, fp32 or model for every hetrun system")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one system, in its own process
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -371,13 +395,18 @@ def _print(result: dict) -> None:
             f"{result.get('dense_precision', 'auto')}")
     t = Table(title=f"2-layer Mixtral-shaped model, greedy, {result.get('prompt_tokens', PROMPT_LEN)}-token prompt, "
                     f"{NEW_TOKENS} new tokens")
-    for col in ("system", "decode tok/s", "prefill tok/s", "peak RSS GB", "= transformers fp32"):
+    for col in ("system", "decode tok/s", "prefill tok/s", "peak RSS GB", "dense linears", "logits err",
+                "= transformers fp32"):
         t.add_column(col, justify="right")
     for name, r in result["systems"].items():
         same = r.get("tokens_equal_transformers_fp32")
+        err = r.get("logits_error_vs_transformers_fp32")
         t.add_row(name, f"{r['decode_tps']:.1f}", f"{r['prefill_tps']:.0f}", f"{r['peak_rss_gb']:.2f}",
+                  r.get("dense_linears", ""), "" if err is None else f"{err:.1e}",
                   "" if same is None else ("yes" if same else "no"))
     c.print(t)
+    c.print("dense linears: what runs the attention projections and the LM head (model: transformers' own layers); "
+            "logits err: relative error of the prompt's last logits against transformers FP32")
     s = result["systems"]
     for mine, ref, want in TARGETS:
         best = fastest_variant(s, mine)
