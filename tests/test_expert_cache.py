@@ -130,6 +130,29 @@ def test_a_miss_never_waits_for_a_load(fresh):
     _steps(model, batches[:1], until=lambda: rt.stats.cache_hits > 0)
 
 
+def test_a_load_in_flight_can_be_a_victim_and_the_slots_are_never_exceeded(fresh):
+    # Six loads fill the six slots and are still compiling when hotter experts arrive: the coldest of those loads
+    # make room, and once every load has finished the device holds six copies, not eight.
+    model = hetrun.deploy(fresh("qwen3_moe"), CACHED, precision="fp32")
+    cache = model.hetrun.cache
+    release, started = hold_background_compiles(model.hetrun)
+    assert cache.settings.slots == 6 and cache.settings.max_loads == 8 and (cache.policy.owner[0] == 0).all()
+    cache.tokens[0, :6] = [10, 10, 10, 10, 9, 9]
+    cache.step()
+    assert sorted(cache.loading) == [(0, e) for e in range(6)] and not cache.sessions
+    cache.tokens[0, 6:8] = 1000  # hotter than any of the six still loading
+    cache.step()
+    assert sorted(cache.loading) == [(0, e) for e in (0, 1, 2, 3, 6, 7)]  # the two coldest loads made room
+    release.set()
+    end = time.monotonic() + 60
+    while cache.loading:
+        assert time.monotonic() < end, "the loads never finished"
+        time.sleep(0.01)
+        cache.step()
+    assert sorted(cache.sessions) == [(0, e) for e in (0, 1, 2, 3, 6, 7)]
+    assert len(cache.to_dict()["fast:0"]) == 6 and model.hetrun.stats.cache_evictions == 0  # no copy was evicted
+
+
 def test_a_failing_cached_copy_falls_back_to_home(fresh, caplog):
     static = hetrun.deploy(fresh("qwen3_moe"), FAST_SLOW, precision="fp32")
     model = hetrun.deploy(fresh("qwen3_moe"), CACHED, precision="fp32")

@@ -16,7 +16,8 @@ Policy (CachePolicy, `policy:`), judged on the tokens each (layer, expert) route
           barely tells hot from cold (`hetrun bench rebalance` measures all three).
 An uncached expert replaces the lowest-scored cached one of its device only when its score beats that one by
 ADMIT_MARGIN (no churn on noise); at most `max_loads` loads are in flight; a victim's slot is freed as its
-replacement starts loading (the memory it takes is the slot's).
+replacement starts loading (the memory it takes is the slot's), and a victim still loading is dropped, so a device
+never holds more than its slots. An expert whose load failed is not loaded again and takes no slot.
 
 Cached experts are spread over the group's devices by (layer x experts + expert) mod devices. Under torchrun a rank
 caches only the experts whose home devices it runs itself. Statistics: DispatchStats.cache_* (hits and misses in
@@ -70,13 +71,16 @@ class CachePolicy:
         else:
             self.score = np.where(tokens > 0, float(self.step), self.score)
 
-    def choose(self, held: np.ndarray, limit: int) -> list[tuple[int, int, tuple[int, int] | None]]:
+    def choose(self, held: np.ndarray, limit: int,
+               blocked: np.ndarray | None = None) -> list[tuple[int, int, tuple[int, int] | None]]:
         """Up to `limit` loads [(layer, expert, victim (layer, expert) or None)], best first, given `held` [L, E]
-        (cached or loading). Victims are cached experts of the same device, lowest score first."""
+        (cached or loading: each takes a slot) and `blocked` [L, E] (never to load: their loads failed). Victims are
+        held experts of the same device, lowest score first."""
         if limit <= 0:
             return []
         devices = int(self.owner.max()) + 1
-        want = np.flatnonzero(((self.owner >= 0) & ~held & (self.score > 0)).ravel())
+        wanted = (self.owner >= 0) & ~held & (self.score > 0)  # [L, E]
+        want = np.flatnonzero((wanted if blocked is None else wanted & ~blocked).ravel())
         want = want[np.argsort(-self.score.ravel()[want], kind="stable")]
         free = {d: self.slots - int((held & (self.owner == d)).sum()) for d in range(devices)}
         victims: dict[int, list[int]] = {}
@@ -205,10 +209,13 @@ class ExpertCache:
         self._install()
         self.policy.observe(self.tokens)
         self.tokens[:] = 0
-        held = np.zeros(self.policy.owner.shape, dtype=bool)
-        for li, e in (*self.sessions, *self.loading, *self.failed):
+        held = np.zeros(self.policy.owner.shape, dtype=bool)  # [L, E] taking a slot: cached or loading
+        for li, e in (*self.sessions, *self.loading):
             held[li, e] = True
-        for li, e, victim in self.policy.choose(held, self.settings.max_loads - len(self.loading)):
+        blocked = np.zeros_like(held)  # [L, E] loads that failed
+        for li, e in self.failed:
+            blocked[li, e] = True
+        for li, e, victim in self.policy.choose(held, self.settings.max_loads - len(self.loading), blocked):
             if victim is not None:
                 self._evict(victim)
             self._load(li, e)
@@ -232,8 +239,10 @@ class ExpertCache:
             stats.cache_load_s += link_s
 
     def _evict(self, key: tuple[int, int]) -> None:
+        # a cached copy leaves its slot; a load still in flight is dropped (its session, once compiled, with it)
         if self.sessions.pop(key, None) is not None:
             self.runtime.stats.cache_evictions += 1
+        self.loading.pop(key, None)
 
     def _load(self, li: int, e: int) -> None:
         rt = self.runtime
