@@ -1,5 +1,7 @@
 """`hetrun bench generate`'s rounds: every system runs once per round in alternating order, and keeps its fastest."""
 
+from hetrun.backends import host_cpu
+
 from hetrun.bench import generate
 
 
@@ -92,3 +94,14 @@ def test_each_system_reports_its_logits_error_against_transformers_fp32(monkeypa
     assert abs(got["logits_error_vs_transformers_fp32"] - 0.5 / 5.0) < 1e-6
     assert out["systems"]["transformers fp32"]["logits_error_vs_transformers_fp32"] == 0.0
     assert all("logits" not in r for r in out["systems"].values())  # 32,000 numbers each: not in the output
+
+
+def test_peak_memory_is_also_held_against_each_systems_library_floor(capsys):
+    result = {"cpu": host_cpu.describe(), "threads": 2, "rounds": 1, "systems": {
+        "hetrun int4 onnxruntime": {"decode_tps": 150.0, "prefill_tps": 1200.0, "peak_rss_gb": 0.73, "floor_gb": 0.46},
+        "llama.cpp Q4_0": {"decode_tps": 430.0, "prefill_tps": 1900.0, "peak_rss_gb": 0.27, "floor_gb": 0.04}},
+        "skipped": {}}
+    generate._print(result)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak RSS hetrun int4 onnxruntime / llama.cpp Q4_0: 2.70 (target <= 1.5) missed" in out
+    assert "above each one's floor 0.27 / 0.23 GB = 1.17" in out

@@ -2,7 +2,7 @@
 peak_rss_gb), and llama.cpp's side of `hetrun bench generate`, run as a script (python -I child_process.py GGUF IDS
 THREADS NEW) so that its process imports llama_cpp and nothing else: its peak memory is llama.cpp's own, not
 torch's and transformers'. The script prints one JSON line: prefill and decode tokens/s, greedy tokens, the
-prompt's last logits, peak RSS."""
+prompt's last logits, peak RSS and the resident memory once llama_cpp was imported."""
 
 import json
 import resource
@@ -15,6 +15,7 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
     prompt position."""
     import llama_cpp  # optional: the `bench` extra
 
+    floor = status_bytes("VmRSS:") / 1e9  # the library loaded, no weight read yet
     llm = llama_cpp.Llama(path, n_ctx=len(ids) + new_tokens + 8, n_threads=threads, n_threads_batch=threads,
                           n_batch=len(ids), verbose=False)
     best_first, best_all, tokens = float("inf"), float("inf"), []
@@ -33,7 +34,8 @@ def run(path: str, ids: list[int], threads: int, new_tokens: int) -> dict:
     llm.eval(ids)  # the prompt once more, untimed: the logits of its last position
     last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # float* [V]
     return {"prefill_tps": len(ids) / best_first, "decode_tps": (new_tokens - 1) / max(best_all - best_first, 1e-9),
-            "tokens": tokens, "logits": [last[i] for i in range(llm.n_vocab())], "peak_rss_gb": peak_rss_gb()}
+            "tokens": tokens, "logits": [last[i] for i in range(llm.n_vocab())], "peak_rss_gb": peak_rss_gb(),
+            "floor_gb": floor}
 
 
 def status_bytes(key: str, pid: "int | str" = "self") -> int:
