@@ -67,4 +67,6 @@ def test_serving_moves_and_caches_experts_counts_them_and_answers_as_the_untouch
     assert metric(text, "hetrun_cache_loaded_bytes_total") == loads * one
     assert metric(text, "hetrun_cache_saved_modeled_seconds_total") > 0  # hits ran on the modeled-faster device
     assert metric(text, "hetrun_cache_load_modeled_seconds_total") > 0
-    assert 0 < metric(text, 'hetrun_cache_experts{device="fast:0"}') <= 4
+    # never more than its 4 slots; possibly none at this moment: a plan switch that moves the cached (hot) experts
+    # home to the fast device drops their cached copies, and the slots refill as the next loads finish
+    assert 0 <= metric(text, 'hetrun_cache_experts{device="fast:0"}') <= 4
