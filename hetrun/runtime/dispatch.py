@@ -25,6 +25,7 @@ involved compute alike.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -32,6 +33,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -185,7 +187,7 @@ class ExpertRuntime:
     def background(self, job, lane: str = "rebalance") -> Future:
         """Run `job()` on this runtime's background worker for `lane` (one daemon thread each, jobs in order)."""
         if lane not in self._background:
-            self._background[lane] = DeviceWorker(f"hetrun-{lane}")
+            self._background[lane] = background_worker(f"hetrun-{lane}")
         return self._background[lane].submit(job)
 
     def switch_plan(self, plan: Plan, sessions: dict) -> None:
@@ -724,7 +726,9 @@ class DeviceWorker:
 
     def __init__(self, name: str):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        self.closing = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, job) -> Future:
         """Run `job()` on this worker; its result or exception arrives in the returned Future."""
@@ -732,13 +736,50 @@ class DeviceWorker:
         self.jobs.put((job, future))
         return future
 
+    def close(self, timeout: float) -> bool:
+        """Let the job running now finish and cancel the queued ones; whether the thread ended within `timeout`
+        seconds."""
+        self.closing = True
+        self.jobs.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
     def _loop(self) -> None:
         while True:
-            job, future = self.jobs.get()
+            item = self.jobs.get()
+            if item is None:  # close()
+                return
+            job, future = item
+            if self.closing:
+                future.cancel()
+                continue
             try:
                 future.set_result(job())
             except BaseException as e:  # noqa: BLE001 -- handed to the caller, which raises it
                 future.set_exception(e)
+
+
+BACKGROUND_EXIT_WAIT_S = 60.0  # how long the interpreter's exit waits, at most, for background compiles in flight
+_background_workers: "weakref.WeakSet[DeviceWorker]" = weakref.WeakSet()
+
+
+def background_worker(name: str) -> DeviceWorker:
+    """A DeviceWorker for background work (live rebalancing, cache loads) that the interpreter's exit lets finish
+    the job it is running (at most BACKGROUND_EXIT_WAIT_S) and whose queued jobs it cancels."""
+    worker = DeviceWorker(name)
+    _background_workers.add(worker)
+    return worker
+
+
+@atexit.register
+def _finish_background_work() -> None:
+    # A daemon thread still compiling inside onnxruntime or OpenVINO while the interpreter tears down aborts the
+    # process ("terminate called without an active exception", exit 134): a script or `hetrun serve` that ended
+    # with a cache load or a rebalance in flight did, about one exit in three.
+    end = time.monotonic() + BACKGROUND_EXIT_WAIT_S
+    for worker in list(_background_workers):
+        if not worker.close(max(0.0, end - time.monotonic())):
+            log.warning("exiting while background work on '%s' is still running", worker.thread.name)
 
 
 class HetrunMoEBlock(torch.nn.Module):
