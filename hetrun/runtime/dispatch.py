@@ -774,8 +774,8 @@ def background_worker(name: str) -> DeviceWorker:
 @atexit.register
 def _finish_background_work() -> None:
     # A daemon thread still compiling inside onnxruntime or OpenVINO while the interpreter tears down aborts the
-    # process ("terminate called without an active exception", exit 134): a script or `hetrun serve` that ended
-    # with a cache load or a rebalance in flight did, about one exit in three.
+    # process ("terminate called without an active exception", exit 134): a script that ended with cache loads in
+    # flight did about one exit in three (`hetrun serve` ends the same way).
     end = time.monotonic() + BACKGROUND_EXIT_WAIT_S
     for worker in list(_background_workers):
         if not worker.close(max(0.0, end - time.monotonic())):
