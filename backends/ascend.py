@@ -31,6 +31,7 @@ from hetrun.backends.registry import probe_backend
 from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 
 from hetrun.errors import BackendUnavailable
+from hetrun.once import warn_once
 
 log = logging.getLogger("hetrun")
 
@@ -50,9 +51,6 @@ print("HETRUN_PROBE " + json.dumps({
     "int8_matmul": hasattr(torch_npu, "npu_weight_quant_batchmatmul"),
     "w8a8_matmul": hasattr(torch_npu, "npu_quant_matmul")}))
 """
-_warned: set[str] = set()
-
-
 def _search_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     for var in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME"):
@@ -170,11 +168,9 @@ class AscendBackend(Backend):
                 gate_up, down = Int8WeightLinear(m.gate_up_q, device), Int8WeightLinear(m.down_q, device)
                 if gate_up.ok and down.ok:
                     return TorchExpertSession(gate_up, down, device, f"torch_npu INT8 weight matmul on {device}")
-            if "int8" not in _warned:
-                _warned.add("int8")
-                log.warning("INT8 experts on %s run as BF16 matmuls of their dequantized weights (%s)", device,
-                            "torch_npu lacks npu_weight_quant_batchmatmul" if not int8_kernel
-                            else "the graph's INT8 weights are not per-channel")
+            warn_once(("ascend", "int8"), "INT8 experts on %s run as BF16 matmuls of their dequantized weights (%s)",
+                      device, "torch_npu lacks npu_weight_quant_batchmatmul" if not int8_kernel
+                      else "the graph's INT8 weights are not per-channel")
             dtype = "bfloat16"
         else:
             dtype = DENSE_DTYPES[self.precision]

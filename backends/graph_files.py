@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import numpy as np
 import onnx
 
+from hetrun.once import warn_once
+
 if TYPE_CHECKING:
     from hetrun.runtime.graphs import ExpertGraph
 
@@ -52,15 +54,10 @@ def load_through_folder(graph: "bytes | onnx.ModelProto | ExpertGraph", from_pat
 
 
 def _from_bytes_after(e: OSError, model: onnx.ModelProto, arrays: dict, from_bytes: Callable[[bytes], T]) -> T:
-    if not _told_no_folder:
-        _told_no_folder.append(e)
-        log.warning("graphs load from serialized bytes, which holds each graph's weights twice while the runtime "
-                    "reads them: no temporary folder to write them to (%s); set TMPDIR to a writable folder with "
-                    "room for the largest graph", e)
+    warn_once(("graph files", "no folder"), "graphs load from serialized bytes, which holds each graph's weights "
+              "twice while the runtime reads them: no temporary folder to write them to (%s); set TMPDIR to a "
+              "writable folder with room for the largest graph", e)
     return from_bytes(filled(model, arrays).SerializeToString())
-
-
-_told_no_folder: list[OSError] = []
 
 
 def write_external(model: onnx.ModelProto, arrays: dict[str, np.ndarray], folder: "str | os.PathLike") -> Path:

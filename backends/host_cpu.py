@@ -9,6 +9,7 @@ import platform
 import torch
 
 from hetrun.formats import base_precision
+from hetrun.once import warn_once
 
 log = logging.getLogger("hetrun")
 
@@ -63,17 +64,11 @@ def summary(described: dict) -> str:
             f"{'yes' if described['int8_dot'] else 'no'}")
 
 
-_told: set[tuple[str, str]] = set()
-
-
 def say_held_as_fp32(backend: str, precision: str) -> None:
     """Say once per (backend, precision) that this CPU runtime holds the format's weights as FP32 after load."""
-    if (backend, precision) in _told:
-        return
-    _told.add((backend, precision))
-    log.warning("%s has no CPU kernel that computes %s from compressed weights here, so it holds those expert weights "
-                "as FP32: exact, but neither smaller nor faster than fp32 (int4, and int8%s, stay compressed)",
-                backend, precision, "-w8a8" if backend == "onnxruntime" else "")
+    warn_once(("held as fp32", backend, precision), "%s has no CPU kernel that computes %s from compressed weights "
+              "here, so it holds those expert weights as FP32: exact, but neither smaller nor faster than fp32 (int4, "
+              "and int8%s, stay compressed)", backend, precision, "-w8a8" if backend == "onnxruntime" else "")
 
 
 def reorder(catalog: list[str], first: list[str], last: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertS
 from hetrun.kernels.fp8 import quantize_fp8
 
 from hetrun.errors import BackendUnavailable
+from hetrun.once import warn_once
 
 if TYPE_CHECKING:
     import torch
@@ -39,13 +40,6 @@ BLOCK = 128  # DeepSeek-V3 recipe: 1x128 activation tiles, 128x128 weight blocks
 E4M3_MAX = 448.0
 TRT_MAX_TOKENS = 8192  # rows per TensorRT call: the engine's optimization profile spans 1..TRT_MAX_TOKENS
 INSTALL = "pip install hetrun[nvidia]"
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
 
 
 @dataclass(frozen=True)
@@ -185,8 +179,8 @@ class NvidiaBackend(Backend):
         if not devices:
             raise BackendUnavailable(f"device '{self.device.id}' wants an NVIDIA GPU: {why}")
         if self.device.index >= len(devices):
-            _warn_once(f"share:{self.device.group}", "device group '%s' has more devices than the %d visible GPU(s); "
-                       "they share GPUs round-robin", self.device.group, len(devices))
+            warn_once(("nvidia", "share", self.device.group), "device group '%s' has more devices than the %d "
+                      "visible GPU(s); they share GPUs round-robin", self.device.group, len(devices))
         return devices[self.device.index % len(devices)]
 
     def load(self, graph: bytes, name: str, meta: dict) -> ExpertSession:
@@ -216,8 +210,8 @@ class NvidiaBackend(Backend):
                 problems.append(f"{mode}: {e}")
                 continue
             return TorchExpertSession(gate_up, down, device, f"torch._scaled_mm fp8 {mode}-scaled on {device}")
-        _warn_once(f"fp8:{gpu.index}", "FP8 matmuls unavailable on %s (%s); running FP8 experts through onnxruntime",
-                   gpu.describe(), "; ".join(problems) or "no scaling mode")
+        warn_once(("nvidia", "fp8", gpu.index), "FP8 matmuls unavailable on %s (%s); running FP8 experts through "
+                  "onnxruntime", gpu.describe(), "; ".join(problems) or "no scaling mode")
         return None
 
     def _load_torch_dense(self, graph: bytes, gpu: CudaDevice) -> ExpertSession:
@@ -252,7 +246,8 @@ class NvidiaBackend(Backend):
         except Exception as e:  # noqa: BLE001 -- TensorRT libraries missing or a graph it cannot build: use CUDA
             if not providers or providers[0][0] != "TensorrtExecutionProvider":
                 raise BackendUnavailable(f"onnxruntime cannot open an expert on cuda:{gpu.index}: {e}") from None
-            _warn_once("trt", "TensorRT execution provider failed (%s); using CUDAExecutionProvider", str(e).splitlines()[0])
+            warn_once(("nvidia", "trt"), "TensorRT execution provider failed (%s); using CUDAExecutionProvider",
+                      str(e).splitlines()[0])
             sess = ort.InferenceSession(graph, sess_options=opts, providers=providers[1:] + ["CPUExecutionProvider"])
         # Rows stay on the GPU when torch can hold them there; a CPU build of torch hands host buffers to the EP.
         return OrtGpuSession(sess, f"cuda:{gpu.index}" if torch_cuda_ready() else "cpu")

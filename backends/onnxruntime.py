@@ -160,11 +160,11 @@ class OrtSession(ExpertSession):
         # One call on a zero row here: a session read from a folder maps some weights in (scales, zero points) and
         # sets up kernel state on its first call. Made at load, it counts in the memory deploy measures per expert
         # (about 1.6 MB of a 2048 x 5632 INT4 expert's 20 MB), and the first step does not pay for it.
-        width = sess.get_inputs()[0].shape[-1]
-        if isinstance(width, int):
+        k = sess.get_inputs()[0].shape[-1]
+        if isinstance(k, int):
             import torch  # heavy: backends stay light until a session runs
 
-            self.forward(torch.zeros(1, width))
+            self.forward(torch.zeros(1, k))
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
         x = x.contiguous()  # [N, D]

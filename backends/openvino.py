@@ -19,6 +19,7 @@ from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
 from hetrun.formats import base_precision, expert_bytes
+from hetrun.once import warn_once
 
 if TYPE_CHECKING:
     import onnx
@@ -43,7 +44,6 @@ PRECISION_HINTS = {
 CAPABILITY_KEYS = ("FULL_DEVICE_NAME", "DEVICE_TYPE", "DEVICE_ARCHITECTURE", "OPTIMIZATION_CAPABILITIES",
                    "GPU_DEVICE_TOTAL_MEM_SIZE", "GPU_EXECUTION_UNITS_COUNT", "DEVICE_GOPS")
 NPU_MAX_BUCKET = 4096  # largest static token count compiled for the NPU; longer inputs run in chunks
-_warned: set[str] = set()
 # Resident bytes per byte of the format an expert is held in (FP32 for FP8, and for BF16/FP16 without native BF16),
 # after OpenVINO 2026.4's CPU plugin has compiled it and run it once, by requested precision, as
 # tests/test_resident_memory.py measures them on 35 MB (FP32) experts: the plugin keeps the model's constants and
@@ -111,9 +111,9 @@ class OpenVinoBackend(Backend):
             # Without native BF16, the bf16 hint emulates BF16 everywhere (5-50x slower) and OpenVINO's f32->bf16
             # Convert misrounds; in f32 the graph for target "openvino" rounds to BF16 exactly (see hetrun.runtime.graphs).
             hint = "f32"
-        if family == "NPU" and self.precision in ("fp32", "bf16") and f"npu:{self.precision}" not in _warned:
-            _warned.add(f"npu:{self.precision}")
-            log.warning("the Intel NPU computes %s experts in f16 (it has no %s datapath)", self.precision, self.precision)
+        if family == "NPU" and self.precision in ("fp32", "bf16"):
+            warn_once(("openvino", "npu", self.precision), "the Intel NPU computes %s experts in f16 (it has no %s "
+                      "datapath)", self.precision, self.precision)
         return hint
 
     @classmethod

@@ -11,12 +11,12 @@ from hetrun.kernels.gptq import unpack_int32
 from onnx import numpy_helper
 
 import hetrun
+from hetrun import once
 from hetrun.bench.precision import cpu_backend
 from hetrun.checkpoint import load_model, open_checkpoint
 from hetrun.checkpoint.experts import CheckpointExpert
 from hetrun.checkpoint.shards import Shards
 from hetrun.checkpoint.writer import TensorSpec, save_checkpoint, write_shards
-from hetrun.runtime import graphs
 from hetrun.runtime.graphs import build_expert_graph
 from hetrun.runtime.weights import QuantizedExpert
 from hetrun.tiny_models import tiny_model
@@ -187,7 +187,7 @@ def test_gptq_runs_as_its_dequantization(gptq_dir, runtime):
 
 
 def test_gptq_elsewhere_is_dequantized_once(gptq_dir, caplog, monkeypatch):
-    monkeypatch.setattr(graphs, "_warned", set())
+    monkeypatch.setattr(once, "said", set())
     src = CheckpointExpert(open_checkpoint(gptq_dir), 0, 1)
     w = src.weights()
     g = build_expert_graph(src, "fp32")

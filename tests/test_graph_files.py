@@ -14,6 +14,7 @@ from hetrun.backends import graph_files
 from hetrun.backends.graph_files import ALIGN, DATA_FILE, MODEL_FILE, write_external
 from onnx import numpy_helper
 
+from hetrun import once
 from hetrun.bench.precision import cpu_backend
 from hetrun.runtime.graphs import build_expert_graph, build_linear_graph
 from hetrun.runtime.weights import ExpertWeights
@@ -91,7 +92,7 @@ def test_no_writable_folder_loads_from_bytes_and_says_so_once(monkeypatch, caplo
     else:
         monkeypatch.setattr("builtins.open", lambda f, *a, _open=open, **k: full() if str(f).endswith(
             graph_files.MODEL_FILE) else _open(f, *a, **k))
-    monkeypatch.setattr(graph_files, "_told_no_folder", [])
+    monkeypatch.setattr(once, "said", set())
     be = cpu_backend("onnxruntime", "fp32", 1)
     x = torch.ones(3, D)
     expected = be.load(build_expert_graph(weights(), "fp32").serialize(), "b", {}).forward(x)

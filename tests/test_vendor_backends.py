@@ -24,6 +24,7 @@ from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
 from hetrun.kernels.int8 import quantize_int8
 from onnx import TensorProto, helper, numpy_helper
 
+from hetrun import once
 from hetrun.errors import BackendUnavailable
 from hetrun.profile import load_profile
 from hetrun.runtime.graphs import build_expert_graph
@@ -35,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _fresh_probes():
     registry.reset_probes()
-    for mod in (nvidia, ascend, ov):
-        mod._warned.clear()
+    once.said.clear()
     yield
     registry.reset_probes()
 

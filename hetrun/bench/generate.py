@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hetrun.backends import host_cpu
+from hetrun.backends.registry import probe_backend
 from hetrun.bench import Benchmark, comma_list
 from hetrun.bench.child_process import peak_rss_gb, status_bytes
 from hetrun.bench.moe import LOW_PRECISION
@@ -151,11 +152,11 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
     torch.set_num_threads(threads)
     runner, dtype, precisions, devices = SYSTEMS[system]
     ids = prompt_ids(length=prompt_tokens)
-    # the libraries the system runs on, imported before any weight is read: what the process holds then is its floor
-    needs = ["transformers.models.mixtral.modeling_mixtral"]
-    needs += sorted({d["backend"] for d in DEVICES[devices]}) if runner == "hetrun" else []
-    for module in needs:
-        importlib.import_module(module)
+    # the libraries the system runs on, loaded before any weight is read: what the process holds then is its floor
+    # (a backend's probe imports its runtime, and deploy reuses the cached probe)
+    importlib.import_module("transformers.models.mixtral.modeling_mixtral")
+    for backend in sorted({d["backend"] for d in DEVICES[devices]}) if runner == "hetrun" else []:
+        probe_backend(backend)
     extra = {"floor_gb": status_bytes("VmRSS:") / 1e9}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
         profile = load_profile({"name": f"bench-{devices}", "devices": DEVICES[devices],

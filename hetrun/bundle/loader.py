@@ -34,6 +34,7 @@ from hetrun.bundle.manifest import Manifest, manifest_plan
 from hetrun.checkpoint.config import config_from_json
 from hetrun.errors import BundleError, HetrunError
 from hetrun.formats import base_precision
+from hetrun.once import warn_once
 from hetrun.placement.precisions import device_precision
 from hetrun.profile import Profile, load_profile
 from hetrun.runtime.attention import run_attention
@@ -43,7 +44,6 @@ from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
 from hetrun.spec import MoESpec
 
 log = logging.getLogger("hetrun")
-_warned: set[tuple[str, str]] = set()
 
 
 class GraphStore:
@@ -67,10 +67,9 @@ class GraphStore:
         entry = by_target.get(target)
         if entry is None:
             entry = by_target[sorted(by_target)[0]]
-            if (target, entry.target) not in _warned:
-                _warned.add((target, entry.target))
-                log.warning("bundle '%s' has no expert graphs built for backend target '%s'; running those built for "
-                            "'%s' (re-export for this profile for exact numerics)", self.root, target, entry.target)
+            warn_once(("bundle target", target, entry.target), "bundle '%s' has no expert graphs built for backend "
+                      "target '%s'; running those built for '%s' (re-export for this profile for exact numerics)",
+                      self.root, target, entry.target)
         data = read_file(self.root, entry.path, self.manifest.files[entry.path])
         model = parse_onnx(entry.path, data)
         if onnx_external_refs(model):  # locations were checked to stay inside the bundle when it was verified

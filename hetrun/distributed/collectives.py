@@ -10,11 +10,11 @@ import torch.distributed as dist
 
 from hetrun.backends.base import Availability
 from hetrun.errors import BackendUnavailable
+from hetrun.once import warn_once
 
 log = logging.getLogger("hetrun")
 
 COLLECTIVES = ("gloo", "nccl", "hccl")
-_warned: set[str] = set()
 
 
 def probe_collective(name: str) -> Availability:
@@ -54,9 +54,8 @@ def choose_collective(wanted: str, explicit: bool) -> str:
     if explicit or wanted == "gloo":
         raise BackendUnavailable(f"collective backend '{wanted}' is not available here: {avail.reason}; "
                                  "set distributed.collective to gloo (or auto) in the profile")
-    if wanted not in _warned:
-        _warned.add(wanted)
-        log.warning("collective backend '%s' is not available here (%s); using gloo", wanted, avail.reason)
+    warn_once(("collective", wanted), "collective backend '%s' is not available here (%s); using gloo", wanted,
+              avail.reason)
     gloo = probe_collective("gloo")
     if not gloo.ok:
         raise BackendUnavailable(f"neither {wanted} nor gloo is available here: {avail.reason}; {gloo.reason}")

@@ -59,6 +59,7 @@ from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
 from hetrun.kernels.int4 import Int4Tensor, quantize_int4, quantize_to_matmulnbits, stack_rows, to_matmulnbits
 from hetrun.kernels.int8 import quantize_int8, to_matmulnbits_int8
+from hetrun.once import warn_once
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
 
 log = logging.getLogger("hetrun")
@@ -66,7 +67,6 @@ OPSET = 21
 IR_VERSION = 10
 MATMULNBITS_BLOCKS = (16, 32, 64, 128, 256)  # block sizes onnxruntime's and OpenVINO's MatMulNBits take
 ACTIVATION_QUANTIZED = 4  # MatMulNBits accuracy_level 4: activations quantized to INT8 per block on the fly
-_warned: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -543,10 +543,9 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
     if isinstance(w, QuantizedExpert):
         if _build_native(w, b, fmt):
             return _graph(b, precision, target, w.hidden, w.intermediate)
-        if fmt.base not in ("fp32", "fp16", "bf16") and (w.kind, precision) not in _warned:
-            _warned.add((w.kind, precision))
-            log.warning("%s checkpoint experts (%s) go onto %s devices dequantized and quantized again: %s has no "
-                        "form of them", w.kind, _describe(w), precision, precision)
+        if fmt.base not in ("fp32", "fp16", "bf16"):
+            warn_once(("requantized", w.kind, precision), "%s checkpoint experts (%s) go onto %s devices dequantized "
+                      "and quantized again: %s has no form of them", w.kind, _describe(w), precision, precision)
         w = w.dequantize()
     m = _Matrices(readers[:2], readers[2:], w.hidden, w.intermediate) if readers is not None else \
         _matrices(w, calibration if fmt.base == "int4" else None)

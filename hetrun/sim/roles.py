@@ -25,6 +25,7 @@ import numpy as np
 
 from hetrun.errors import HetrunError, PlacementError, PrecisionError, ProfileError
 from hetrun.formats import DTYPE_BYTES, activation_bytes, expert_bytes
+from hetrun.once import warn_once
 from hetrun.placement.device_model import DeviceOverrides
 from hetrun.placement.plan import Plan
 from hetrun.placement.planner import plan
@@ -271,7 +272,6 @@ def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> 
     return p, EPLB_FALLBACK
 
 
-_planner_warned: set[str] = set()
 
 
 def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
@@ -286,7 +286,5 @@ def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
         msg = f"planner.plan cannot place profile '{profile.name}' ({e}); using the placement solver directly"
     except Exception as e:  # noqa: BLE001 -- another module's bug must not stop the simulation
         msg = f"planner.plan failed on profile '{profile.name}' ({type(e).__name__}: {e}); using the placement solver"
-    if profile.name not in _planner_warned:
-        _planner_warned.add(profile.name)
-        log.warning(msg)
+    warn_once(("planner fallback", profile.name), "%s", msg)
     return None
