@@ -210,3 +210,18 @@ def test_inspect_help_says_what_it_proves_and_what_it_does_not():
     readme = " ".join((REPO / "README.md").read_text().split())
     assert "## Trust" in readme and "do not prove who made it" in readme and "--rdzv-endpoint" in readme
     assert "127.0.0.1" in readme and "## Limits of what hetrun checks" in readme
+
+
+def test_a_wrong_passphrase_that_decrypts_to_garbage_is_still_named(bundle, tmp_path, capsys, monkeypatch):
+    # About one wrong passphrase in 256 decrypts an encrypted PEM key to bytes that pass the padding check and then
+    # fail to parse, with an error that does not mention a password.
+    from hetrun.bundle import signing
+
+    monkeypatch.setenv("HETRUN_KEY_PASSPHRASE", "correct horse")
+    one_line(capsys, ["keygen", "-o", str(tmp_path / "enc")], code=0)
+
+    def garbage(data, password):
+        raise ValueError("Could not deserialize key data. The data may be in an incorrect format")
+    monkeypatch.setattr(signing.serialization, "load_pem_private_key", garbage)
+    monkeypatch.setenv("HETRUN_KEY_PASSPHRASE", "wrong")
+    assert "wrong passphrase" in one_line(capsys, ["sign", str(bundle), "--key", str(tmp_path / "enc")])

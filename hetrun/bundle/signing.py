@@ -69,8 +69,10 @@ def load_private_key(path: "str | os.PathLike") -> Ed25519PrivateKey:
         why = (f"it is encrypted: set {PASSPHRASE_ENV}" if pw is None else
                f"it is not encrypted: unset {PASSPHRASE_ENV}") if "password" in str(e).lower() else str(e)[:80]
     except (ValueError, UnsupportedAlgorithm) as e:
-        why = f"wrong passphrase in {PASSPHRASE_ENV}" if pw is not None and "password" in str(e).lower() \
-            else "not a private key file"
+        # a wrong passphrase usually fails the decryption, but about one time in 256 it decrypts to bytes that pass
+        # the padding check and then fail to parse: an encrypted PEM file says so in its header either way
+        wrong = pw is not None and ("password" in str(e).lower() or b"ENCRYPTED" in data)
+        why = f"wrong passphrase in {PASSPHRASE_ENV}" if wrong else "not a private key file"
     if key is None:
         raise HetrunError(f"signing key '{path}': cannot read it ({why}); give the private key `hetrun keygen` or "
                           "`openssl genpkey -algorithm ed25519` wrote")
