@@ -4,6 +4,7 @@ import onnx
 import onnxruntime as ort
 import openvino as ov
 import pytest
+from hetrun.backends.ort_threads import sessions_options
 from hetrun.kernels.gptq import gptq_quantize_int4
 from hetrun.kernels.int4 import (
     Int4Tensor,
@@ -45,7 +46,8 @@ def correlated_x(rng, m, mix):
 
 
 def run_ort(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return ort.InferenceSession(str(path), sessions_options(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def run_openvino(path, x):

@@ -1,0 +1,72 @@
+"""Which thread pool this process's onnxruntime sessions compute on: one pool shared by every session (the default),
+or a pool per session (HETRUN_ORT_THREAD_POOL=per-session).
+
+A deployment holds many small sessions: the benchmark model (2 layers, 8 experts each) has 16 expert sessions and
+the dense part's beside them. With a pool each, every session's pool thread sleeps until that session's next call,
+so each call of a decode step wakes a different cold thread (19 threads for 16 expert sessions at 2 threads). One
+shared pool keeps one warm: a one-token INT4 expert call, 16 sessions in turn, took 0.26-0.27 ms against 0.31-0.32,
+and a decode token of the benchmark model with INT4 experts and dense part on onnxruntime 5.3-5.8 ms against
+5.9-9.7 (three alternated pairs of processes; its expert calls 1.2-1.4 ms against 1.8-2.4), on a 2-core AVX2 host.
+
+onnxruntime makes that choice for the whole process, once: while a shared pool exists, every session must use it,
+so a session opened with default options anywhere in the process fails ("use_per_session_threads must be false
+when using a global thread pool"). Sessions opened through hetrun get the right options; code of the user's that
+opens its own sessions in the same process sets `use_per_session_threads = False` (sessions_options() below gives
+it hetrun's options) or runs with HETRUN_ORT_THREAD_POOL=per-session.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from hetrun.errors import HetrunError
+from hetrun.once import warn_once
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+POOL_CHOICES = ("shared", "per-session")
+_shared_threads: "int | None" = None  # intra-op threads of the process's shared pool, once a session made it
+
+
+def pool_choice() -> str:
+    """HETRUN_ORT_THREAD_POOL, checked: "shared" (the default) or "per-session"."""
+    choice = os.environ.get("HETRUN_ORT_THREAD_POOL", "shared").strip().lower() or "shared"
+    if choice not in POOL_CHOICES:
+        raise HetrunError(f"HETRUN_ORT_THREAD_POOL={choice!r} is not a thread pool choice: set it to "
+                          f"{' or '.join(POOL_CHOICES)}, or unset it")
+    return choice
+
+
+def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> None:
+    """Set `opts` to compute on this process's onnxruntime thread pool: the shared one, made at the first session
+    with `threads` intra-op threads (None: one per physical core), or, with HETRUN_ORT_THREAD_POOL=per-session, one
+    of the session's own. A later request for another thread count gets the shared pool as it is, said once."""
+    global _shared_threads
+    if _shared_threads is None and pool_choice() == "per-session":
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        return
+    want = threads or 0  # 0: onnxruntime's default
+    if _shared_threads is None:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state  # heavy: only when a session opens
+
+        ort_state.set_global_thread_pool_sizes(want, 1)
+        _shared_threads = want
+    elif want != _shared_threads:
+        warn_once(("ort-pool", want), "onnxruntime sessions that ask for a thread count of %s compute on this "
+                  "process's shared onnxruntime thread pool, sized %s by its first session "
+                  "(HETRUN_ORT_THREAD_POOL=per-session gives each session a pool of its own)",
+                  want or "the default", _shared_threads or "by default")
+    opts.use_per_session_threads = False
+
+
+def sessions_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
+    """Plain onnxruntime SessionOptions that may open a session in a process where hetrun's sessions run."""
+    import onnxruntime as ort  # heavy: only when a session opens
+
+    opts = ort.SessionOptions()
+    use_thread_pool(opts, threads)
+    return opts
