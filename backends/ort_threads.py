@@ -51,9 +51,9 @@ def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> 
         return
     want = threads or 0  # 0: onnxruntime's default
     if _shared_threads is None:
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state  # heavy: only when a session opens
+        import onnxruntime as ort  # heavy: only when a session opens
 
-        ort_state.set_global_thread_pool_sizes(want, 1)
+        ort.set_global_thread_pool_sizes(want, 1)  # its threads spin briefly between calls: onnxruntime's default
         _shared_threads = want
     elif want != _shared_threads:
         warn_once(("ort-pool", want), "onnxruntime sessions that ask for a thread count of %s compute on this "
