@@ -390,10 +390,17 @@ class MoELayer:
         # [T, K] and summed in k order, whatever slots the plan gives them: the same sum, bit for bit, before and
         # after a live rebalance.
         k = weights.shape[1]
-        back = np.empty(len(order), np.int64)
-        back[order] = np.arange(len(order))  # [T*K] row of each (token, k) pair in out_rows
-        if (back[1:] < back[:-1]).any():  # not already in (token, k) order
-            out_rows = out_rows.index_select(0, torch.from_numpy(back).to(out_rows.device))
+        if isinstance(order, list):  # a decode token's K pairs (see __call__): the same steps on a Python list
+            back = [0] * k
+            for row, pair in enumerate(order):
+                back[pair] = row  # [K] row of each k in out_rows
+            if back != sorted(back):
+                out_rows = out_rows.index_select(0, torch.tensor(back, device=out_rows.device))
+        else:
+            back = np.empty(len(order), np.int64)
+            back[order] = np.arange(len(order))  # [T*K] row of each (token, k) pair in out_rows
+            if (back[1:] < back[:-1]).any():  # not already in (token, k) order
+                out_rows = out_rows.index_select(0, torch.from_numpy(back).to(out_rows.device))
         pairs = (out_rows * weights.reshape(-1, 1).float()).view(-1, k, out_rows.shape[1])  # [T, K, D]
         out = pairs[:, 0] + pairs[:, 1] if k > 1 else pairs[:, 0].clone()  # [T, D]
         for j in range(2, k):
