@@ -17,6 +17,7 @@ it hetrun's options) or runs with HETRUN_ORT_THREAD_POOL=per-session.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from hetrun.once import warn_once
 if TYPE_CHECKING:
     import onnxruntime
 
+log = logging.getLogger("hetrun")
 POOL_CHOICES = ("shared", "per-session")
 _shared_threads: "int | None" = None  # intra-op threads of the process's shared pool, once a session made it
 
@@ -55,6 +57,9 @@ def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> 
 
         ort.set_global_thread_pool_sizes(want, 1)  # its threads spin briefly between calls: onnxruntime's default
         _shared_threads = want
+        log.info("onnxruntime sessions of this process share one thread pool (%s threads): a session opened "
+                 "elsewhere in it needs use_per_session_threads = False; HETRUN_ORT_THREAD_POOL=per-session gives "
+                 "each session its own", want or "default")
     elif want != _shared_threads:
         warn_once(("ort-pool", want), "onnxruntime sessions that ask for a thread count of %s compute on this "
                   "process's shared onnxruntime thread pool, sized %s by its first session "
