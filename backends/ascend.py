@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 from hetrun.backends.nvidia import OrtGpuSession
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.backends.registry import probe_backend
 from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 
@@ -181,7 +181,7 @@ class AscendBackend(Backend):
     def _load_cann(self, graph: bytes) -> ExpertSession:
         import onnxruntime as ort  # heavy: only when an expert loads
 
-        opts = sessions_options()
+        opts = plain_session_options()
         opts.log_severity_level = 3
         # The graph already encodes its precision (casts, dequantization): CANN must not lower FP32 ops to FP16.
         cann = {"device_id": str(self.device.index), "precision_mode": "must_keep_origin_dtype"}

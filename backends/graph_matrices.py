@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from onnx import TensorProto, helper, numpy_helper
 
 # Ops that only move or relabel a dequantized weight on its way to the MatMul.
@@ -202,7 +202,7 @@ def _evaluate_weights(model: onnx.ModelProto, weighted: list[onnx.NodeProto], co
                             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], list(g.initializer))
     sub_model = helper.make_model(sub, opset_imports=list(model.opset_import))
     sub_model.ir_version = model.ir_version
-    opts = sessions_options()
+    opts = plain_session_options()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the graph's own arithmetic
     sess = ort.InferenceSession(sub_model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])

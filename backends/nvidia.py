@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.backends.registry import probe_backend
 from hetrun.backends.torch_expert import DENSE_DTYPES, DenseLinear, TorchExpertSession
 from hetrun.kernels.fp8 import quantize_fp8
@@ -226,7 +226,7 @@ class NvidiaBackend(Backend):
     def _load_ort(self, graph: bytes, gpu: CudaDevice, meta: dict) -> ExpertSession:
         import onnxruntime as ort  # heavy: loaded only when a GPU expert runs or the probe asks
 
-        opts = sessions_options()
+        opts = plain_session_options()
         # Level-2 fusions turn INT8 DequantizeLinear+MatMul into dynamically quantized INT8 activations: not the graph's
         # W8A16 arithmetic (about 1% error on CPU), so integer graphs keep to the basic level.
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if self.precision.startswith("int8")

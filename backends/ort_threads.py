@@ -11,8 +11,8 @@ and a decode token of the benchmark model with INT4 experts and dense part on on
 onnxruntime makes that choice for the whole process, once: while a shared pool exists, every session must use it,
 so a session opened with default options anywhere in the process fails ("use_per_session_threads must be false
 when using a global thread pool"). Sessions opened through hetrun get the right options; code of the user's that
-opens its own sessions in the same process sets `use_per_session_threads = False` (sessions_options() below gives
-it hetrun's options) or runs with HETRUN_ORT_THREAD_POOL=per-session.
+opens its own sessions in the same process sets `use_per_session_threads = False` (plain_session_options() below
+does) or runs with HETRUN_ORT_THREAD_POOL=per-session.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> 
     opts.use_per_session_threads = False
 
 
-def sessions_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
+def plain_session_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
     """Plain onnxruntime SessionOptions that may open a session in a process where hetrun's sessions run."""
     import onnxruntime as ort  # heavy: only when a session opens
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hetrun.backends import host_cpu
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 
 import hetrun
 from hetrun.errors import HetrunError, PrecisionError
@@ -112,7 +112,7 @@ def test_an_integer_linear_is_within_its_formats_error_of_its_weight(precision):
     import onnxruntime as ort
 
     graph = build_linear_graph(w, precision)
-    y = ort.InferenceSession(graph.SerializeToString(), sessions_options(),
+    y = ort.InferenceSession(graph.SerializeToString(), plain_session_options(),
                              providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = x @ w.T
     bound, bits = LINEAR_BOUNDS[precision]
@@ -194,7 +194,7 @@ def test_siblings_share_one_call_with_the_outputs_their_own_graphs_give():
     x = torch.randn(3, q.in_features)
     for layer, name in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):  # the same input: one call, three slices
         graph = build_linear_graph(weights[name], "int8-w8a8").SerializeToString()
-        alone = ort.InferenceSession(graph, sessions_options(), providers=["CPUExecutionProvider"]).run(
+        alone = ort.InferenceSession(graph, plain_session_options(), providers=["CPUExecutionProvider"]).run(
             None, {"x": x.numpy()})[0]
         np.testing.assert_array_equal(layer(x).numpy(), alone)
     assert q.call._input is None  # every member took its columns: nothing held

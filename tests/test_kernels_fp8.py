@@ -5,7 +5,7 @@ import onnxruntime as ort
 import openvino as ov
 import pytest
 import torch
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.kernels.fp8 import FP8_FORMATS, Fp8Tensor, expand_block_scale, fake_quant_fp8, quantize_fp8
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -209,7 +209,7 @@ def test_expanded_block_scales_feed_onnx_dequantizelinear(tmp_path):
     onnx.save(model, path)
     x = rng.standard_normal((4, k)).astype(np.float32)
     want = x @ t.dequantize().T
-    got_ort = ort.InferenceSession(str(path), sessions_options(),
+    got_ort = ort.InferenceSession(str(path), plain_session_options(),
                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     core = ov.Core()
     got_ov = core.compile_model(core.read_model(path), "CPU", OV_F32)(x)[0]

@@ -4,7 +4,7 @@ import onnx
 import onnxruntime as ort
 import openvino as ov
 import pytest
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.kernels.gptq import gptq_quantize_int4
 from hetrun.kernels.int4 import (
     Int4Tensor,
@@ -46,7 +46,7 @@ def correlated_x(rng, m, mix):
 
 
 def run_ort(path, x):
-    return ort.InferenceSession(str(path), sessions_options(),
+    return ort.InferenceSession(str(path), plain_session_options(),
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 

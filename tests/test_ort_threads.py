@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from hetrun.backends import ort_threads
 
 from hetrun import once
-from hetrun.backends import ort_threads
 from hetrun.errors import HetrunError
 
 # A fresh process (onnxruntime's pool choice is made once per process): threads before any session, after one

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import openvino as ov
 import pytest
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.backends.registry import backend_class, probe_backend, require_backend
 from hetrun.kernels.fp8 import fake_quant_fp8
 from onnx import TensorProto, helper
@@ -184,7 +184,7 @@ def run_ov(graph: bytes, x: np.ndarray) -> np.ndarray:
 def run_ort(graph: bytes, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    return ort.InferenceSession(graph, sessions_options(),
+    return ort.InferenceSession(graph, plain_session_options(),
                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 

@@ -19,7 +19,7 @@ from hetrun.backends import ascend, nvidia, registry
 from hetrun.backends import openvino as ov
 from hetrun.backends.base import Availability, BackendCaps
 from hetrun.backends.graph_matrices import read_expert_matrices
-from hetrun.backends.ort_threads import sessions_options
+from hetrun.backends.ort_threads import plain_session_options
 from hetrun.backends.torch_expert import DenseLinear, TorchExpertSession
 from hetrun.kernels.fp8 import expand_block_scale, quantize_fp8
 from hetrun.kernels.int8 import quantize_int8
@@ -50,7 +50,7 @@ def experts(d=256, i=384, seed=0) -> ExpertWeights:
 def run_graph(graph: bytes, x: np.ndarray) -> np.ndarray:
     """The graph's own arithmetic: onnxruntime's level-2 fusions would turn INT8 DequantizeLinear+MatMul into
     dynamically quantized INT8 activations (about 1% error), which is not what the graph says."""
-    opts = sessions_options()
+    opts = plain_session_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
@@ -396,7 +396,7 @@ def test_tensorrt_options_span_the_token_axis():
 def test_gpu_session_splits_long_inputs_into_profile_sized_calls(monkeypatch):
     w = experts(64, 96)
     graph = build_expert_graph(w, "fp32").serialize()
-    sess = nvidia.OrtGpuSession(ort.InferenceSession(graph, sessions_options(),
+    sess = nvidia.OrtGpuSession(ort.InferenceSession(graph, plain_session_options(),
                                                      providers=["CPUExecutionProvider"]))
     monkeypatch.setattr(nvidia, "TRT_MAX_TOKENS", 4)
     x = np.random.default_rng(10).standard_normal((10, 64)).astype(np.float32)
