@@ -8,6 +8,13 @@ shared pool keeps one warm: a one-token INT4 expert call, 16 sessions in turn, t
 and a decode token of the benchmark model with INT4 experts and dense part on onnxruntime 5.3-5.8 ms against
 5.9-9.7 (three alternated pairs of processes; its expert calls 1.2-1.4 ms against 1.8-2.4), on a 2-core AVX2 host.
 
+The shared pool's threads spin for a moment between calls (onnxruntime's default for a shared pool, which its Python
+API cannot change; a pool per session here does not spin). Where another runtime computes on the same cores at the
+same time (the `cpu` profile: onnxruntime and OpenVINO, each with half the experts) that costs prefill and still
+gains decode, three and two alternated pairs of processes: INT4 experts 875-939 prefill tokens/s against 1,121-1,321
+with a pool per session, decode 140-174 against 115-130; INT8 (the default there) 901-937 against 1,006-1,068,
+decode 139-152 against 121-127.
+
 onnxruntime makes that choice for the whole process, once: while a shared pool exists, every session must use it,
 so a session opened with default options anywhere in the process fails ("use_per_session_threads must be false
 when using a global thread pool"). Sessions opened through hetrun get the right options; code of the user's that
