@@ -51,14 +51,15 @@ def pool_choice() -> str:
 def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> None:
     """Set `opts` to compute on this process's onnxruntime thread pool: the shared one, made at the first session
     with `threads` intra-op threads (None: one per physical core), or, with HETRUN_ORT_THREAD_POOL=per-session, one
-    of the session's own. A later request for another thread count gets the shared pool as it is, said once."""
+    of the session's own. A later request for another thread count gets the shared pool as it is, said once; None
+    then asks for none."""
     global _shared_threads
     if _shared_threads is None and pool_choice() == "per-session":
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         return
-    want = threads or 0  # 0: onnxruntime's default
+    want = threads or 0  # 0: onnxruntime's default (None asks for no count: the pool as it is, once one exists)
     if _shared_threads is None:
         import onnxruntime as ort  # heavy: only when a session opens
 
@@ -67,11 +68,11 @@ def use_thread_pool(opts: "onnxruntime.SessionOptions", threads: int | None) -> 
         log.info("onnxruntime sessions of this process share one thread pool (%s threads): a session opened "
                  "elsewhere in it needs use_per_session_threads = False; HETRUN_ORT_THREAD_POOL=per-session gives "
                  "each session its own", want or "default")
-    elif want != _shared_threads:
+    elif threads and want != _shared_threads:
         warn_once(("ort-pool", want), "onnxruntime sessions that ask for a thread count of %s compute on this "
                   "process's shared onnxruntime thread pool, sized %s by its first session "
                   "(HETRUN_ORT_THREAD_POOL=per-session gives each session a pool of its own)",
-                  want or "the default", _shared_threads or "by default")
+                  want, _shared_threads or "by default")
     opts.use_per_session_threads = False
 
 

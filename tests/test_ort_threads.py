@@ -77,5 +77,6 @@ def test_another_thread_count_gets_the_shared_pool_said_once(monkeypatch, caplog
     with caplog.at_level("WARNING", logger="hetrun"):
         for _ in range(3):
             ort_threads.use_thread_pool(ort.SessionOptions(), other)
+        ort_threads.use_thread_pool(ort.SessionOptions(), None)  # no count asked: the pool as it is, nothing said
     said = [r.getMessage() for r in caplog.records if "shared onnxruntime thread pool" in r.getMessage()]
     assert len(said) == 1 and f"a thread count of {other} " in said[0]

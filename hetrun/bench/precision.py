@@ -21,7 +21,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from hetrun.backends.ort_threads import plain_session_options
+from hetrun.backends.onnxruntime import session_options
 from hetrun.backends.registry import probe_backend, require_backend
 from hetrun.bench import Benchmark, comma_list
 from hetrun.errors import HetrunError
@@ -52,9 +52,7 @@ def cpu_backend(runtime: str, precision: str, threads: int | None):
 def ort_resident_bytes(graph: bytes) -> int:
     """Bytes of weights an onnxruntime CPU session holds after its load-time optimizations (hetrun's options)."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = plain_session_options()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")  # as backends/onnxruntime.py sets it
+        opts = session_options(None)
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
         model = onnx.load(opts.optimized_model_filepath)

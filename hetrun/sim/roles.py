@@ -272,8 +272,6 @@ def _plan(spec, profile, settings, popularity, is_att, is_exp, prec, budget) -> 
     return p, EPLB_FALLBACK
 
 
-
-
 def _planner_plan(spec, profile, settings, load, is_att, prec) -> Plan | None:
     """The planner's Plan for this profile with its own cost model, the memory the simulation keeps on each device
     (attention weights, shared experts, workspace and KV headroom) reserved; None when it cannot place it."""
