@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host0:29500 "
                                     "-m hetrun.launch --model /models/mixtral --profile my-cluster.yaml"))
     p.add_argument("--model", required=True,
-                   help="tiny:FAMILY (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a local transformers "
+                   help=f"tiny:FAMILY ({', '.join(FAMILY_SPECS)}) or a local transformers "
                         "model folder (config.json + *.safetensors; never downloaded, never pickle)")
     p.add_argument("--profile", required=True, help="profile name or YAML path with a distributed: section")
     p.add_argument("--prompt-ids", default=None,

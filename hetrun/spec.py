@@ -11,7 +11,7 @@ from hetrun.errors import SpecError
 RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -22,12 +22,22 @@ MAX_VOCAB = 2**22
 
 @dataclass(frozen=True)
 class RouterSpec:
+    """How a token picks its experts.
+
+    softmax_topk     softmax over the gate logits, top-k (Mixtral, Qwen, OLMoE); with n_group > 1 only the
+                     topk_group groups of highest maximum score compete (DeepSeek-V2's group_limited_greedy).
+    sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
+                     (DeepSeek-V3, GLM-4.5); the gate is computed in FP32.
+    The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor.
+    """
+
     kind: RouterKind = "softmax_topk"
     top_k: int = 2
     norm_topk_prob: bool = True
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    fp32_logits: bool = False  # the gate computed in FP32 whatever the model's dtype (DeepSeek-V2; always for sigmoid)
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,7 @@ class MoESpec:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "MoESpec":
-        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3)."""
+        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5)."""
         mt = getattr(config, "model_type", None)
         if mt not in SUPPORTED_FAMILIES:
             raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
@@ -191,20 +201,37 @@ class MoESpec:
                        dense_intermediate_size=dense_i,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, bool(g("norm_topk_prob", False))),
                        **shared, **common)
-        # deepseek_v3
+        if mt == "glm4_moe":  # DeepSeek-V3's MoE layers beneath grouped-query attention
+            return cls(**cls._deepseek_moe(config), **common)
         attn = AttentionSpec("mla", heads, heads, config.qk_nope_head_dim + config.qk_rope_head_dim,
                              g("q_lora_rank") or 0, config.kv_lora_rank, config.qk_nope_head_dim,
                              config.qk_rope_head_dim, config.v_head_dim)
         common["attention"] = attn
-        return cls(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.n_routed_experts,
-                   num_shared_experts=g("n_shared_experts", 0) or 0,
-                   shared_intermediate_size=config.moe_intermediate_size,
-                   first_dense_layers=g("first_k_dense_replace", 0) or 0,
-                   dense_intermediate_size=config.intermediate_size,
-                   router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, bool(g("norm_topk_prob", True)),
-                                     g("n_group", 1) or 1, g("topk_group", 1) or 1,
-                                     float(g("routed_scaling_factor", 1.0))),
-                   **common)
+        return cls(**cls._deepseek_moe(config), **common)
+
+    @staticmethod
+    def _deepseek_moe(config: Any) -> dict:
+        # the MoE fields of DeepSeek-V2, DeepSeek-V3 and GLM-4.5 configs, which name them alike
+        g = lambda k, default=None: getattr(config, k, default)  # noqa: E731
+        groups, topk_groups = g("n_group", 1) or 1, g("topk_group", 1) or 1
+        if config.model_type == "deepseek_v2":
+            method = g("topk_method", "greedy")
+            if method not in ("greedy", "group_limited_greedy"):
+                raise SpecError(f"deepseek_v2 topk_method {str(method)[:40]!r} is not supported; hetrun routes "
+                                "greedy and group_limited_greedy")
+            if method == "greedy":
+                groups = topk_groups = 1
+            # transformers' DeepSeek-V2 router never normalises its top-k scores, whatever norm_topk_prob says
+            router = RouterSpec("softmax_topk", config.num_experts_per_tok, False, groups, topk_groups,
+                                float(g("routed_scaling_factor", 1.0)), fp32_logits=True)
+        else:
+            router = RouterSpec("sigmoid_grouped", config.num_experts_per_tok, bool(g("norm_topk_prob", True)),
+                                groups, topk_groups, float(g("routed_scaling_factor", 1.0)))
+        return dict(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.n_routed_experts,
+                    num_shared_experts=g("n_shared_experts", 0) or 0,
+                    shared_intermediate_size=config.moe_intermediate_size,
+                    first_dense_layers=g("first_k_dense_replace", 0) or 0,
+                    dense_intermediate_size=config.intermediate_size, router=router)
 
     def to_hf_config(self, **overrides: Any):
         """A transformers config of this shape (for building small random models to test against)."""
@@ -226,17 +253,25 @@ class MoESpec:
             cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
                       num_experts=self.num_experts, num_experts_per_tok=self.top_k,
                       norm_topk_prob=self.router.norm_topk_prob, num_key_value_heads=a.num_kv_heads, **extra, **base)
-        elif self.family == "deepseek_v3":
+        elif self.family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
             r = self.router
-            cfg = tf.DeepseekV3Config(intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
-                                      moe_intermediate_size=self.moe_intermediate_size,
-                                      n_routed_experts=self.num_experts, n_shared_experts=self.num_shared_experts,
-                                      num_experts_per_tok=r.top_k, n_group=r.n_group, topk_group=r.topk_group,
-                                      routed_scaling_factor=r.routed_scaling_factor, norm_topk_prob=r.norm_topk_prob,
-                                      first_k_dense_replace=self.first_dense_layers, num_key_value_heads=a.num_heads,
-                                      q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,
-                                      qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
-                                      v_head_dim=a.v_head_dim, **base)
+            moe = dict(intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
+                       moe_intermediate_size=self.moe_intermediate_size, n_routed_experts=self.num_experts,
+                       n_shared_experts=self.num_shared_experts, num_experts_per_tok=r.top_k, n_group=r.n_group,
+                       topk_group=r.topk_group, routed_scaling_factor=r.routed_scaling_factor,
+                       norm_topk_prob=r.norm_topk_prob, first_k_dense_replace=self.first_dense_layers)
+            mla = dict(num_key_value_heads=a.num_heads, q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,
+                       qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                       v_head_dim=a.v_head_dim)
+            if self.family == "deepseek_v3":
+                cfg = tf.DeepseekV3Config(**moe, **mla, **base)
+            elif self.family == "deepseek_v2":
+                method = "group_limited_greedy" if r.n_group > 1 else "greedy"
+                cfg = tf.DeepseekV2Config(**moe, **mla, topk_method=method, **base)
+            else:
+                # q, k and v with biases, as every published GLM-4.5 and 4.6 config has them
+                cfg = tf.Glm4MoeConfig(**moe, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+                                       attention_bias=True, **base)
         else:
             raise SpecError(f"model family '{self.family}' has no transformers config; supported: {', '.join(SUPPORTED_FAMILIES)}")
         for k, v in overrides.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from hetrun.spec import MoESpec, RouterSpec
+from hetrun.spec import AttentionSpec, MoESpec, RouterSpec
 
 # Small shapes for each family; odd sizes on purpose (hidden sizes not multiples of 64, 12 experts on 2 or 3 devices).
 FAMILY_SPECS: dict[str, MoESpec] = {
@@ -20,7 +20,16 @@ FAMILY_SPECS: dict[str, MoESpec] = {
     "olmoe": MoESpec.from_preset("tiny-mixtral").replace(
         name="tiny-olmoe", family="olmoe", hidden_size=56, moe_intermediate_size=32, num_experts=7,
         router=RouterSpec("softmax_topk", 2, False)),
+    "deepseek_v2": MoESpec.from_preset("tiny").replace(
+        name="tiny-deepseek-v2", family="deepseek_v2", hidden_size=56, moe_intermediate_size=40,
+        shared_intermediate_size=40,
+        router=RouterSpec("softmax_topk", 3, False, 4, 2, 1.5, fp32_logits=True),
+        attention=AttentionSpec("mla", 4, 4, 24, 0, 32, 16, 8, 16)),  # no q LoRA, as DeepSeek-V2-Lite
     "deepseek_v3": MoESpec.from_preset("tiny"),
+    "glm4_moe": MoESpec.from_preset("tiny").replace(
+        name="tiny-glm4-moe", family="glm4_moe", hidden_size=80, moe_intermediate_size=24, num_experts=10,
+        num_shared_experts=1, shared_intermediate_size=24, router=RouterSpec("sigmoid_grouped", 3, True, 2, 1, 1.8),
+        attention=AttentionSpec("gqa", 4, 2, 16)),
 }
 
 

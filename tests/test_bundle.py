@@ -299,7 +299,6 @@ def test_help_has_examples(command, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["export", "no-such-preset", "--profile", "mixed-demo", "-o", "{tmp}/x"], "unknown model preset"),
     (["export", "mixtral-8x7b", "--profile", "mixed-demo", "-o", "{tmp}/x"], "random weights only"),
-    (["export", "deepseek-v2-lite", "--profile", "mixed-demo", "-o", "{tmp}/x"], "deepseek_v2"),
     (["export", "{tmp}/missing-dir/", "--profile", "mixed-demo", "-o", "{tmp}/x"], "not found"),
     (["export", "tiny", "--profile", "no-such-profile", "-o", "{tmp}/x"], "unknown profile"),
     (["export", "tiny", "--profile", "mixed-demo", "-o", "{tmp}/x", "--precision", "fp64"], "invalid choice"),

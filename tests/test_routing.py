@@ -1,11 +1,17 @@
 """hetrun's routers pick the same experts with the same weights as transformers' own routers."""
 
+import copy
+
 import pytest
 import torch
+import transformers
 
+from hetrun.checkpoint.writer import save_checkpoint
+from hetrun.runtime.dispatch import MoELayer
 from hetrun.runtime.routing import route, router_logits
-from hetrun.runtime.weights import find_moe_blocks
+from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block
 from hetrun.spec import MoESpec
+from hetrun.tiny_models import tiny_model
 from tests.conftest import FAMILIES
 
 
@@ -24,6 +30,32 @@ def test_router_matches_transformers(family, family_models):
     got_sorted, gi = ids.sort(-1)
     assert torch.equal(want_sorted, got_sorted)
     torch.testing.assert_close(w.gather(1, gi), want_w.float().gather(1, wi), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deployed_bf16_router_matches_transformers(family, tmp_path):
+    """A 16-bit checkpoint as from_pretrained loads it (DeepSeek's and GLM's gate weights kept in FP32): the
+    deployed layer routes BF16 hidden states to the experts transformers' own gate picks, with its weights."""
+    fp32 = tiny_model(family)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    for (_, _, full), (_, _, half) in zip(find_moe_blocks(fp32), find_moe_blocks(bf16)):
+        half.gate.weight = full.gate.weight  # stored in FP32, as some checkpoints keep routers
+    save_checkpoint(bf16, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    spec = MoESpec.from_hf_config(model.config)
+    _, _, block = find_moe_blocks(model)[0]
+    layer = MoELayer.__new__(MoELayer)  # only its router: the weights read from the block, no expert compiled
+    layer.weights, layer.router, layer._router_cache = layer_weights_from_block(spec, 0, block), spec.router, {}
+    x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()  # [T, D]
+    with torch.no_grad():
+        _, want_w, want_ids = block.gate(x)
+        gate, bias, _ = layer._router_as(x.dtype, x.device)
+        ids, w = route(router_logits(x, gate, spec.router), spec.router, bias)
+    want_sorted, wi = want_ids.sort(-1)
+    got_sorted, gi = ids.sort(-1)
+    assert torch.equal(want_sorted, got_sorted)
+    # Qwen's and OLMoE's routers hand their weights back rounded to the model's dtype; hetrun keeps them in FP32
+    torch.testing.assert_close(w.gather(1, gi).to(want_w.dtype), want_w.gather(1, wi), rtol=1e-6, atol=1e-7)
 
 
 def test_grouped_router_respects_groups_and_bias():

@@ -2,7 +2,7 @@ import pytest
 import transformers
 
 from hetrun.errors import SpecError
-from hetrun.spec import PRESETS, MoESpec
+from hetrun.spec import PRESETS, SUPPORTED_FAMILIES, MoESpec
 from hetrun.tiny_models import FAMILY_SPECS
 
 
@@ -22,6 +22,10 @@ def test_tiny_preset_is_deepseek_style():
     spec = MoESpec.from_preset("tiny")
     assert spec.family == "deepseek_v3" and spec.router.kind == "sigmoid_grouped" and spec.num_shared_experts == 2
     assert spec.hidden_size % 64 != 0
+
+
+def test_every_supported_family_has_a_tiny_model():
+    assert list(FAMILY_SPECS) == list(SUPPORTED_FAMILIES)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_SPECS))
@@ -45,3 +49,13 @@ def test_dict_round_trip_and_bad_dict():
         assert MoESpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError, match="malformed model spec"):
         MoESpec.from_dict({"name": "x"})
+
+
+def test_deepseek_v2_routing_methods():
+    cfg = FAMILY_SPECS["deepseek_v2"].to_hf_config()
+    assert cfg.topk_method == "group_limited_greedy" and MoESpec.from_hf_config(cfg).router.n_group == 4
+    cfg.topk_method = "greedy"  # every expert competes, whatever n_group says
+    assert MoESpec.from_hf_config(cfg).router.n_group == 1
+    cfg.topk_method = "noaux_tc"
+    with pytest.raises(SpecError, match="deepseek_v2 topk_method 'noaux_tc' is not supported"):
+        MoESpec.from_hf_config(cfg)

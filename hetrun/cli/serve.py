@@ -7,6 +7,7 @@ import os
 
 from hetrun.cli import Command
 from hetrun.errors import HetrunError
+from hetrun.spec import SUPPORTED_FAMILIES
 
 API_KEY_ENV = "HETRUN_API_KEY"
 
@@ -14,8 +15,8 @@ API_KEY_ENV = "HETRUN_API_KEY"
 def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="a transformers model directory (safetensors and a tokenizer), a hetrun bundle, or a "
-                        "built-in model: tiny (default), tiny:mixtral, tiny:qwen2_moe, tiny:qwen3_moe, tiny:olmoe, "
-                        "tiny:deepseek_v3 -- tiny models trained in seconds on a text hetrun ships, cached in "
+                        "built-in model: tiny (default), " + ", ".join(f"tiny:{f}" for f in SUPPORTED_FAMILIES) +
+                        " -- tiny models trained in seconds on a text hetrun ships, cached in "
                         "~/.cache/hetrun")
     p.add_argument("--profile", default="mixed-demo", help="built-in profile name or YAML path (default: mixed-demo)")
     p.add_argument("--precision", default=None,

@@ -317,7 +317,10 @@ def why_not(module: torch.nn.Module, config) -> str:
 
 def _rotates_half(rotary: torch.nn.Module) -> bool:
     # GroupQueryAttention's tables hold one half of a head's cos and sin: the other half must repeat it
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(64)[None])  # [1, 64, Dh]
+    tables = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(64)[None])  # cos, sin [1, 64, Dh] each
+    if not (isinstance(tables, tuple) and len(tables) == 2):
+        return False  # DeepSeek-V2's: one complex table
+    cos, sin = tables
     half = cos.shape[-1] // 2
     return all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
 

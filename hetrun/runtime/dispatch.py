@@ -50,7 +50,7 @@ from hetrun.runtime.expert_cache import ExpertCache
 from hetrun.runtime.graphs import build_expert_graph
 from hetrun.runtime.memory import ResidentMemory
 from hetrun.runtime.rebalancer import LiveRebalancer
-from hetrun.runtime.routing import route, router_logits
+from hetrun.runtime.routing import gate_dtype, route, router_logits
 from hetrun.runtime.weights import MoELayerWeights
 
 log = logging.getLogger("hetrun")
@@ -408,12 +408,13 @@ class MoELayer:
         return out
 
     def _router_as(self, dtype: torch.dtype, device: torch.device) -> tuple:
-        """The router's weight [E, D] in `dtype`, its correction bias [E] and the shared experts' gate [1, D] (each
-        or None), on `device`, where the hidden states are: converted once per dtype and device, not per call."""
+        """The router's weight [E, D] in the dtype it computes in for hidden states of `dtype` (routing.gate_dtype),
+        its correction bias [E] and the shared experts' gate [1, D] (each or None), on `device`, where the hidden
+        states are: converted once per dtype and device, not per call."""
         key = (dtype, device)
         if key not in self._router_cache:
             w = self.weights
-            self._router_cache[key] = (w.gate.to(device=device, dtype=dtype), *(
+            self._router_cache[key] = (w.gate.to(device=device, dtype=gate_dtype(self.router, dtype)), *(
                 None if t is None else t.to(device) for t in (w.correction_bias, w.shared_gate)))
         return self._router_cache[key]
 

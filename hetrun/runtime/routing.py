@@ -7,11 +7,16 @@ import torch
 from hetrun.spec import RouterSpec
 
 
+def gate_dtype(router: RouterSpec, hidden_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a router's gate computes in for hidden states of `hidden_dtype`: FP32 for DeepSeek's and GLM's
+    (transformers keeps their gate weights in FP32 in a 16-bit model), the hidden states' own for the others."""
+    return torch.float32 if router.kind == "sigmoid_grouped" or router.fp32_logits else hidden_dtype
+
+
 def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec) -> torch.Tensor:
     """Gate logits [T, E] for hidden [T, D] and gate weight [E, D]."""
-    if router.kind == "sigmoid_grouped":  # DeepSeek-V3 computes its gate in FP32
-        return torch.nn.functional.linear(hidden.float(), gate_weight.float())
-    return torch.nn.functional.linear(hidden, gate_weight)
+    dtype = gate_dtype(router, hidden.dtype)
+    return torch.nn.functional.linear(hidden.to(dtype), gate_weight.to(dtype))
 
 
 def route(logits: torch.Tensor, router: RouterSpec,
@@ -26,10 +31,17 @@ def route(logits: torch.Tensor, router: RouterSpec,
 
 def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+    g = router.n_group
+    if g > 1:  # DeepSeek-V2's group_limited_greedy: experts outside the topk_group best groups (by max) score 0
+        t, e = probs.shape
+        group_scores = probs.view(t, g, e // g).amax(dim=-1)  # [T, G]
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # [T, G]
+        probs = probs.masked_fill(~keep.repeat_interleave(e // g, dim=1), 0.0)  # [T, E]
     weights, ids = torch.topk(probs, router.top_k, dim=-1)  # [T, K]
     if router.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights
+    return ids, weights if router.routed_scaling_factor == 1.0 else weights * router.routed_scaling_factor
 
 
 def _sigmoid_grouped(logits: torch.Tensor, router: RouterSpec,
