@@ -11,7 +11,7 @@ from hetrun.errors import SpecError
 RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -172,7 +172,8 @@ class MoESpec:
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "MoESpec":
-        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5)."""
+        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3,
+        GLM-4.5)."""
         mt = getattr(config, "model_type", None)
         if mt not in SUPPORTED_FAMILIES:
             raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
@@ -186,7 +187,7 @@ class MoESpec:
         if mt == "mixtral":
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
-        if mt in ("qwen3_moe", "olmoe", "qwen2_moe"):
+        if mt in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
             first_dense, dense_i = 0, 0
             sparse_step = g("decoder_sparse_step", 1) or 1
             mlp_only = list(g("mlp_only_layers", []) or [])
@@ -194,7 +195,7 @@ class MoESpec:
                 raise SpecError(f"{mt} configs with decoder_sparse_step != 1 or mlp_only_layers are not supported yet")
             moe_i = g("moe_intermediate_size") or config.intermediate_size
             shared = dict(num_shared_experts=0)
-            if mt == "qwen2_moe" and g("shared_expert_intermediate_size", 0):
+            if mt in ("qwen2_moe", "qwen3_next") and g("shared_expert_intermediate_size", 0):
                 shared = dict(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
                               shared_expert_gate=True)
             return cls(moe_intermediate_size=moe_i, num_experts=config.num_experts, first_dense_layers=first_dense,
@@ -245,9 +246,15 @@ class MoESpec:
             cfg = tf.MixtralConfig(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
                                    num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads,
                                    head_dim=a.head_dim, **base)
-        elif self.family in ("qwen3_moe", "olmoe", "qwen2_moe"):
-            cls = {"qwen3_moe": tf.Qwen3MoeConfig, "olmoe": tf.OlmoeConfig, "qwen2_moe": tf.Qwen2MoeConfig}[self.family]
-            extra = dict(shared_expert_intermediate_size=self.shared_intermediate_size) if self.family == "qwen2_moe" else {}
+        elif self.family in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
+            cls = {"qwen3_moe": tf.Qwen3MoeConfig, "olmoe": tf.OlmoeConfig, "qwen2_moe": tf.Qwen2MoeConfig,
+                   "qwen3_next": tf.Qwen3NextConfig}[self.family]
+            extra = {}
+            if self.family in ("qwen2_moe", "qwen3_next"):
+                extra["shared_expert_intermediate_size"] = self.shared_intermediate_size
+            if self.family == "qwen3_next":  # its linear-attention layers sized like the full-attention ones
+                extra.update(linear_num_key_heads=a.num_kv_heads, linear_num_value_heads=a.num_heads,
+                             linear_key_head_dim=a.head_dim, linear_value_head_dim=a.head_dim)
             if self.family != "olmoe":
                 extra["head_dim"] = a.head_dim
             cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,

@@ -17,6 +17,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
     "qwen3_moe": MoESpec.from_preset("tiny-mixtral").replace(
         name="tiny-qwen3-moe", family="qwen3_moe", hidden_size=48, moe_intermediate_size=40, num_experts=10,
         router=RouterSpec("softmax_topk", 3, True)),
+    "qwen3_next": MoESpec.from_preset("tiny-mixtral").replace(  # 3 linear-attention layers, then a full one
+        name="tiny-qwen3-next", family="qwen3_next", num_layers=4, hidden_size=48, moe_intermediate_size=40,
+        num_experts=6, num_shared_experts=1, shared_intermediate_size=56, shared_expert_gate=True,
+        router=RouterSpec("softmax_topk", 2, True)),
     "olmoe": MoESpec.from_preset("tiny-mixtral").replace(
         name="tiny-olmoe", family="olmoe", hidden_size=56, moe_intermediate_size=32, num_experts=7,
         router=RouterSpec("softmax_topk", 2, False)),

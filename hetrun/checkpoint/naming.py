@@ -36,6 +36,7 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "glm4_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "qwen2_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "qwen3_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_next": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "olmoe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
 }
 MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block
