@@ -322,11 +322,21 @@ PRESETS: dict[str, MoESpec] = {
         name="deepseek-v2-lite", family="deepseek_v2", num_layers=27, hidden_size=2048,
         moe_intermediate_size=1408, num_experts=64, num_shared_experts=2, shared_intermediate_size=1408,
         first_dense_layers=1, dense_intermediate_size=10944, vocab_size=102400,
-        router=RouterSpec("softmax_topk", 6, False, 1, 1, 1.0), attention=_mla(16, 0)),
+        router=RouterSpec("softmax_topk", 6, False, 1, 1, 1.0, fp32_logits=True), attention=_mla(16, 0)),
+    "deepseek-v2": MoESpec(
+        name="deepseek-v2", family="deepseek_v2", num_layers=60, hidden_size=5120, moe_intermediate_size=1536,
+        num_experts=160, num_shared_experts=2, shared_intermediate_size=1536, first_dense_layers=1,
+        dense_intermediate_size=12288, vocab_size=102400,
+        router=RouterSpec("softmax_topk", 6, False, 8, 3, 16.0, fp32_logits=True), attention=_mla(128, 1536)),
     "deepseek-v3": MoESpec(
         name="deepseek-v3", family="deepseek_v3", num_layers=61, hidden_size=7168, moe_intermediate_size=2048,
         num_experts=256, num_shared_experts=1, shared_intermediate_size=2048, first_dense_layers=3,
         dense_intermediate_size=18432, vocab_size=129280,
         router=RouterSpec("sigmoid_grouped", 8, True, 8, 4, 2.5), attention=_mla(128, 1536)),
 }
+PRESETS["glm-4.5-air"] = MoESpec(
+    name="glm-4.5-air", family="glm4_moe", num_layers=46, hidden_size=4096, moe_intermediate_size=1408,
+    num_experts=128, num_shared_experts=1, shared_intermediate_size=1408, first_dense_layers=1,
+    dense_intermediate_size=10944, vocab_size=151552, router=RouterSpec("sigmoid_grouped", 8, True, 1, 1, 1.0),
+    attention=AttentionSpec("gqa", 96, 8, 128))
 PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")
