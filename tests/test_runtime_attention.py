@@ -10,7 +10,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 import hetrun
 from hetrun.runtime import attention
 from hetrun.runtime.attention import InPlaceKVLayer, RuntimeAttention
-from hetrun.tiny_models import tiny_model
+from hetrun.spec import AttentionSpec
+from hetrun.tiny_models import FAMILY_SPECS, random_model, tiny_model
 
 IDS = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
 ORT = [{"id": "ort", "type": "host-cpu", "backend": "onnxruntime"}]
@@ -129,6 +130,18 @@ def test_other_attention_stays_transformers(family):
     with torch.no_grad():
         ref, out = model(IDS).logits, deployed(IDS).logits
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_a_head_size_the_runtime_refuses_stays_transformers():
+    """onnxruntime's CPU GroupQueryAttention takes head sizes in multiples of 16 only, and says so when it runs."""
+    spec = FAMILY_SPECS["mixtral"].replace(attention=AttentionSpec("gqa", 4, 2, 8))
+    model = random_model(spec)
+    deployed = hetrun.deploy(copy.deepcopy(model), _profile(), precision="fp32")
+    assert deployed.hetrun.dense.layers and deployed.hetrun.dense.attention_layers == 0
+    with torch.no_grad():
+        ref, out = model(IDS).logits, deployed(IDS).logits
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert torch.equal(deployed.generate(IDS, max_new_tokens=4, **GEN), model.generate(IDS, max_new_tokens=4, **GEN))
 
 
 def test_a_rotary_table_that_is_not_rotate_half_is_left_alone(mixtral_fp32):

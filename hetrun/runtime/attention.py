@@ -306,6 +306,8 @@ def why_not(module: torch.nn.Module, config) -> str:
     if head_dim is None or q.call.bounds != [0, heads * head_dim, (heads + kv_heads) * head_dim,
                                              (heads + 2 * kv_heads) * head_dim] or head_dim % 2:
         return "its head layout is not q, k, v heads of one size"
+    if head_dim % 16:  # onnxruntime's CPU kernel refuses other sizes when it runs, not when the graph loads
+        return f"its head size {head_dim} is not a multiple of 16"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "its rotary embedding covers part of each head"
     norms = [getattr(module, n, None) for n in ("q_norm", "k_norm")]
