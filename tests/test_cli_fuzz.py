@@ -356,7 +356,7 @@ L, E = 2, 12  # the tiny preset: 2 MoE layers of 12 experts
 def bad_load_tables(draw):
     """(suffix, file bytes, how) of a load table that cannot be right for the tiny preset."""
     how = draw(st.sampled_from(["shape", "ndim", "negative", "nan", "zeros", "json-text", "json-junk", "ragged",
-                                "strings", "npy-garbage", "npy-object", "bools", "json-nan"]))
+                                "strings", "csv-junk", "npy-garbage", "npy-object", "bools", "json-nan"]))
     good = np.ones((L, E))
     if how == "shape":
         shape = draw(st.tuples(st.integers(0, 5), st.integers(0, 20)).filter(lambda s: s != (L, E)))
@@ -383,6 +383,8 @@ def bad_load_tables(draw):
         return ".json", json.dumps([[draw(st.text(max_size=3))] * E] * L).encode(), how
     elif how == "json-nan":
         return ".json", ("[" + ",".join(["[" + ",".join(["NaN"] * E) + "]"] * L) + "]").encode(), how
+    elif how == "csv-junk":
+        return ".csv", draw(st.binary(max_size=64)), how
     elif how == "npy-garbage":
         return ".npy", draw(st.binary(max_size=64)), how
     elif how == "npy-object":

@@ -241,8 +241,12 @@ def test_load_from_files_and_dispatch_stats(tmp_path):
     np.save(tmp_path / "w.npy", w)
     (tmp_path / "w.json").write_text(json.dumps({"tokens_per_expert": w.tolist()}))
     (tmp_path / "rows.json").write_text(json.dumps(w.tolist()))
+    (tmp_path / "w.csv").write_text("# tokens per expert, one row per MoE layer\n"
+                                    + "\n".join(",".join(repr(v) for v in row) for row in w.tolist()) + "\n")
+    (tmp_path / "w.tsv").write_text("\n".join("\t".join(repr(v) for v in row) for row in w.tolist()))
     plans = [plan(TINY, "mixed-demo", load=src, redundant_experts=3)
-             for src in (w, torch.tensor(w), tmp_path / "w.npy", str(tmp_path / "w.json"), tmp_path / "rows.json")]
+             for src in (w, torch.tensor(w), tmp_path / "w.npy", str(tmp_path / "w.json"), tmp_path / "rows.json",
+                         tmp_path / "w.csv", tmp_path / "w.tsv")]
     assert all(np.array_equal(plans[0].phy2log, q.phy2log) for q in plans[1:])
     assert plans[0].predicted["load"] == "table" and plan(TINY, "mixed-demo").predicted["load"] == "uniform"
 
@@ -306,6 +310,7 @@ BAD_LOADS = [
     ("no/such/load.npy", "not found"),
     ({"rows": []}, "without 'tokens_per_expert'"),
     ([["a"] * 12] * 2, "not a table of numbers"),
+    ([["6"] * 12] * 2, "holds text, not numbers"),
 ]
 
 
@@ -320,8 +325,14 @@ def test_bad_load_files(tmp_path):
     (tmp_path / "nan.json").write_text("[[NaN, 1]]")
     (tmp_path / "broken.json").write_text("[[1, 2")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "text.json").write_text(json.dumps([["6"] * 12] * 2))
+    (tmp_path / "header.csv").write_text("e0,e1\n1,2\n")
+    (tmp_path / "ragged.csv").write_text("1,2,3\n1,2\n")
+    (tmp_path / "one-row.csv").write_text(",".join(["1"] * 12))
     for name, words in (("nan.json", "NaN is not allowed"), ("broken.json", "cannot be read"),
-                        ("obj.npy", "cannot be read")):
+                        ("obj.npy", "cannot be read"), ("header.csv", "CSV of numbers only"),
+                        ("ragged.csv", "cannot be read"), ("one-row.csv", "has shape [1, 12]"),
+                        ("text.json", "holds text, not numbers")):
         with pytest.raises(PlacementError) as err:
             plan(TINY, "mixed-demo", load=tmp_path / name)
         assert words in str(err.value) and one_line(err)

@@ -58,7 +58,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                    help="one precision for every device (default: each device's best)")
     p.add_argument("--load", metavar="FILE", default=None,
-                   help="[layers, experts] token counts per expert (.npy or .json) for load-aware placement")
+                   help="[layers, experts] token counts per expert (.npy, .csv or .json) for load-aware placement")
     p.add_argument("--redundant", type=whole_number(0, MAX_EXPERTS), default=0, metavar="N",
                    help="extra replica slots per layer")
     p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0,

@@ -26,8 +26,9 @@ def _add(p: argparse.ArgumentParser) -> None:
                         "directory / config.json (default deepseek-r1)")
     p.add_argument("--profile", default="mixed-h100-910b-xeon", help="profile name or YAML path "
                                                                      "(default mixed-h100-910b-xeon)")
-    p.add_argument("--load", metavar="FILE", help="[MoE layers, experts] token counts (.npy, or .json: a list of rows "
-                                                  "or an object with tokens_per_expert); default uniform")
+    p.add_argument("--load", metavar="FILE", help="[MoE layers, experts] token counts (.npy, .csv with a row per "
+                                                  "layer, or .json: a list of rows or an object with tokens_per_expert); "
+                                                  "default uniform")
     p.add_argument("--redundant", type=whole_number(-MAX_EXPERTS, MAX_EXPERTS), default=0, metavar="N",
                    help="extra expert slots per MoE layer for replicas of hot experts (default 0)")
     p.add_argument("--pin", action="append", default=[], metavar="RULE",

@@ -1,6 +1,7 @@
 """Expert load tables: [L, E] routed tokens per expert of every MoE layer, from a file, an array or a run's statistics.
 
-Accepted sources: a path to a .npy array (no pickle) or a JSON file holding a list of rows or an object with
+Accepted sources: a path to a .npy array (no pickle), a .csv or .tsv file (one row of token counts per MoE layer,
+numbers only, lines starting with # are comments), or a JSON file holding a list of rows or an object with
 `tokens_per_expert` (as `DispatchStats.to_dict()` and `hetrun run --json` write it) or `load`; a numpy array,
 nested lists or a torch tensor; a `DispatchStats` (its `tokens_per_expert`); a dict like the JSON object.
 Every problem is a one-line PlacementError that says what is wrong and how to fix it. A file larger than
@@ -20,6 +21,7 @@ from hetrun.spec import MAX_EXPERTS, MAX_LAYERS, MoESpec
 
 # The largest table a model hetrun handles can have ([MAX_LAYERS, MAX_EXPERTS] as JSON text), with room to spare.
 MAX_LOAD_BYTES = 64 * MAX_LAYERS * MAX_EXPERTS
+TEXT_TABLES = {".csv": ",", ".tsv": "\t"}  # text tables by suffix: their column delimiter
 
 
 def read_load(source) -> np.ndarray:
@@ -33,11 +35,19 @@ def read_load(source) -> np.ndarray:
     if hasattr(source, "detach"):  # torch tensor
         source = source.detach().cpu().numpy()
     try:
-        table = np.asarray(source, dtype=np.float64)
+        table = _numbers(source)
     except (TypeError, ValueError) as e:
         raise PlacementError(f"load table is not a table of numbers ({' '.join(str(e).split())[:100]}); "
                              "pass an [layers, experts] array of token counts") from None
     return table
+
+
+def _numbers(rows) -> np.ndarray:
+    # float64, refusing text: numpy would read the string "6" as 6.0
+    kind = np.asarray(rows).dtype.kind
+    if kind in "USO":
+        raise ValueError(f"it holds {'text' if kind in 'US' else 'objects'}, not numbers")
+    return np.asarray(rows, dtype=np.float64)
 
 
 def check_model_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np.ndarray:
@@ -82,7 +92,6 @@ def load_matrix(weight, uniform_zero_rows: bool = True) -> np.ndarray:
     return w
 
 
-
 def model_load(source, spec: MoESpec) -> np.ndarray | None:
     """The checked [L, E] table of `source` for `spec`, or None (uniform) when `source` is None."""
     if source is None:
@@ -93,7 +102,8 @@ def model_load(source, spec: MoESpec) -> np.ndarray | None:
 
 def _read_file(p: Path) -> np.ndarray:
     if not p.is_file():
-        raise PlacementError(f"load table '{p}' not found; give a .npy or .json file of [layers, experts] token counts")
+        raise PlacementError(f"load table '{p}' not found; give a .npy, .csv or .json file of [layers, experts] "
+                             "token counts")
     try:
         size = p.stat().st_size
         if size > MAX_LOAD_BYTES:
@@ -101,13 +111,15 @@ def _read_file(p: Path) -> np.ndarray:
                                  f"{MAX_LAYERS} layers x {MAX_EXPERTS} experts needs; not a load table")
         if p.suffix == ".npy":
             table = np.load(p, allow_pickle=False)
+        elif p.suffix in TEXT_TABLES:
+            table = np.loadtxt(p, delimiter=TEXT_TABLES[p.suffix], dtype=np.float64, ndmin=2, encoding="utf-8")
         else:
             raw = strict_json(p.read_text())
-            table = _from_object(raw, f"load table '{p}'") if isinstance(raw, dict) else raw
-            table = np.asarray(table, dtype=np.float64)
+            table = _numbers(_from_object(raw, f"load table '{p}'") if isinstance(raw, dict) else raw)
     except (ValueError, TypeError, OSError, UnicodeDecodeError, RecursionError, EOFError) as e:
         raise PlacementError(f"load table '{p}' cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
-                             "give a .npy array or a JSON list of rows of token counts") from None
+                             "give a .npy array, a CSV of numbers only (one row per MoE layer) or a JSON list of rows "
+                             "of token counts") from None
     if table.dtype == object or not np.issubdtype(table.dtype, np.number):
         raise PlacementError(f"load table '{p}' must hold numbers, got {table.dtype}")
     return table.astype(np.float64)
