@@ -255,6 +255,9 @@ class MoESpec:
             if self.family == "qwen3_next":  # its linear-attention layers sized like the full-attention ones
                 extra.update(linear_num_key_heads=a.num_kv_heads, linear_num_value_heads=a.num_heads,
                              linear_key_head_dim=a.head_dim, linear_value_head_dim=a.head_dim)
+                # every 4th layer full attention, as Qwen3-Next has it; at least the last (transformers' cache needs one)
+                types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_layers)]
+                extra["layer_types"] = types[:-1] + ["full_attention"] if "full_attention" not in types else types
             if self.family != "olmoe":
                 extra["head_dim"] = a.head_dim
             cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
