@@ -317,6 +317,14 @@ PRESETS: dict[str, MoESpec] = {
         name="mixtral-bench", family="mixtral", num_layers=1, hidden_size=1024, moe_intermediate_size=2816,
         num_experts=8, vocab_size=32000, router=RouterSpec("softmax_topk", 2, True),
         attention=AttentionSpec("gqa", 8, 8, 128)),
+    "mixtral-8x22b": MoESpec(
+        name="mixtral-8x22b", family="mixtral", num_layers=56, hidden_size=6144, moe_intermediate_size=16384,
+        num_experts=8, vocab_size=32768, router=RouterSpec("softmax_topk", 2, True),
+        attention=AttentionSpec("gqa", 48, 8, 128)),
+    "qwen3-235b-a22b": MoESpec(
+        name="qwen3-235b-a22b", family="qwen3_moe", num_layers=94, hidden_size=4096, moe_intermediate_size=1536,
+        num_experts=128, vocab_size=151936, router=RouterSpec("softmax_topk", 8, True),
+        attention=AttentionSpec("gqa", 64, 4, 128)),
     "qwen3-30b-a3b": MoESpec(
         name="qwen3-30b-a3b", family="qwen3_moe", num_layers=48, hidden_size=2048, moe_intermediate_size=768,
         num_experts=128, vocab_size=151936, router=RouterSpec("softmax_topk", 8, True),

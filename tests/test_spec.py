@@ -8,7 +8,9 @@ from hetrun.tiny_models import FAMILY_SPECS
 
 @pytest.mark.parametrize("name,billions,moe_layers,experts,top_k", [
     ("mixtral-8x7b", 46.7, 32, 8, 2),
+    ("mixtral-8x22b", 141.0, 56, 8, 2),
     ("qwen3-30b-a3b", 30.5, 48, 128, 8),
+    ("qwen3-235b-a22b", 235.0, 94, 128, 8),
     ("deepseek-v2-lite", 15.7, 26, 64, 6),
     ("deepseek-v2", 236.0, 59, 160, 6),
     ("glm-4.5-air", 106.0, 45, 128, 8),
