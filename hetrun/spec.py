@@ -11,7 +11,8 @@ from hetrun.errors import SpecError
 RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
+                      "glm4_moe")
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -255,7 +256,7 @@ class MoESpec:
             if self.family == "qwen3_next":  # its linear-attention layers sized like the full-attention ones
                 extra.update(linear_num_key_heads=a.num_kv_heads, linear_num_value_heads=a.num_heads,
                              linear_key_head_dim=a.head_dim, linear_value_head_dim=a.head_dim)
-                # every 4th layer full attention, as Qwen3-Next has it; at least the last (transformers' cache needs one)
+                # every 4th layer full attention, as Qwen3-Next has it; at least one (transformers needs one)
                 types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(self.num_layers)]
                 extra["layer_types"] = types[:-1] + ["full_attention"] if "full_attention" not in types else types
             if self.family != "olmoe":
@@ -351,3 +352,6 @@ PRESETS["glm-4.5-air"] = MoESpec(
     dense_intermediate_size=10944, vocab_size=151552, router=RouterSpec("sigmoid_grouped", 8, True, 1, 1, 1.0),
     attention=AttentionSpec("gqa", 96, 8, 128))
 PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")
+PRESETS["kimi-k2"] = PRESETS["deepseek-v3"].replace(  # DeepSeek-V3's architecture: 384 experts, 64 heads, no groups
+    name="kimi-k2", num_experts=384, first_dense_layers=1, vocab_size=163840,
+    router=RouterSpec("sigmoid_grouped", 8, True, 1, 1, 2.827), attention=_mla(64, 1536))

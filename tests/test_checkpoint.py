@@ -91,6 +91,18 @@ def test_deploy_from_directory_equals_todays_path(bf16_dirs, family):
     assert expert_reads and max(reads[n] for n in expert_reads) == 1  # each expert tensor read once, by its device
 
 
+def test_kimi_k2_config_deploys_as_deepseek_v3(tmp_path):
+    """Kimi K2's checkpoints are DeepSeek-V3's under model_type kimi_k2, which transformers does not know."""
+    model = tiny_model("deepseek_v3")
+    save_checkpoint(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+    deployed = hetrun.deploy(str(tmp_path), "cpu", precision="fp32")
+    ids = ids_for(deployed)
+    with torch.no_grad():
+        assert close(deployed(ids).logits.float(), model(ids).logits.float())
+
+
 def test_stacked_layout_reads_expert_slices(tmp_path):
     """save_pretrained(save_original_format=False) keeps experts stacked: each expert is its slice, read alone."""
     model = tiny_model("qwen3_moe")

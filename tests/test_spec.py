@@ -22,6 +22,12 @@ def test_presets_have_published_shapes(name, billions, moe_layers, experts, top_
     assert spec.total_params() / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_kimi_k2_preset_is_its_published_trillion():
+    spec = MoESpec.from_preset("kimi-k2")  # "1T total parameters" on its model card, rounded
+    assert spec.num_moe_layers == 60 and spec.num_experts == 384 and spec.top_k == 8
+    assert spec.total_params() / 1e12 == pytest.approx(1.0, rel=0.03)
+
+
 def test_tiny_preset_is_deepseek_style():
     spec = MoESpec.from_preset("tiny")
     assert spec.family == "deepseek_v3" and spec.router.kind == "sigmoid_grouped" and spec.num_shared_experts == 2

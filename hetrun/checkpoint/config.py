@@ -9,6 +9,10 @@ import transformers
 from hetrun.errors import CheckpointError
 from hetrun.spec import SUPPORTED_FAMILIES
 
+# model_types that name a supported family's architecture under another name: Moonshot's Kimi K2 is DeepSeek-V3's
+# (its model card says to set model_type to deepseek_v3 where an engine lacks the name).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+
 
 def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
     """config.json's bytes as a dict of a supported family; `error` is the HetrunError class to raise."""
@@ -19,6 +23,9 @@ def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
     if not isinstance(d, dict):
         raise error(f"{where}: expected a JSON object")
     mt = d.get("model_type")
+    if isinstance(mt, str) and mt in MODEL_TYPE_ALIASES:
+        d = {**d, "model_type": MODEL_TYPE_ALIASES[mt]}
+        mt = d["model_type"]
     if mt not in SUPPORTED_FAMILIES:
         raise error(f"{where}: model family {str(mt)[:40]!r} is not supported; hetrun supports: "
                     f"{', '.join(SUPPORTED_FAMILIES)}")

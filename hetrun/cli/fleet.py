@@ -23,7 +23,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="$ per hour the fleet may cost; without --rate: serve the most requests within it")
     p.add_argument("--buckets", type=whole_number(1, 8, "buckets"), default=1,
                    help="split the workload by prompt length into this many buckets (Mélange's request-size buckets)")
-    p.add_argument("--load", metavar="FILE", help="expert-load trace in EPLB's [MoE layers, experts] layout (.npy, .csv or .json)")
+    p.add_argument("--load", metavar="FILE",
+                   help="expert-load trace in EPLB's [MoE layers, experts] layout (.npy, .csv or .json)")
     p.add_argument("--no-pareto", action="store_true", help="skip the cost-latency Pareto front (6x faster)")
     p.add_argument("--plans", metavar="DIR", help="write the placement Plan (JSON) of every instance the mix uses")
     p.add_argument("--json", action="store_true", help="print every number as JSON")

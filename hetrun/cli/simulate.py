@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", help="workload preset (chat, long-context, deepseek-prod) or a YAML file (default: the "
                                       "profile's own extra.workload, as published/* profiles carry, else chat)")
     p.add_argument("--load", metavar="FILE", help="expert-load trace in EPLB's [MoE layers, experts] layout (.json "
-                                                  "with tokens_per_expert, as model.hetrun.stats writes it, .npy or .csv); "
+                                                  "with tokens_per_expert, as model.hetrun.stats writes it, .npy or "
+                                                  ".csv); "
                                                   "replaces the workload's expert popularity")
     p.add_argument("--decode-batch", type=whole_number(1, what="the decode batch"), metavar="N", help="decode a fixed N requests per attention device "
                                                                  "instead of growing the batch to the per-user target")
