@@ -1,6 +1,7 @@
 """hetrun.plan(): load-aware placement on heterogeneous devices, against EPLB, pins, memory, rebalancing, dispatch."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -329,11 +330,13 @@ def test_bad_load_files(tmp_path):
     (tmp_path / "header.csv").write_text("e0,e1\n1,2\n")
     (tmp_path / "ragged.csv").write_text("1,2,3\n1,2\n")
     (tmp_path / "one-row.csv").write_text(",".join(["1"] * 12))
+    (tmp_path / "empty.csv").write_text("")
     for name, words in (("nan.json", "NaN is not allowed"), ("broken.json", "cannot be read"),
                         ("obj.npy", "cannot be read"), ("header.csv", "CSV of numbers only"),
                         ("ragged.csv", "cannot be read"), ("one-row.csv", "has shape [1, 12]"),
-                        ("text.json", "holds text, not numbers")):
-        with pytest.raises(PlacementError) as err:
+                        ("text.json", "holds text, not numbers"), ("empty.csv", "has shape [0, 1]")):
+        with pytest.raises(PlacementError) as err, warnings.catch_warnings():
+            warnings.simplefilter("error")  # the one line is all a user sees: no warning printed beside it
             plan(TINY, "mixed-demo", load=tmp_path / name)
         assert words in str(err.value) and one_line(err)
 

@@ -11,6 +11,7 @@ MAX_LOAD_BYTES is refused before it is read; JSON may not give a key twice, nor 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,9 @@ def _read_file(p: Path) -> np.ndarray:
         if p.suffix == ".npy":
             table = np.load(p, allow_pickle=False)
         elif p.suffix in TEXT_TABLES:
-            table = np.loadtxt(p, delimiter=TEXT_TABLES[p.suffix], dtype=np.float64, ndmin=2, encoding="utf-8")
+            with warnings.catch_warnings():  # an empty file: numpy warns, then the shape check below says it
+                warnings.simplefilter("ignore")
+                table = np.loadtxt(p, delimiter=TEXT_TABLES[p.suffix], dtype=np.float64, ndmin=2, encoding="utf-8")
         else:
             raw = strict_json(p.read_text())
             table = _numbers(_from_object(raw, f"load table '{p}'") if isinstance(raw, dict) else raw)
