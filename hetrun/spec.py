@@ -12,7 +12,7 @@ RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe")
+                      "glm4_moe", "minimax_m2")
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -28,8 +28,10 @@ class RouterSpec:
     softmax_topk     softmax over the gate logits, top-k (Mixtral, Qwen, OLMoE); with n_group > 1 only the
                      topk_group groups of highest maximum score compete (DeepSeek-V2's group_limited_greedy).
     sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
-                     (DeepSeek-V3, GLM-4.5); the gate is computed in FP32.
-    The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor.
+                     (DeepSeek-V3, GLM-4.5; MiniMax-M2 with one group).
+    The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor. The gate's
+    logits are computed in FP32 when fp32_logits, else in the hidden states' dtype; None takes the kind's own:
+    FP32 for sigmoid_grouped (DeepSeek, GLM), the hidden states' dtype for softmax_topk.
     """
 
     kind: RouterKind = "softmax_topk"
@@ -38,7 +40,7 @@ class RouterSpec:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
-    fp32_logits: bool = False  # the gate computed in FP32 whatever the model's dtype (DeepSeek-V2; always for sigmoid)
+    fp32_logits: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,11 @@ class MoESpec:
         if mt == "mixtral":
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
+        if mt == "minimax_m2":  # sigmoid scores and a correction bias choose among all experts; its gate runs in the
+            # model's dtype, the sigmoid in FP32
+            return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
+                       router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, True, fp32_logits=False),
+                       **common)
         if mt in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
             first_dense, dense_i = 0, 0
             sparse_step = g("decoder_sparse_step", 1) or 1
@@ -243,10 +250,10 @@ class MoESpec:
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=a.num_heads, hidden_act=self.activation,
                     tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
-        if self.family == "mixtral":
-            cfg = tf.MixtralConfig(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
-                                   num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads,
-                                   head_dim=a.head_dim, **base)
+        if self.family in ("mixtral", "minimax_m2"):
+            cls = tf.MixtralConfig if self.family == "mixtral" else tf.MiniMaxM2Config
+            cfg = cls(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
+                      num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim, **base)
         elif self.family in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
             cls = {"qwen3_moe": tf.Qwen3MoeConfig, "olmoe": tf.OlmoeConfig, "qwen2_moe": tf.Qwen2MoeConfig,
                    "qwen3_next": tf.Qwen3NextConfig}[self.family]
@@ -346,6 +353,10 @@ PRESETS: dict[str, MoESpec] = {
         dense_intermediate_size=18432, vocab_size=129280,
         router=RouterSpec("sigmoid_grouped", 8, True, 8, 4, 2.5), attention=_mla(128, 1536)),
 }
+PRESETS["minimax-m2"] = MoESpec(
+    name="minimax-m2", family="minimax_m2", num_layers=62, hidden_size=3072, moe_intermediate_size=1536,
+    num_experts=256, vocab_size=200064, router=RouterSpec("sigmoid_grouped", 8, True, fp32_logits=False),
+    attention=AttentionSpec("gqa", 48, 8, 128))
 PRESETS["glm-4.5-air"] = MoESpec(
     name="glm-4.5-air", family="glm4_moe", num_layers=46, hidden_size=4096, moe_intermediate_size=1408,
     num_experts=128, num_shared_experts=1, shared_intermediate_size=1408, first_dense_layers=1,

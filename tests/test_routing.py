@@ -1,6 +1,7 @@
 """hetrun's routers pick the same experts with the same weights as transformers' own routers."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -9,10 +10,19 @@ import transformers
 from hetrun.checkpoint.writer import save_checkpoint
 from hetrun.runtime.dispatch import MoELayer
 from hetrun.runtime.routing import route, router_logits
-from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block
+from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block, router_tensors
 from hetrun.spec import MoESpec
 from hetrun.tiny_models import tiny_model
 from tests.conftest import FAMILIES
+
+
+def their_route(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own routing of x [T, D] by an MoE block's router: weights [T, K], ids [T, K]."""
+    if "e_score_correction_bias" in inspect.signature(block.gate.forward).parameters:  # MiniMax-M2: the block's bias
+        _, w, ids = block.gate(x, block.e_score_correction_bias)
+    else:
+        _, w, ids = block.gate(x)
+    return w, ids
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -22,8 +32,8 @@ def test_router_matches_transformers(family, family_models):
     _, _, block = find_moe_blocks(model)[0]
     x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [T, D]
     with torch.no_grad():
-        _, want_w, want_ids = block.gate(x)
-        bias = getattr(block.gate, "e_score_correction_bias", None)
+        want_w, want_ids = their_route(block, x)
+        _, bias, _ = router_tensors(block)
         ids, w = route(router_logits(x, block.gate.weight, spec.router), spec.router, bias)
     # Same experts per token (order may differ with sorted=False), same weights within FP32 rounding.
     want_sorted, wi = want_ids.sort(-1)
@@ -48,7 +58,7 @@ def test_deployed_bf16_router_matches_transformers(family, tmp_path):
     layer.weights, layer.router, layer._router_cache = layer_weights_from_block(spec, 0, block), spec.router, {}
     x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()  # [T, D]
     with torch.no_grad():
-        _, want_w, want_ids = block.gate(x)
+        want_w, want_ids = their_route(block, x)
         gate, bias, _ = layer._router_as(x.dtype, x.device)
         ids, w = route(router_logits(x, gate, spec.router), spec.router, bias)
     want_sorted, wi = want_ids.sort(-1)

@@ -14,6 +14,7 @@ from hetrun.tiny_models import FAMILY_SPECS
     ("deepseek-v2-lite", 15.7, 26, 64, 6),
     ("deepseek-v2", 236.0, 59, 160, 6),
     ("glm-4.5-air", 106.0, 45, 128, 8),
+    ("minimax-m2", 230.0, 62, 256, 8),
     ("deepseek-r1", 671.0, 58, 256, 8),
 ])
 def test_presets_have_published_shapes(name, billions, moe_layers, experts, top_k):

@@ -40,7 +40,7 @@ from hetrun.profile import Profile, load_profile
 from hetrun.runtime.attention import run_attention
 from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
-from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks
+from hetrun.runtime.weights import MoELayerWeights, find_moe_blocks, router_tensors
 from hetrun.spec import MoESpec
 
 log = logging.getLogger("hetrun")
@@ -256,13 +256,10 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     store = GraphStore(root, man)
     weights = []
     for li, (layer, _, block) in enumerate(blocks):
-        bias = getattr(block.gate, "e_score_correction_bias", None)
-        gate = getattr(block, "shared_expert_gate", None)
+        gate, bias, shared_gate = router_tensors(block)
         weights.append(MoELayerWeights(
-            layer, block.gate.weight.detach().float().clone(), None if bias is None else bias.detach().float().clone(),
-            tuple(BundledExpert(store, li, "routed", e) for e in range(spec.num_experts)),
-            tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])),
-            None if gate is None else gate.weight.detach().float().clone()))
+            layer, gate, bias, tuple(BundledExpert(store, li, "routed", e) for e in range(spec.num_experts)),
+            tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])), shared_gate))
     paths = [path for _, path, _ in blocks]
     runtime = BundleRuntime(plan, prof, None, threads=threads)
     runtime.dense = run_dense_linears(model, runtime, paths)  # as deploy() runs them (first), from the bundle's

@@ -2,7 +2,7 @@
 
 On disk (the hub layout, which save_pretrained writes by default) each routed expert has its own tensors:
   model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight      DeepSeek-V2/V3, GLM-4.5, Qwen-MoE, OLMoE
-  model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight            Mixtral (w1 gate, w3 up, w2 down)
+  model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight            Mixtral, MiniMax-M2 (w1 gate, w3 up, w2 down)
 save_pretrained(save_original_format=False) and some hub repos keep them stacked, as transformers 5 holds them:
   model.layers.N.mlp.experts.gate_up_proj [E, 2I, D] (gate rows first), ...experts.down_proj [E, D, I]
 (optionally with a `.weight` suffix). In memory every family's MoE block is `model.layers.N.mlp`; Mixtral's router
@@ -31,6 +31,7 @@ class FamilyNames:
 
 FAMILY_NAMES: dict[str, FamilyNames] = {
     "mixtral": FamilyNames(("block_sparse_moe", "mlp"), ("w1", "w3", "w2")),
+    "minimax_m2": FamilyNames(("block_sparse_moe", "mlp"), ("w1", "w3", "w2")),
     "deepseek_v2": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "deepseek_v3": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "glm4_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),

@@ -26,7 +26,7 @@ from hetrun.profile import load_profile
 # --model names: the tiny presets of hetrun.tiny_models ("tiny" is the DeepSeek-V3-style preset).
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
           "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3-next": "qwen3_next", "tiny-olmoe": "olmoe",
-          "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe"}
+          "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-minimax-m2": "minimax_m2"}
 PROMPT_SEED = 1234
 
 
@@ -241,12 +241,13 @@ def _routed_calibration(reference, blocks, inputs) -> dict:
     import torch  # heavy: torch loads only when this command runs
 
     from hetrun.runtime.routing import route, router_logits  # imports torch: only when this command runs
+    from hetrun.runtime.weights import router_tensors
     from hetrun.spec import MoESpec
 
     router = MoESpec.from_hf_config(reference.config).router
     out = {}
     for (layer, _, block), x in zip(blocks, inputs):
-        bias = getattr(block.gate, "e_score_correction_bias", None)
+        _, bias, _ = router_tensors(block)
         with torch.no_grad():
             ids, _ = route(router_logits(x, block.gate.weight, router), router, bias)  # [T, K]
         out[layer] = x.numpy()

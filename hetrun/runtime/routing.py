@@ -10,7 +10,8 @@ from hetrun.spec import RouterSpec
 def gate_dtype(router: RouterSpec, hidden_dtype: torch.dtype) -> torch.dtype:
     """The dtype a router's gate computes in for hidden states of `hidden_dtype`: FP32 for DeepSeek's and GLM's
     (transformers keeps their gate weights in FP32 in a 16-bit model), the hidden states' own for the others."""
-    return torch.float32 if router.kind == "sigmoid_grouped" or router.fp32_logits else hidden_dtype
+    fp32 = router.kind == "sigmoid_grouped" if router.fp32_logits is None else router.fp32_logits
+    return torch.float32 if fp32 else hidden_dtype
 
 
 def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec) -> torch.Tensor:
@@ -47,7 +48,7 @@ def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tenso
 def _sigmoid_grouped(logits: torch.Tensor, router: RouterSpec,
                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     t, e = logits.shape
-    scores = logits.float().sigmoid()  # [T, E]
+    scores = logits.float().sigmoid()  # [T, E] in FP32 whatever the logits' dtype
     choice = scores if bias is None else scores + bias.float()  # [T, E]
     g = router.n_group
     group_scores = choice.view(t, g, e // g).topk(min(2, e // g), dim=-1)[0].sum(dim=-1)  # [T, G]

@@ -311,16 +311,21 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
         gate, up = gate_up[:, :i], gate_up[:, i:]  # views [E, I, D]
         experts = tuple(ModuleExpert(gate, up, down, e, name=f"{name}.E{e}") for e in range(gate_up.shape[0]))
     shared: tuple[ExpertSource, ...] = ()
-    shared_gate = None
     if getattr(block, "shared_experts", None) is not None:  # DeepSeek: n shared experts fused in one MLP
         shared = _mlp_sources(block.shared_experts, max(spec.num_shared_experts, 1), name)
     elif getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
         shared = _mlp_sources(block.shared_expert, 1, name)
-        shared_gate = block.shared_expert_gate.weight.detach().float().clone()
-    router = block.gate
-    bias = getattr(router, "e_score_correction_bias", None)
-    return MoELayerWeights(layer, router.weight.detach().float().clone(),
-                           None if bias is None else bias.detach().float().clone(), experts, shared, shared_gate)
+    gate, bias, shared_gate = router_tensors(block)
+    return MoELayerWeights(layer, gate, bias, experts, shared, shared_gate)
+
+
+def router_tensors(block: torch.nn.Module) -> tuple:
+    """A transformers MoE block's router as FP32 copies: gate weight [E, D], correction bias [E] (DeepSeek's and
+    GLM's on the gate, MiniMax-M2's on the block) and the Qwen2-MoE shared-expert gate [1, D], each or None."""
+    bias = getattr(block.gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
+    shared_gate = getattr(block, "shared_expert_gate", None)
+    return tuple(None if t is None else t.detach().float().clone()
+                 for t in (block.gate.weight, bias, None if shared_gate is None else shared_gate.weight))
 
 
 def release_sources(layers: list[MoELayerWeights]) -> int:
