@@ -212,9 +212,9 @@ def test_a_cache_layer_of_another_kind_is_left_to_transformers(mixtral_fp32):
     model, deployed = mixtral_fp32
     cache = DynamicCache(config=deployed.config)
     with torch.no_grad():
-        model(IDS[:, :4], past_key_values=cache, use_cache=True)  # filled by transformers: DynamicLayers
+        model(IDS[:, :4], cache=cache, use_cache=True)  # filled by transformers: DynamicLayers
         before = _attention_calls(deployed)
-        out = deployed(IDS[:, 4:], past_key_values=cache, use_cache=True).logits
+        out = deployed(IDS[:, 4:], cache=cache, use_cache=True).logits
         ref = model(IDS).logits[:, 4:]
     assert _attention_calls(deployed) == before
     assert all(type(layer) is DynamicLayer for layer in cache.layers)
