@@ -176,7 +176,7 @@ class MoESpec:
     @classmethod
     def from_hf_config(cls, config: Any) -> "MoESpec":
         """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3,
-        GLM-4.5)."""
+        GLM-4.5, MiniMax-M2)."""
         mt = getattr(config, "model_type", None)
         if mt not in SUPPORTED_FAMILIES:
             raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
@@ -190,8 +190,7 @@ class MoESpec:
         if mt == "mixtral":
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
-        if mt == "minimax_m2":  # sigmoid scores and a correction bias choose among all experts; its gate runs in the
-            # model's dtype, the sigmoid in FP32
+        if mt == "minimax_m2":  # sigmoid scores plus a correction bias, over all experts; the gate in the model's dtype
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, True, fp32_logits=False),
                        **common)
@@ -352,16 +351,16 @@ PRESETS: dict[str, MoESpec] = {
         num_experts=256, num_shared_experts=1, shared_intermediate_size=2048, first_dense_layers=3,
         dense_intermediate_size=18432, vocab_size=129280,
         router=RouterSpec("sigmoid_grouped", 8, True, 8, 4, 2.5), attention=_mla(128, 1536)),
+    "glm-4.5-air": MoESpec(
+        name="glm-4.5-air", family="glm4_moe", num_layers=46, hidden_size=4096, moe_intermediate_size=1408,
+        num_experts=128, num_shared_experts=1, shared_intermediate_size=1408, first_dense_layers=1,
+        dense_intermediate_size=10944, vocab_size=151552, router=RouterSpec("sigmoid_grouped", 8, True, 1, 1, 1.0),
+        attention=AttentionSpec("gqa", 96, 8, 128)),
+    "minimax-m2": MoESpec(
+        name="minimax-m2", family="minimax_m2", num_layers=62, hidden_size=3072, moe_intermediate_size=1536,
+        num_experts=256, vocab_size=200064, router=RouterSpec("sigmoid_grouped", 8, True, fp32_logits=False),
+        attention=AttentionSpec("gqa", 48, 8, 128)),
 }
-PRESETS["minimax-m2"] = MoESpec(
-    name="minimax-m2", family="minimax_m2", num_layers=62, hidden_size=3072, moe_intermediate_size=1536,
-    num_experts=256, vocab_size=200064, router=RouterSpec("sigmoid_grouped", 8, True, fp32_logits=False),
-    attention=AttentionSpec("gqa", 48, 8, 128))
-PRESETS["glm-4.5-air"] = MoESpec(
-    name="glm-4.5-air", family="glm4_moe", num_layers=46, hidden_size=4096, moe_intermediate_size=1408,
-    num_experts=128, num_shared_experts=1, shared_intermediate_size=1408, first_dense_layers=1,
-    dense_intermediate_size=10944, vocab_size=151552, router=RouterSpec("sigmoid_grouped", 8, True, 1, 1, 1.0),
-    attention=AttentionSpec("gqa", 96, 8, 128))
 PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")
 PRESETS["kimi-k2"] = PRESETS["deepseek-v3"].replace(  # DeepSeek-V3's architecture: 384 experts, 64 heads, no groups
     name="kimi-k2", num_experts=384, first_dense_layers=1, vocab_size=163840,
