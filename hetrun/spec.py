@@ -12,7 +12,7 @@ RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
 AttentionKind = Literal["gqa", "mla"]
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe", "minimax_m2")
+                      "glm4_moe", "dots1", "minimax_m2")
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -28,7 +28,7 @@ class RouterSpec:
     softmax_topk     softmax over the gate logits, top-k (Mixtral, Qwen, OLMoE); with n_group > 1 only the
                      topk_group groups of highest maximum score compete (DeepSeek-V2's group_limited_greedy).
     sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
-                     (DeepSeek-V3, GLM-4.5; MiniMax-M2 with one group).
+                     (DeepSeek-V3, GLM-4.5, dots.llm1; MiniMax-M2 with one group).
     The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor. The gate's
     logits are computed in FP32 when fp32_logits, else in the hidden states' dtype; None takes the kind's own:
     FP32 for sigmoid_grouped (DeepSeek, GLM), the hidden states' dtype for softmax_topk.
@@ -176,7 +176,7 @@ class MoESpec:
     @classmethod
     def from_hf_config(cls, config: Any) -> "MoESpec":
         """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3,
-        GLM-4.5, MiniMax-M2)."""
+        GLM-4.5, dots.llm1, MiniMax-M2)."""
         mt = getattr(config, "model_type", None)
         if mt not in SUPPORTED_FAMILIES:
             raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
@@ -209,7 +209,7 @@ class MoESpec:
                        dense_intermediate_size=dense_i,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, bool(g("norm_topk_prob", False))),
                        **shared, **common)
-        if mt == "glm4_moe":  # DeepSeek-V3's MoE layers beneath grouped-query attention
+        if mt in ("glm4_moe", "dots1"):  # DeepSeek-V3's MoE layers beneath grouped-query attention
             return cls(**cls._deepseek_moe(config), **common)
         attn = AttentionSpec("mla", heads, heads, config.qk_nope_head_dim + config.qk_rope_head_dim,
                              g("q_lora_rank") or 0, config.kv_lora_rank, config.qk_nope_head_dim,
@@ -219,7 +219,7 @@ class MoESpec:
 
     @staticmethod
     def _deepseek_moe(config: Any) -> dict:
-        # the MoE fields of DeepSeek-V2, DeepSeek-V3 and GLM-4.5 configs, which name them alike
+        # the MoE fields of DeepSeek-V2, DeepSeek-V3, GLM-4.5 and dots.llm1 configs, which name them alike
         g = lambda k, default=None: getattr(config, k, default)  # noqa: E731
         groups, topk_groups = g("n_group", 1) or 1, g("topk_group", 1) or 1
         if config.model_type == "deepseek_v2":
@@ -270,7 +270,7 @@ class MoESpec:
             cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
                       num_experts=self.num_experts, num_experts_per_tok=self.top_k,
                       norm_topk_prob=self.router.norm_topk_prob, num_key_value_heads=a.num_kv_heads, **extra, **base)
-        elif self.family in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        elif self.family in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
             r = self.router
             moe = dict(intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
                        moe_intermediate_size=self.moe_intermediate_size, n_routed_experts=self.num_experts,
@@ -285,6 +285,8 @@ class MoESpec:
             elif self.family == "deepseek_v2":
                 method = "group_limited_greedy" if r.n_group > 1 else "greedy"
                 cfg = tf.DeepseekV2Config(**moe, **mla, topk_method=method, **base)
+            elif self.family == "dots1":
+                cfg = tf.Dots1Config(**moe, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim, **base)
             else:
                 # q, k and v with biases, as every published GLM-4.5 and 4.6 config has them
                 cfg = tf.Glm4MoeConfig(**moe, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,

@@ -34,6 +34,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
         name="tiny-glm4-moe", family="glm4_moe", hidden_size=80, moe_intermediate_size=24, num_experts=10,
         num_shared_experts=1, shared_intermediate_size=24, router=RouterSpec("sigmoid_grouped", 3, True, 2, 1, 1.8),
         attention=AttentionSpec("gqa", 4, 2, 16)),
+    "dots1": MoESpec.from_preset("tiny").replace(  # per-head q/k norms, a shared expert, no correction-bias groups
+        name="tiny-dots1", family="dots1", hidden_size=48, moe_intermediate_size=40, num_experts=8,
+        num_shared_experts=2, shared_intermediate_size=40, router=RouterSpec("sigmoid_grouped", 2, False, 1, 1, 2.0),
+        attention=AttentionSpec("gqa", 4, 4, 16)),
     "minimax_m2": MoESpec.from_preset("tiny-mixtral").replace(
         name="tiny-minimax-m2", family="minimax_m2", hidden_size=64, moe_intermediate_size=24, num_experts=12,
         router=RouterSpec("sigmoid_grouped", 3, True, fp32_logits=False), attention=AttentionSpec("gqa", 4, 2, 16)),

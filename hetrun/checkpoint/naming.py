@@ -1,7 +1,7 @@
 """Tensor names on disk, per model family, against the names of transformers 5's modules in memory.
 
 On disk (the hub layout, which save_pretrained writes by default) each routed expert has its own tensors:
-  model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight      DeepSeek-V2/V3, GLM-4.5, Qwen-MoE, OLMoE
+  model.layers.N.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight      DeepSeek, GLM, dots1, Qwen, OLMoE
   model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight            Mixtral, MiniMax-M2 (w1 gate, w3 up, w2 down)
 save_pretrained(save_original_format=False) and some hub repos keep them stacked, as transformers 5 holds them:
   model.layers.N.mlp.experts.gate_up_proj [E, 2I, D] (gate rows first), ...experts.down_proj [E, D, I]
@@ -35,6 +35,7 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "deepseek_v2": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "deepseek_v3": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "glm4_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    "dots1": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
     "qwen2_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "qwen3_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),

@@ -26,7 +26,8 @@ from hetrun.profile import load_profile
 # --model names: the tiny presets of hetrun.tiny_models ("tiny" is the DeepSeek-V3-style preset).
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
           "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3-next": "qwen3_next", "tiny-olmoe": "olmoe",
-          "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-minimax-m2": "minimax_m2"}
+          "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-dots1": "dots1",
+          "tiny-minimax-m2": "minimax_m2"}
 PROMPT_SEED = 1234
 
 
