@@ -211,6 +211,22 @@ def test_gptq_checkpoint_deploys_onto_int4_devices(gptq_dir):
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next"])
+def test_a_one_output_linear_stays_unquantized_in_a_gptq_checkpoint(family, tmp_path):
+    """The shared-expert gate [1, D] cannot pack GPTQ's zero points (8 per int32 along outputs): it stays as it is,
+    as GPTQ quantizers leave it, and the checkpoint deploys as its own dequantized model computes."""
+    save_checkpoint(tiny_model(family), tmp_path, "gptq", group=32)
+    ckpt = open_checkpoint(tmp_path)
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in ckpt.shards
+    assert "model.layers.0.mlp.experts.0.gate_proj.qweight" in ckpt.shards
+    reference = load_model(ckpt)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    deployed = hetrun.deploy(str(tmp_path), "cpu", precision="fp32")
+    with torch.no_grad():
+        got, want = deployed(ids).logits, reference(ids).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
 def test_quantization_configs(tmp_path):
     from hetrun.checkpoint.quant import quantization_of
     from hetrun.errors import CheckpointError

@@ -32,6 +32,8 @@ from hetrun.kernels.int4 import quantize_int4
 from hetrun.runtime.weights import find_moe_blocks
 
 CODES = {dtype: code for code, (dtype, _) in DTYPES.items()}
+GPTQ_PACK = 8  # 4-bit zero points per int32 along a GPTQ linear's outputs: a linear with other output counts stays
+# as it is, as GPTQ quantizers leave it (Qwen2-MoE's one-output shared-expert gate)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,8 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
     """Write `model` (a transformers 5 MoE model) as a checkpoint directory in `quantization` none, fp8 or gptq.
 
     fp8: every Linear but lm_head and the routers, E4M3 with `block` x `block` scales (DeepSeek-V3's layout).
-    gptq: routed and shared experts and attention linears, 4-bit in groups of `group` (`sym`, v1 or v2
-    `checkpoint_format`); `calibration` {decoder layer, or (decoder layer, expert): activations [T, D] entering
+    gptq: routed and shared experts and the other linears whose outputs are a multiple of 8, 4-bit in groups of
+    `group` (`sym`, v1 or v2 `checkpoint_format`); `calibration` {decoder layer, or (decoder layer, expert): activations [T, D] entering
     the MoE block (routed to that expert)} quantizes the experts with GPTQ (the rest round to nearest); `desc_act` visits columns in act-order (by the calibration's
     Hessian diagonal, else a seeded random order) and writes g_idx accordingly. `dense=False` leaves every Linear
     outside the experts (attention, dense MLPs) unquantized.
@@ -165,7 +167,7 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
             q = quantize_fp8(w.float().numpy(), "e4m3", "block", block)
             codes = torch.from_numpy(q.data.view(np.uint8).copy()).view(torch.float8_e4m3fn)
             specs += [_spec(disk, codes), _spec(f"{disk}_scale_inv", torch.from_numpy(q.scale.astype(np.float32)))]
-        elif quantization == "gptq" and kind in quantized:
+        elif quantization == "gptq" and kind in quantized and (kind != "linear" or w.shape[0] % GPTQ_PACK == 0):
             x = _calibration_input(calibration, experts, model.config.model_type, disk, kind)
             parts = _gptq_linear(w.float().numpy(), x, group, sym, desc_act, zero_offset,
                                  np.random.default_rng([seed, zlib.crc32(_input_of(disk, kind).encode())]))
