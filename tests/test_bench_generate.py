@@ -105,3 +105,17 @@ def test_peak_memory_is_also_held_against_each_systems_library_floor(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "peak RSS hetrun int4 onnxruntime / llama.cpp Q4_0: 2.70 (target <= 1.5) missed" in out
     assert "above each one's floor 0.27 / 0.23 GB = 1.17" in out
+    assert "hetrun int4 variants meeting both targets against llama.cpp Q4_0 (decode >= 0.6, peak <= 1.5): none" in out
+
+
+def test_a_variant_that_meets_both_targets_is_named_when_the_fastest_misses_one(capsys):
+    result = {"cpu": host_cpu.describe(), "threads": 2, "rounds": 1, "skipped": {}, "systems": {
+        "hetrun fp32": {"decode_tps": 68.0, "prefill_tps": 1.0, "peak_rss_gb": 1.67},  # fastest, but holds more
+        "hetrun fp32 onnxruntime": {"decode_tps": 63.0, "prefill_tps": 1.0, "peak_rss_gb": 1.33},
+        "hetrun fp32 openvino": {"decode_tps": 50.0, "prefill_tps": 1.0, "peak_rss_gb": 1.10},  # too slow
+        "llama.cpp F32": {"decode_tps": 90.0, "prefill_tps": 1.0, "peak_rss_gb": 0.92}}}
+    generate._print(result)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak RSS hetrun fp32 / llama.cpp F32: 1.82 (target <= 1.5) missed" in out
+    assert "hetrun fp32 variants meeting both targets against llama.cpp F32 (decode >= 0.6, peak <= 1.5): " \
+           "hetrun fp32 onnxruntime" in out
