@@ -51,6 +51,31 @@ def test_plan_json_summary_with_pins_and_presets(capsys, tmp_path):
     assert not (tmp_path / "plan.json").exists()
 
 
+def test_a_model_directory_or_config_plans_and_simulates(capsys, tmp_path):
+    """A model's config.json (a directory, or the file) stands for a preset: Kimi K2's model_type read as DeepSeek-V3."""
+    from hetrun.tiny_models import FAMILY_SPECS
+
+    cfg = FAMILY_SPECS["glm4_moe"].to_hf_config()  # 10 experts on 3 devices: EPLB rounds its slots up to 12
+    cfg.save_pretrained(tmp_path)
+    rc, out, err = run_cli(capsys, "plan", "--model", tmp_path, "--profile", "mixed-demo", "-o", "-")
+    assert rc == 0, err
+    assert "this plan is" in out and "12 equal slots" in out
+    # slower than EPLB only through the replicas EPLB's two extra slots hold, and then the line says so
+    assert ("slower" in out) == ("--redundant 2 gives this plan as many" in out)
+    rc, out, err = run_cli(capsys, "simulate", "--model", tmp_path / "config.json", "--profile", "mixed-demo",
+                           "--json")
+    assert rc == 0, err
+    kimi = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**FAMILY_SPECS["deepseek_v3"].to_hf_config().to_dict(),
+                                                      "model_type": "kimi_k2"}))
+    rc, out, err = run_cli(capsys, "plan", "--model", tmp_path, "--profile", "mixed-demo", "-o", "-", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["experts"] == 12
+    (tmp_path / "config.json").write_text(json.dumps({**kimi, "model_type": "llama"}))
+    rc, out, err = run_cli(capsys, "simulate", "--model", tmp_path, "--profile", "mixed-demo")
+    assert rc == 2 and "model family 'llama' is not supported" in err and err.count("\n") == 1
+
+
 def test_plan_eplb_policy(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "plan", "--model", "tiny", "--profile", "cpu", "--redundant", 2, "--policy", "eplb",
                            "-o", tmp_path / "p.json", "--json")

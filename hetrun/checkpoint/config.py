@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import transformers
 
-from hetrun.errors import CheckpointError
-from hetrun.spec import SUPPORTED_FAMILIES
+from hetrun.errors import CheckpointError, SpecError
+from hetrun.spec import PRESETS, SUPPORTED_FAMILIES, MoESpec
 
 # model_types that name a supported family's architecture under another name: Moonshot's Kimi K2 is DeepSeek-V3's
 # (its model card says to set model_type to deepseek_v3 where an engine lacks the name).
@@ -44,3 +46,19 @@ def config_from_dict(d: dict, where: str, error=CheckpointError):
         return transformers.CONFIG_MAPPING[mt].from_dict(d)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise error(f"{where}: not a valid {mt} config ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
+
+def model_spec(name: str) -> MoESpec:
+    """A MoESpec from a preset name, a transformers model directory or its config.json (a supported family's)."""
+    path = Path(name)
+    if name.lower() in PRESETS or not (path.exists() or os.sep in name or name.endswith(".json")):
+        return MoESpec.from_preset(name)
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise SpecError(f"model '{name}' is neither a preset nor a file or directory with config.json; "
+                        f"use one of: {', '.join(PRESETS)}")
+    try:
+        data = config.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read model config '{config}': {' '.join(str(e).split())[:160]}") from None
+    return MoESpec.from_hf_config(config_from_json(data, str(config), SpecError))

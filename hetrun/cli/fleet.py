@@ -13,7 +13,8 @@ from hetrun.sim.fleet import plans_of, search_fleet
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1)")
+    p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1), or a transformers model "
+                                                          "directory or its config.json")
     p.add_argument("--workload", default="chat", help="workload preset or YAML file (default chat)")
     p.add_argument("--slo", default=None, help="latency targets, e.g. ttft=2s,tpot=50ms (default: the workload's)")
     p.add_argument("--devices", required=True, help="comma-separated device types from the catalog "

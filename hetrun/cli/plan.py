@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
 from hetrun.cli import Command, whole_number
-from hetrun.errors import HetrunError, SpecError
+from hetrun.errors import HetrunError
 from hetrun.files import print_json, write_atomic
 from hetrun.placement.device_model import scale_load
 from hetrun.placement.loads import model_load
 from hetrun.placement.pins import describe, pin_rules
 from hetrun.placement.planner import eplb_baseline, plan
 from hetrun.profile import load_profile
-from hetrun.spec import MAX_EXPERTS, PRESETS, MoESpec
+from hetrun.spec import MAX_EXPERTS
 
 
 def _add(p: argparse.ArgumentParser) -> None:
@@ -51,20 +50,9 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 def load_spec(name: str):
     """A MoESpec from a preset name, a transformers model directory or a config.json file."""
-    path = Path(name)
-    if name.lower() in PRESETS or not (path.exists() or os.sep in name or name.endswith(".json")):
-        return MoESpec.from_preset(name)
-    config = path / "config.json" if path.is_dir() else path
-    if not config.is_file():
-        raise SpecError(f"model '{name}' is neither a preset nor a file or directory with config.json; "
-                        f"use one of: {', '.join(PRESETS)}")
-    try:
-        import transformers  # heavy: only when this command runs
+    from hetrun.checkpoint.config import model_spec  # imports transformers: only when a command needs a model
 
-        cfg = transformers.AutoConfig.from_pretrained(str(config.parent if config.name == "config.json" else config))
-    except (OSError, ValueError, KeyError) as e:
-        raise SpecError(f"cannot read model config '{config}': {' '.join(str(e).split())[:160]}") from None
-    return MoESpec.from_hf_config(cfg)
+    return model_spec(name)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,8 +117,13 @@ def _print(s: dict, np) -> None:
           f"placed by {s['placed_by']}")
     if s["eplb"]:
         e = s["eplb"]
+        gain = 100 * (1 - step / e["step_time_s"])
+        extra = e["slots"] - s["slots_per_layer"]  # EPLB's equal slots round the plan's up: replicas this plan lacks
+        why = f" (EPLB's {extra} extra slots hold replicas; --redundant {extra} gives this plan as many)" \
+            if extra > 0 and gain < 0 else ""
         print(f"EPLB on the same devices ({e['slots']} equal slots, even split, same cost model): "
-              f"{e['step_time_s'] * 1e3:.3f} ms; this plan is {100 * (1 - step / e['step_time_s']):.1f}% faster")
+              f"{e['step_time_s'] * 1e3:.3f} ms; this plan is "
+              f"{f'{gain:.1f}% faster' if gain >= 0 else f'{-gain:.1f}% slower'}{why}")
     if s["pins"]:
         print("pins: " + "; ".join(describe(r) for r in pin_rules(s["pins"])))
     for k in ("plan", "heatmap"):

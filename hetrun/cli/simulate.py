@@ -32,7 +32,8 @@ DEFAULT_COMPARE = ("all-h800", "all-ascend-910b", "mixed-h800-910b", "gpu-xeon")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1)")
+    p.add_argument("--model", default="deepseek-r1", help="model preset (default deepseek-r1), or a transformers model "
+                                                          "directory or its config.json")
     p.add_argument("--workload", help="workload preset (chat, long-context, deepseek-prod) or a YAML file (default: the "
                                       "profile's own extra.workload, as published/* profiles carry, else chat)")
     p.add_argument("--load", metavar="FILE", help="expert-load trace in EPLB's [MoE layers, experts] layout (.json "

@@ -50,7 +50,12 @@ class SimResult:
 
 
 def load_spec(model: "str | MoESpec") -> MoESpec:
-    return model if isinstance(model, MoESpec) else MoESpec.from_preset(str(model))
+    """`model` itself, or the spec of a preset name, a transformers model directory or its config.json."""
+    if isinstance(model, MoESpec):
+        return model
+    from hetrun.checkpoint.config import model_spec  # imports transformers: only for a model given by name or path
+
+    return model_spec(str(model))
 
 
 def default_phases(profile: Profile) -> tuple[str, ...]:
