@@ -48,19 +48,14 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
 
 
-def load_spec(name: str):
-    """A MoESpec from a preset name, a transformers model directory or a config.json file."""
-    from hetrun.checkpoint.config import model_spec  # imports transformers: only when a command needs a model
-
-    return model_spec(name)
-
-
 def _run(args: argparse.Namespace) -> int:
     for target in (args.output if args.output != "-" else None, args.heatmap):
         folder = Path(target).parent if target else None
         if folder is not None and str(folder) and not folder.is_dir():
             raise HetrunError(f"cannot write '{target}': folder '{folder}' does not exist")
-    spec = load_spec(args.model)
+    from hetrun.checkpoint.config import model_spec  # imports transformers: only when this command runs
+
+    spec = model_spec(args.model)
     profile = load_profile(args.profile)
     load = model_load(args.load, spec)
     result = plan(spec, profile, load=load, redundant_experts=args.redundant, pins=args.pin or None,
