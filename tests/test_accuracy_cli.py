@@ -60,6 +60,13 @@ def test_accuracy_json_and_text(capsys):
     assert "weight bytes" in out and "ort:0" in out and "top-1 agreement" in out
 
 
+def test_every_tiny_family_is_an_accuracy_model():
+    from hetrun.cli.accuracy import MODELS
+    from hetrun.tiny_models import FAMILY_SPECS
+
+    assert MODELS == {spec.name: family for family, spec in FAMILY_SPECS.items()}
+
+
 def test_accuracy_errors_are_one_line(capsys):
     assert main(["accuracy", "--profile", "mixed-demo", "--precision", "fp8"]) == 2
     err = capsys.readouterr().err.strip()
