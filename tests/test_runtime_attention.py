@@ -122,19 +122,12 @@ def test_int8_attention_errs_as_transformers_attention_on_the_same_projections(m
     assert err_on < 0.1 and abs(err_on - err_off) < 0.01  # W8A8 projections (both measured 0.054)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])  # q/k norms over all heads; multi-head latent
-def test_other_attention_stays_transformers(family):
-    model = tiny_model(family)
-    deployed = hetrun.deploy(copy.deepcopy(model), _profile(), precision="fp32")
-    assert deployed.hetrun.dense.layers and deployed.hetrun.dense.attention_layers == 0
-    with torch.no_grad():
-        ref, out = model(IDS).logits, deployed(IDS).logits
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-
-
-def test_a_head_size_the_runtime_refuses_stays_transformers():
-    """onnxruntime's CPU GroupQueryAttention takes head sizes in multiples of 16 only, and says so when it runs."""
-    spec = FAMILY_SPECS["mixtral"].replace(attention=AttentionSpec("gqa", 4, 2, 8))
+@pytest.mark.parametrize("spec", [
+    FAMILY_SPECS["olmoe"],  # q/k norms over all heads
+    FAMILY_SPECS["deepseek_v3"],  # multi-head latent attention
+    # onnxruntime's CPU GroupQueryAttention takes head sizes in multiples of 16 only, and says so when it runs
+    FAMILY_SPECS["mixtral"].replace(attention=AttentionSpec("gqa", 4, 2, 8))], ids=["olmoe", "mla", "8-wide heads"])
+def test_other_attention_stays_transformers(spec):
     model = random_model(spec)
     deployed = hetrun.deploy(copy.deepcopy(model), _profile(), precision="fp32")
     assert deployed.hetrun.dense.layers and deployed.hetrun.dense.attention_layers == 0

@@ -45,10 +45,10 @@ def read_load(source) -> np.ndarray:
 
 def _numbers(rows) -> np.ndarray:
     # float64, refusing text: numpy would read the string "6" as 6.0
-    kind = np.asarray(rows).dtype.kind
-    if kind in "USO":
-        raise ValueError(f"it holds {'text' if kind in 'US' else 'objects'}, not numbers")
-    return np.asarray(rows, dtype=np.float64)
+    table = np.asarray(rows)
+    if table.dtype.kind in "USO":
+        raise ValueError(f"it holds {'text' if table.dtype.kind in 'US' else 'objects'}, not numbers")
+    return table.astype(np.float64, copy=False)
 
 
 def check_model_load(table: np.ndarray, spec: MoESpec, what: str = "load table") -> np.ndarray:

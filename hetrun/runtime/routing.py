@@ -16,8 +16,10 @@ def gate_dtype(router: RouterSpec, hidden_dtype: torch.dtype) -> torch.dtype:
 
 def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec) -> torch.Tensor:
     """Gate logits [T, E] for hidden [T, D] and gate weight [E, D]."""
-    dtype = gate_dtype(router, hidden.dtype)
-    return torch.nn.functional.linear(hidden.to(dtype), gate_weight.to(dtype))
+    dtype = gate_dtype(router, hidden.dtype)  # converted only where it differs: each call is a decode step's
+    hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)
+    gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
+    return torch.nn.functional.linear(hidden, gate_weight)
 
 
 def route(logits: torch.Tensor, router: RouterSpec,
