@@ -8,11 +8,28 @@ from typing import Any, Literal
 
 from hetrun.errors import SpecError
 
-RouterKind = Literal["softmax_topk", "sigmoid_grouped"]
+RouterKind = Literal["softmax_topk", "sigmoid_grouped", "sigmoid_topk"]
 AttentionKind = Literal["gqa", "mla"]
 
+# Families hetrun deploys (every one has a tiny model that the equivalence suite runs on each backend).
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
                       "glm4_moe", "dots1", "minimax_m2")
+# Families whose shapes hetrun reads for `plan`, `simulate` and `fleet` (weights, bytes, FLOPs, KV cache) but does
+# not deploy, with what deploying them would need.
+MODELED_ONLY = {
+    "gpt_oss": "its experts add biases and a clamped SwiGLU (alpha 1.702) and its attention has sinks",
+    "llama4_text": "its experts take their input pre-scaled by sigmoid router scores",
+    "ernie4_5_moe": "its router chooses by softmax scores plus a correction bias, which hetrun does not route yet",
+}
+MODELED_FAMILIES = SUPPORTED_FAMILIES + tuple(MODELED_ONLY)
+# What the simulator's model of a family leaves out (plan and simulate say it once).
+MODELED_APPROXIMATELY = {
+    "gpt_oss": "its sliding-window layers (every other one, 128 tokens) are modeled with a full KV cache, so KV "
+               "memory and attention traffic are upper bounds",
+    "llama4_text": "its chunked-attention layers (3 of every 4, 8192-token chunks) are modeled with a full KV cache, "
+                   "so KV memory and attention traffic are upper bounds",
+}
+ACTIVATIONS = ("silu", "clamped_swiglu")  # clamped_swiglu: gpt-oss's, modeled only
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -29,6 +46,8 @@ class RouterSpec:
                      topk_group groups of highest maximum score compete (DeepSeek-V2's group_limited_greedy).
     sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
                      (DeepSeek-V3, GLM-4.5, dots.llm1; MiniMax-M2 with one group).
+    sigmoid_topk     top-k of the gate logits, each chosen one's sigmoid scaling the expert's input (Llama 4;
+                     modeled only).
     The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor. The gate's
     logits are computed in FP32 when fp32_logits, else in the hidden states' dtype; None takes the kind's own:
     FP32 for sigmoid_grouped (DeepSeek, GLM), the hidden states' dtype for softmax_topk.
@@ -88,6 +107,7 @@ class MoESpec:
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert
     first_dense_layers: int = 0  # leading layers with a dense MLP instead of MoE
     dense_intermediate_size: int = 0
+    moe_layer_step: int = 1  # past first_dense_layers, layer i is MoE when (i + 1) % step == 0, else dense
     activation: str = "silu"
     vocab_size: int = 32000
     attention: AttentionSpec = field(default_factory=AttentionSpec)
@@ -100,8 +120,11 @@ class MoESpec:
             raise SpecError(f"model '{self.name}': num_experts={self.num_experts} must divide into n_group={self.router.n_group} groups")
         if self.hidden_size < 1 or self.moe_intermediate_size < 1 or self.num_layers < 1:
             raise SpecError(f"model '{self.name}': sizes must be positive")
-        if self.activation != "silu":
+        if self.activation not in ACTIVATIONS:
             raise SpecError(f"model '{self.name}': activation '{self.activation}' is not supported; hetrun runs SwiGLU (silu) experts")
+        if not 1 <= self.moe_layer_step <= max(self.num_layers, 1) or self.first_dense_layers >= self.num_layers:
+            raise SpecError(f"model '{self.name}': moe_layer_step={self.moe_layer_step} and first_dense_layers="
+                            f"{self.first_dense_layers} leave no MoE layer among {self.num_layers}")
         limits = {"num_layers": MAX_LAYERS, "num_experts": MAX_EXPERTS, "num_shared_experts": MAX_SHARED_EXPERTS,
                   "hidden_size": MAX_WIDTH, "moe_intermediate_size": MAX_WIDTH, "shared_intermediate_size": MAX_WIDTH,
                   "dense_intermediate_size": MAX_WIDTH, "vocab_size": MAX_VOCAB}
@@ -117,11 +140,16 @@ class MoESpec:
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
-        return tuple(range(self.first_dense_layers, self.num_layers))
+        return tuple(i for i in range(self.first_dense_layers, self.num_layers) if (i + 1) % self.moe_layer_step == 0)
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.first_dense_layers
+        return len(self.moe_layer_ids)
+
+    @property
+    def num_dense_layers(self) -> int:
+        """Layers with a dense MLP instead of MoE: the leading ones and those between MoE layers."""
+        return self.num_layers - self.num_moe_layers
 
     @property
     def expert_params(self) -> int:
@@ -140,12 +168,17 @@ class MoESpec:
         """All weights of the model, embeddings included."""
         h = self.hidden_size
         attn = self.attention.params(h) * self.num_layers
-        dense = 3 * h * self.dense_intermediate_size * self.first_dense_layers
+        dense = 3 * h * self.dense_intermediate_size * self.num_dense_layers
         moe = self.num_moe_layers * (self.num_experts * self.expert_params
                                      + self.num_shared_experts * self.shared_expert_params
                                      + self.num_experts * h)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return attn + dense + moe + emb
+
+    def active_params(self) -> int:
+        """Weights one token uses: all but the routed experts it does not pick; both embeddings counted, as
+        Mixtral, Qwen and DeepSeek count them (OpenAI's figures for gpt-oss leave out the input embedding)."""
+        return self.total_params() - self.num_moe_layers * (self.num_experts - self.top_k) * self.expert_params
 
     def replace(self, **changes: Any) -> "MoESpec":
         """A copy with some fields changed."""
@@ -174,12 +207,20 @@ class MoESpec:
         return PRESETS[key]
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "MoESpec":
+    def from_hf_config(cls, config: Any, deployable: bool = True) -> "MoESpec":
         """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3,
-        GLM-4.5, dots.llm1, MiniMax-M2)."""
+        GLM-4.5, dots.llm1, MiniMax-M2; with deployable=False also the modeled-only gpt-oss, Llama 4 and ERNIE 4.5
+        MoE, for plan and simulate)."""
+        if getattr(config, "model_type", None) == "llama4":  # the multimodal wrapper: its language model's config
+            config = config.get_text_config()
         mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_FAMILIES:
-            raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
+        families = SUPPORTED_FAMILIES if deployable else MODELED_FAMILIES
+        if mt not in families:
+            if mt in MODELED_ONLY:
+                raise SpecError(f"model family '{mt}' can be planned and simulated (hetrun plan, simulate and fleet "
+                                f"--model) but not deployed: {MODELED_ONLY[mt]}; deployable families: "
+                                f"{', '.join(SUPPORTED_FAMILIES)}")
+            raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(families)}")
         g = lambda k, default=None: getattr(config, k, default)  # noqa: E731
         heads = g("num_attention_heads")
         head_dim = g("head_dim") or config.hidden_size // heads
@@ -187,26 +228,48 @@ class MoESpec:
         common = dict(name=g("name_or_path") or mt, family=mt, num_layers=config.num_hidden_layers,
                       hidden_size=config.hidden_size, vocab_size=config.vocab_size, activation=g("hidden_act", "silu"),
                       attention=attn, tie_word_embeddings=bool(g("tie_word_embeddings", False)))
-        if mt == "mixtral":
+        if mt in ("mixtral", "gpt_oss"):  # gpt-oss: softmax over the top-k logits is Mixtral's routing
+            if mt == "gpt_oss":
+                common["activation"] = "clamped_swiglu"
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
         if mt == "minimax_m2":  # sigmoid scores plus a correction bias, over all experts; the gate in the model's dtype
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, True, fp32_logits=False),
                        **common)
+        if mt == "llama4_text":  # a shared expert in every MoE layer; dense MLP layers between them
+            step = int(g("interleave_moe_layer_step", 1) or 1)
+            listed = g("moe_layers")
+            if listed is not None and list(listed) != list(range(step - 1, config.num_hidden_layers, step)):
+                raise SpecError("llama4 configs whose moe_layers are not every interleave_moe_layer_step-th layer "
+                                "are not supported yet")
+            return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
+                       num_shared_experts=1, shared_intermediate_size=config.intermediate_size,
+                       dense_intermediate_size=config.intermediate_size_mlp, moe_layer_step=step,
+                       router=RouterSpec("sigmoid_topk", config.num_experts_per_tok, False), **common)
+        if mt == "ernie4_5_moe":  # softmax scores, a correction bias that only chooses, normalised; no grouping
+            start, step = int(g("moe_layer_start_index", 1) or 0), int(g("moe_layer_interval", 1) or 1)
+            end = g("moe_layer_end_index", -1)
+            if end not in (-1, None, config.num_hidden_layers - 1):
+                raise SpecError("ernie4_5_moe configs whose MoE layers end before the last layer are not supported yet")
+            shared = int(g("moe_num_shared_experts", 0) or 0)
+            return cls(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.moe_num_experts,
+                       num_shared_experts=shared, shared_intermediate_size=config.moe_intermediate_size if shared else 0,
+                       first_dense_layers=start, dense_intermediate_size=config.intermediate_size, moe_layer_step=step,
+                       router=RouterSpec("softmax_topk", config.moe_k, True, fp32_logits=True), **common)
         if mt in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
-            first_dense, dense_i = 0, 0
             sparse_step = g("decoder_sparse_step", 1) or 1
             mlp_only = list(g("mlp_only_layers", []) or [])
-            if sparse_step != 1 or mlp_only:
-                raise SpecError(f"{mt} configs with decoder_sparse_step != 1 or mlp_only_layers are not supported yet")
+            if mlp_only or (deployable and sparse_step != 1):
+                raise SpecError(f"{mt} configs with decoder_sparse_step != 1 or mlp_only_layers are not supported yet"
+                                + ("" if mlp_only else " by deploy (hetrun plan and simulate read them)"))
             moe_i = g("moe_intermediate_size") or config.intermediate_size
             shared = dict(num_shared_experts=0)
             if mt in ("qwen2_moe", "qwen3_next") and g("shared_expert_intermediate_size", 0):
                 shared = dict(num_shared_experts=1, shared_intermediate_size=config.shared_expert_intermediate_size,
                               shared_expert_gate=True)
-            return cls(moe_intermediate_size=moe_i, num_experts=config.num_experts, first_dense_layers=first_dense,
-                       dense_intermediate_size=dense_i,
+            return cls(moe_intermediate_size=moe_i, num_experts=config.num_experts, moe_layer_step=int(sparse_step),
+                       dense_intermediate_size=config.intermediate_size if sparse_step != 1 else 0,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, bool(g("norm_topk_prob", False))),
                        **shared, **common)
         if mt in ("glm4_moe", "dots1"):  # DeepSeek-V3's MoE layers beneath grouped-query attention
@@ -362,7 +425,28 @@ PRESETS: dict[str, MoESpec] = {
         name="minimax-m2", family="minimax_m2", num_layers=62, hidden_size=3072, moe_intermediate_size=1536,
         num_experts=256, vocab_size=200064, router=RouterSpec("sigmoid_grouped", 8, True, fp32_logits=False),
         attention=AttentionSpec("gqa", 48, 8, 128)),
+    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
+    "gpt-oss-120b": MoESpec(
+        name="gpt-oss-120b", family="gpt_oss", num_layers=36, hidden_size=2880, moe_intermediate_size=2880,
+        num_experts=128, vocab_size=201088, activation="clamped_swiglu", router=RouterSpec("softmax_topk", 4, True),
+        attention=AttentionSpec("gqa", 64, 8, 64)),
+    "llama-4-scout": MoESpec(
+        name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,
+        num_experts=16, num_shared_experts=1, shared_intermediate_size=8192, dense_intermediate_size=16384,
+        vocab_size=202048, router=RouterSpec("sigmoid_topk", 1, False), attention=AttentionSpec("gqa", 40, 8, 128)),
+    "ernie-4.5-300b-a47b": MoESpec(
+        name="ernie-4.5-300b-a47b", family="ernie4_5_moe", num_layers=54, hidden_size=8192,
+        moe_intermediate_size=3584, num_experts=64, first_dense_layers=3, dense_intermediate_size=28672,
+        vocab_size=103424, router=RouterSpec("softmax_topk", 8, True, fp32_logits=True),
+        attention=AttentionSpec("gqa", 64, 8, 128)),
 }
+PRESETS["gpt-oss-20b"] = PRESETS["gpt-oss-120b"].replace(name="gpt-oss-20b", num_layers=24, num_experts=32)
+PRESETS["llama-4-maverick"] = PRESETS["llama-4-scout"].replace(  # MoE every other layer, 128 experts
+    name="llama-4-maverick", num_experts=128, moe_layer_step=2)
+PRESETS["ernie-4.5-21b-a3b"] = PRESETS["ernie-4.5-300b-a47b"].replace(
+    name="ernie-4.5-21b-a3b", num_layers=28, hidden_size=2560, moe_intermediate_size=1536, first_dense_layers=1,
+    dense_intermediate_size=12288, num_shared_experts=2, shared_intermediate_size=1536, tie_word_embeddings=True,
+    router=RouterSpec("softmax_topk", 6, True, fp32_logits=True), attention=AttentionSpec("gqa", 20, 4, 128))
 PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")
 PRESETS["kimi-k2"] = PRESETS["deepseek-v3"].replace(  # DeepSeek-V3's architecture: 384 experts, 64 heads, no groups
     name="kimi-k2", num_experts=384, first_dense_layers=1, vocab_size=163840,

@@ -16,6 +16,10 @@ from hetrun.tiny_models import FAMILY_SPECS
     ("glm-4.5-air", 106.0, 45, 128, 8),
     ("minimax-m2", 230.0, 62, 256, 8),
     ("deepseek-r1", 671.0, 58, 256, 8),
+    ("gpt-oss-120b", 116.8, 36, 128, 4),
+    ("gpt-oss-20b", 20.9, 24, 32, 4),
+    ("llama-4-maverick", 400.0, 24, 128, 1),
+    ("ernie-4.5-300b-a47b", 300.0, 51, 64, 8),
 ])
 def test_presets_have_published_shapes(name, billions, moe_layers, experts, top_k):
     spec = MoESpec.from_preset(name)
@@ -27,6 +31,64 @@ def test_kimi_k2_preset_is_its_published_trillion():
     spec = MoESpec.from_preset("kimi-k2")  # "1T total parameters" on its model card, rounded
     assert spec.num_moe_layers == 60 and spec.num_experts == 384 and spec.top_k == 8
     assert spec.total_params() / 1e12 == pytest.approx(1.0, rel=0.03)
+
+
+def test_presets_whose_published_totals_count_more_or_round():
+    scout = MoESpec.from_preset("llama-4-scout")  # "109B total" counts its vision encoder, which hetrun does not place
+    assert scout.num_moe_layers == 48 and scout.total_params() / 1e9 == pytest.approx(109.0, rel=0.02)
+    assert scout.total_params() < 109e9
+    ernie = MoESpec.from_preset("ernie-4.5-21b-a3b")  # its card says "21B"; transformers' own config for it: 21.8B
+    assert ernie.num_moe_layers == 27 and ernie.total_params() / 1e9 == pytest.approx(21.0, rel=0.04)
+
+
+# Published active parameters (each model's card), as printed: a figure counts to the precision it is given in.
+# Cards count the embeddings differently (Mixtral, Qwen and DeepSeek both tables, OpenAI the output one only, some
+# neither), so the figure must lie between active_params() less both embedding tables and active_params().
+ACTIVE = {"mixtral-8x7b": "12.9", "mixtral-8x22b": "39", "qwen3-30b-a3b": "3.3", "qwen3-235b-a22b": "22",
+          "deepseek-v2-lite": "2.4", "deepseek-v2": "21", "deepseek-v3": "37", "glm-4.5-air": "12",
+          "minimax-m2": "10", "kimi-k2": "32", "gpt-oss-120b": "5.1", "gpt-oss-20b": "3.6", "llama-4-scout": "17",
+          "llama-4-maverick": "17", "ernie-4.5-300b-a47b": "47", "ernie-4.5-21b-a3b": "3"}
+
+
+@pytest.mark.parametrize("name,published", ACTIVE.items())
+def test_presets_have_published_active_parameters(name, published):
+    spec = MoESpec.from_preset(name)
+    digits = len(published.partition(".")[2])
+    half_unit = 0.5 * 10.0 ** -digits * 1e9
+    tables = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    low, high = spec.active_params() - tables, spec.active_params()
+    assert low - half_unit <= float(published) * 1e9 <= high + half_unit, (low / 1e9, high / 1e9)
+
+
+@pytest.mark.parametrize("config,preset", [
+    ("GptOssConfig", "gpt-oss-120b"),  # transformers' defaults are each model's published config
+    ("Llama4TextConfig", "llama-4-scout"),
+    ("Llama4Config", "llama-4-scout"),  # the multimodal wrapper: its text_config is read
+    ("Ernie4_5_MoeConfig", "ernie-4.5-21b-a3b"),
+])
+def test_modeled_families_read_from_their_configs(config, preset):
+    spec = MoESpec.from_hf_config(getattr(transformers, config)(), deployable=False)
+    assert spec.replace(name=preset) == MoESpec.from_preset(preset)
+    with pytest.raises(SpecError, match=f"model family '{spec.family}' can be planned and simulated .* but not "
+                                        "deployed: .*; deployable families: mixtral"):
+        MoESpec.from_hf_config(getattr(transformers, config)())
+
+
+def test_interleaved_moe_layers():
+    maverick = MoESpec.from_hf_config(transformers.Llama4TextConfig(interleave_moe_layer_step=2,
+                                                                    num_local_experts=128), deployable=False)
+    assert maverick.replace(name="llama-4-maverick") == MoESpec.from_preset("llama-4-maverick")
+    assert maverick.moe_layer_ids == tuple(range(1, 48, 2)) and maverick.num_dense_layers == 24
+    cfg = transformers.Qwen2MoeConfig(num_hidden_layers=6, decoder_sparse_step=3)  # layers 2 and 5 are MoE
+    spec = MoESpec.from_hf_config(cfg, deployable=False)
+    assert spec.moe_layer_ids == (2, 5) and spec.dense_intermediate_size == cfg.intermediate_size
+    with pytest.raises(SpecError, match="decoder_sparse_step != 1 .* not supported yet by deploy"):
+        MoESpec.from_hf_config(cfg)
+    with pytest.raises(SpecError, match="leave no MoE layer"):
+        MoESpec.from_preset("tiny-mixtral").replace(first_dense_layers=2)
+    ernie = transformers.Ernie4_5_MoeConfig(moe_layer_end_index=20)
+    with pytest.raises(SpecError, match="MoE layers end before the last layer"):
+        MoESpec.from_hf_config(ernie, deployable=False)
 
 
 def test_tiny_preset_is_deepseek_style():

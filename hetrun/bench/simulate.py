@@ -99,7 +99,7 @@ def _layer_runtime(spec, backend: str, precision: str, threads):
     prof = load_profile({"name": f"bench-{backend}", "devices": [
         {"id": "host", "type": "host-cpu", "backend": backend, "precision": precision}]})
     plan = simple_plan(spec, prof, precision)
-    w = random_layer_weights(spec, spec.first_dense_layers)
+    w = random_layer_weights(spec, spec.moe_layer_ids[0])
     rt = ExpertRuntime(plan, prof, [w], threads=threads)
     return rt, w
 

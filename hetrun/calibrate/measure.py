@@ -288,7 +288,7 @@ def measure_dispatch(backend: str = "onnxruntime", tokens=(1, 16, 256, 1024), re
 def _dispatch_cases(out, g, prof, threads, tokens, reps) -> None:
     for spec in _dispatch_layers():
         rt = ExpertRuntime(simple_plan(spec, prof, "fp32"), prof,
-                           [random_layer_weights(spec, spec.first_dense_layers)], threads=threads)
+                           [random_layer_weights(spec, spec.moe_layer_ids[0])], threads=threads)
         layer = rt.layers[0]
         with torch.no_grad():
             xs = {n: torch.randn(n, spec.hidden_size, generator=g) for n in tokens}  # [T, D] per token count

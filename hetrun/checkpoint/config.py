@@ -9,15 +9,17 @@ from pathlib import Path
 import transformers
 
 from hetrun.errors import CheckpointError, SpecError
-from hetrun.spec import PRESETS, SUPPORTED_FAMILIES, MoESpec
+from hetrun.once import warn_once
+from hetrun.spec import MODELED_APPROXIMATELY, MODELED_FAMILIES, MODELED_ONLY, PRESETS, SUPPORTED_FAMILIES, MoESpec
 
 # model_types that name a supported family's architecture under another name: Moonshot's Kimi K2 is DeepSeek-V3's
 # (its model card says to set model_type to deepseek_v3 where an engine lacks the name).
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
-def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
-    """config.json's bytes as a dict of a supported family; `error` is the HetrunError class to raise."""
+def config_dict(data: bytes, where: str, error=CheckpointError, deployable: bool = True) -> dict:
+    """config.json's bytes as a dict of a supported family (deployable=False: of a modeled one too, for plan and
+    simulate); `error` is the HetrunError class to raise."""
     try:
         d = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -28,15 +30,20 @@ def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
     if isinstance(mt, str) and mt in MODEL_TYPE_ALIASES:
         d = {**d, "model_type": MODEL_TYPE_ALIASES[mt]}
         mt = d["model_type"]
-    if mt not in SUPPORTED_FAMILIES:
+    families = SUPPORTED_FAMILIES if deployable else MODELED_FAMILIES + ("llama4",)  # llama4: wraps llama4_text
+    if mt not in families:
+        if mt in MODELED_ONLY or mt == "llama4":
+            raise error(f"{where}: model family {mt!r} can be planned and simulated (hetrun plan, simulate and fleet "
+                        f"--model) but not deployed: {MODELED_ONLY.get(mt, MODELED_ONLY['llama4_text'])}; "
+                        f"deployable families: {', '.join(SUPPORTED_FAMILIES)}")
         raise error(f"{where}: model family {str(mt)[:40]!r} is not supported; hetrun supports: "
-                    f"{', '.join(SUPPORTED_FAMILIES)}")
+                    f"{', '.join(families)}")
     return d
 
 
-def config_from_json(data: bytes, where: str, error=CheckpointError):
-    """A transformers config from config.json bytes, for a supported family only."""
-    return config_from_dict(config_dict(data, where, error), where, error)
+def config_from_json(data: bytes, where: str, error=CheckpointError, deployable: bool = True):
+    """A transformers config from config.json bytes, for a supported family only (see config_dict)."""
+    return config_from_dict(config_dict(data, where, error, deployable), where, error)
 
 
 def config_from_dict(d: dict, where: str, error=CheckpointError):
@@ -49,7 +56,16 @@ def config_from_dict(d: dict, where: str, error=CheckpointError):
 
 
 def model_spec(name: str) -> MoESpec:
-    """A MoESpec from a preset name, a transformers model directory or its config.json (a supported family's)."""
+    """A MoESpec from a preset name, a transformers model directory or its config.json (a supported or modeled
+    family's: plan, simulate and fleet read shapes hetrun does not deploy too)."""
+    spec = _model_spec(name)
+    if spec.family in MODELED_APPROXIMATELY:
+        warn_once(("modeled", spec.family), "%s is modeled, not deployable: %s", spec.name,
+                  MODELED_APPROXIMATELY[spec.family])
+    return spec
+
+
+def _model_spec(name: str) -> MoESpec:
     path = Path(name)
     if name.lower() in PRESETS or not (path.exists() or os.sep in name or name.endswith(".json")):
         return MoESpec.from_preset(name)
@@ -61,4 +77,4 @@ def model_spec(name: str) -> MoESpec:
         data = config.read_bytes()
     except OSError as e:
         raise SpecError(f"cannot read model config '{config}': {' '.join(str(e).split())[:160]}") from None
-    return MoESpec.from_hf_config(config_from_json(data, str(config), SpecError))
+    return MoESpec.from_hf_config(config_from_json(data, str(config), SpecError, deployable=False), deployable=False)

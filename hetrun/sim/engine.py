@@ -168,7 +168,7 @@ class StepModel:
         held = np.zeros((L, D, spec.num_experts), dtype=bool)
         held[np.repeat(np.arange(L), plan.num_slots), plan.device_of.ravel(), plan.phy2log.ravel()] = True
         self.experts_held = held.sum(-1)  # [L, D] distinct experts stored per device
-        self.moe_layer = np.array([l >= spec.first_dense_layers for l in range(spec.num_layers)])
+        self.moe_layer = np.isin(np.arange(spec.num_layers), spec.moe_layer_ids)  # [num_layers]
         self._eff = [{"gemm": gemm_eff(s, d.type), "attention": attention_eff(s, d.type),
                       "elementwise": gemm_eff(s, d.type)} for d in lay.devices]
         # devices that compute alike: same type and precisions (their stage times are computed once)
@@ -295,7 +295,7 @@ class StepModel:
             if s.expert_routing == "permute" else []
         a_moe = stage_seconds(base + misc(True) + permute, dt, eff) + allreduce
         dense = swiglu_ops("dense_mlp", p, group_tokens, spec.hidden_size, -(-spec.dense_intermediate_size // tp)) \
-            if spec.first_dense_layers else []
+            if spec.num_dense_layers else []
         a_dense = stage_seconds(base + dense + misc(False), dt, eff) + 2 * allreduce
         shared = 0.0
         if s.shared_experts == "local" and spec.num_shared_experts:

@@ -243,7 +243,7 @@ def attention_block_bytes(spec: MoESpec, precision: str, tp: int = 1) -> float:
     attention device (GEMMs at `precision`, embeddings, gates and kv_b's absorbed halves in BF16); a `tp`-way
     tensor-parallel group splits heads, the dense MLP's intermediate size and the vocabulary."""
     per_layer = attention_layer_bytes(spec, precision, tp)
-    dense = spec.first_dense_layers * expert_bytes(precision, spec.hidden_size,
+    dense = spec.num_dense_layers * expert_bytes(precision, spec.hidden_size,
                                                    -(-spec.dense_intermediate_size // tp)) \
         if spec.dense_intermediate_size else 0.0
     gates = spec.num_moe_layers * 2.0 * spec.num_experts * spec.hidden_size
