@@ -1,6 +1,7 @@
 """Expert weights read back from an ONNX expert graph, for backends that run experts in torch instead of a graph runtime.
 
-Every expert graph computes y = down(silu(g) * u) with [g, u] = x @ gate_up. The reader finds the two weight
+Every expert graph computes y = down(silu(g) * u) with [g, u] = x @ gate_up (gpt-oss's: biases after each matmul
+and a clamped SwiGLU, read_bias_and_activation). The reader finds the two weight
 matmuls, evaluates the constant subgraph that feeds each one (so any storage format the graph builders use
 dequantizes exactly as the graph does), and, where the weight comes straight from a DequantizeLinear of an
 initializer, also returns the stored codes with their scales laid out like the matrix.
@@ -8,6 +9,7 @@ initializer, also returns the stored codes with their scales laid out like the m
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,9 @@ import onnx
 from hetrun.backends.ort_threads import plain_session_options
 from onnx import TensorProto, helper, numpy_helper
 
+from hetrun.spec import SILU, ExpertActivation
+
+ACTIVATION_PROP = "hetrun.expert_activation"  # metadata of a graph whose expert is not silu(g) * u: ExpertActivation
 # Ops that only move or relabel a dequantized weight on its way to the MatMul.
 _LAYOUT_OPS = ("Transpose", "Identity", "Cast")
 
@@ -133,6 +138,22 @@ def read_stored_float_matrices(graph) -> tuple[np.ndarray, np.ndarray] | None:
     if len(stored) != 2 or stored[0].ndim != 2 or stored[1].shape != (stored[0].shape[1] // 2, stored[0].shape[0]):
         return None
     return stored[0], stored[1]
+
+
+def read_bias_and_activation(graph) -> tuple[np.ndarray | None, np.ndarray | None, ExpertActivation]:
+    """(gate_up bias [2I], down bias [D], activation) of an expert graph: its builder's bias_gate_up_* and
+    bias_down_* FP32 initializers, each None where it has none, and its ACTIVATION_PROP metadata (silu without).
+    `graph`: bytes, an onnx.ModelProto or an ExpertGraph."""
+    arrays = getattr(graph, "arrays", {})  # an in_process ExpertGraph's weights, held beside its proto
+    model = graph.model if arrays else _model(graph)
+    biases = {}
+    for t in model.graph.initializer:
+        for key in ("gate_up", "down"):
+            if t.name.startswith(f"bias_{key}_"):
+                biases[key] = np.asarray(arrays[t.name] if t.name in arrays else numpy_helper.to_array(t), np.float32)
+    props = {p.key: p.value for p in model.metadata_props}
+    activation = ExpertActivation(**json.loads(props[ACTIVATION_PROP])) if ACTIVATION_PROP in props else SILU
+    return biases.get("gate_up"), biases.get("down"), activation
 
 
 def _model(graph) -> onnx.ModelProto:

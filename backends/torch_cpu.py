@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
+from hetrun.backends.torch_expert import ExpertEpilogue
 
 if TYPE_CHECKING:
     import onnx
@@ -60,7 +61,11 @@ class TorchCpuBackend(Backend):
         return [p for p in ("bf16", "fp16", "fp32") if p in device_type.precisions]
 
     def load(self, graph: "bytes | onnx.ModelProto | ExpertGraph", name: str, meta: dict) -> ExpertSession:
-        from hetrun.backends.graph_matrices import read_expert_matrices, read_stored_float_matrices  # imports onnx
+        from hetrun.backends.graph_matrices import (  # imports onnx
+            read_bias_and_activation,
+            read_expert_matrices,
+            read_stored_float_matrices,
+        )
 
         dtype = getattr(torch, DTYPES[self.precision])
         # the narrow initializers as stored (the FP16/BF16 graphs), else every form evaluated and widened to FP32
@@ -70,7 +75,7 @@ class TorchCpuBackend(Backend):
             stored = m.gate_up, m.down  # [D, 2I], [I, D]
         narrow_native = dtype == torch.float32 or host_cpu.native_float(dtype)
         return TorchCpuSession(_rows_major(stored[0], dtype), _rows_major(stored[1], dtype),
-                               None if narrow_native else NARROW_ROWS)
+                               None if narrow_native else NARROW_ROWS, read_bias_and_activation(graph))
 
 
 def _rows_major(w, dtype: torch.dtype) -> torch.Tensor:
@@ -88,14 +93,14 @@ def _rows_major(w, dtype: torch.dtype) -> torch.Tensor:
 class TorchCpuSession(ExpertSession):
     """y = down(silu(g) * u), [g, u] = x @ gate_up, with the weights [N, K] held in the format's dtype."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, narrow_rows: int | None):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, narrow_rows: int | None, extras: tuple | None = None):
         self.gate_up, self.down = gate_up, down  # [2I, D], [D, I]
         self.narrow_rows = narrow_rows  # None: the narrow weights at any row count
+        self.epilogue = ExpertEpilogue(extras, "cpu")  # biases and activation (gpt-oss's), silu(g) * u without
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            g, u = self._linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each, float32
-            return self._linear(torch.nn.functional.silu(g) * u, self.down)  # [N, D]
+            return self.epilogue(x, lambda t: self._linear(t, self.gate_up), lambda h: self._linear(h, self.down))
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.dtype == torch.float32:

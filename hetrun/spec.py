@@ -63,6 +63,44 @@ class RouterSpec:
 
 
 @dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert combines its gate projection g and up projection u (after their biases, where it has them):
+
+    silu            silu(g) * u: SwiGLU, every family but gpt-oss.
+    clamped_swiglu  g' * sigmoid(alpha * g') * (u' + 1) with g' = min(g, limit), u' = clip(u, -limit, limit):
+                    gpt-oss's (alpha 1.702, limit 7).
+    """
+
+    kind: str = "silu"
+    alpha: float = 1.0
+    limit: float = float("inf")
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATIONS:
+            raise SpecError(f"expert activation {self.kind!r} is not one of {', '.join(ACTIVATIONS)}")
+
+    def apply(self, g, u):
+        """The combination of g and u [N, I]: torch tensors (in their dtype, as transformers computes it) or numpy
+        arrays."""
+        if not hasattr(g, "sigmoid"):  # numpy
+            import numpy as np
+
+            if self.kind == "silu":
+                return g / (1.0 + np.exp(-g)) * u
+            g, u = np.minimum(g, self.limit), np.clip(u, -self.limit, self.limit)
+            return g / (1.0 + np.exp(-self.alpha * g)) * (u + 1.0)
+        import torch  # a tensor came: torch is loaded
+
+        if self.kind == "silu":
+            return torch.nn.functional.silu(g) * u
+        g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+        return g * torch.sigmoid(g * self.alpha) * (u + 1)
+
+
+SILU = ExpertActivation()
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     kind: AttentionKind = "gqa"
     num_heads: int = 8
@@ -109,6 +147,9 @@ class MoESpec:
     dense_intermediate_size: int = 0
     moe_layer_step: int = 1  # past first_dense_layers, layer i is MoE when (i + 1) % step == 0, else dense
     activation: str = "silu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu only (gpt-oss's)
+    swiglu_limit: float = 7.0  # clamped_swiglu only
+    expert_bias: bool = False  # experts' projections add biases (gpt-oss)
     vocab_size: int = 32000
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     tie_word_embeddings: bool = False
@@ -137,6 +178,11 @@ class MoESpec:
     @property
     def top_k(self) -> int:
         return self.router.top_k
+
+    @property
+    def expert_activation(self) -> ExpertActivation:
+        return SILU if self.activation == "silu" else ExpertActivation(self.activation, self.swiglu_alpha,
+                                                                       self.swiglu_limit)
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

@@ -295,3 +295,50 @@ def test_gptq_beats_round_to_nearest_with_correlated_activations(runtime, precis
     assert (g_rtn.quantizer, g_gptq.quantizer) == ("rtn", "gptq")
     assert g_rtn.weight_bytes == g_gptq.weight_bytes
     assert gptq < 0.9 * rtn
+
+
+def gpt_oss_expert(limit: float) -> ExpertWeights:
+    """gaussian_expert with biases after each projection and gpt-oss's clamped SwiGLU, clamping at `limit`."""
+    from hetrun.spec import ExpertActivation
+
+    w = gaussian_expert(D, I, seed=3)
+    rng = np.random.default_rng(4)
+    gate_b, up_b, down_b = (rng.standard_normal(n).astype(np.float32) for n in (I, I, D))
+    return ExpertWeights(w.gate, w.up, w.down, gate_b, up_b, down_b, ExpertActivation("clamped_swiglu", 1.702, limit))
+
+
+BIASED_RUNS = RUNS + [("torch", p) for p in ("fp32", "bf16", "fp16")]
+
+
+@pytest.mark.parametrize("runtime,precision", BIASED_RUNS)
+def test_biased_clamped_expert_against_its_reference(runtime, precision):
+    """gpt-oss's expert (biases, clamped SwiGLU) at every precision on every CPU backend: within the format's error
+    of its FP32 reference, which the plain SwiGLU expert of the same matrices is not."""
+    require(runtime)
+    w = gpt_oss_expert(limit=1.0)  # gate and up are N(bias, 1): the clamp at 1 bites on a third of them
+    x = np.random.default_rng(5).standard_normal((64, D)).astype(np.float32)
+    ref = w.reference(x)
+    plain = ExpertWeights(w.gate, w.up, w.down).reference(x)
+    assert rel(plain, ref) > 0.5  # what the biases and the clamp change, far past every format's error
+    y, g = run_graph(runtime, w, precision, x)
+    assert rel(y, ref) < BOUNDS[precision]
+
+
+def test_biased_expert_graph_carries_its_biases_and_activation():
+    from hetrun.backends.graph_matrices import read_bias_and_activation, read_expert_matrices
+    from hetrun.backends.torch_expert import DenseLinear, TorchExpertSession
+
+    w = gpt_oss_expert(limit=7.0)
+    for precision in ("fp32", "int8", "fp8-w8a16"):  # weight-only: the torch path reads the weights the graph uses
+        graph = build_expert_graph(w, precision).serialize()
+        gate_up_bias, down_bias, activation = read_bias_and_activation(graph)
+        np.testing.assert_array_equal(gate_up_bias, np.concatenate([w.gate_up_bias[:I], w.up_bias]))
+        np.testing.assert_array_equal(down_bias, w.down_bias)
+        assert activation == w.activation
+        m = read_expert_matrices(graph)  # the vendor backends' torch path, on the CPU
+        sess = TorchExpertSession(DenseLinear(m.gate_up, "float32", "cpu"), DenseLinear(m.down, "float32", "cpu"),
+                                  "cpu", "t", extras=(gate_up_bias, down_bias, activation))
+        x = np.random.default_rng(6).standard_normal((9, D)).astype(np.float32)
+        np.testing.assert_allclose(sess.run(x), run_graph("onnxruntime", w, precision, x)[0], rtol=1e-4, atol=1e-5)
+    plain = build_expert_graph(gaussian_expert(D, I), "fp32").serialize()
+    assert read_bias_and_activation(plain)[:2] == (None, None) and read_bias_and_activation(plain)[2].kind == "silu"

@@ -1,4 +1,5 @@
-"""ONNX graphs of one SwiGLU expert, one builder per precision: y = down(silu(gate(x)) * up(x)).
+"""ONNX graphs of one SwiGLU expert, one builder per precision: y = down(silu(gate(x)) * up(x)), or with gpt-oss's
+biases after each projection and its clamped SwiGLU (hetrun.spec.ExpertActivation), kept in FP32 at every precision.
 
 Every graph takes x [tokens, D] float32 and returns y [tokens, D] float32, with exactly two weight matmuls
 (the fused gate_up, then down). What changes per precision is how the weights are stored and how the
@@ -42,6 +43,8 @@ computes in f16 or bf16 the backend asks for the standard form instead.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from hetrun.backends.graph_files import filled
+from hetrun.backends.graph_matrices import ACTIVATION_PROP
 from hetrun.formats import E4M3_MAX, FORMATS, FP8_BLOCK, Format, matrix_bytes
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_int4, gptq_quantize_int4
@@ -61,6 +65,7 @@ from hetrun.kernels.int4 import Int4Tensor, quantize_int4, quantize_to_matmulnbi
 from hetrun.kernels.int8 import quantize_int8, to_matmulnbits_int8
 from hetrun.once import warn_once
 from hetrun.runtime.weights import ExpertSource, ExpertWeights, Fp8Matrix, GptqMatrix, QuantizedExpert
+from hetrun.spec import SILU
 
 log = logging.getLogger("hetrun")
 OPSET = 21
@@ -122,6 +127,9 @@ class _Builder:
         self.onnx_bytes = 0
         self.quantizer = ""
         self.out = ""
+        self.activation = SILU  # how gate and up combine; the biases after each matmul, where the expert has them
+        self.gate_up_bias: np.ndarray | None = None  # [2I]
+        self.down_bias: np.ndarray | None = None  # [D]
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
@@ -208,11 +216,22 @@ class _Builder:
         return self.op("Gemm", [x, w], transB=1) if row_major else self.op("MatMul", [x, w])  # [T, N]
 
     def swiglu(self, x: str, matmul: Callable[[str, str], str]) -> str:
-        gate_up = matmul(x, "gate_up")  # [N, 2I]
+        gate_up = self._biased(matmul(x, "gate_up"), self.gate_up_bias, "gate_up")  # [N, 2I]
         g, u = self.name("g"), self.name("u")
         self.nodes.append(helper.make_node("Split", [gate_up], [g, u], axis=1, num_outputs=2))
-        h = self.op("Mul", [self.op("Mul", [g, self.op("Sigmoid", [g])]), u])  # [N, I]
-        return matmul(h, "down")
+        a = self.activation
+        if a.kind == "silu":
+            h = self.op("Mul", [self.op("Mul", [g, self.op("Sigmoid", [g])]), u])  # [N, I]
+        else:  # clamped_swiglu: min(g, limit) * sigmoid(alpha * it) * (clip(u, -limit, limit) + 1)
+            g = self.op("Min", [g, self.const(a.limit)])
+            u = self.op("Clip", [u, self.const(-a.limit), self.const(a.limit)])
+            glu = self.op("Mul", [g, self.op("Sigmoid", [self.op("Mul", [g, self.const(a.alpha)])])])
+            h = self.op("Mul", [glu, self.op("Add", [u, self.const(1.0)])])  # [N, I]
+        return self._biased(matmul(h, "down"), self.down_bias, "down")  # [N, D]
+
+    def _biased(self, y: str, bias: np.ndarray | None, name: str) -> str:
+        # an FP32 initializer named bias_<matrix>_<n>, which graph_matrices finds by that name
+        return y if bias is None else self.op("Add", [y, self.init(f"bias_{name}", np.asarray(bias, np.float32))])
 
     def model(self, x: str, y: str, hidden: int, domains: tuple[str, ...] = (), out: int | None = None,
               name: str = "expert") -> onnx.ModelProto:
@@ -283,8 +302,10 @@ def _matrices(w: ExpertWeights, calibration: np.ndarray | None) -> _Matrices:
         x = np.asarray(calibration, dtype=np.float32)  # [M, D]
         if x.ndim != 2 or x.shape[1] != w.hidden:
             raise ValueError(f"calibration activations must be [tokens, {w.hidden}], got shape {x.shape}")
-        g, u = (x @ p.astype(np.float32, copy=False).T for p in (w.gate, w.up))  # [M, I]
-        calib = {"gate_up": x, "down": (g / (1.0 + np.exp(-g))) * u}  # inputs of each matmul in the FP32 expert
+        i, bias = w.intermediate, w.gate_up_bias
+        g, u = (x @ p.astype(np.float32, copy=False).T + (0 if bias is None else bias[k * i:(k + 1) * i])
+                for k, p in enumerate((w.gate, w.up)))  # [M, I]
+        calib = {"gate_up": x, "down": w.activation.apply(g, u)}  # inputs of each matmul in the FP32 expert
     return _Matrices((w.gate, w.up), (w.down,), w.hidden, w.intermediate, calib)
 
 
@@ -549,6 +570,10 @@ def build_expert_graph(w: "ExpertWeights | QuantizedExpert | ExpertSource", prec
         w = w.dequantize()
     m = _Matrices(readers[:2], readers[2:], w.hidden, w.intermediate) if readers is not None else \
         _matrices(w, calibration if fmt.base == "int4" else None)
+    if isinstance(w, ExpertWeights):
+        b.activation, b.gate_up_bias, b.down_bias = w.activation, w.gate_up_bias, w.down_bias
+    elif readers is not None:  # an ExpertSource read matrix by matrix
+        b.activation, b.gate_up_bias, b.down_bias = w.activation, *w.biases()
     del w  # a source's read is held by `m` alone now, so each matrix is freed once its builder has converted it
     _BUILDERS[precision](b, m, fmt)
     return _graph(b, precision, target, m.hidden, m.intermediate)
@@ -562,6 +587,8 @@ def _describe(w: QuantizedExpert) -> str:
 def _graph(b: _Builder, precision: str, target: str, hidden: int, intermediate: int) -> ExpertGraph:
     domains = tuple(sorted({n.domain for n in b.nodes if n.domain}))
     model = b.model("x", b.out, hidden, domains)
+    if b.activation != SILU:  # for the backends that read the expert back out of its graph (graph_matrices)
+        helper.set_model_props(model, {ACTIVATION_PROP: json.dumps(dataclasses.asdict(b.activation))})
     return ExpertGraph(model, precision, hidden, intermediate, b.weight_bytes, target, b.onnx_bytes, b.quantizer,
                        b.arrays or {})
 

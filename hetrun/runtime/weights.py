@@ -25,7 +25,7 @@ import torch
 from hetrun.errors import HetrunError, SpecError
 from hetrun.kernels.fp8 import expand_block_scale
 from hetrun.kernels.gptq import gptq_dequantize
-from hetrun.spec import MoESpec
+from hetrun.spec import SILU, ExpertActivation, MoESpec
 
 
 class _SwiGLUShape:
@@ -42,17 +42,33 @@ class _SwiGLUShape:
 
 @dataclass(frozen=True)
 class ExpertWeights(_SwiGLUShape):
-    """One expert's weights as the model stores them (nn.Linear layout: [out, in])."""
+    """One expert's weights as the model stores them (nn.Linear layout: [out, in]), with the biases and the
+    activation of families whose experts have them (gpt-oss)."""
 
     gate: np.ndarray  # [I, D]
     up: np.ndarray  # [I, D]
     down: np.ndarray  # [D, I]
+    gate_bias: np.ndarray | None = None  # [I]
+    up_bias: np.ndarray | None = None  # [I]
+    down_bias: np.ndarray | None = None  # [D]
+    activation: ExpertActivation = SILU
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """FP32 numpy reference output [N, D] for x [N, D]."""
-        g = x @ self.gate.T  # [N, I]
-        u = x @ self.up.T  # [N, I]
-        return ((g / (1.0 + np.exp(-g))) * u) @ self.down.T  # [N, D]
+        f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+        g = x @ f32(self.gate).T + (0 if self.gate_bias is None else f32(self.gate_bias))  # [N, I]
+        u = x @ f32(self.up).T + (0 if self.up_bias is None else f32(self.up_bias))  # [N, I]
+        y = self.activation.apply(g, u) @ f32(self.down).T  # [N, D]
+        return y if self.down_bias is None else y + f32(self.down_bias)
+
+    @property
+    def gate_up_bias(self) -> np.ndarray | None:
+        """[2I] float32: the gate's biases then the up projection's, as the graphs stack the two; None without."""
+        if self.gate_bias is None and self.up_bias is None:
+            return None
+        zeros = np.zeros(self.intermediate, dtype=np.float32)
+        return np.concatenate([zeros if b is None else np.asarray(b, dtype=np.float32)
+                               for b in (self.gate_bias, self.up_bias)])
 
 
 # ---- quantized matrices as checkpoints store them ------------------------------------------------------------
@@ -145,6 +161,11 @@ class ExpertSource(abc.ABC):
     hidden: int
     intermediate: int
     name: str = ""
+    activation: ExpertActivation = SILU
+
+    def biases(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(gate_up bias [2I], down bias [D]) float32, each None where the expert has none (every family but gpt-oss)."""
+        return None, None
 
     @abc.abstractmethod
     def read(self) -> ExpertWeights | QuantizedExpert:
@@ -180,17 +201,33 @@ class ModuleExpert(ExpertSource):
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: int,
-                 part: tuple[int, int] = (0, 1), name: str = ""):
+                 part: tuple[int, int] = (0, 1), name: str = "",
+                 bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 activation: ExpertActivation = SILU):
         self._tensors: tuple[torch.Tensor, ...] | None = (gate, up, down)
-        self.index, self.part, self.name = index, part, name
+        self._bias = bias  # (gate [E, I], up [E, I], down [E, D]) biases (gpt-oss), or None
+        self.index, self.part, self.name, self.activation = index, part, name, activation
         self.hidden = int(gate.shape[2])
         self.intermediate = int(gate.shape[1]) // part[1]
 
     def read(self) -> ExpertWeights:
-        return ExpertWeights(*(np.ascontiguousarray(t.to(torch.float32).numpy()) for t in self._parts()))
+        parts = (np.ascontiguousarray(t.to(torch.float32).numpy()) for t in self._parts())
+        return ExpertWeights(*parts, *self._bias_parts(), activation=self.activation)
 
     def read_stored(self) -> ExpertWeights:
-        return ExpertWeights(*(stored_numpy(t) for t in self._parts()))
+        return ExpertWeights(*(stored_numpy(t) for t in self._parts()), *self._bias_parts(),
+                             activation=self.activation)
+
+    def biases(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        gate, up, down = self._bias_parts()
+        return (None if gate is None else np.concatenate([gate, up])), down
+
+    def _bias_parts(self) -> tuple[np.ndarray | None, ...]:
+        if self._tensors is None:
+            self._parts()  # released: its error
+        if self._bias is None:
+            return None, None, None
+        return tuple(t[self.index].detach().to("cpu", torch.float32).numpy().copy() for t in self._bias)
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
         if self._tensors is None:
@@ -204,7 +241,7 @@ class ModuleExpert(ExpertSource):
 
     def release(self) -> None:
         """Drop the references to the module's tensors."""
-        self._tensors = None
+        self._tensors = self._bias = None
 
 
 def stored_numpy(t: torch.Tensor) -> np.ndarray:
