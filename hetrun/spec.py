@@ -13,11 +13,10 @@ AttentionKind = Literal["gqa", "mla"]
 
 # Families hetrun deploys (every one has a tiny model that the equivalence suite runs on each backend).
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe", "dots1", "minimax_m2")
+                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss")
 # Families whose shapes hetrun reads for `plan`, `simulate` and `fleet` (weights, bytes, FLOPs, KV cache) but does
 # not deploy, with what deploying them would need.
 MODELED_ONLY = {
-    "gpt_oss": "its experts add biases and a clamped SwiGLU (alpha 1.702) and its attention has sinks",
     "llama4_text": "its experts take their input pre-scaled by sigmoid router scores",
     "ernie4_5_moe": "its router chooses by softmax scores plus a correction bias, which hetrun does not route yet",
 }
@@ -29,7 +28,7 @@ MODELED_APPROXIMATELY = {
     "llama4_text": "its chunked-attention layers (3 of every 4, 8192-token chunks) are modeled with a full KV cache, "
                    "so KV memory and attention traffic are upper bounds",
 }
-ACTIVATIONS = ("silu", "clamped_swiglu")  # clamped_swiglu: gpt-oss's, modeled only
+ACTIVATIONS = ("silu", "clamped_swiglu")  # clamped_swiglu: gpt-oss's (ExpertActivation)
 # Ceilings far above every published MoE model (DeepSeek-V3: 61 layers, 256 experts, hidden 7168, vocab 129,280).
 MAX_LAYERS = 1024
 MAX_EXPERTS = 4096
@@ -275,8 +274,9 @@ class MoESpec:
                       hidden_size=config.hidden_size, vocab_size=config.vocab_size, activation=g("hidden_act", "silu"),
                       attention=attn, tie_word_embeddings=bool(g("tie_word_embeddings", False)))
         if mt in ("mixtral", "gpt_oss"):  # gpt-oss: softmax over the top-k logits is Mixtral's routing
-            if mt == "gpt_oss":
-                common["activation"] = "clamped_swiglu"
+            if mt == "gpt_oss":  # biases after each projection and a clamped SwiGLU; a bias on the router too
+                common.update(activation="clamped_swiglu", swiglu_alpha=float(config.swiglu_alpha),
+                              swiglu_limit=float(config.swiglu_limit), expert_bias=True)
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
         if mt == "minimax_m2":  # sigmoid scores plus a correction bias, over all experts; the gate in the model's dtype
@@ -358,7 +358,12 @@ class MoESpec:
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=a.num_heads, hidden_act=self.activation,
                     tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
-        if self.family in ("mixtral", "minimax_m2"):
+        if self.family == "gpt_oss":  # every other layer attends through a sliding window, with sinks
+            cfg = tf.GptOssConfig(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
+                                  num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads,
+                                  head_dim=a.head_dim, swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+                                  **{k: v for k, v in base.items() if k != "hidden_act"})
+        elif self.family in ("mixtral", "minimax_m2"):
             cls = tf.MixtralConfig if self.family == "mixtral" else tf.MiniMaxM2Config
             cfg = cls(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
                       num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim, **base)
@@ -471,11 +476,11 @@ PRESETS: dict[str, MoESpec] = {
         name="minimax-m2", family="minimax_m2", num_layers=62, hidden_size=3072, moe_intermediate_size=1536,
         num_experts=256, vocab_size=200064, router=RouterSpec("sigmoid_grouped", 8, True, fp32_logits=False),
         attention=AttentionSpec("gqa", 48, 8, 128)),
-    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
     "gpt-oss-120b": MoESpec(
         name="gpt-oss-120b", family="gpt_oss", num_layers=36, hidden_size=2880, moe_intermediate_size=2880,
-        num_experts=128, vocab_size=201088, activation="clamped_swiglu", router=RouterSpec("softmax_topk", 4, True),
-        attention=AttentionSpec("gqa", 64, 8, 64)),
+        num_experts=128, vocab_size=201088, activation="clamped_swiglu", expert_bias=True,
+        router=RouterSpec("softmax_topk", 4, True), attention=AttentionSpec("gqa", 64, 8, 64)),
+    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
     "llama-4-scout": MoESpec(
         name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,
         num_experts=16, num_shared_experts=1, shared_intermediate_size=8192, dense_intermediate_size=16384,

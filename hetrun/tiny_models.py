@@ -41,6 +41,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
     "minimax_m2": MoESpec.from_preset("tiny-mixtral").replace(
         name="tiny-minimax-m2", family="minimax_m2", hidden_size=64, moe_intermediate_size=24, num_experts=12,
         router=RouterSpec("sigmoid_grouped", 3, True, fp32_logits=False), attention=AttentionSpec("gqa", 4, 2, 16)),
+    "gpt_oss": MoESpec.from_preset("tiny-mixtral").replace(  # a clamp at 1.5 that the tiny model's values reach
+        name="tiny-gpt-oss", family="gpt_oss", num_layers=2, hidden_size=48, moe_intermediate_size=40, num_experts=10,
+        activation="clamped_swiglu", swiglu_limit=1.5, expert_bias=True, router=RouterSpec("softmax_topk", 3, True),
+        attention=AttentionSpec("gqa", 4, 2, 16)),
 }
 
 
@@ -54,15 +58,20 @@ def random_config(spec: MoESpec):
 def random_model(spec: MoESpec, seed: int = 0, bias_scale: float = 0.1) -> torch.nn.Module:
     """A random transformers model of `spec`, in eval mode, the same for the same seed in every process.
 
-    DeepSeek-V3 models get a non-zero e_score_correction_bias. The global RNG is left as it was.
+    DeepSeek-V3 models get a non-zero e_score_correction_bias, gpt-oss ones non-zero expert biases (transformers
+    starts both at zero). The global RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(random_config(spec)).eval()
+        cfg = random_config(spec)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
         with torch.no_grad():
             for mod in model.modules():
                 if hasattr(mod, "e_score_correction_bias"):
                     mod.e_score_correction_bias.normal_(0.0, bias_scale)
+                for name in ("gate_up_proj_bias", "down_proj_bias"):
+                    if hasattr(mod, name):
+                        getattr(mod, name).normal_(0.0, cfg.initializer_range)
     return model
 
 

@@ -28,6 +28,8 @@ def random_shape(family: str, seed: int) -> MoESpec:
     top_k = rng.randint(1, min(4, experts))
     if family == "minimax_m2":  # one group, always normalised, no scaling: all its config can say
         shape["router"] = RouterSpec("sigmoid_grouped", top_k, True, fp32_logits=False)
+    elif family == "gpt_oss":  # softmax over the top-k logits: normalised; a clamp that bites, or gpt-oss's own
+        shape.update(router=RouterSpec("softmax_topk", top_k, True), swiglu_limit=rng.choice([1.0, 7.0]))
     elif base.first_dense_layers:  # DeepSeek-V2/V3, GLM: groups, scaling, shared experts, a leading dense layer
         groups = rng.choice([g for g in (1, 2, 4) if experts % g == 0 and experts // g >= 2])
         chosen = rng.randint(1, groups)

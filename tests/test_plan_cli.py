@@ -77,7 +77,7 @@ def test_a_model_directory_or_config_plans_and_simulates(capsys, tmp_path):
 
 
 def test_modeled_family_plans_and_simulates_but_does_not_deploy(capsys, tmp_path, caplog):
-    """A gpt-oss config.json: plan and simulate read its shape (saying once what the model leaves out); deploying or
+    """A Llama 4 config.json: plan and simulate read its shape (saying once what the model leaves out); deploying or
     exporting it is a one-line error that names what is missing."""
     import transformers
 
@@ -86,19 +86,19 @@ def test_modeled_family_plans_and_simulates_but_does_not_deploy(capsys, tmp_path
     from hetrun.once import said
 
     said.clear()
-    transformers.GptOssConfig(num_hidden_layers=2, num_local_experts=8, hidden_size=64, intermediate_size=64,
-                              head_dim=16, num_attention_heads=4, num_key_value_heads=2,
-                              vocab_size=256).save_pretrained(tmp_path)
+    transformers.Llama4TextConfig(num_hidden_layers=4, num_local_experts=8, hidden_size=64, intermediate_size=64,
+                                  intermediate_size_mlp=96, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                                  interleave_moe_layer_step=2, vocab_size=256).save_pretrained(tmp_path)
     rc, out, err = run_cli(capsys, "plan", "--model", tmp_path, "--profile", "mixed-demo", "-o", "-", "--json")
     assert rc == 0, err
-    assert json.loads(out)["experts"] == 8
-    assert "sliding-window layers (every other one, 128 tokens) are modeled with a full KV cache" in caplog.text
+    assert json.loads(out)["experts"] == 8 and json.loads(out)["moe_layers"] == 2  # MoE every other layer
+    assert "chunked-attention layers (3 of every 4, 8192-token chunks) are modeled with a full KV cache" in caplog.text
     rc, out, err = run_cli(capsys, "simulate", "--model", tmp_path, "--profile", "mixed-demo", "--json")
     assert rc == 0, err
     rc, out, err = run_cli(capsys, "export", tmp_path, "--profile", "mixed-demo", "-o", tmp_path / "b")
     assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "b").exists()
-    assert "model family 'gpt_oss' can be planned and simulated" in err and "attention has sinks" in err
-    with pytest.raises(HetrunError, match="'gpt_oss' can be planned and simulated .* but not deployed"):
+    assert "model family 'llama4_text' can be planned and simulated" in err and "pre-scaled by sigmoid" in err
+    with pytest.raises(HetrunError, match="'llama4_text' can be planned and simulated .* but not deployed"):
         deploy(str(tmp_path), "mixed-demo")
 
 

@@ -10,7 +10,7 @@ import transformers
 from hetrun.checkpoint.writer import save_checkpoint
 from hetrun.runtime.dispatch import MoELayer
 from hetrun.runtime.routing import route, router_logits
-from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block, router_tensors
+from hetrun.runtime.weights import find_moe_blocks, layer_weights_from_block, router_module, router_tensors
 from hetrun.spec import MoESpec
 from hetrun.tiny_models import tiny_model
 from tests.conftest import FAMILIES
@@ -18,10 +18,11 @@ from tests.conftest import FAMILIES
 
 def their_route(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' own routing of x [T, D] by an MoE block's router: weights [T, K], ids [T, K]."""
-    if "e_score_correction_bias" in inspect.signature(block.gate.forward).parameters:  # MiniMax-M2: the block's bias
-        _, w, ids = block.gate(x, block.e_score_correction_bias)
+    router = router_module(block)
+    if "e_score_correction_bias" in inspect.signature(router.forward).parameters:  # MiniMax-M2: the block's bias
+        _, w, ids = router(x, block.e_score_correction_bias)
     else:
-        _, w, ids = block.gate(x)
+        _, w, ids = router(x)
     return w, ids
 
 
@@ -33,8 +34,8 @@ def test_router_matches_transformers(family, family_models):
     x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [T, D]
     with torch.no_grad():
         want_w, want_ids = their_route(block, x)
-        _, bias, _ = router_tensors(block)
-        ids, w = route(router_logits(x, block.gate.weight, spec.router), spec.router, bias)
+        gate, bias, _, gate_bias = router_tensors(block)
+        ids, w = route(router_logits(x, gate, spec.router, gate_bias), spec.router, bias)
     # Same experts per token (order may differ with sorted=False), same weights within FP32 rounding.
     want_sorted, wi = want_ids.sort(-1)
     got_sorted, gi = ids.sort(-1)
@@ -49,7 +50,7 @@ def test_deployed_bf16_router_matches_transformers(family, tmp_path):
     fp32 = tiny_model(family)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     for (_, _, full), (_, _, half) in zip(find_moe_blocks(fp32), find_moe_blocks(bf16)):
-        half.gate.weight = full.gate.weight  # stored in FP32, as some checkpoints keep routers
+        router_module(half).weight = router_module(full).weight  # stored in FP32, as some checkpoints keep routers
     save_checkpoint(bf16, tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     spec = MoESpec.from_hf_config(model.config)
@@ -59,8 +60,8 @@ def test_deployed_bf16_router_matches_transformers(family, tmp_path):
     x = torch.randn(257, spec.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()  # [T, D]
     with torch.no_grad():
         want_w, want_ids = their_route(block, x)
-        gate, bias, _ = layer._router_as(x.dtype, x.device)
-        ids, w = route(router_logits(x, gate, spec.router), spec.router, bias)
+        gate, bias, _, gate_bias = layer._router_as(x.dtype, x.device)
+        ids, w = route(router_logits(x, gate, spec.router, gate_bias), spec.router, bias)
     want_sorted, wi = want_ids.sort(-1)
     got_sorted, gi = ids.sort(-1)
     assert torch.equal(want_sorted, got_sorted)

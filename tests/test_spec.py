@@ -60,9 +60,15 @@ def test_presets_have_published_active_parameters(name, published):
     assert low - half_unit <= float(published) * 1e9 <= high + half_unit, (low / 1e9, high / 1e9)
 
 
+def test_gpt_oss_reads_from_its_config():
+    spec = MoESpec.from_hf_config(transformers.GptOssConfig())  # transformers' defaults: gpt-oss-120b's config
+    assert spec.replace(name="gpt-oss-120b") == MoESpec.from_preset("gpt-oss-120b")
+    assert spec.expert_activation.kind == "clamped_swiglu" and spec.expert_activation.alpha == 1.702
+    assert spec.expert_activation.limit == 7.0 and spec.expert_bias
+
+
 @pytest.mark.parametrize("config,preset", [
-    ("GptOssConfig", "gpt-oss-120b"),  # transformers' defaults are each model's published config
-    ("Llama4TextConfig", "llama-4-scout"),
+    ("Llama4TextConfig", "llama-4-scout"),  # transformers' defaults are each model's published config
     ("Llama4Config", "llama-4-scout"),  # the multimodal wrapper: its text_config is read
     ("Ernie4_5_MoeConfig", "ernie-4.5-21b-a3b"),
 ])

@@ -242,7 +242,8 @@ def predict(profile_name, dense: str, tokens: int, precision: str) -> dict:
     layout = resolve_layout(profile)
     spec, plan, weights, hidden = _setup(profile, tokens, precision)
     w = layout.world_size
-    ids, _ = route(router_logits(hidden, weights.gate, spec.router), spec.router, weights.correction_bias)  # [T, K]
+    ids, _ = route(router_logits(hidden, weights.gate, spec.router, weights.gate_bias), spec.router,
+                   weights.correction_bias)  # [T, K]
     slots = plan.log2phy[0][ids.reshape(-1).numpy(), 0]  # [T*K] one slot per expert in the round-robin plan
     src = np.repeat(np.arange(tokens), spec.router.top_k)  # [T*K] token of each pair
     src_rank = np.zeros_like(src)

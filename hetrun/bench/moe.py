@@ -190,7 +190,8 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
 def _slots_for_one_token(layer, x) -> list[int]:
     from hetrun.runtime.routing import route, router_logits
 
-    ids, _ = route(router_logits(x, layer.weights.gate, layer.router), layer.router, layer.weights.correction_bias)
+    ids, _ = route(router_logits(x, layer.weights.gate, layer.router, layer.weights.gate_bias), layer.router,
+                   layer.weights.correction_bias)
     return sorted(set(layer.slots_for(ids).tolist()))
 
 

@@ -256,10 +256,11 @@ def load(bundle_dir: "str | os.PathLike", profile: "str | Profile | dict | None"
     store = GraphStore(root, man)
     weights = []
     for li, (layer, _, block) in enumerate(blocks):
-        gate, bias, shared_gate = router_tensors(block)
+        gate, bias, shared_gate, gate_bias = router_tensors(block)
         weights.append(MoELayerWeights(
             layer, gate, bias, tuple(BundledExpert(store, li, "routed", e) for e in range(spec.num_experts)),
-            tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])), shared_gate))
+            tuple(BundledExpert(store, li, "shared", s) for s in range(plan.shared_device_of.shape[1])), shared_gate,
+            gate_bias))
     paths = [path for _, path, _ in blocks]
     runtime = BundleRuntime(plan, prof, None, threads=threads)
     runtime.dense = run_dense_linears(model, runtime, paths)  # as deploy() runs them (first), from the bundle's

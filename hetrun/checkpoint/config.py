@@ -60,7 +60,7 @@ def model_spec(name: str) -> MoESpec:
     family's: plan, simulate and fleet read shapes hetrun does not deploy too)."""
     spec = _model_spec(name)
     if spec.family in MODELED_APPROXIMATELY:
-        warn_once(("modeled", spec.family), "%s is modeled, not deployable: %s", spec.name,
+        warn_once(("modeled", spec.family), "%s as plan and simulate model it: %s", spec.name,
                   MODELED_APPROXIMATELY[spec.family])
     return spec
 

@@ -56,6 +56,9 @@ def open_checkpoint(path: "str | os.PathLike") -> Checkpoint:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     spec = MoESpec.from_hf_config(config)
+    if quant.method == "mxfp4" and spec.family != "gpt_oss":
+        raise CheckpointError(f"{cfg_file}: mxfp4 quantization is read for gpt-oss checkpoints only, not "
+                              f"{spec.family}")
     shards = Shards(root)
     check_dtypes(shards, quant)
     return Checkpoint(root, config, spec, quant, shards)

@@ -14,6 +14,7 @@ from functools import partial
 
 import numpy as np
 
+from hetrun.checkpoint import gpt_oss
 from hetrun.checkpoint.directory import Checkpoint
 from hetrun.checkpoint.linears import Stored, fp8_scale_grid, read_linear
 from hetrun.checkpoint.naming import MODULE_MOE, expert_bases, shared_base, stacked_names
@@ -34,6 +35,7 @@ class CheckpointExpert(ExpertSource):
         self.intermediate = spec.moe_intermediate_size if kind == "routed" else \
             spec.shared_intermediate_size * max(spec.num_shared_experts, 1) // part[1]
         self.name = f"L{layer}.{'E' if kind == 'routed' else 'S'}{index}"
+        self.activation = spec.expert_activation
 
     def read(self) -> ExpertWeights | QuantizedExpert:
         return self._read(narrow=False)
@@ -54,6 +56,8 @@ class CheckpointExpert(ExpertSource):
         if self.kind == "shared":
             return self._shared()
         ck, d, i = self.ckpt, self.hidden, self.intermediate
+        if ck.family == "gpt_oss":  # its own layout: stacked, transposed, interleaved, biased; or MXFP4
+            return gpt_oss.read_expert(ck.shards, self.layer, self.index, d, i, self.activation, narrow)
         bases = expert_bases(ck.shards, ck.family, self.layer, self.index)
         if bases is not None:
             shapes = ((i, d), (i, d), (d, i))

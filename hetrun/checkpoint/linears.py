@@ -76,7 +76,7 @@ def _weight_dtype_error(shards: Shards, name: str, dtype: str, quant: Quantizati
 
 # dtype codes each kind of tensor may have, by name suffix (checked for every tensor when a checkpoint is opened)
 _SUFFIX_DTYPES = {".qweight": ("I32",), ".qzeros": ("I32",), ".g_idx": ("I32", "I64"), ".scales": FLOATS,
-                  "_scale_inv": (*FLOATS, "F8_E8M0")}
+                  "_scale_inv": (*FLOATS, "F8_E8M0"), "_proj_blocks": ("U8",), "_proj_scales": ("U8",)}
 
 
 def check_dtypes(shards: Shards, quant: Quantization) -> None:

@@ -5,7 +5,7 @@ On disk (the hub layout, which save_pretrained writes by default) each routed ex
   model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight            Mixtral, MiniMax-M2 (w1 gate, w3 up, w2 down)
 save_pretrained(save_original_format=False) and some hub repos keep them stacked, as transformers 5 holds them:
   model.layers.N.mlp.experts.gate_up_proj [E, 2I, D] (gate rows first), ...experts.down_proj [E, D, I]
-(optionally with a `.weight` suffix). In memory every family's MoE block is `model.layers.N.mlp`; Mixtral's router
+(optionally with a `.weight` suffix). gpt-oss has a layout of its own (hetrun.checkpoint.gpt_oss). In memory every family's MoE block is `model.layers.N.mlp`; Mixtral's router
 is `block_sparse_moe.gate` on disk. Quantized linears replace `X.weight` by `X.weight` + `X.weight_scale_inv` (FP8)
 or `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx` (GPTQ).
 """
@@ -40,6 +40,7 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "qwen3_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "olmoe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
+    "gpt_oss": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),  # stacked only: hetrun.checkpoint.gpt_oss
 }
 MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from hetrun.errors import CheckpointError
 
-SUPPORTED = ("fp8", "gptq")
+SUPPORTED = ("fp8", "gptq", "mxfp4")
 
 
 @dataclass(frozen=True)
 class Quantization:
     """How a checkpoint's linear weights are stored."""
 
-    method: str = "none"  # none, fp8 or gptq
+    method: str = "none"  # none, fp8, gptq, or mxfp4 (gpt-oss's experts: hetrun.checkpoint.gpt_oss)
     block: tuple[int, int] = (128, 128)  # fp8: weight block (rows, columns)
     bits: int = 4  # gptq
     group: int = 128  # gptq: input columns per group; -1: one group per column span (whole K)
@@ -37,6 +37,8 @@ class Quantization:
             return f"fp8 {self.block[0]}x{self.block[1]} blocks"
         if self.method == "gptq":
             return f"gptq {self.bits}-bit g{self.group}{' act-order' if self.desc_act else ''}"
+        if self.method == "mxfp4":
+            return "mxfp4 experts"
         return "unquantized"
 
 
@@ -52,6 +54,8 @@ def quantization_of(config: dict, where: str) -> Quantization:
         return _fp8(q, where)
     if method == "gptq":
         return _gptq(q, where)
+    if method == "mxfp4":  # OpenAI's gpt-oss release: experts in MXFP4, the rest BF16
+        return Quantization("mxfp4")
     hint = {"awq": "AWQ checkpoints are not read yet; use a GPTQ or BF16 checkpoint of the model",
             "bitsandbytes": "bitsandbytes quantizes at load time; use the unquantized checkpoint",
             "compressed-tensors": "compressed-tensors checkpoints are not read yet"}.get(method, "")

@@ -101,9 +101,11 @@ def _lookup_table_key(model: torch.nn.Module, config) -> str | None:
 
 
 def _router_key(key: str) -> bool:
-    # what an expert-only rank still reads: the routers (MiniMax-M2 keeps its correction bias beside its gate) and the
+    # what an expert-only rank still reads: the routers (gpt-oss's `router`, MiniMax-M2's correction bias beside its
+    # gate) and the
     # Qwen2-MoE shared-expert gate (small)
-    return ".mlp.gate." in key or ".mlp.shared_expert_gate." in key or key.endswith(".mlp.e_score_correction_bias")
+    return ".mlp.gate." in key or ".mlp.router." in key or ".mlp.shared_expert_gate." in key \
+        or key.endswith(".mlp.e_score_correction_bias")
 
 
 def _rebuild_buffers(model: torch.nn.Module, config) -> None:

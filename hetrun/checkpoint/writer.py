@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from hetrun.checkpoint import gpt_oss
 from hetrun.checkpoint.naming import FAMILY_NAMES, MODULE_MOE
 from hetrun.checkpoint.shards import DTYPES, INDEX, SINGLE
 from hetrun.files import write_atomic
@@ -98,8 +99,9 @@ def _write_file(path: Path, tensors: list[TensorSpec]) -> None:
 
 def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(on-disk name, kind, tensor) of every weight of a transformers 5 MoE model, as save_pretrained names them:
-    stacked experts split per expert, Mixtral's MoE block under block_sparse_moe, a tied lm_head left out. `kind`
-    is "expert", "shared", "linear" (another nn.Linear weight), "lm_head" or "other"."""
+    stacked experts split per expert (gpt-oss's kept stacked, kind "stacked"), Mixtral's MoE block under
+    block_sparse_moe, a tied lm_head left out. `kind` is "expert", "stacked", "shared", "linear" (another nn.Linear
+    weight), "lm_head" or "other"."""
     family = model.config.model_type
     names = FAMILY_NAMES[family]
     moe_paths = {path for _, path, _ in find_moe_blocks(model)}
@@ -110,6 +112,9 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             continue
         block = next((p for p in moe_paths if key.startswith(f"{p}.")), None)
         disk = key if block is None else key.replace(f".{MODULE_MOE}.", f".{names.moe[0]}.", 1)
+        if block is not None and key.startswith(f"{block}.experts.") and family == "gpt_oss":
+            yield disk, "stacked", t  # its hub layout keeps them stacked (hetrun.checkpoint.gpt_oss), never quantized
+            continue
         if block is not None and key.startswith(f"{block}.experts."):
             prefix = disk.rsplit(".", 1)[0]  # ...experts
             if key.endswith("gate_up_proj"):
@@ -135,7 +140,8 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
                     max_shard_bytes: int = 2**30, block: int = 128, group: int = 128, desc_act: bool = False,
                     sym: bool = True, checkpoint_format: str = "gptq",
                     calibration: dict[int, np.ndarray] | None = None, dense: bool = True, seed: int = 0) -> Path:
-    """Write `model` (a transformers 5 MoE model) as a checkpoint directory in `quantization` none, fp8 or gptq.
+    """Write `model` (a transformers 5 MoE model) as a checkpoint directory in `quantization` none, fp8, gptq or
+    mxfp4 (gpt-oss only: its experts as OpenAI's release stores them, hetrun.checkpoint.gpt_oss, the rest as is).
 
     fp8: every Linear but lm_head and the routers, E4M3 with `block` x `block` scales (DeepSeek-V3's layout).
     gptq: routed and shared experts and the other linears whose outputs are a multiple of 8, 4-bit in groups of
@@ -154,8 +160,13 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
         config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act,
                                          "sym": sym, "checkpoint_format": checkpoint_format, "true_sequential": True,
                                          "damp_percent": 0.01, "static_groups": False}
+    elif quantization == "mxfp4":
+        if model.config.model_type != "gpt_oss":
+            raise ValueError("mxfp4 checkpoints are gpt-oss's; quantize another family with fp8 or gptq")
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     elif quantization != "none":
-        raise ValueError(f"quantization must be none, fp8 or gptq, got {quantization!r}")
+        raise ValueError(f"quantization must be none, fp8, gptq or mxfp4, got {quantization!r}")
     zero_offset = 1 if checkpoint_format == "gptq" else 0
     experts = {} if quantization != "gptq" or calibration is None else \
         {d: t.detach().float().numpy() for d, k, t in hub_tensors(model) if k in ("expert", "shared")}
@@ -167,6 +178,9 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
             q = quantize_fp8(w.float().numpy(), "e4m3", "block", block)
             codes = torch.from_numpy(q.data.view(np.uint8).copy()).view(torch.float8_e4m3fn)
             specs += [_spec(disk, codes), _spec(f"{disk}_scale_inv", torch.from_numpy(q.scale.astype(np.float32)))]
+        elif quantization == "mxfp4" and kind == "stacked" and disk.endswith(("gate_up_proj", "down_proj")):
+            blocks, scales = gpt_oss.quantize_mxfp4(w.transpose(1, 2).float().numpy())  # [E, out, in] rows
+            specs += [_spec(f"{disk}_blocks", torch.from_numpy(blocks)), _spec(f"{disk}_scales", torch.from_numpy(scales))]
         elif quantization == "gptq" and kind in quantized and (kind != "linear" or w.shape[0] % GPTQ_PACK == 0):
             x = _calibration_input(calibration, experts, model.config.model_type, disk, kind)
             parts = _gptq_linear(w.float().numpy(), x, group, sym, desc_act, zero_offset,

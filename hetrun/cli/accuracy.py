@@ -27,7 +27,7 @@ from hetrun.profile import load_profile
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
           "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3-next": "qwen3_next", "tiny-olmoe": "olmoe",
           "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-dots1": "dots1",
-          "tiny-minimax-m2": "minimax_m2"}
+          "tiny-minimax-m2": "minimax_m2", "tiny-gpt-oss": "gpt_oss"}
 PROMPT_SEED = 1234
 
 
@@ -248,11 +248,11 @@ def _routed_calibration(reference, blocks, inputs) -> dict:
     router = MoESpec.from_hf_config(reference.config).router
     out = {}
     for (layer, _, block), x in zip(blocks, inputs):
-        _, bias, _ = router_tensors(block)
+        gate, bias, _, gate_bias = router_tensors(block)
         with torch.no_grad():
-            ids, _ = route(router_logits(x, block.gate.weight, router), router, bias)  # [T, K]
+            ids, _ = route(router_logits(x, gate, router, gate_bias), router, bias)  # [T, K]
         out[layer] = x.numpy()
-        for e in range(block.gate.weight.shape[0]):
+        for e in range(gate.shape[0]):
             rows = (ids == e).any(dim=1)  # [T]
             out[(layer, e)] = x[rows].numpy() if int(rows.sum()) >= 64 else x.numpy()
     return out

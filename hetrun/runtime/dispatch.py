@@ -357,8 +357,8 @@ class MoELayer:
             raise HetrunError(f"the input of MoE layer {self.weights.layer} holds NaN or inf before any expert ran: "
                               "the model's dense part (attention, norms) or its inputs produced it, not a device")
         k = self.router.top_k
-        gate, bias, shared_gate = self._router_as(hidden.dtype, hidden.device)
-        logits = router_logits(hidden, gate, self.router)  # [T, E]
+        gate, bias, shared_gate, gate_bias = self._router_as(hidden.dtype, hidden.device)
+        logits = router_logits(hidden, gate, self.router, gate_bias)  # [T, E]
         ids, weights = route(logits, self.router, bias)  # [T, K], [T, K]
         # Row bookkeeping on the host: a few integers per token (copied off an accelerator, where the hidden states
         # live on one), in numpy, where each torch op would cost more than its work; a decode token's K pairs in
@@ -408,14 +408,15 @@ class MoELayer:
         return out
 
     def _router_as(self, dtype: torch.dtype, device: torch.device) -> tuple:
-        """The router's weight [E, D] in the dtype it computes in for hidden states of `dtype` (routing.gate_dtype),
-        its correction bias [E] and the shared experts' gate [1, D] (each or None), on `device`, where the hidden
-        states are: converted once per dtype and device, not per call."""
+        """The router's weight [E, D] and own bias [E] in the dtype it computes in for hidden states of `dtype`
+        (routing.gate_dtype), its correction bias [E] and the shared experts' gate [1, D] (each but the weight or
+        None), on `device`, where the hidden states are: converted once per dtype and device, not per call."""
         key = (dtype, device)
         if key not in self._router_cache:
-            w = self.weights
-            self._router_cache[key] = (w.gate.to(device=device, dtype=gate_dtype(self.router, dtype)), *(
-                None if t is None else t.to(device) for t in (w.correction_bias, w.shared_gate)))
+            w, gd = self.weights, gate_dtype(self.router, dtype)
+            self._router_cache[key] = (w.gate.to(device=device, dtype=gd), *(
+                None if t is None else t.to(device) for t in (w.correction_bias, w.shared_gate)),
+                None if w.gate_bias is None else w.gate_bias.to(device=device, dtype=gd))
         return self._router_cache[key]
 
     # ---- compute: one expert call, checked, with failover -------------------------------------------
@@ -790,21 +791,29 @@ def _finish_background_work() -> None:
             log.warning("exiting while background work on '%s' is still running", worker.thread.name)
 
 
-class HetrunMoEBlock(torch.nn.Module):
-    """Stands where a transformers MoE block stood: hidden [B, S, D] -> [B, S, D] through hetrun's dispatcher."""
+# Families whose MoE block returns (hidden states, router scores), which their decoder layer unpacks.
+BLOCK_RETURNS_SCORES = ("gpt_oss",)
 
-    def __init__(self, layer: MoELayer):
+
+class HetrunMoEBlock(torch.nn.Module):
+    """Stands where a transformers MoE block stood: hidden [B, S, D] -> [B, S, D] through hetrun's dispatcher (and
+    no router scores beside it, where the block returned them)."""
+
+    def __init__(self, layer: MoELayer, returns_scores: bool = False):
         super().__init__()
         self.layer = layer
+        self.returns_scores = returns_scores
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
-        return self.layer(hidden_states.reshape(-1, shape[-1])).reshape(shape)
+        out = self.layer(hidden_states.reshape(-1, shape[-1])).reshape(shape)
+        return (out, None) if self.returns_scores else out
 
 
 def swap_moe_blocks(model: torch.nn.Module, paths: list[str], layers: list[MoELayer]) -> None:
     """Put a HetrunMoEBlock of each layer where the MoE block at that module path stood."""
+    returns_scores = getattr(model.config, "model_type", None) in BLOCK_RETURNS_SCORES
     for path, layer in zip(paths, layers):
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, HetrunMoEBlock(layer))
+        setattr(parent, attr, HetrunMoEBlock(layer, returns_scores))

@@ -14,12 +14,14 @@ def gate_dtype(router: RouterSpec, hidden_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if fp32 else hidden_dtype
 
 
-def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec) -> torch.Tensor:
-    """Gate logits [T, E] for hidden [T, D] and gate weight [E, D]."""
+def router_logits(hidden: torch.Tensor, gate_weight: torch.Tensor, router: RouterSpec,
+                  gate_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Gate logits [T, E] for hidden [T, D], gate weight [E, D] and the gate's own bias [E] (gpt-oss's; None)."""
     dtype = gate_dtype(router, hidden.dtype)  # converted only where it differs: each call is a decode step's
     hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)
     gate_weight = gate_weight if gate_weight.dtype == dtype else gate_weight.to(dtype)
-    return torch.nn.functional.linear(hidden, gate_weight)
+    gate_bias = gate_bias if gate_bias is None or gate_bias.dtype == dtype else gate_bias.to(dtype)
+    return torch.nn.functional.linear(hidden, gate_weight, gate_bias)
 
 
 def route(logits: torch.Tensor, router: RouterSpec,

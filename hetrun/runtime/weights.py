@@ -293,10 +293,16 @@ class LazyMLP(torch.nn.Module):
 
 
 def _swiglu(x: torch.Tensor, w: ExpertWeights, act_fn) -> torch.Tensor:
-    """x [n, D] through one expert in x's dtype (the model's, as its own experts compute)."""
+    """x [n, D] through one expert in x's dtype (the model's, as its own experts compute): act_fn(g) * u, or the
+    expert's own activation and biases where it has them (gpt-oss)."""
     gate, up, down = (torch.from_numpy(m).to(x.dtype) for m in (w.gate, w.up, w.down))
-    return torch.nn.functional.linear(act_fn(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up),
-                                      down)  # [n, D]
+    gate_b, up_b, down_b = (None if b is None else torch.from_numpy(np.asarray(b)).to(x.dtype)
+                            for b in (w.gate_bias, w.up_bias, w.down_bias))
+    g, u = torch.nn.functional.linear(x, gate), torch.nn.functional.linear(x, up)  # [n, I]
+    if gate_b is not None:  # added after the product, as transformers' gpt-oss experts do (not fused: rounded twice)
+        g, u = g + gate_b, u + up_b
+    y = torch.nn.functional.linear(act_fn(g) * u if w.activation == SILU else w.activation.apply(g, u), down)
+    return y if down_b is None else y + down_b  # [n, D]
 
 
 # ---- MoE layers ------------------------------------------------------------------------------------------------
@@ -312,16 +318,17 @@ class MoELayerWeights:
     experts: tuple[Expert, ...]  # E routed experts
     shared: tuple[Expert, ...]  # shared experts, always applied
     shared_gate: torch.Tensor | None  # [1, D] Qwen2-MoE sigmoid gate on the shared expert
+    gate_bias: torch.Tensor | None = None  # [E] the router's own bias, added to its logits (gpt-oss)
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[tuple[int, str, torch.nn.Module]]:
-    """(layer index, module path, module) of every MoE block: a module with a router `gate` and stacked `experts`
-    (or LazyExperts)."""
+    """(layer index, module path, module) of every MoE block: a module with a router (`gate`, gpt-oss's `router`)
+    and stacked `experts` (or LazyExperts)."""
     found = []
     for name, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
-        if experts is not None and hasattr(mod, "gate") and (hasattr(experts, "gate_up_proj")
-                                                             or isinstance(experts, LazyExperts)):
+        if experts is not None and router_module(mod) is not None and (hasattr(experts, "gate_up_proj")
+                                                                 or isinstance(experts, LazyExperts)):
             parts = name.split(".")
             layer = next((int(p) for p in reversed(parts) if p.isdigit()), len(found))
             found.append((layer, name, mod))
@@ -344,25 +351,45 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
         experts: tuple[ExpertSource, ...] = ex.sources
     else:
         gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()  # [E, 2I, D], [E, D, I]
-        i = gate_up.shape[1] // 2
-        gate, up = gate_up[:, :i], gate_up[:, i:]  # views [E, I, D]
-        experts = tuple(ModuleExpert(gate, up, down, e, name=f"{name}.E{e}") for e in range(gate_up.shape[0]))
+        if getattr(ex, "is_transposed", False):  # gpt-oss stores them [E, D, 2I] and [E, I, D]
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        gate, up = _gate_and_up(ex, gate_up, 1)  # views [E, I, D]
+        bias = None
+        if getattr(ex, "has_bias", False):  # [E, 2I] split as the weights are, [E, D]
+            bias = (*_gate_and_up(ex, ex.gate_up_proj_bias.detach(), 1), ex.down_proj_bias.detach())
+        experts = tuple(ModuleExpert(gate, up, down, e, name=f"{name}.E{e}", bias=bias,
+                                     activation=spec.expert_activation) for e in range(gate_up.shape[0]))
     shared: tuple[ExpertSource, ...] = ()
     if getattr(block, "shared_experts", None) is not None:  # DeepSeek: n shared experts fused in one MLP
         shared = _mlp_sources(block.shared_experts, max(spec.num_shared_experts, 1), name)
     elif getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
         shared = _mlp_sources(block.shared_expert, 1, name)
-    gate, bias, shared_gate = router_tensors(block)
-    return MoELayerWeights(layer, gate, bias, experts, shared, shared_gate)
+    gate, bias, shared_gate, gate_bias = router_tensors(block)
+    return MoELayerWeights(layer, gate, bias, experts, shared, shared_gate, gate_bias)
+
+
+def _gate_and_up(experts: torch.nn.Module, gate_up: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # the gate and up halves of a stacked gate_up along `dim`: concatenated [gate; up], or interleaved (gpt-oss)
+    if getattr(experts, "is_concatenated", True):
+        return gate_up.chunk(2, dim=dim)
+    return gate_up[:, 0::2], gate_up[:, 1::2]
+
+
+def router_module(block: torch.nn.Module) -> torch.nn.Module | None:
+    """A transformers MoE block's router module (`gate`; gpt-oss's `router`), or None."""
+    return getattr(block, "gate", None) or getattr(block, "router", None)
 
 
 def router_tensors(block: torch.nn.Module) -> tuple:
     """A transformers MoE block's router as FP32 copies: gate weight [E, D], correction bias [E] (DeepSeek's and
-    GLM's on the gate, MiniMax-M2's on the block) and the Qwen2-MoE shared-expert gate [1, D], each or None."""
-    bias = getattr(block.gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
+    GLM's on the gate, MiniMax-M2's on the block), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
+    [E] (gpt-oss's router), each or None."""
+    gate = router_module(block)
+    bias = getattr(gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
     shared_gate = getattr(block, "shared_expert_gate", None)
     return tuple(None if t is None else t.detach().float().clone()
-                 for t in (block.gate.weight, bias, None if shared_gate is None else shared_gate.weight))
+                 for t in (gate.weight, bias, None if shared_gate is None else shared_gate.weight,
+                           getattr(gate, "bias", None)))
 
 
 def release_sources(layers: list[MoELayerWeights]) -> int:
