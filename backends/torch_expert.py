@@ -1,4 +1,5 @@
-"""A SwiGLU expert (with gpt-oss's biases and clamped activation where it has them) run in torch on any torch device (cuda, npu, cpu), from matrices read back out of its graph."""
+"""A SwiGLU expert (gpt-oss's with its biases and clamped activation) run in torch on any torch device (cuda, npu,
+cpu), from matrices read back out of its graph."""
 
 from __future__ import annotations
 

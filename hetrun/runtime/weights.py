@@ -164,8 +164,10 @@ class ExpertSource(abc.ABC):
     activation: ExpertActivation = SILU
 
     def biases(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(gate_up bias [2I], down bias [D]) float32, each None where the expert has none (every family but gpt-oss)."""
-        return None, None
+        """(gate_up bias [2I], down bias [D]) float32, each None where the expert has none (every family but
+        gpt-oss). This reads the whole expert: a source with stored_readers() and biases reads them alone."""
+        w = self.read_stored()
+        return (w.gate_up_bias, w.down_bias) if isinstance(w, ExpertWeights) else (None, None)
 
     @abc.abstractmethod
     def read(self) -> ExpertWeights | QuantizedExpert:
@@ -353,10 +355,10 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
         gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()  # [E, 2I, D], [E, D, I]
         if getattr(ex, "is_transposed", False):  # gpt-oss stores them [E, D, 2I] and [E, I, D]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-        gate, up = _gate_and_up(ex, gate_up, 1)  # views [E, I, D]
+        gate, up = _gate_and_up(ex, gate_up)  # views [E, I, D]
         bias = None
         if getattr(ex, "has_bias", False):  # [E, 2I] split as the weights are, [E, D]
-            bias = (*_gate_and_up(ex, ex.gate_up_proj_bias.detach(), 1), ex.down_proj_bias.detach())
+            bias = (*_gate_and_up(ex, ex.gate_up_proj_bias.detach()), ex.down_proj_bias.detach())
         experts = tuple(ModuleExpert(gate, up, down, e, name=f"{name}.E{e}", bias=bias,
                                      activation=spec.expert_activation) for e in range(gate_up.shape[0]))
     shared: tuple[ExpertSource, ...] = ()
@@ -368,10 +370,10 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
     return MoELayerWeights(layer, gate, bias, experts, shared, shared_gate, gate_bias)
 
 
-def _gate_and_up(experts: torch.nn.Module, gate_up: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # the gate and up halves of a stacked gate_up along `dim`: concatenated [gate; up], or interleaved (gpt-oss)
+def _gate_and_up(experts: torch.nn.Module, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the gate and up halves of a stacked gate_up [E, 2I, ...]: concatenated [gate; up], or interleaved (gpt-oss)
     if getattr(experts, "is_concatenated", True):
-        return gate_up.chunk(2, dim=dim)
+        return gate_up.chunk(2, dim=1)
     return gate_up[:, 0::2], gate_up[:, 1::2]
 
 
