@@ -164,10 +164,10 @@ class ExpertSource(abc.ABC):
     activation: ExpertActivation = SILU
 
     def biases(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(gate_up bias [2I], down bias [D]) float32, each None where the expert has none (every family but
-        gpt-oss). This reads the whole expert: a source with stored_readers() and biases reads them alone."""
-        w = self.read_stored()
-        return (w.gate_up_bias, w.down_bias) if isinstance(w, ExpertWeights) else (None, None)
+        """(gate_up bias [2I], down bias [D]) float32 beside stored_readers(), which read the matrices alone: None
+        here. A source whose experts have biases returns them (ModuleExpert) or has no stored_readers() and gives
+        them with read_stored()'s weights (a gpt-oss CheckpointExpert); reading the expert here would read it twice."""
+        return None, None
 
     @abc.abstractmethod
     def read(self) -> ExpertWeights | QuantizedExpert:
