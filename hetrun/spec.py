@@ -8,17 +8,16 @@ from typing import Any, Literal
 
 from hetrun.errors import SpecError
 
-RouterKind = Literal["softmax_topk", "sigmoid_grouped", "sigmoid_topk"]
+RouterKind = Literal["softmax_topk", "softmax_biased", "sigmoid_grouped", "sigmoid_topk"]
 AttentionKind = Literal["gqa", "mla"]
 
 # Families hetrun deploys (every one has a tiny model that the equivalence suite runs on each backend).
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss")
+                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss", "ernie4_5_moe")
 # Families whose shapes hetrun reads for `plan`, `simulate` and `fleet` (weights, bytes, FLOPs, KV cache) but does
 # not deploy, with what deploying them would need.
 MODELED_ONLY = {
     "llama4_text": "its experts take their input pre-scaled by sigmoid router scores",
-    "ernie4_5_moe": "its router chooses by softmax scores plus a correction bias, which hetrun does not route yet",
 }
 MODELED_FAMILIES = SUPPORTED_FAMILIES + tuple(MODELED_ONLY)
 # What the simulator's model of a family leaves out (plan and simulate say it once).
@@ -43,13 +42,14 @@ class RouterSpec:
 
     softmax_topk     softmax over the gate logits, top-k (Mixtral, Qwen, OLMoE); with n_group > 1 only the
                      topk_group groups of highest maximum score compete (DeepSeek-V2's group_limited_greedy).
+    softmax_biased   softmax scores plus a correction bias choose, the chosen softmax scores weigh (ERNIE 4.5).
     sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
                      (DeepSeek-V3, GLM-4.5, dots.llm1; MiniMax-M2 with one group).
     sigmoid_topk     top-k of the gate logits, each chosen one's sigmoid scaling the expert's input (Llama 4;
                      modeled only).
     The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor. The gate's
     logits are computed in FP32 when fp32_logits, else in the hidden states' dtype; None takes the kind's own:
-    FP32 for sigmoid_grouped (DeepSeek, GLM), the hidden states' dtype for softmax_topk.
+    FP32 for softmax_biased and sigmoid_grouped (ERNIE, DeepSeek, GLM), the hidden states' dtype for softmax_topk.
     """
 
     kind: RouterKind = "softmax_topk"
@@ -162,7 +162,7 @@ class MoESpec:
             raise SpecError(f"model '{self.name}': sizes must be positive")
         if self.activation not in ACTIVATIONS:
             raise SpecError(f"model '{self.name}': activation '{self.activation}' is not supported; hetrun runs SwiGLU (silu) experts")
-        if not 1 <= self.moe_layer_step <= max(self.num_layers, 1) or self.first_dense_layers >= self.num_layers:
+        if not 1 <= self.moe_layer_step <= max(self.num_layers, 1) or not self.moe_layer_ids:
             raise SpecError(f"model '{self.name}': moe_layer_step={self.moe_layer_step} and first_dense_layers="
                             f"{self.first_dense_layers} leave no MoE layer among {self.num_layers}")
         limits = {"num_layers": MAX_LAYERS, "num_experts": MAX_EXPERTS, "num_shared_experts": MAX_SHARED_EXPERTS,
@@ -293,7 +293,7 @@ class MoESpec:
                        num_shared_experts=1, shared_intermediate_size=config.intermediate_size,
                        dense_intermediate_size=config.intermediate_size_mlp, moe_layer_step=step,
                        router=RouterSpec("sigmoid_topk", config.num_experts_per_tok, False), **common)
-        if mt == "ernie4_5_moe":  # softmax scores, a correction bias that only chooses, normalised; no grouping
+        if mt == "ernie4_5_moe":  # softmax scores, a correction bias that only chooses, normalised; in FP32
             start, step = int(g("moe_layer_start_index", 1) or 0), int(g("moe_layer_interval", 1) or 1)
             end = g("moe_layer_end_index", -1)
             if end not in (-1, None, config.num_hidden_layers - 1):
@@ -302,13 +302,12 @@ class MoESpec:
             return cls(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.moe_num_experts,
                        num_shared_experts=shared, shared_intermediate_size=config.moe_intermediate_size if shared else 0,
                        first_dense_layers=start, dense_intermediate_size=config.intermediate_size, moe_layer_step=step,
-                       router=RouterSpec("softmax_topk", config.moe_k, True, fp32_logits=True), **common)
+                       router=RouterSpec("softmax_biased", config.moe_k, True, fp32_logits=True), **common)
         if mt in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
             sparse_step = g("decoder_sparse_step", 1) or 1
             mlp_only = list(g("mlp_only_layers", []) or [])
-            if mlp_only or (deployable and sparse_step != 1):
-                raise SpecError(f"{mt} configs with decoder_sparse_step != 1 or mlp_only_layers are not supported yet"
-                                + ("" if mlp_only else " by deploy (hetrun plan and simulate read them)"))
+            if mlp_only:
+                raise SpecError(f"{mt} configs with mlp_only_layers are not supported yet")
             moe_i = g("moe_intermediate_size") or config.intermediate_size
             shared = dict(num_shared_experts=0)
             if mt in ("qwen2_moe", "qwen3_next") and g("shared_expert_intermediate_size", 0):
@@ -358,7 +357,14 @@ class MoESpec:
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=a.num_heads, hidden_act=self.activation,
                     tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
-        if self.family == "gpt_oss":  # every other layer attends through a sliding window, with sinks
+        if self.family == "ernie4_5_moe":
+            cfg = tf.Ernie4_5_MoeConfig(
+                intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
+                moe_intermediate_size=self.moe_intermediate_size, moe_num_experts=self.num_experts, moe_k=self.top_k,
+                moe_num_shared_experts=self.num_shared_experts, moe_layer_start_index=self.first_dense_layers,
+                moe_layer_interval=self.moe_layer_step, num_key_value_heads=a.num_kv_heads, **base)
+            cfg.head_dim = a.head_dim
+        elif self.family == "gpt_oss":  # every other layer attends through a sliding window, with sinks
             cfg = tf.GptOssConfig(intermediate_size=self.moe_intermediate_size, num_local_experts=self.num_experts,
                                   num_experts_per_tok=self.top_k, num_key_value_heads=a.num_kv_heads,
                                   head_dim=a.head_dim, swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
@@ -381,7 +387,10 @@ class MoESpec:
                 extra["layer_types"] = types[:-1] + ["full_attention"] if "full_attention" not in types else types
             if self.family != "olmoe":
                 extra["head_dim"] = a.head_dim
-            cfg = cls(intermediate_size=self.moe_intermediate_size, moe_intermediate_size=self.moe_intermediate_size,
+            if self.moe_layer_step != 1:  # dense MLP layers between the MoE ones, of intermediate_size
+                extra["decoder_sparse_step"] = self.moe_layer_step
+            cfg = cls(intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
+                      moe_intermediate_size=self.moe_intermediate_size,
                       num_experts=self.num_experts, num_experts_per_tok=self.top_k,
                       norm_topk_prob=self.router.norm_topk_prob, num_key_value_heads=a.num_kv_heads, **extra, **base)
         elif self.family in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"):
@@ -488,7 +497,7 @@ PRESETS: dict[str, MoESpec] = {
     "ernie-4.5-300b-a47b": MoESpec(
         name="ernie-4.5-300b-a47b", family="ernie4_5_moe", num_layers=54, hidden_size=8192,
         moe_intermediate_size=3584, num_experts=64, first_dense_layers=3, dense_intermediate_size=28672,
-        vocab_size=103424, router=RouterSpec("softmax_topk", 8, True, fp32_logits=True),
+        vocab_size=103424, router=RouterSpec("softmax_biased", 8, True, fp32_logits=True),
         attention=AttentionSpec("gqa", 64, 8, 128)),
 }
 PRESETS["gpt-oss-20b"] = PRESETS["gpt-oss-120b"].replace(name="gpt-oss-20b", num_layers=24, num_experts=32)
@@ -497,7 +506,7 @@ PRESETS["llama-4-maverick"] = PRESETS["llama-4-scout"].replace(  # MoE every oth
 PRESETS["ernie-4.5-21b-a3b"] = PRESETS["ernie-4.5-300b-a47b"].replace(
     name="ernie-4.5-21b-a3b", num_layers=28, hidden_size=2560, moe_intermediate_size=1536, first_dense_layers=1,
     dense_intermediate_size=12288, num_shared_experts=2, shared_intermediate_size=1536, tie_word_embeddings=True,
-    router=RouterSpec("softmax_topk", 6, True, fp32_logits=True), attention=AttentionSpec("gqa", 20, 4, 128))
+    router=RouterSpec("softmax_biased", 6, True, fp32_logits=True), attention=AttentionSpec("gqa", 20, 4, 128))
 PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"].replace(name="deepseek-r1")
 PRESETS["kimi-k2"] = PRESETS["deepseek-v3"].replace(  # DeepSeek-V3's architecture: 384 experts, 64 heads, no groups
     name="kimi-k2", num_experts=384, first_dense_layers=1, vocab_size=163840,

@@ -45,6 +45,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
         name="tiny-gpt-oss", family="gpt_oss", num_layers=2, hidden_size=48, moe_intermediate_size=40, num_experts=10,
         activation="clamped_swiglu", swiglu_limit=1.5, expert_bias=True, router=RouterSpec("softmax_topk", 3, True),
         attention=AttentionSpec("gqa", 4, 2, 16)),
+    "ernie4_5_moe": MoESpec.from_preset("tiny").replace(  # a dense first layer, two shared experts in one MLP
+        name="tiny-ernie4.5-moe", family="ernie4_5_moe", hidden_size=56, moe_intermediate_size=24, num_experts=9,
+        num_shared_experts=2, shared_intermediate_size=24, dense_intermediate_size=80,
+        router=RouterSpec("softmax_biased", 3, True, fp32_logits=True), attention=AttentionSpec("gqa", 4, 2, 16)),
 }
 
 

@@ -28,6 +28,12 @@ def random_shape(family: str, seed: int) -> MoESpec:
     top_k = rng.randint(1, min(4, experts))
     if family == "minimax_m2":  # one group, always normalised, no scaling: all its config can say
         shape["router"] = RouterSpec("sigmoid_grouped", top_k, True, fp32_logits=False)
+    elif family == "ernie4_5_moe":  # no groups or scaling in its config; MoE layers from a start, at an interval
+        shape.update(router=RouterSpec("softmax_biased", top_k, True, fp32_logits=True),
+                     num_shared_experts=rng.choice([0, 1, 2]), shared_intermediate_size=shape["moe_intermediate_size"],
+                     first_dense_layers=rng.randint(0, layers - 1), dense_intermediate_size=64)
+        odd_layer = any(i % 2 for i in range(shape["first_dense_layers"], layers))  # (i + 1) % 2 == 0
+        shape["moe_layer_step"] = rng.choice([1, 2]) if odd_layer else 1
     elif family == "gpt_oss":  # softmax over the top-k logits: normalised; a clamp that bites, or gpt-oss's own
         shape.update(router=RouterSpec("softmax_topk", top_k, True), swiglu_limit=rng.choice([1.0, 7.0]))
     elif base.first_dense_layers:  # DeepSeek-V2/V3, GLM: groups, scaling, shared experts, a leading dense layer
@@ -42,6 +48,8 @@ def random_shape(family: str, seed: int) -> MoESpec:
         shape["router"] = RouterSpec("softmax_topk", top_k, rng.random() < 0.5)
         if base.shared_expert_gate:  # Qwen2-MoE, Qwen3-Next: one gated shared expert
             shape["shared_intermediate_size"] = rng.choice([24, 88])
+        if family in ("qwen2_moe", "qwen3_moe") and layers >= 2 and rng.random() < 0.4:  # decoder_sparse_step 2
+            shape.update(moe_layer_step=2, dense_intermediate_size=64)
     if base.attention.kind == "gqa":
         heads = rng.choice([2, 4])
         head_dim = rng.choice([8, 16, 32])
@@ -52,11 +60,16 @@ def random_shape(family: str, seed: int) -> MoESpec:
     return base.replace(name=f"{base.name}-shape{seed}", **shape)
 
 
+# Shapes the two seeds do not draw: ERNIE 4.5 with MoE layers between dense ones (every other layer)
+INTERLEAVED = [("ernie4_5_moe", 5), ("ernie4_5_moe", 10)]
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # DeepSeek's MLP for 0 shared experts
-@pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,seed", [(f, s) for f in FAMILIES for s in (1, 2)] + INTERLEAVED)
 def test_a_model_of_another_shape_equals_transformers(family, seed):
     spec = random_shape(family, seed)
+    if (family, seed) in INTERLEAVED:
+        assert spec.moe_layer_step == 2 and spec.num_dense_layers > spec.first_dense_layers
     model = random_model(spec, seed=seed)
     ids = torch.randint(0, spec.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

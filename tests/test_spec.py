@@ -60,9 +60,11 @@ def test_presets_have_published_active_parameters(name, published):
     assert low - half_unit <= float(published) * 1e9 <= high + half_unit, (low / 1e9, high / 1e9)
 
 
-def test_gpt_oss_reads_from_its_config():
+def test_gpt_oss_and_ernie_read_from_their_configs():
     spec = MoESpec.from_hf_config(transformers.GptOssConfig())  # transformers' defaults: gpt-oss-120b's config
     assert spec.replace(name="gpt-oss-120b") == MoESpec.from_preset("gpt-oss-120b")
+    ernie = MoESpec.from_hf_config(transformers.Ernie4_5_MoeConfig())  # and ERNIE-4.5-21B-A3B's
+    assert ernie.replace(name="ernie-4.5-21b-a3b") == MoESpec.from_preset("ernie-4.5-21b-a3b")
     assert spec.expert_activation.kind == "clamped_swiglu" and spec.expert_activation.alpha == 1.702
     assert spec.expert_activation.limit == 7.0 and spec.expert_bias
 
@@ -70,7 +72,6 @@ def test_gpt_oss_reads_from_its_config():
 @pytest.mark.parametrize("config,preset", [
     ("Llama4TextConfig", "llama-4-scout"),  # transformers' defaults are each model's published config
     ("Llama4Config", "llama-4-scout"),  # the multimodal wrapper: its text_config is read
-    ("Ernie4_5_MoeConfig", "ernie-4.5-21b-a3b"),
 ])
 def test_modeled_families_read_from_their_configs(config, preset):
     spec = MoESpec.from_hf_config(getattr(transformers, config)(), deployable=False)
@@ -86,10 +87,11 @@ def test_interleaved_moe_layers():
     assert maverick.replace(name="llama-4-maverick") == MoESpec.from_preset("llama-4-maverick")
     assert maverick.moe_layer_ids == tuple(range(1, 48, 2)) and maverick.num_dense_layers == 24
     cfg = transformers.Qwen2MoeConfig(num_hidden_layers=6, decoder_sparse_step=3)  # layers 2 and 5 are MoE
-    spec = MoESpec.from_hf_config(cfg, deployable=False)
+    spec = MoESpec.from_hf_config(cfg)
     assert spec.moe_layer_ids == (2, 5) and spec.dense_intermediate_size == cfg.intermediate_size
-    with pytest.raises(SpecError, match="decoder_sparse_step != 1 .* not supported yet by deploy"):
-        MoESpec.from_hf_config(cfg)
+    assert MoESpec.from_hf_config(spec.to_hf_config()).replace(name=spec.name) == spec
+    with pytest.raises(SpecError, match="mlp_only_layers are not supported yet"):
+        MoESpec.from_hf_config(transformers.Qwen2MoeConfig(mlp_only_layers=[1]))
     with pytest.raises(SpecError, match="leave no MoE layer"):
         MoESpec.from_preset("tiny-mixtral").replace(first_dense_layers=2)
     ernie = transformers.Ernie4_5_MoeConfig(moe_layer_end_index=20)

@@ -27,6 +27,7 @@ class FamilyNames:
     projections: tuple[str, str, str]  # one expert's gate, up, down
     shared: str | None = None  # the shared-expert MLP under the MoE block
     shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    renamed: tuple[tuple[str, str], ...] = ()  # (in memory, on disk) parts of names that differ beyond `moe`
 
 
 FAMILY_NAMES: dict[str, FamilyNames] = {
@@ -41,6 +42,8 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "qwen3_next": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "olmoe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
     "gpt_oss": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),  # stacked only: hetrun.checkpoint.gpt_oss
+    "ernie4_5_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts",
+                                renamed=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),)),
 }
 MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block
 
@@ -87,8 +90,17 @@ def shared_base(family: str, layer: int, shards: Shards) -> tuple[str, str, str]
     return None
 
 
+def disk_name(module_key: str, family: str) -> str:
+    """The hub name of a module's state-dict key outside the experts: Mixtral's block_sparse_moe for mlp, ERNIE's
+    correction bias beside its gate."""
+    return disk_candidates(module_key, family)[0]
+
+
 def disk_candidates(module_key: str, family: str) -> list[str]:
-    """On-disk names that may hold a module's state-dict key (Mixtral's block_sparse_moe before mlp)."""
+    """On-disk names that may hold a module's state-dict key, the hub's first (Mixtral's block_sparse_moe before
+    mlp; ERNIE's correction bias beside its gate, not in it)."""
+    for memory, disk in FAMILY_NAMES[family].renamed:
+        module_key = module_key.replace(memory, disk, 1)
     out = []
     for moe in FAMILY_NAMES[family].moe:
         out.append(module_key.replace(f".{MODULE_MOE}.", f".{moe}.", 1) if f".{MODULE_MOE}." in module_key

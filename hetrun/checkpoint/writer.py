@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hetrun.checkpoint import gpt_oss
-from hetrun.checkpoint.naming import FAMILY_NAMES, MODULE_MOE
+from hetrun.checkpoint.naming import FAMILY_NAMES, MODULE_MOE, disk_name
 from hetrun.checkpoint.shards import DTYPES, INDEX, SINGLE
 from hetrun.files import write_atomic
 from hetrun.kernels.fp8 import quantize_fp8
@@ -111,7 +111,7 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
         if tied and key == "lm_head.weight":
             continue
         block = next((p for p in moe_paths if key.startswith(f"{p}.")), None)
-        disk = key if block is None else key.replace(f".{MODULE_MOE}.", f".{names.moe[0]}.", 1)
+        disk = key if block is None else disk_name(key, family)
         if block is not None and key.startswith(f"{block}.experts.") and family == "gpt_oss":
             yield disk, "stacked", t  # its hub layout keeps them stacked (hetrun.checkpoint.gpt_oss), never quantized
             continue

@@ -10,7 +10,7 @@ from hetrun.spec import RouterSpec
 def gate_dtype(router: RouterSpec, hidden_dtype: torch.dtype) -> torch.dtype:
     """The dtype a router's gate computes in for hidden states of `hidden_dtype`: FP32 for DeepSeek's and GLM's
     (transformers keeps their gate weights in FP32 in a 16-bit model), the hidden states' own for the others."""
-    fp32 = router.kind == "sigmoid_grouped" if router.fp32_logits is None else router.fp32_logits
+    fp32 = router.kind in ("softmax_biased", "sigmoid_grouped") if router.fp32_logits is None else router.fp32_logits
     return torch.float32 if fp32 else hidden_dtype
 
 
@@ -31,7 +31,21 @@ def route(logits: torch.Tensor, router: RouterSpec,
         return _softmax_topk(logits, router)
     if router.kind == "sigmoid_grouped":
         return _sigmoid_grouped(logits, router, correction_bias)
+    if router.kind == "softmax_biased":
+        return _softmax_biased(logits, router, correction_bias)
     raise ValueError(f"unknown router kind {router.kind!r}")
+
+
+def _softmax_biased(logits: torch.Tensor, router: RouterSpec,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # ERNIE 4.5: FP32 softmax scores; the correction bias only chooses; the chosen scores, normalised, weigh
+    scores = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    choice = scores if bias is None else scores + bias.float()  # [T, E]
+    ids = torch.topk(choice, router.top_k, dim=-1)[1]  # [T, K]
+    weights = scores.gather(1, ids)  # [T, K]
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return ids, weights if router.routed_scaling_factor == 1.0 else weights * router.routed_scaling_factor
 
 
 def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -384,10 +384,12 @@ def router_module(block: torch.nn.Module) -> torch.nn.Module | None:
 
 def router_tensors(block: torch.nn.Module) -> tuple:
     """A transformers MoE block's router as FP32 copies: gate weight [E, D], correction bias [E] (DeepSeek's and
-    GLM's on the gate, MiniMax-M2's on the block), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
+    GLM's on the gate, MiniMax-M2's on the block, ERNIE's in the gate's moe_statics), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
     [E] (gpt-oss's router), each or None."""
     gate = router_module(block)
     bias = getattr(gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
+    statics = getattr(gate, "moe_statics", None)  # ERNIE 4.5 keeps it [1, E] in a module of its own
+    bias = bias if statics is None else statics.e_score_correction_bias.reshape(-1)
     shared_gate = getattr(block, "shared_expert_gate", None)
     return tuple(None if t is None else t.detach().float().clone()
                  for t in (gate.weight, bias, None if shared_gate is None else shared_gate.weight,
