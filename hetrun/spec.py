@@ -13,7 +13,7 @@ AttentionKind = Literal["gqa", "mla"]
 
 # Families hetrun deploys (every one has a tiny model that the equivalence suite runs on each backend).
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss", "ernie4_5_moe")
+                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss", "ernie4_5_moe", "hunyuan_v1_moe")
 # Families whose shapes hetrun reads for `plan`, `simulate` and `fleet` (weights, bytes, FLOPs, KV cache) but does
 # not deploy, with what deploying them would need.
 MODELED_ONLY = {
@@ -279,6 +279,13 @@ class MoESpec:
                               swiglu_limit=float(config.swiglu_limit), expert_bias=True)
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("softmax_topk", config.num_experts_per_tok, True), **common)
+        if mt == "hunyuan_v1_moe":  # Hunyuan-A13B: an FP32 gate (`wg`), a shared MLP as wide as each expert
+            if not isinstance(config.num_experts, int) or not isinstance(config.moe_topk, int):
+                raise SpecError("hunyuan_v1_moe configs with per-layer num_experts or moe_topk lists are not "
+                                "supported yet")
+            return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_experts,
+                       num_shared_experts=1, shared_intermediate_size=config.intermediate_size,
+                       router=RouterSpec("softmax_topk", config.moe_topk, True, fp32_logits=True), **common)
         if mt == "minimax_m2":  # sigmoid scores plus a correction bias, over all experts; the gate in the model's dtype
             return cls(moe_intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
                        router=RouterSpec("sigmoid_grouped", config.num_experts_per_tok, True, fp32_logits=False),
@@ -357,7 +364,11 @@ class MoESpec:
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=a.num_heads, hidden_act=self.activation,
                     tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
-        if self.family == "ernie4_5_moe":
+        if self.family == "hunyuan_v1_moe":
+            cfg = tf.HunYuanMoEV1Config(intermediate_size=self.moe_intermediate_size, num_experts=self.num_experts,
+                                        moe_topk=self.top_k, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+                                        **base)
+        elif self.family == "ernie4_5_moe":
             cfg = tf.Ernie4_5_MoeConfig(
                 intermediate_size=self.dense_intermediate_size or self.moe_intermediate_size,
                 moe_intermediate_size=self.moe_intermediate_size, moe_num_experts=self.num_experts, moe_k=self.top_k,
@@ -489,6 +500,12 @@ PRESETS: dict[str, MoESpec] = {
         name="gpt-oss-120b", family="gpt_oss", num_layers=36, hidden_size=2880, moe_intermediate_size=2880,
         num_experts=128, vocab_size=201088, activation="clamped_swiglu", expert_bias=True,
         router=RouterSpec("softmax_topk", 4, True), attention=AttentionSpec("gqa", 64, 8, 64)),
+    # 64 experts beside a shared one as wide, top-8 (tie_word_embeddings as its config.json sets it)
+    "hunyuan-a13b": MoESpec(
+        name="hunyuan-a13b", family="hunyuan_v1_moe", num_layers=32, hidden_size=4096, moe_intermediate_size=3072,
+        num_experts=64, num_shared_experts=1, shared_intermediate_size=3072, vocab_size=128167,
+        tie_word_embeddings=True, router=RouterSpec("softmax_topk", 8, True, fp32_logits=True),
+        attention=AttentionSpec("gqa", 32, 8, 128)),
     # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
     "llama-4-scout": MoESpec(
         name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,

@@ -49,6 +49,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
         name="tiny-ernie4.5-moe", family="ernie4_5_moe", hidden_size=56, moe_intermediate_size=24, num_experts=9,
         num_shared_experts=2, shared_intermediate_size=24, dense_intermediate_size=80,
         router=RouterSpec("softmax_biased", 3, True, fp32_logits=True), attention=AttentionSpec("gqa", 4, 2, 16)),
+    "hunyuan_v1_moe": MoESpec.from_preset("tiny-mixtral").replace(  # a shared MLP as wide as an expert, q/k norms
+        name="tiny-hunyuan-moe", family="hunyuan_v1_moe", hidden_size=48, moe_intermediate_size=32, num_experts=8,
+        num_shared_experts=1, shared_intermediate_size=32, router=RouterSpec("softmax_topk", 2, True, fp32_logits=True),
+        attention=AttentionSpec("gqa", 4, 2, 16)),
 }
 
 

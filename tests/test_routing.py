@@ -50,7 +50,8 @@ def test_deployed_bf16_router_matches_transformers(family, tmp_path):
     fp32 = tiny_model(family)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     for (_, _, full), (_, _, half) in zip(find_moe_blocks(fp32), find_moe_blocks(bf16)):
-        router_module(half).weight = router_module(full).weight  # stored in FP32, as some checkpoints keep routers
+        linear = lambda block: getattr(router_module(block), "wg", router_module(block))  # noqa: E731 (Hunyuan's wg)
+        linear(half).weight = linear(full).weight  # stored in FP32, as some checkpoints keep routers
     save_checkpoint(bf16, tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     spec = MoESpec.from_hf_config(model.config)

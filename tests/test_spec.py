@@ -20,6 +20,7 @@ from hetrun.tiny_models import FAMILY_SPECS
     ("gpt-oss-20b", 20.9, 24, 32, 4),
     ("llama-4-maverick", 400.0, 24, 128, 1),
     ("ernie-4.5-300b-a47b", 300.0, 51, 64, 8),
+    ("hunyuan-a13b", 80.0, 32, 64, 8),
 ])
 def test_presets_have_published_shapes(name, billions, moe_layers, experts, top_k):
     spec = MoESpec.from_preset(name)
@@ -47,7 +48,8 @@ def test_presets_whose_published_totals_count_more_or_round():
 ACTIVE = {"mixtral-8x7b": "12.9", "mixtral-8x22b": "39", "qwen3-30b-a3b": "3.3", "qwen3-235b-a22b": "22",
           "deepseek-v2-lite": "2.4", "deepseek-v2": "21", "deepseek-v3": "37", "glm-4.5-air": "12",
           "minimax-m2": "10", "kimi-k2": "32", "gpt-oss-120b": "5.1", "gpt-oss-20b": "3.6", "llama-4-scout": "17",
-          "llama-4-maverick": "17", "ernie-4.5-300b-a47b": "47", "ernie-4.5-21b-a3b": "3"}
+          "llama-4-maverick": "17", "ernie-4.5-300b-a47b": "47", "ernie-4.5-21b-a3b": "3",
+          "hunyuan-a13b": "13"}
 
 
 @pytest.mark.parametrize("name,published", ACTIVE.items())

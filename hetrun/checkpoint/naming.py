@@ -44,6 +44,7 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "gpt_oss": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),  # stacked only: hetrun.checkpoint.gpt_oss
     "ernie4_5_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts",
                                 renamed=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),)),
+    "hunyuan_v1_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_mlp"),
 }
 MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block
 

@@ -130,7 +130,7 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             yield disk, "shared", t
         elif key == "lm_head.weight":
             yield disk, "lm_head", t
-        elif key in linears and not key.endswith(f".{MODULE_MOE}.gate.weight"):
+        elif key in linears and not key.endswith((f".{MODULE_MOE}.gate.weight", f".{MODULE_MOE}.gate.wg.weight")):
             yield disk, "linear", t
         else:
             yield disk, "other", t

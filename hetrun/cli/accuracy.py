@@ -27,7 +27,8 @@ from hetrun.profile import load_profile
 MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "qwen2_moe",
           "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3-next": "qwen3_next", "tiny-olmoe": "olmoe",
           "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-dots1": "dots1",
-          "tiny-minimax-m2": "minimax_m2", "tiny-gpt-oss": "gpt_oss", "tiny-ernie4.5-moe": "ernie4_5_moe"}
+          "tiny-minimax-m2": "minimax_m2", "tiny-gpt-oss": "gpt_oss", "tiny-ernie4.5-moe": "ernie4_5_moe",
+          "tiny-hunyuan-moe": "hunyuan_v1_moe"}
 PROMPT_SEED = 1234
 
 

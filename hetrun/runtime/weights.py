@@ -366,6 +366,8 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
         shared = _mlp_sources(block.shared_experts, max(spec.num_shared_experts, 1), name)
     elif getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
         shared = _mlp_sources(block.shared_expert, 1, name)
+    elif getattr(block, "shared_mlp", None) is not None:  # Hunyuan
+        shared = _mlp_sources(block.shared_mlp, 1, name)
     gate, bias, shared_gate, gate_bias = router_tensors(block)
     return MoELayerWeights(layer, gate, bias, experts, shared, shared_gate, gate_bias)
 
@@ -384,9 +386,10 @@ def router_module(block: torch.nn.Module) -> torch.nn.Module | None:
 
 def router_tensors(block: torch.nn.Module) -> tuple:
     """A transformers MoE block's router as FP32 copies: gate weight [E, D], correction bias [E] (DeepSeek's and
-    GLM's on the gate, MiniMax-M2's on the block, ERNIE's in the gate's moe_statics), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
+    GLM's on the gate, MiniMax-M2's on the block, ERNIE's in the gate's moe_statics; Hunyuan's gate is `gate.wg`), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
     [E] (gpt-oss's router), each or None."""
     gate = router_module(block)
+    gate = getattr(gate, "wg", gate)  # Hunyuan's gate module holds its Linear as `wg`
     bias = getattr(gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
     statics = getattr(gate, "moe_statics", None)  # ERNIE 4.5 keeps it [1, E] in a module of its own
     bias = bias if statics is None else statics.e_score_correction_bias.reshape(-1)
