@@ -206,6 +206,20 @@ def test_model_that_does_not_fit_is_a_one_line_error():
     assert "does not fit" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_gpt_oss_120b_fits_one_80gb_gpu_as_published(caplog):
+    """OpenAI: gpt-oss-120b, 4-bit experts (MXFP4, 61 GB), runs within one 80 GB GPU. Its experts do not fit the
+    share of memory an attention device keeps its KV cache from by default; they take it, the KV cache gets the rest."""
+    p = load_profile({"name": "one", "devices": [{"id": "g", "type": "h100-sxm", "count": 1, "precision": "int4"}]})
+    decode = simulate("gpt-oss-120b", p, "chat").phases["decode"]
+    memory = decode.memory["g"]
+    assert 60 < memory["weights_gb"] < 70 and memory["kv_gb"] > 0 and memory["total_gb"] <= 80
+    assert decode.feasible and decode.batch_per_device >= 1
+    assert "only with its experts taking the memory" in caplog.text
+    with pytest.raises(PlacementError, match="does not fit"):  # 8-bit experts, 122 GB, do not
+        simulate("gpt-oss-120b", load_profile({"name": "one", "devices": [
+            {"id": "g", "type": "h100-sxm", "count": 1, "precision": "fp8"}]}), "chat")
+
+
 def test_missing_or_zero_prices_and_zero_bandwidth_are_errors():
     with pytest.raises(ProfileError):  # a device type without a price does not validate
         load_profile({"name": "p", "devices": [{"id": "x", "type": "cheap"}], "device_types": {"cheap": {

@@ -48,6 +48,10 @@ log = logging.getLogger("hetrun")
 # Share of a device's memory left over after weights that expert slots may take when slots are chosen by
 # memory (the rest stays for the KV cache of attention devices).
 EXPERT_SHARE_OF_FREE_MEMORY = 0.7
+# Where that share cannot hold every expert, the least share of an attention device's memory kept for the KV cache:
+# a model that fits only so still runs (gpt-oss-120b's 61 GB of 4-bit experts on one 80 GB GPU, as published), with
+# the KV cache, hence the batch, that is left.
+MIN_KV_SHARE_OF_MEMORY = 0.05
 # Nominal decode point at which devices' attention speeds are compared: requests on the fastest attention device
 # and KV length per request (large enough that per-request work shows, small enough to fit anywhere).
 NOMINAL_REQUESTS = 64.0
@@ -201,11 +205,15 @@ def fixed_bytes(spec: MoESpec, device: Device, precision: str, att_precision: st
     return out
 
 
-def expert_room(spec: MoESpec, device: Device, precision: str, attention: bool, settings: SimSettings) -> float:
+def expert_room(spec: MoESpec, device: Device, precision: str, attention: bool, settings: SimSettings,
+                tight: bool = False) -> float:
     """Bytes of a device's memory routed experts may take: what its fixed bytes leave, less the share an attention
-    device keeps for the KV cache (negative when the fixed bytes alone do not fit)."""
+    device keeps for the KV cache, or with `tight` only MIN_KV_SHARE_OF_MEMORY of its memory (negative when the
+    fixed bytes alone do not fit)."""
     free = device.memory_bytes - fixed_bytes(spec, device, precision, precision, attention, settings)
-    return free * (EXPERT_SHARE_OF_FREE_MEMORY if attention else 1.0)
+    if not attention:
+        return free
+    return free - MIN_KV_SHARE_OF_MEMORY * device.memory_bytes if tight else free * EXPERT_SHARE_OF_FREE_MEMORY
 
 
 def _slot_limits(spec: MoESpec, profile: Profile, settings: SimSettings, is_att, is_exp, prec) -> dict:
@@ -229,9 +237,15 @@ def _slot_limits(spec: MoESpec, profile: Profile, settings: SimSettings, is_att,
             raise ProfileError(f"profile '{profile.name}': slots_per_device add up to {out.sum()} slots per layer, "
                                f"but {E} experts + {settings.redundant_experts} redundant need {R}; fix one of them")
         return {"slots": out}
-    for i in ids:
-        per_slot = L * expert_bytes(prec[i], spec.hidden_size, spec.moe_intermediate_size)
-        out[i] = max(0, int(expert_room(spec, devs[i], prec[i], bool(is_att[i]), settings) // per_slot))
+    for tight in (False, True):  # the KV cache's share first; where that cannot hold every expert, its least
+        for i in ids:
+            per_slot = L * expert_bytes(prec[i], spec.hidden_size, spec.moe_intermediate_size)
+            out[i] = max(0, int(expert_room(spec, devs[i], prec[i], bool(is_att[i]), settings, tight) // per_slot))
+        if out.sum() >= R:
+            if tight:
+                log.warning("model '%s' fits profile '%s' only with its experts taking the memory its attention "
+                            "devices would keep for the KV cache: the batch is what is left", spec.name, profile.name)
+            break
     if out.sum() < R:
         need = R * L * expert_bytes(prec[ids[0]], spec.hidden_size, spec.moe_intermediate_size) / 1e9
         raise PlacementError(f"model '{spec.name}' does not fit profile '{profile.name}': its expert devices hold at "
