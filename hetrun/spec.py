@@ -253,9 +253,9 @@ class MoESpec:
 
     @classmethod
     def from_hf_config(cls, config: Any, deployable: bool = True) -> "MoESpec":
-        """Read a transformers config (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3,
-        GLM-4.5, dots.llm1, MiniMax-M2; with deployable=False also the modeled-only gpt-oss, Llama 4 and ERNIE 4.5
-        MoE, for plan and simulate)."""
+        """Read a transformers config of a deployable family (SUPPORTED_FAMILIES: Mixtral, Qwen2-MoE, Qwen3-MoE,
+        Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5, dots.llm1, MiniMax-M2, gpt-oss, ERNIE 4.5 MoE,
+        Hunyuan-A13B); with deployable=False also of a modeled-only one (Llama 4), for plan and simulate."""
         if getattr(config, "model_type", None) == "llama4":  # the multimodal wrapper: its language model's config
             config = config.get_text_config()
         mt = getattr(config, "model_type", None)
@@ -307,7 +307,8 @@ class MoESpec:
                 raise SpecError("ernie4_5_moe configs whose MoE layers end before the last layer are not supported yet")
             shared = int(g("moe_num_shared_experts", 0) or 0)
             return cls(moe_intermediate_size=config.moe_intermediate_size, num_experts=config.moe_num_experts,
-                       num_shared_experts=shared, shared_intermediate_size=config.moe_intermediate_size if shared else 0,
+                       num_shared_experts=shared,
+                       shared_intermediate_size=config.moe_intermediate_size if shared else 0,
                        first_dense_layers=start, dense_intermediate_size=config.intermediate_size, moe_layer_step=step,
                        router=RouterSpec("softmax_biased", config.moe_k, True, fp32_logits=True), **common)
         if mt in ("qwen3_moe", "olmoe", "qwen2_moe", "qwen3_next"):
@@ -500,22 +501,22 @@ PRESETS: dict[str, MoESpec] = {
         name="gpt-oss-120b", family="gpt_oss", num_layers=36, hidden_size=2880, moe_intermediate_size=2880,
         num_experts=128, vocab_size=201088, activation="clamped_swiglu", expert_bias=True,
         router=RouterSpec("softmax_topk", 4, True), attention=AttentionSpec("gqa", 64, 8, 64)),
-    # 64 experts beside a shared one as wide, top-8 (tie_word_embeddings as its config.json sets it)
+    # 64 experts beside a shared one as wide, top-8; tied embeddings assumed (80.4B, untied 80.9B: the card says 80B)
     "hunyuan-a13b": MoESpec(
         name="hunyuan-a13b", family="hunyuan_v1_moe", num_layers=32, hidden_size=4096, moe_intermediate_size=3072,
         num_experts=64, num_shared_experts=1, shared_intermediate_size=3072, vocab_size=128167,
         tie_word_embeddings=True, router=RouterSpec("softmax_topk", 8, True, fp32_logits=True),
         attention=AttentionSpec("gqa", 32, 8, 128)),
-    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
-    "llama-4-scout": MoESpec(
-        name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,
-        num_experts=16, num_shared_experts=1, shared_intermediate_size=8192, dense_intermediate_size=16384,
-        vocab_size=202048, router=RouterSpec("sigmoid_topk", 1, False), attention=AttentionSpec("gqa", 40, 8, 128)),
     "ernie-4.5-300b-a47b": MoESpec(
         name="ernie-4.5-300b-a47b", family="ernie4_5_moe", num_layers=54, hidden_size=8192,
         moe_intermediate_size=3584, num_experts=64, first_dense_layers=3, dense_intermediate_size=28672,
         vocab_size=103424, router=RouterSpec("softmax_biased", 8, True, fp32_logits=True),
         attention=AttentionSpec("gqa", 64, 8, 128)),
+    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
+    "llama-4-scout": MoESpec(
+        name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,
+        num_experts=16, num_shared_experts=1, shared_intermediate_size=8192, dense_intermediate_size=16384,
+        vocab_size=202048, router=RouterSpec("sigmoid_topk", 1, False), attention=AttentionSpec("gqa", 40, 8, 128)),
 }
 PRESETS["gpt-oss-20b"] = PRESETS["gpt-oss-120b"].replace(name="gpt-oss-20b", num_layers=24, num_experts=32)
 PRESETS["llama-4-maverick"] = PRESETS["llama-4-scout"].replace(  # MoE every other layer, 128 experts
