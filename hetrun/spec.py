@@ -13,13 +13,7 @@ AttentionKind = Literal["gqa", "mla"]
 
 # Families hetrun deploys (every one has a tiny model that the equivalence suite runs on each backend).
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
-                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss", "ernie4_5_moe", "hunyuan_v1_moe")
-# Families whose shapes hetrun reads for `plan`, `simulate` and `fleet` (weights, bytes, FLOPs, KV cache) but does
-# not deploy, with what deploying them would need.
-MODELED_ONLY = {
-    "llama4_text": "its experts take their input pre-scaled by sigmoid router scores",
-}
-MODELED_FAMILIES = SUPPORTED_FAMILIES + tuple(MODELED_ONLY)
+                      "glm4_moe", "dots1", "minimax_m2", "gpt_oss", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text")
 # What the simulator's model of a family leaves out (plan and simulate say it once).
 MODELED_APPROXIMATELY = {
     "gpt_oss": "its sliding-window layers (every other one, 128 tokens) are modeled with a full KV cache, so KV "
@@ -45,8 +39,7 @@ class RouterSpec:
     softmax_biased   softmax scores plus a correction bias choose, the chosen softmax scores weigh (ERNIE 4.5).
     sigmoid_grouped  sigmoid scores plus a correction bias choose, groups ranked by their two best scores
                      (DeepSeek-V3, GLM-4.5, dots.llm1; MiniMax-M2 with one group).
-    sigmoid_topk     top-k of the gate logits, each chosen one's sigmoid scaling the expert's input (Llama 4;
-                     modeled only).
+    sigmoid_topk     top-k of the gate logits, each chosen one's sigmoid scaling the expert's input (Llama 4).
     The chosen scores are normalised when norm_topk_prob, then multiplied by routed_scaling_factor. The gate's
     logits are computed in FP32 when fp32_logits, else in the hidden states' dtype; None takes the kind's own:
     FP32 for softmax_biased and sigmoid_grouped (ERNIE, DeepSeek, GLM), the hidden states' dtype for softmax_topk.
@@ -59,6 +52,11 @@ class RouterSpec:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     fp32_logits: bool | None = None
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether a pair's weight scales the expert's input (Llama 4) instead of its output."""
+        return self.kind == "sigmoid_topk"
 
 
 @dataclass(frozen=True)
@@ -252,20 +250,15 @@ class MoESpec:
         return PRESETS[key]
 
     @classmethod
-    def from_hf_config(cls, config: Any, deployable: bool = True) -> "MoESpec":
-        """Read a transformers config of a deployable family (SUPPORTED_FAMILIES: Mixtral, Qwen2-MoE, Qwen3-MoE,
+    def from_hf_config(cls, config: Any) -> "MoESpec":
+        """Read a transformers config of a supported family (SUPPORTED_FAMILIES: Mixtral, Qwen2-MoE, Qwen3-MoE,
         Qwen3-Next, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5, dots.llm1, MiniMax-M2, gpt-oss, ERNIE 4.5 MoE,
-        Hunyuan-A13B); with deployable=False also of a modeled-only one (Llama 4), for plan and simulate."""
+        Hunyuan-A13B, Llama 4 (its multimodal config through its text_config))."""
         if getattr(config, "model_type", None) == "llama4":  # the multimodal wrapper: its language model's config
             config = config.get_text_config()
         mt = getattr(config, "model_type", None)
-        families = SUPPORTED_FAMILIES if deployable else MODELED_FAMILIES
-        if mt not in families:
-            if mt in MODELED_ONLY:
-                raise SpecError(f"model family '{mt}' can be planned and simulated (hetrun plan, simulate and fleet "
-                                f"--model) but not deployed: {MODELED_ONLY[mt]}; deployable families: "
-                                f"{', '.join(SUPPORTED_FAMILIES)}")
-            raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(families)}")
+        if mt not in SUPPORTED_FAMILIES:
+            raise SpecError(f"model family '{mt}' is not supported; hetrun supports: {', '.join(SUPPORTED_FAMILIES)}")
         g = lambda k, default=None: getattr(config, k, default)  # noqa: E731
         heads = g("num_attention_heads")
         head_dim = g("head_dim") or config.hidden_size // heads
@@ -365,7 +358,13 @@ class MoESpec:
         base = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                     num_attention_heads=a.num_heads, hidden_act=self.activation,
                     tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=4096)
-        if self.family == "hunyuan_v1_moe":
+        if self.family == "llama4_text":  # chunked attention on 3 of every 4 layers, as Llama 4 has it
+            cfg = tf.Llama4TextConfig(intermediate_size=self.moe_intermediate_size,
+                                      intermediate_size_mlp=self.dense_intermediate_size or self.moe_intermediate_size,
+                                      num_local_experts=self.num_experts, num_experts_per_tok=self.top_k,
+                                      interleave_moe_layer_step=self.moe_layer_step, num_key_value_heads=a.num_kv_heads,
+                                      head_dim=a.head_dim, attention_chunk_size=8, **base)
+        elif self.family == "hunyuan_v1_moe":
             cfg = tf.HunYuanMoEV1Config(intermediate_size=self.moe_intermediate_size, num_experts=self.num_experts,
                                         moe_topk=self.top_k, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
                                         **base)
@@ -512,7 +511,6 @@ PRESETS: dict[str, MoESpec] = {
         moe_intermediate_size=3584, num_experts=64, first_dense_layers=3, dense_intermediate_size=28672,
         vocab_size=103424, router=RouterSpec("softmax_biased", 8, True, fp32_logits=True),
         attention=AttentionSpec("gqa", 64, 8, 128)),
-    # Modeled only (plan, simulate, fleet): see MODELED_ONLY.
     "llama-4-scout": MoESpec(
         name="llama-4-scout", family="llama4_text", num_layers=48, hidden_size=5120, moe_intermediate_size=8192,
         num_experts=16, num_shared_experts=1, shared_intermediate_size=8192, dense_intermediate_size=16384,

@@ -53,6 +53,10 @@ FAMILY_SPECS: dict[str, MoESpec] = {
         name="tiny-hunyuan-moe", family="hunyuan_v1_moe", hidden_size=48, moe_intermediate_size=32, num_experts=8,
         num_shared_experts=1, shared_intermediate_size=32, router=RouterSpec("softmax_topk", 2, True, fp32_logits=True),
         attention=AttentionSpec("gqa", 4, 2, 16)),
+    "llama4_text": MoESpec.from_preset("tiny-mixtral").replace(  # MoE every other layer, top-1, a shared expert
+        name="tiny-llama4", family="llama4_text", num_layers=4, hidden_size=48, moe_intermediate_size=32,
+        num_experts=6, num_shared_experts=1, shared_intermediate_size=32, dense_intermediate_size=64, moe_layer_step=2,
+        router=RouterSpec("sigmoid_topk", 1, False), attention=AttentionSpec("gqa", 4, 2, 16)),
 }
 
 

@@ -76,13 +76,11 @@ def test_a_model_directory_or_config_plans_and_simulates(capsys, tmp_path):
     assert rc == 2 and "model family 'llama' is not supported" in err and err.count("\n") == 1
 
 
-def test_modeled_family_plans_and_simulates_but_does_not_deploy(capsys, tmp_path, caplog):
-    """A Llama 4 config.json: plan and simulate read its shape (saying once what the model leaves out); deploying or
-    exporting it is a one-line error that names what is missing."""
+def test_plan_and_simulate_say_what_they_model_approximately(capsys, tmp_path, caplog):
+    """A Llama 4 config.json (MoE every other layer): plan and simulate read it and say once that its chunked
+    attention is modeled with a full KV cache."""
     import transformers
 
-    from hetrun.deployment import deploy
-    from hetrun.errors import HetrunError
     from hetrun.once import said
 
     said.clear()
@@ -95,11 +93,6 @@ def test_modeled_family_plans_and_simulates_but_does_not_deploy(capsys, tmp_path
     assert "chunked-attention layers (3 of every 4, 8192-token chunks) are modeled with a full KV cache" in caplog.text
     rc, out, err = run_cli(capsys, "simulate", "--model", tmp_path, "--profile", "mixed-demo", "--json")
     assert rc == 0, err
-    rc, out, err = run_cli(capsys, "export", tmp_path, "--profile", "mixed-demo", "-o", tmp_path / "b")
-    assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "b").exists()
-    assert "model family 'llama4_text' can be planned and simulated" in err and "pre-scaled by sigmoid" in err
-    with pytest.raises(HetrunError, match="'llama4_text' can be planned and simulated .* but not deployed"):
-        deploy(str(tmp_path), "mixed-demo")
 
 
 def test_plan_eplb_policy(capsys, tmp_path):

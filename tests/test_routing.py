@@ -21,8 +21,11 @@ def their_route(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     router = router_module(block)
     if "e_score_correction_bias" in inspect.signature(router.forward).parameters:  # MiniMax-M2: the block's bias
         _, w, ids = router(x, block.e_score_correction_bias)
-    else:
-        _, w, ids = router(x)
+        return w, ids
+    out = router(x)
+    if len(out) == 2:  # Llama 4: scores [T, E], zero but for the chosen experts' sigmoids
+        return out[0].topk(block.top_k, dim=-1)
+    _, w, ids = out
     return w, ids
 
 

@@ -71,21 +71,16 @@ def test_gpt_oss_and_ernie_read_from_their_configs():
     assert spec.expert_activation.limit == 7.0 and spec.expert_bias
 
 
-@pytest.mark.parametrize("config,preset", [
-    ("Llama4TextConfig", "llama-4-scout"),  # transformers' defaults are each model's published config
-    ("Llama4Config", "llama-4-scout"),  # the multimodal wrapper: its text_config is read
-])
-def test_modeled_families_read_from_their_configs(config, preset):
-    spec = MoESpec.from_hf_config(getattr(transformers, config)(), deployable=False)
-    assert spec.replace(name=preset) == MoESpec.from_preset(preset)
-    with pytest.raises(SpecError, match=f"model family '{spec.family}' can be planned and simulated .* but not "
-                                        "deployed: .*; deployable families: mixtral"):
-        MoESpec.from_hf_config(getattr(transformers, config)())
+@pytest.mark.parametrize("config", ["Llama4TextConfig", "Llama4Config"])  # the multimodal one: its text_config
+def test_llama4_reads_from_its_configs(config):
+    spec = MoESpec.from_hf_config(getattr(transformers, config)())  # transformers' defaults: Llama 4 Scout's
+    assert spec.replace(name="llama-4-scout") == MoESpec.from_preset("llama-4-scout")
+    assert spec.router.kind == "sigmoid_topk" and spec.router.scales_input
 
 
 def test_interleaved_moe_layers():
     maverick = MoESpec.from_hf_config(transformers.Llama4TextConfig(interleave_moe_layer_step=2,
-                                                                    num_local_experts=128), deployable=False)
+                                                                    num_local_experts=128))
     assert maverick.replace(name="llama-4-maverick") == MoESpec.from_preset("llama-4-maverick")
     assert maverick.moe_layer_ids == tuple(range(1, 48, 2)) and maverick.num_dense_layers == 24
     cfg = transformers.Qwen2MoeConfig(num_hidden_layers=6, decoder_sparse_step=3)  # layers 2 and 5 are MoE
@@ -98,7 +93,7 @@ def test_interleaved_moe_layers():
         MoESpec.from_preset("tiny-mixtral").replace(first_dense_layers=2)
     ernie = transformers.Ernie4_5_MoeConfig(moe_layer_end_index=20)
     with pytest.raises(SpecError, match="MoE layers end before the last layer"):
-        MoESpec.from_hf_config(ernie, deployable=False)
+        MoESpec.from_hf_config(ernie)
 
 
 def test_tiny_preset_is_deepseek_style():

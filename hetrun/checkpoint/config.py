@@ -10,16 +10,15 @@ import transformers
 
 from hetrun.errors import CheckpointError, SpecError
 from hetrun.once import warn_once
-from hetrun.spec import MODELED_APPROXIMATELY, MODELED_FAMILIES, MODELED_ONLY, PRESETS, SUPPORTED_FAMILIES, MoESpec
+from hetrun.spec import MODELED_APPROXIMATELY, PRESETS, SUPPORTED_FAMILIES, MoESpec
 
 # model_types that name a supported family's architecture under another name: Moonshot's Kimi K2 is DeepSeek-V3's
 # (its model card says to set model_type to deepseek_v3 where an engine lacks the name).
 MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
-def config_dict(data: bytes, where: str, error=CheckpointError, deployable: bool = True) -> dict:
-    """config.json's bytes as a dict of a supported family (deployable=False: of a modeled one too, for plan and
-    simulate); `error` is the HetrunError class to raise."""
+def config_dict(data: bytes, where: str, error=CheckpointError) -> dict:
+    """config.json's bytes as a dict of a supported family; `error` is the HetrunError class to raise."""
     try:
         d = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -30,20 +29,15 @@ def config_dict(data: bytes, where: str, error=CheckpointError, deployable: bool
     if isinstance(mt, str) and mt in MODEL_TYPE_ALIASES:
         d = {**d, "model_type": MODEL_TYPE_ALIASES[mt]}
         mt = d["model_type"]
-    families = SUPPORTED_FAMILIES if deployable else MODELED_FAMILIES + ("llama4",)  # llama4: wraps llama4_text
-    if mt not in families:
-        if mt in MODELED_ONLY or mt == "llama4":
-            raise error(f"{where}: model family {mt!r} can be planned and simulated (hetrun plan, simulate and fleet "
-                        f"--model) but not deployed: {MODELED_ONLY.get(mt, MODELED_ONLY['llama4_text'])}; "
-                        f"deployable families: {', '.join(SUPPORTED_FAMILIES)}")
+    if mt not in SUPPORTED_FAMILIES + ("llama4",):  # llama4: Llama 4's multimodal config, read through its text
         raise error(f"{where}: model family {str(mt)[:40]!r} is not supported; hetrun supports: "
-                    f"{', '.join(families)}")
+                    f"{', '.join(SUPPORTED_FAMILIES)}")
     return d
 
 
-def config_from_json(data: bytes, where: str, error=CheckpointError, deployable: bool = True):
-    """A transformers config from config.json bytes, for a supported family only (see config_dict)."""
-    return config_from_dict(config_dict(data, where, error, deployable), where, error)
+def config_from_json(data: bytes, where: str, error=CheckpointError):
+    """A transformers config from config.json bytes, for a supported family only."""
+    return config_from_dict(config_dict(data, where, error), where, error)
 
 
 def config_from_dict(d: dict, where: str, error=CheckpointError):
@@ -56,8 +50,7 @@ def config_from_dict(d: dict, where: str, error=CheckpointError):
 
 
 def model_spec(name: str) -> MoESpec:
-    """A MoESpec from a preset name, a transformers model directory or its config.json (a supported or modeled
-    family's: plan, simulate and fleet read shapes hetrun does not deploy too)."""
+    """A MoESpec from a preset name, a transformers model directory or its config.json (a supported family's)."""
     spec = _model_spec(name)
     if spec.family in MODELED_APPROXIMATELY:
         warn_once(("modeled", spec.family), "%s as plan and simulate model it: %s", spec.name,
@@ -77,4 +70,4 @@ def _model_spec(name: str) -> MoESpec:
         data = config.read_bytes()
     except OSError as e:
         raise SpecError(f"cannot read model config '{config}': {' '.join(str(e).split())[:160]}") from None
-    return MoESpec.from_hf_config(config_from_json(data, str(config), SpecError, deployable=False), deployable=False)
+    return MoESpec.from_hf_config(config_from_json(data, str(config), SpecError))

@@ -55,10 +55,15 @@ def open_checkpoint(path: "str | os.PathLike") -> Checkpoint:
     config = config_from_dict(raw, str(cfg_file))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    multimodal = config.model_type == "llama4"  # Llama 4's release: its language model under language_model.
+    if multimodal:
+        config = config.get_text_config()
     spec = MoESpec.from_hf_config(config)
     if quant.method == "mxfp4" and spec.family != "gpt_oss":
         raise CheckpointError(f"{cfg_file}: mxfp4 quantization is read for gpt-oss checkpoints only, not "
                               f"{spec.family}")
     shards = Shards(root)
+    if multimodal:
+        shards.narrow_to("language_model.")  # the text model's tensors by their own names; the vision tower left out
     check_dtypes(shards, quant)
     return Checkpoint(root, config, spec, quant, shards)

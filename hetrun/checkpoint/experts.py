@@ -17,7 +17,7 @@ import numpy as np
 from hetrun.checkpoint import gpt_oss
 from hetrun.checkpoint.directory import Checkpoint
 from hetrun.checkpoint.linears import Stored, fp8_scale_grid, read_linear
-from hetrun.checkpoint.naming import MODULE_MOE, expert_bases, shared_base, stacked_names
+from hetrun.checkpoint.naming import FAMILY_NAMES, expert_bases, shared_base, stacked_names
 from hetrun.checkpoint.quant import Quantization
 from hetrun.checkpoint.shards import FLOATS, Shards, StoredRows
 from hetrun.errors import CheckpointError
@@ -68,6 +68,14 @@ class CheckpointExpert(ExpertSource):
         if stacked is None:
             raise CheckpointError(f"{ck.root}: has no weights of expert {self.index} of layer {self.layer} (neither "
                                   f"per-expert tensors nor stacked experts.gate_up_proj)")
+        if FAMILY_NAMES[ck.family].transposed:  # Llama 4: [D, 2I] and [I, D] per expert, gate and up concatenated
+            gate_up, down = (read_linear(ck.shards, ck.quant, name, shape, index=self.index, narrow=narrow)
+                             for name, shape in zip(stacked, ((d, 2 * i), (i, d))))
+            if not isinstance(gate_up, np.ndarray) or not isinstance(down, np.ndarray):
+                raise CheckpointError(f"{ck.root}: stacked experts '{stacked[0]}' are not a layout "
+                                      f"{ck.quant.describe} writes")
+            return _assemble([np.ascontiguousarray(gate_up[:, :i].T), np.ascontiguousarray(gate_up[:, i:].T),
+                              np.ascontiguousarray(down.T)])
         gate, up = self._stacked_gate_up(stacked[0], narrow)
         down = read_linear(ck.shards, ck.quant, stacked[1], (d, i), index=self.index, narrow=narrow)
         return _assemble([gate, up, down])
@@ -97,7 +105,7 @@ class CheckpointExpert(ExpertSource):
         """transformers' FP8 save keeps per-expert E4M3 weights but stacks their scales per layer: this expert's
         (name, scale) for gate, up and down, None where a matrix has its own; gate and up's read once."""
         shards, quant = self.ckpt.shards, self.ckpt.quant
-        prefix = f"model.layers.{self.layer}.{MODULE_MOE}.experts."
+        prefix = f"model.layers.{self.layer}.{FAMILY_NAMES[self.ckpt.family].module}.experts."
         out, gate_up = [], None
         for which, (base, shape) in enumerate(zip(bases, shapes)):
             name = f"{prefix}{'down_proj' if which == 2 else 'gate_up_proj'}_scale_inv"

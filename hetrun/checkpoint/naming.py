@@ -28,6 +28,8 @@ class FamilyNames:
     shared: str | None = None  # the shared-expert MLP under the MoE block
     shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     renamed: tuple[tuple[str, str], ...] = ()  # (in memory, on disk) parts of names that differ beyond `moe`
+    module: str = "mlp"  # the MoE block's name in memory
+    transposed: bool = False  # stacked experts stored [E, D, 2I] and [E, I, D], applied as x @ W (Llama 4)
 
 
 FAMILY_NAMES: dict[str, FamilyNames] = {
@@ -45,8 +47,10 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "ernie4_5_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts",
                                 renamed=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),)),
     "hunyuan_v1_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_mlp"),
+    "llama4_text": FamilyNames(("feed_forward",), ("gate_proj", "up_proj", "down_proj"), "shared_expert",
+                               module="feed_forward", transposed=True),
 }
-MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block
+MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block but Llama 4's (FamilyNames.module)
 
 
 def linear_stored(shards: Shards, base: str) -> str | None:
@@ -70,8 +74,9 @@ def expert_bases(shards: Shards, family: str, layer: int, expert: int) -> tuple[
 
 
 def stacked_names(shards: Shards, family: str, layer: int) -> tuple[str, str] | None:
-    """(gate_up [E, 2I, D], down [E, D, I]) names of a layer whose experts are stored stacked, else None."""
-    for moe in dict.fromkeys((MODULE_MOE, *FAMILY_NAMES[family].moe)):
+    """(gate_up [E, 2I, D], down [E, D, I]; FamilyNames.transposed: [E, D, 2I], [E, I, D]) names of a layer whose
+    experts are stored stacked, else None."""
+    for moe in dict.fromkeys((FAMILY_NAMES[family].module, *FAMILY_NAMES[family].moe)):
         for suffix in ("", ".weight"):
             gate_up = f"model.layers.{layer}.{moe}.experts.gate_up_proj{suffix}"
             if gate_up in shards:
@@ -100,16 +105,17 @@ def disk_name(module_key: str, family: str) -> str:
 def disk_candidates(module_key: str, family: str) -> list[str]:
     """On-disk names that may hold a module's state-dict key, the hub's first (Mixtral's block_sparse_moe before
     mlp; ERNIE's correction bias beside its gate, not in it)."""
-    for memory, disk in FAMILY_NAMES[family].renamed:
+    names = FAMILY_NAMES[family]
+    for memory, disk in names.renamed:
         module_key = module_key.replace(memory, disk, 1)
     out = []
-    for moe in FAMILY_NAMES[family].moe:
-        out.append(module_key.replace(f".{MODULE_MOE}.", f".{moe}.", 1) if f".{MODULE_MOE}." in module_key
+    for moe in names.moe:
+        out.append(module_key.replace(f".{names.module}.", f".{moe}.", 1) if f".{names.module}." in module_key
                    else module_key)
     return list(dict.fromkeys(out + [module_key]))
 
 
 def is_expert_module_key(key: str, family: str) -> bool:
     """Whether a module state-dict key belongs to routed or shared experts (hetrun reads those lazily)."""
-    shared = FAMILY_NAMES[family].shared
-    return f".{MODULE_MOE}.experts." in key or (shared is not None and f".{MODULE_MOE}.{shared}." in key)
+    names = FAMILY_NAMES[family]
+    return f".{names.module}.experts." in key or (names.shared is not None and f".{names.module}.{names.shared}." in key)

@@ -81,6 +81,11 @@ class Shards:
         self.bytes_read = 0
         self.read_s = 0.0  # seconds spent in reads (hetrun bench load: read throughput against dd)
 
+    def narrow_to(self, prefix: str) -> None:
+        """Keep only the tensors named under `prefix` (a multimodal checkpoint's language model), named without it."""
+        self.weight_map = {n.removeprefix(prefix): f for n, f in self.weight_map.items() if n.startswith(prefix)}
+        self.infos = {n.removeprefix(prefix): i for n, i in self.infos.items() if n.startswith(prefix)}
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 

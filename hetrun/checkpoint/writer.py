@@ -112,8 +112,8 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             continue
         block = next((p for p in moe_paths if key.startswith(f"{p}.")), None)
         disk = key if block is None else disk_name(key, family)
-        if block is not None and key.startswith(f"{block}.experts.") and family == "gpt_oss":
-            yield disk, "stacked", t  # its hub layout keeps them stacked (hetrun.checkpoint.gpt_oss), never quantized
+        if block is not None and key.startswith(f"{block}.experts.") and (family == "gpt_oss" or names.transposed):
+            yield disk, "stacked", t  # their hub layout keeps them stacked (gpt-oss, Llama 4), never quantized here
             continue
         if block is not None and key.startswith(f"{block}.experts."):
             prefix = disk.rsplit(".", 1)[0]  # ...experts
@@ -130,7 +130,8 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             yield disk, "shared", t
         elif key == "lm_head.weight":
             yield disk, "lm_head", t
-        elif key in linears and not key.endswith((f".{MODULE_MOE}.gate.weight", f".{MODULE_MOE}.gate.wg.weight")):
+        elif key in linears and not key.endswith((f".{MODULE_MOE}.gate.weight", f".{MODULE_MOE}.gate.wg.weight",
+                                                  f".{names.module}.router.weight")):  # routers stay as they are
             yield disk, "linear", t
         else:
             yield disk, "other", t

@@ -28,7 +28,7 @@ MODELS = {"tiny": "deepseek_v3", "tiny-mixtral": "mixtral", "tiny-qwen2-moe": "q
           "tiny-qwen3-moe": "qwen3_moe", "tiny-qwen3-next": "qwen3_next", "tiny-olmoe": "olmoe",
           "tiny-deepseek-v2": "deepseek_v2", "tiny-glm4-moe": "glm4_moe", "tiny-dots1": "dots1",
           "tiny-minimax-m2": "minimax_m2", "tiny-gpt-oss": "gpt_oss", "tiny-ernie4.5-moe": "ernie4_5_moe",
-          "tiny-hunyuan-moe": "hunyuan_v1_moe"}
+          "tiny-hunyuan-moe": "hunyuan_v1_moe", "tiny-llama4": "llama4_text"}
 PROMPT_SEED = 1234
 
 

@@ -367,10 +367,15 @@ class MoELayer:
             slots = [self.slot_of[e] for e in ids.view(-1).tolist()]  # [K]
             order = sorted(range(k), key=slots.__getitem__)  # [K] pairs by slot (stable, as argsort)
             rows = x.expand(k, -1).contiguous()  # [K, D] every pair is the token's row
+            picked = torch.tensor(order, device=weights.device) if self.router.scales_input else None
         else:
             slots = self.slots_for(ids.cpu()).numpy()  # [T*K]
             order = np.argsort(slots, kind="stable")  # [T*K] permutation grouping pairs by slot
             rows = x.index_select(0, torch.from_numpy(order // k).to(x.device))  # [T*K, D]
+            picked = torch.from_numpy(order).to(weights.device) if self.router.scales_input else None
+        if picked is not None:  # Llama 4: each pair's score scales the expert's input; the outputs then just add
+            rows = rows * weights.reshape(-1).index_select(0, picked).to(rows.device, rows.dtype).unsqueeze(1)
+            weights = torch.ones_like(weights)
         counts = np.bincount(slots, minlength=self.num_slots)  # [R]
         out_rows, shared_out = exchange(self, RoutedRows(x, rows, torch.from_numpy(counts)))  # [T*K, D], S x [T, D]
         out = self._combine(out_rows, order, weights)  # [T, D]
@@ -792,7 +797,7 @@ def _finish_background_work() -> None:
 
 
 # Families whose MoE block returns (hidden states, router scores), which their decoder layer unpacks.
-BLOCK_RETURNS_SCORES = ("gpt_oss",)
+BLOCK_RETURNS_SCORES = ("gpt_oss", "llama4_text")
 
 
 class HetrunMoEBlock(torch.nn.Module):

@@ -33,6 +33,9 @@ def route(logits: torch.Tensor, router: RouterSpec,
         return _sigmoid_grouped(logits, router, correction_bias)
     if router.kind == "softmax_biased":
         return _softmax_biased(logits, router, correction_bias)
+    if router.kind == "sigmoid_topk":  # Llama 4: the sigmoid of each chosen logit, unnormalised
+        top, ids = torch.topk(logits, router.top_k, dim=-1)  # [T, K]
+        return ids, top.float().sigmoid()
     raise ValueError(f"unknown router kind {router.kind!r}")
 
 

@@ -259,7 +259,8 @@ class LazyExperts(torch.nn.Module):
     """Stands where a transformers MoE block's stacked experts stood, holding ExpertSources instead of tensors.
 
     Its forward has the experts module's contract, (hidden [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D],
-    and reads each expert it needs on every call: a model built from a checkpoint runs (slowly) before deploy.
+    or Llama 4's, hidden [E * T, D] (every token's input to every expert, pre-scaled by its score) -> [E * T, D], and
+    reads each expert it needs on every call: a model built from a checkpoint runs (slowly) before deploy.
     """
 
     def __init__(self, sources: tuple[ExpertSource, ...], act_fn=None):
@@ -271,7 +272,12 @@ class LazyExperts(torch.nn.Module):
     def num_experts(self) -> int:
         return len(self.sources)
 
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if top_k_index is None:  # Llama 4's: each expert on its own [T, D] slice of hidden
+            per_expert = hidden.view(self.num_experts, -1, hidden.shape[-1])  # [E, T, D]
+            return torch.cat([_swiglu(x, s.weights(), self.act_fn).to(hidden.dtype)
+                              for x, s in zip(per_expert, self.sources)])  # [E * T, D]
         out = torch.zeros_like(hidden)  # [T, D]
         for e in top_k_index.unique().tolist():
             tok, pos = torch.where(top_k_index == e)  # [n], [n]
@@ -353,7 +359,8 @@ def layer_weights_from_block(spec: MoESpec, layer: int, block: torch.nn.Module) 
         experts: tuple[ExpertSource, ...] = ex.sources
     else:
         gate_up, down = ex.gate_up_proj.detach(), ex.down_proj.detach()  # [E, 2I, D], [E, D, I]
-        if getattr(ex, "is_transposed", False):  # gpt-oss stores them [E, D, 2I] and [E, I, D]
+        # gpt-oss (transformers' is_transposed flag) and Llama 4 (no flag) store them [E, D, 2I] and [E, I, D]
+        if getattr(ex, "is_transposed", spec.family == "llama4_text"):
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         gate, up = _gate_and_up(ex, gate_up)  # views [E, I, D]
         bias = None
