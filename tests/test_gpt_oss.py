@@ -51,7 +51,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["bf16", "mxfp4"])
 def test_checkpoint_deploys_as_transformers_reads_it(checkpoints, kind):
-    """OpenAI's MXFP4 layout (as transformers reads it, dequantized) and the BF16 one, deployed from the directory on onnxruntime and OpenVINO at FP32: transformers' logits and greedy tokens."""
+    """OpenAI's MXFP4 layout (as transformers reads it, dequantized) and the BF16 one, deployed from the directory on
+    onnxruntime and OpenVINO at FP32: transformers' logits and greedy tokens."""
     folder = checkpoints / kind
     assert json.loads((folder / "config.json").read_text()).get("quantization_config", {}).get(
         "quant_method") == (None if kind == "bf16" else "mxfp4")

@@ -5,9 +5,10 @@ On disk (the hub layout, which save_pretrained writes by default) each routed ex
   model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight            Mixtral, MiniMax-M2 (w1 gate, w3 up, w2 down)
 save_pretrained(save_original_format=False) and some hub repos keep them stacked, as transformers 5 holds them:
   model.layers.N.mlp.experts.gate_up_proj [E, 2I, D] (gate rows first), ...experts.down_proj [E, D, I]
-(optionally with a `.weight` suffix). gpt-oss has a layout of its own (hetrun.checkpoint.gpt_oss). In memory every family's MoE block is `model.layers.N.mlp`; Mixtral's router
-is `block_sparse_moe.gate` on disk. Quantized linears replace `X.weight` by `X.weight` + `X.weight_scale_inv` (FP8)
-or `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx` (GPTQ).
+(optionally with a `.weight` suffix). gpt-oss has a layout of its own (hetrun.checkpoint.gpt_oss); Llama 4 stacks its
+experts transposed under `feed_forward`. In memory every other family's MoE block is `model.layers.N.mlp`; Mixtral's
+router is `block_sparse_moe.gate` on disk. Quantized linears replace `X.weight` by `X.weight` + `X.weight_scale_inv`
+(FP8) or `X.qweight`, `X.qzeros`, `X.scales`, `X.g_idx` (GPTQ).
 """
 
 from __future__ import annotations
@@ -118,4 +119,5 @@ def disk_candidates(module_key: str, family: str) -> list[str]:
 def is_expert_module_key(key: str, family: str) -> bool:
     """Whether a module state-dict key belongs to routed or shared experts (hetrun reads those lazily)."""
     names = FAMILY_NAMES[family]
-    return f".{names.module}.experts." in key or (names.shared is not None and f".{names.module}.{names.shared}." in key)
+    shared = names.shared is not None and f".{names.module}.{names.shared}." in key
+    return f".{names.module}.experts." in key or shared

@@ -181,7 +181,8 @@ def save_checkpoint(model: torch.nn.Module, out: "str | os.PathLike", quantizati
             specs += [_spec(disk, codes), _spec(f"{disk}_scale_inv", torch.from_numpy(q.scale.astype(np.float32)))]
         elif quantization == "mxfp4" and kind == "stacked" and disk.endswith(("gate_up_proj", "down_proj")):
             blocks, scales = gpt_oss.quantize_mxfp4(w.transpose(1, 2).float().numpy())  # [E, out, in] rows
-            specs += [_spec(f"{disk}_blocks", torch.from_numpy(blocks)), _spec(f"{disk}_scales", torch.from_numpy(scales))]
+            specs += [_spec(f"{disk}_blocks", torch.from_numpy(blocks)),
+                      _spec(f"{disk}_scales", torch.from_numpy(scales))]
         elif quantization == "gptq" and kind in quantized and (kind != "linear" or w.shape[0] % GPTQ_PACK == 0):
             x = _calibration_input(calibration, experts, model.config.model_type, disk, kind)
             parts = _gptq_linear(w.float().numpy(), x, group, sym, desc_act, zero_offset,

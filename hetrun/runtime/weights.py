@@ -392,9 +392,9 @@ def router_module(block: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def router_tensors(block: torch.nn.Module) -> tuple:
-    """A transformers MoE block's router as FP32 copies: gate weight [E, D], correction bias [E] (DeepSeek's and
-    GLM's on the gate, MiniMax-M2's on the block, ERNIE's in the gate's moe_statics; Hunyuan's gate is `gate.wg`), the Qwen2-MoE shared-expert gate [1, D] and the gate's own bias
-    [E] (gpt-oss's router), each or None."""
+    """A transformers MoE block's router as FP32 copies: gate weight [E, D] (Hunyuan's `gate.wg`), correction bias [E]
+    (DeepSeek's and GLM's on the gate, MiniMax-M2's on the block, ERNIE's in the gate's moe_statics), the Qwen2-MoE
+    shared-expert gate [1, D] and the gate's own bias [E] (gpt-oss's router), each or None."""
     gate = router_module(block)
     gate = getattr(gate, "wg", gate)  # Hunyuan's gate module holds its Linear as `wg`
     bias = getattr(gate, "e_score_correction_bias", getattr(block, "e_score_correction_bias", None))
