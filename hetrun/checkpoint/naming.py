@@ -44,7 +44,8 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "qwen3_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
     "qwen3_next": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "olmoe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),
-    "gpt_oss": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj")),  # stacked only: hetrun.checkpoint.gpt_oss
+    # stacked only, interleaved and biased: read by hetrun.checkpoint.gpt_oss
+    "gpt_oss": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), transposed=True),
     "ernie4_5_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_experts",
                                 renamed=((".mlp.gate.moe_statics.", ".mlp.moe_statics."),)),
     "hunyuan_v1_moe": FamilyNames(("mlp",), ("gate_proj", "up_proj", "down_proj"), "shared_mlp"),

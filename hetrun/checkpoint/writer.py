@@ -112,7 +112,7 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             continue
         block = next((p for p in moe_paths if key.startswith(f"{p}.")), None)
         disk = key if block is None else disk_name(key, family)
-        if block is not None and key.startswith(f"{block}.experts.") and (family == "gpt_oss" or names.transposed):
+        if block is not None and key.startswith(f"{block}.experts.") and names.transposed:
             yield disk, "stacked", t  # their hub layout keeps them stacked (gpt-oss, Llama 4), never quantized here
             continue
         if block is not None and key.startswith(f"{block}.experts."):

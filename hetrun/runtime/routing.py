@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from hetrun.spec import RouterSpec
@@ -29,26 +31,15 @@ def route(logits: torch.Tensor, router: RouterSpec,
     """Top-k expert ids [T, K] (int64) and their combine weights [T, K] (float32) from gate logits [T, E]."""
     if router.kind == "softmax_topk":
         return _softmax_topk(logits, router)
-    if router.kind == "sigmoid_grouped":
-        return _sigmoid_grouped(logits, router, correction_bias)
-    if router.kind == "softmax_biased":
-        return _softmax_biased(logits, router, correction_bias)
+    if router.kind == "sigmoid_grouped":  # DeepSeek-V3, GLM, dots.llm1, MiniMax-M2
+        return _biased_choice(logits.float().sigmoid(), router, correction_bias, lambda s: s + 1e-20)
+    if router.kind == "softmax_biased":  # ERNIE 4.5
+        return _biased_choice(torch.softmax(logits.float(), dim=-1), router, correction_bias,
+                              lambda s: s.clamp(min=1e-12))
     if router.kind == "sigmoid_topk":  # Llama 4: the sigmoid of each chosen logit, unnormalised
         top, ids = torch.topk(logits, router.top_k, dim=-1)  # [T, K]
         return ids, top.float().sigmoid()
     raise ValueError(f"unknown router kind {router.kind!r}")
-
-
-def _softmax_biased(logits: torch.Tensor, router: RouterSpec,
-                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # ERNIE 4.5: FP32 softmax scores; the correction bias only chooses; the chosen scores, normalised, weigh
-    scores = torch.softmax(logits.float(), dim=-1)  # [T, E]
-    choice = scores if bias is None else scores + bias.float()  # [T, E]
-    ids = torch.topk(choice, router.top_k, dim=-1)[1]  # [T, K]
-    weights = scores.gather(1, ids)  # [T, K]
-    if router.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-    return ids, weights if router.routed_scaling_factor == 1.0 else weights * router.routed_scaling_factor
 
 
 def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +57,11 @@ def _softmax_topk(logits: torch.Tensor, router: RouterSpec) -> tuple[torch.Tenso
     return ids, weights if router.routed_scaling_factor == 1.0 else weights * router.routed_scaling_factor
 
 
-def _sigmoid_grouped(logits: torch.Tensor, router: RouterSpec,
-                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    t, e = logits.shape
-    scores = logits.float().sigmoid()  # [T, E] in FP32 whatever the logits' dtype
+def _biased_choice(scores: torch.Tensor, router: RouterSpec, bias: torch.Tensor | None,
+                   norm: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    # FP32 scores [T, E] plus a correction bias choose (groups ranked by their two best), the chosen scores weigh,
+    # normalised by norm(their sum) as each family's router guards it
+    t, e = scores.shape
     choice = scores if bias is None else scores + bias.float()  # [T, E]
     g = router.n_group
     group_scores = choice.view(t, g, e // g).topk(min(2, e // g), dim=-1)[0].sum(dim=-1)  # [T, G]
@@ -80,5 +72,5 @@ def _sigmoid_grouped(logits: torch.Tensor, router: RouterSpec,
     ids = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]  # [T, K]
     weights = scores.gather(1, ids)  # [T, K]
     if router.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / norm(weights.sum(dim=-1, keepdim=True))
     return ids, weights * router.routed_scaling_factor
