@@ -231,11 +231,15 @@ class ExpertRuntime:
             self.workers[device] = DeviceWorker(f"hetrun-{self.devices[device].id}")
         return self.workers[device].submit(job)
 
-    def wait(self, device: int, future: Future, deadline: float):
-        """The job's result, or DeviceFault when the device has not answered by `deadline` (time.monotonic()); the
-        hung worker is abandoned, and the device's next job gets a new one."""
+    def deadline(self) -> float | None:
+        """When a job submitted now must have answered (time.monotonic()); None: no expert_timeout_s, never."""
+        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
+
+    def wait(self, device: int, future: Future, deadline: float | None):
+        """The job's result, or DeviceFault when the device has not answered by `deadline` (time.monotonic(); None:
+        no limit); the hung worker is abandoned, and the device's next job gets a new one."""
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             self.workers.pop(device, None)
             raise DeviceFault(device, f"did not answer within expert_timeout_s={self.timeout_s:g} s") from None
@@ -292,6 +296,7 @@ class MoELayer:
         """Take the layer's slots from `plan`, with `copies` [(expert, device) -> session] for every pair it uses."""
         self.phy2log = plan.phy2log[self.index]  # [R]
         self.device_of = plan.device_of[self.index]  # [R]
+        self.device_list = self.device_of.tolist()  # [R] the same, for lookups in Python
         self.share = plan.share[self.index]  # [R]
         self.num_slots = len(self.phy2log)
         self.copies = copies
@@ -363,9 +368,11 @@ class MoELayer:
         # Row bookkeeping on the host: a few integers per token (copied off an accelerator, where the hidden states
         # live on one), in numpy, where each torch op would cost more than its work; a decode token's K pairs in
         # Python, where even numpy's would. The rows stay where x is.
+        one_each = None  # a decode token's slots in ascending order, a row each
         if x.shape[0] == 1 and not self.replicated:
             slots = [self.slot_of[e] for e in ids.view(-1).tolist()]  # [K]
             order = sorted(range(k), key=slots.__getitem__)  # [K] pairs by slot (stable, as argsort)
+            one_each = [slots[i] for i in order]  # [K]
             rows = x.expand(k, -1).contiguous()  # [K, D] every pair is the token's row
             picked = torch.tensor(order, device=weights.device) if self.router.scales_input else None
         else:
@@ -377,7 +384,8 @@ class MoELayer:
             rows = rows * weights.reshape(-1).index_select(0, picked).to(rows.device, rows.dtype).unsqueeze(1)
             weights = torch.ones_like(weights)
         counts = np.bincount(slots, minlength=self.num_slots)  # [R]
-        out_rows, shared_out = exchange(self, RoutedRows(x, rows, torch.from_numpy(counts)))  # [T*K, D], S x [T, D]
+        routed = RoutedRows(x, rows, torch.from_numpy(counts), one_each)
+        out_rows, shared_out = exchange(self, routed)  # [T*K, D], S x [T, D]
         out = self._combine(out_rows, order, weights)  # [T, D]
         for ys in shared_out:  # [T, D] each
             if self.weights.shared_gate is not None:
@@ -427,11 +435,15 @@ class MoELayer:
     # ---- compute: one expert call, checked, with failover -------------------------------------------
     def calls(self, routed: RoutedRows) -> list[ExpertCall]:
         """The expert calls a layer call needs: one per slot that received rows (only those), one per shared expert."""
-        counts = routed.counts.numpy()  # [R]
-        used = np.flatnonzero(counts)  # slots that received rows
-        ends = np.cumsum(counts)[used]
-        out = [ExpertCall("routed", r, d, end - n, end) for r, d, n, end in
-               zip(used.tolist(), self.device_of[used].tolist(), counts[used].tolist(), ends.tolist())]
+        if routed.one_each is not None:  # a decode token: row i goes to slot one_each[i]
+            device_of = self.device_list
+            out = [ExpertCall("routed", r, device_of[r], i, i + 1) for i, r in enumerate(routed.one_each)]
+        else:
+            counts = routed.counts.numpy()  # [R]
+            used = np.flatnonzero(counts)  # slots that received rows
+            ends = np.cumsum(counts)[used]
+            out = [ExpertCall("routed", r, d, end - n, end) for r, d, n, end in
+                   zip(used.tolist(), self.device_of[used].tolist(), counts[used].tolist(), ends.tolist())]
         if self.runtime.cache is not None:
             out = [self.placed(c) for c in out]
         t = routed.x.shape[0]
@@ -481,10 +493,13 @@ class MoELayer:
                           session.modeled_seconds(rows.shape[0]), transfers)
 
     def run_guarded(self, call: ExpertCall, rows: torch.Tensor, session: ExpertSession | None = None) -> CallResult:
-        """run_call on the device's worker, waiting at most the profile's expert_timeout_s (DeviceFault after)."""
+        """run_call on the device's worker, waiting at most the profile's expert_timeout_s (DeviceFault after);
+        on this thread when there is no timeout."""
         rt = self.runtime
+        if rt.timeout_s is None:
+            return self.run_call(call, rows, session)
         future = rt.submit(call.device, lambda: self.run_call(call, rows, session))
-        return rt.wait(call.device, future, time.monotonic() + rt.timeout_s)
+        return rt.wait(call.device, future, rt.deadline())
 
     def record(self, result: CallResult) -> torch.Tensor:
         """Count a finished call in the runtime's statistics; returns its output."""
@@ -655,6 +670,7 @@ class RoutedRows:
     x: torch.Tensor  # [T, D] the layer's input (shared experts take every token)
     rows: torch.Tensor  # [T*K, D] one row per (token, k) pair, grouped by slot in ascending slot order
     counts: torch.Tensor  # [R] rows per slot
+    one_each: "list[int] | None" = None  # a decode token's slots, ascending, a row each (what counts says)
 
 
 class Exchange:
@@ -678,7 +694,10 @@ class LocalExchange(Exchange):
     """Every device in this process. Each device's calls of a step go to that device's worker thread in one
     submission, so devices run at the same time and a step costs the slowest device, not the sum. A device that
     raises, returns a wrong shape or NaN, or does not answer within the profile's `expert_timeout_s`, fails over
-    (MoELayer.failover) after the others have finished; a hung worker is abandoned and replaced."""
+    (MoELayer.failover) after the others have finished; a hung worker is abandoned and replaced. Without a timeout
+    (expert_timeout_s: null) the device with the most calls runs them on this thread while the others run on
+    theirs: no handoff to a worker and back (at one token about a tenth of an onnxruntime INT4 layer call here),
+    and nothing to abandon a hung call with."""
 
     def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rt = layer.runtime
@@ -690,12 +709,14 @@ class LocalExchange(Exchange):
                 by_device.setdefault(call.device, []).append(call)
             else:
                 failed.append((call, None))
-        pending = [(d, rt.submit(d, _DeviceJob(layer, routed, calls))) for d, calls in by_device.items()]
-        deadline = time.monotonic() + rt.timeout_s
+        here = max(by_device, key=lambda d: len(by_device[d])) if rt.timeout_s is None and by_device else None
+        jobs = {d: _DeviceJob(layer, routed, calls) for d, calls in by_device.items()}
+        pending = {d: rt.submit(d, job) for d, job in jobs.items() if d != here}
+        deadline = rt.deadline()
         results: dict[ExpertCall, torch.Tensor] = {}
-        for d, future in pending:
+        for d in ([here] if here is not None else []) + list(pending):  # this thread's device first
             try:
-                done, fault, rest = rt.wait(d, future, deadline)
+                done, fault, rest = jobs[d]() if d == here else rt.wait(d, pending[d], deadline)
             except DeviceFault as hung:
                 done, fault, rest = {}, hung, by_device[d]
             results.update({c: layer.record(r) for c, r in done.items()})
