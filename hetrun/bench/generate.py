@@ -38,7 +38,7 @@ from hetrun.backends import host_cpu
 from hetrun.backends.registry import probe_backend
 from hetrun.bench import Benchmark, comma_list
 from hetrun.bench.child_process import peak_rss_gb, status_bytes
-from hetrun.bench.moe import LOW_PRECISION
+from hetrun.bench.moe import LOW_PRECISION, system_profile
 from hetrun.bench.moe import SYSTEMS as DEVICES
 from hetrun.deployment import deploy
 from hetrun.errors import HetrunError
@@ -56,7 +56,9 @@ PROMPT_LEN, NEW_TOKENS = 128, 64
 # experts. The FP32, INT8 and INT4 systems also run on each runtime alone, as a user who wants one CPU's speed would
 # deploy: the runtimes' kernels differ by CPU (on one without INT8 dot products OpenVINO's INT4 expert was 3-4x
 # slower than onnxruntime's at one token), two devices on one CPU share its cores, and what runs the dense part
-# follows the dense device's runtime (hetrun.runtime.dense).
+# follows the dense device's runtime (hetrun.runtime.dense). INT8 and INT4, the systems held against llama.cpp's
+# quantized files, also run on onnxruntime alone without hang protection ("no-timeout": expert_timeout_s null, a
+# step's expert calls on the model's thread, hetrun.bench.moe.SETTINGS).
 KINDS = {"fp32": ("float32", {"onnxruntime": "fp32", "openvino": "fp32"}),  # kind -> (model dtype, precisions)
          **{kind: (None, precisions) for kind, precisions in LOW_PRECISION.items()}}
 SYSTEMS = {
@@ -64,7 +66,8 @@ SYSTEMS = {
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
     **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", *KINDS[kind], devices)
-       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")},
+       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")
+       + (("onnxruntime no-timeout",) if kind in LOW_PRECISION else ())},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),
@@ -159,8 +162,7 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
         probe_backend(backend)
     extra = {"floor_gb": status_bytes("VmRSS:") / 1e9}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
-        profile = load_profile({"name": f"bench-{devices}", "devices": DEVICES[devices],
-                                "dense_precision": dense_precision_of(system, dense_precision)})
+        profile = load_profile(system_profile(devices, dense_precision=dense_precision_of(system, dense_precision)))
         kw = {}
         if precisions is not None:
             p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)

@@ -5,13 +5,16 @@ Cases (one token is decode, where weight bytes set the speed; 32 tokens is a sho
   default    hetrun at each device's default precision here (the host's real capabilities decide it) against the
              transformers block in BF16, the precision a user would load;
   int8, int4 hetrun's fastest INT8 / INT4 expert format per backend against the transformers block in BF16.
-hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split); the best
-counts. At 32 tokens hetrun is also held against OpenVINO running the whole block as one graph (router, top-k and
-every expert, compiled from the same weights). Weight traffic at one token (the bytes of the experts a call reads /
-its time) is reported against a read bandwidth measured in the same run. Every side takes the same 16 inputs in
-turn, so consecutive one-token calls route to different experts and read their weights from memory, as decode
-does. Timings interleave the systems round by round and keep each one's best round; compare ratios, not absolute
-times across runs.
+hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split), and on
+onnxruntime alone without hang protection (expert_timeout_s null: no handoff to a worker thread); the best counts.
+At 32 tokens hetrun is also held against OpenVINO running the whole block as one graph (router, top-k and every
+expert, compiled from the same weights). Weight traffic at one token (the bytes of the experts a call reads / its
+time) is reported against a read bandwidth measured in the same run, beside the traffic of the expert calls alone
+(each expert's session called directly, in turn, without the dispatcher): the runtime kernels' own ceiling. Every
+side takes the same 16 inputs in turn, so consecutive one-token calls route to different experts and read their
+weights from memory, as decode does. Timings interleave the systems round by round and keep each one's best round;
+compare ratios, not absolute times
+across runs.
 """
 
 from __future__ import annotations
@@ -47,7 +50,17 @@ LOW_PRECISION = {"int8": {"onnxruntime": "int8-w8a8", "openvino": "int8"},
 SYSTEMS = {"onnxruntime": [{"id": "cpu", "type": "host-cpu", "backend": "onnxruntime"}],
            "openvino": [{"id": "cpu", "type": "host-cpu", "backend": "openvino"}],
            "cpu profile": [{"id": "ort", "type": "host-cpu", "backend": "onnxruntime"},
-                           {"id": "ov", "type": "host-cpu", "backend": "openvino"}]}
+                           {"id": "ov", "type": "host-cpu", "backend": "openvino"}],
+           "onnxruntime no-timeout": [{"id": "cpu", "type": "host-cpu", "backend": "onnxruntime"}]}
+# Profile fields of a system beyond its devices. "no-timeout": expert_timeout_s null, the setting without hang
+# protection, where a step's calls on one device run on the model's thread (no handoff to the device's worker).
+SETTINGS = {"onnxruntime no-timeout": {"expert_timeout_s": None}}
+
+
+def system_profile(system: str, **fields) -> dict:
+    """The profile of a benchmark system (a key of SYSTEMS): its devices, its SETTINGS and `fields`."""
+    return {"name": f"bench-{system.replace(' ', '-')}", "devices": SYSTEMS[system], **SETTINGS.get(system, {}),
+            **fields}
 
 
 def mixtral_block(seed: int = 0):
@@ -141,7 +154,7 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
     runtimes = {}
     for case in cases:
         for system in systems:
-            prof = load_profile({"name": f"bench-{system}", "devices": SYSTEMS[system]})
+            prof = load_profile(system_profile(system))
             precision = {"fp32": "fp32", "default": None}.get(case)
             if precision is None and case in LOW_PRECISION:
                 if system != "cpu profile":
@@ -183,6 +196,7 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
                                                      spec.hidden_size, spec.moe_intermediate_size)
                                         for r in _slots_for_one_token(rt.layers[0], xi)) for xi in xs])
                     row["weight_gbs"] = float(read / best[(case, system)] / 1e9)
+                    row["expert_alone_gbs"] = _expert_calls_alone(rt, spec, x, rounds)
                 rows.append(row)
     return {"rows": rows, "read_bandwidth_gbs": read_bandwidth(threads), "cpu": host_cpu.describe(), "threads": threads}
 
@@ -193,6 +207,21 @@ def _slots_for_one_token(layer, x) -> list[int]:
     ids, _ = route(router_logits(x, layer.weights.gate, layer.router, layer.weights.gate_bias), layer.router,
                    layer.weights.correction_bias)
     return sorted(set(layer.slots_for(ids).tolist()))
+
+
+def _expert_calls_alone(rt, spec, x, rounds: int) -> float:
+    """GB/s of weights read by one-token calls of the layer's expert sessions alone, every session in turn (so
+    weights come from memory, as in the layer), no dispatch around them."""
+    layer = rt.layers[0]
+    sessions = [(s, expert_bytes(rt.plan.precision[rt.devices[d].id], spec.hidden_size, spec.moe_intermediate_size))
+                for s, d in zip(layer.sessions, layer.device_list) if s is not None]
+
+    def every_session():
+        for session, _ in sessions:
+            session.forward(x)
+
+    seconds = _interleaved({"alone": every_session}, rounds)["alone"]
+    return sum(nbytes for _, nbytes in sessions) / seconds / 1e9
 
 
 def _with_precisions(plan, precision: dict):
@@ -223,7 +252,7 @@ def _print(result: dict) -> None:
     c.print(f"CPU: {host_cpu.summary(cpu)}; threads {result['threads']} for every side; read bandwidth {bw:.1f} GB/s")
     t = Table(title="Mixtral-shaped MoE layer (D=1024, I=2816, 8 experts, top-2): hetrun / reference time")
     for col in ("case", "tokens", "system", "precision", "hetrun ms", "reference", "ms", "ratio", "target",
-                "vs OV block", "weight GB/s", "err"):
+                "vs OV block", "weight GB/s", "experts alone", "err"):
         t.add_column(col, justify="right")
     best = {}
     for r in result["rows"]:
@@ -235,10 +264,11 @@ def _print(result: dict) -> None:
         target = TARGETS.get(key)
         mark = "" if r is not best[key] else " *"
         traffic = f"{r['weight_gbs']:.1f} ({r['weight_gbs'] / bw:.0%})" if "weight_gbs" in r else ""
+        alone = f"{r['expert_alone_gbs']:.1f} ({r['expert_alone_gbs'] / bw:.0%})" if "expert_alone_gbs" in r else ""
         t.add_row(r["case"], str(r["tokens"]), r["system"] + mark, ",".join(sorted(set(r["precisions"].values()))),
                   f"{r['hetrun_ms']:.2f}", r["reference"], f"{r['transformers_ms']:.2f}", f"{r['ratio']:.2f}",
                   f"<= {target}" if target else "", f"{r['ratio_vs_block']:.2f}" if "ratio_vs_block" in r else "",
-                  traffic, f"{r['rel_error_vs_fp32']:.1e}")
+                  traffic, alone, f"{r['rel_error_vs_fp32']:.1e}")
     c.print(t)
     for (case, tok), r in sorted(best.items()):
         target = TARGETS.get((case, tok))
@@ -252,7 +282,8 @@ def _print(result: dict) -> None:
         if tok == 1 and case in LOW_PRECISION and "weight_gbs" in r:
             share = r["weight_gbs"] / bw
             c.print(f"{case} weight traffic at one token: {share:.0%} of read bandwidth (target >= "
-                    f"{TRAFFIC_TARGET:.0%}) {'[green]met[/]' if share >= TRAFFIC_TARGET else '[red]missed[/]'}")
+                    f"{TRAFFIC_TARGET:.0%}) {'[green]met[/]' if share >= TRAFFIC_TARGET else '[red]missed[/]'}; "
+                    f"its expert calls alone: {r['expert_alone_gbs'] / bw:.0%}")
 
 
 BENCHMARKS = {
