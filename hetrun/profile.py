@@ -202,10 +202,8 @@ class ProfileModel(StrictModel):
     links: dict[Literal["intra_node", "inter_node"], LinkSpec] = {}
     pins: list[PinRule] = []
     grid_kg_co2_per_kwh: float = Field(default=0.4, ge=0, le=100)
-    # None: no hang protection; a step's calls on one device then run on the model's own thread (no thread handoff)
-    expert_timeout_s: float | None = Field(default=60.0, gt=0, le=86400,
-                                           description="a device that does not answer an expert call this long "
-                                                       "fails over; null: never (no hang protection)")
+    expert_timeout_s: float = Field(default=60.0, gt=0, le=86400,
+                                    description="a device that does not answer an expert call this long fails over")
     extra: dict[str, Any] = {}  # free-form fields other modules own (simulation settings, distributed layout)
     distributed: DistributedLayout | None = None  # ranks under torchrun; None: one process
     rebalance: RebalanceSettings | None = None  # live rebalancing while serving; None: the plan stays as deployed

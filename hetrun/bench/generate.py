@@ -56,9 +56,7 @@ PROMPT_LEN, NEW_TOKENS = 128, 64
 # experts. The FP32, INT8 and INT4 systems also run on each runtime alone, as a user who wants one CPU's speed would
 # deploy: the runtimes' kernels differ by CPU (on one without INT8 dot products OpenVINO's INT4 expert was 3-4x
 # slower than onnxruntime's at one token), two devices on one CPU share its cores, and what runs the dense part
-# follows the dense device's runtime (hetrun.runtime.dense). INT8 and INT4, the systems held against llama.cpp's
-# quantized files, also run on onnxruntime alone without hang protection ("no-timeout": expert_timeout_s null, a
-# step's expert calls on the model's thread, hetrun.bench.moe.SETTINGS).
+# follows the dense device's runtime (hetrun.runtime.dense).
 KINDS = {"fp32": ("float32", {"onnxruntime": "fp32", "openvino": "fp32"}),  # kind -> (model dtype, precisions)
          **{kind: (None, precisions) for kind, precisions in LOW_PRECISION.items()}}
 SYSTEMS = {
@@ -66,8 +64,7 @@ SYSTEMS = {
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
     **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", *KINDS[kind], devices)
-       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")
-       + (("onnxruntime no-timeout",) if kind in LOW_PRECISION else ())},
+       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),

@@ -5,16 +5,14 @@ Cases (one token is decode, where weight bytes set the speed; 32 tokens is a sho
   default    hetrun at each device's default precision here (the host's real capabilities decide it) against the
              transformers block in BF16, the precision a user would load;
   int8, int4 hetrun's fastest INT8 / INT4 expert format per backend against the transformers block in BF16.
-hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split), and on
-onnxruntime alone without hang protection (expert_timeout_s null: no handoff to a worker thread); the best counts.
-At 32 tokens hetrun is also held against OpenVINO running the whole block as one graph (router, top-k and every
-expert, compiled from the same weights). Weight traffic at one token (the bytes of the experts a call reads / its
-time) is reported against a read bandwidth measured in the same run, beside the traffic of the expert calls alone
-(each expert's session called directly, in turn, without the dispatcher): the runtime kernels' own ceiling. Every
-side takes the same 16 inputs in turn, so consecutive one-token calls route to different experts and read their
-weights from memory, as decode does. Timings interleave the systems round by round and keep each one's best round;
-compare ratios, not absolute times
-across runs.
+hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split); the best
+counts. At 32 tokens hetrun is also held against OpenVINO running the whole block as one graph (router, top-k and
+every expert, compiled from the same weights). Weight traffic at one token (the bytes of the experts a call reads /
+its time) is reported against a read bandwidth measured in the same run, beside the traffic of the expert calls
+alone (each expert's session called directly, in turn, without the dispatcher): the runtime kernels' own ceiling.
+Every side takes the same 16 inputs in turn, so consecutive one-token calls route to different experts and read
+their weights from memory, as decode does. Timings interleave the systems round by round and keep each one's best
+round; compare ratios, not absolute times across runs.
 """
 
 from __future__ import annotations
@@ -50,17 +48,12 @@ LOW_PRECISION = {"int8": {"onnxruntime": "int8-w8a8", "openvino": "int8"},
 SYSTEMS = {"onnxruntime": [{"id": "cpu", "type": "host-cpu", "backend": "onnxruntime"}],
            "openvino": [{"id": "cpu", "type": "host-cpu", "backend": "openvino"}],
            "cpu profile": [{"id": "ort", "type": "host-cpu", "backend": "onnxruntime"},
-                           {"id": "ov", "type": "host-cpu", "backend": "openvino"}],
-           "onnxruntime no-timeout": [{"id": "cpu", "type": "host-cpu", "backend": "onnxruntime"}]}
-# Profile fields of a system beyond its devices. "no-timeout": expert_timeout_s null, the setting without hang
-# protection, where a step's calls on one device run on the model's thread (no handoff to the device's worker).
-SETTINGS = {"onnxruntime no-timeout": {"expert_timeout_s": None}}
+                           {"id": "ov", "type": "host-cpu", "backend": "openvino"}]}
 
 
 def system_profile(system: str, **fields) -> dict:
-    """The profile of a benchmark system (a key of SYSTEMS): its devices, its SETTINGS and `fields`."""
-    return {"name": f"bench-{system.replace(' ', '-')}", "devices": SYSTEMS[system], **SETTINGS.get(system, {}),
-            **fields}
+    """The profile of a benchmark system (a key of SYSTEMS): its devices and `fields`."""
+    return {"name": f"bench-{system.replace(' ', '-')}", "devices": SYSTEMS[system], **fields}
 
 
 def mixtral_block(seed: int = 0):

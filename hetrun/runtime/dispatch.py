@@ -231,15 +231,11 @@ class ExpertRuntime:
             self.workers[device] = DeviceWorker(f"hetrun-{self.devices[device].id}")
         return self.workers[device].submit(job)
 
-    def deadline(self) -> float | None:
-        """When a job submitted now must have answered (time.monotonic()); None: no expert_timeout_s, never."""
-        return None if self.timeout_s is None else time.monotonic() + self.timeout_s
-
-    def wait(self, device: int, future: Future, deadline: float | None):
-        """The job's result, or DeviceFault when the device has not answered by `deadline` (time.monotonic(); None:
-        no limit); the hung worker is abandoned, and the device's next job gets a new one."""
+    def wait(self, device: int, future: Future, deadline: float):
+        """The job's result, or DeviceFault when the device has not answered by `deadline` (time.monotonic()); the
+        hung worker is abandoned, and the device's next job gets a new one."""
         try:
-            return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             self.workers.pop(device, None)
             raise DeviceFault(device, f"did not answer within expert_timeout_s={self.timeout_s:g} s") from None
@@ -295,6 +291,7 @@ class MoELayer:
     def _place(self, plan: Plan, copies: dict) -> None:
         """Take the layer's slots from `plan`, with `copies` [(expert, device) -> session] for every pair it uses."""
         self.phy2log = plan.phy2log[self.index]  # [R]
+        self.expert_list = self.phy2log.tolist()  # [R] the same, for lookups in Python
         self.device_of = plan.device_of[self.index]  # [R]
         self.device_list = self.device_of.tolist()  # [R] the same, for lookups in Python
         self.share = plan.share[self.index]  # [R]
@@ -391,7 +388,12 @@ class MoELayer:
             if self.weights.shared_gate is not None:
                 ys = torch.sigmoid(torch.nn.functional.linear(x, shared_gate)) * ys
             out += ys
-        np.add.at(stats.tokens_per_expert[self.index], self.phy2log, counts)  # slots' rows summed per expert
+        if one_each is not None:  # a row per slot, no replicas: its expert's count goes up by one
+            routed_tokens = stats.tokens_per_expert[self.index]  # [E]
+            for slot in one_each:
+                routed_tokens[self.expert_list[slot]] += 1
+        else:
+            np.add.at(stats.tokens_per_expert[self.index], self.phy2log, counts)  # slots' rows summed per expert
         stats.calls += 1
         dt = time.perf_counter() - t0
         stats.layer_s += dt
@@ -493,13 +495,10 @@ class MoELayer:
                           session.modeled_seconds(rows.shape[0]), transfers)
 
     def run_guarded(self, call: ExpertCall, rows: torch.Tensor, session: ExpertSession | None = None) -> CallResult:
-        """run_call on the device's worker, waiting at most the profile's expert_timeout_s (DeviceFault after);
-        on this thread when there is no timeout."""
+        """run_call on the device's worker, waiting at most the profile's expert_timeout_s (DeviceFault after)."""
         rt = self.runtime
-        if rt.timeout_s is None:
-            return self.run_call(call, rows, session)
         future = rt.submit(call.device, lambda: self.run_call(call, rows, session))
-        return rt.wait(call.device, future, rt.deadline())
+        return rt.wait(call.device, future, time.monotonic() + rt.timeout_s)
 
     def record(self, result: CallResult) -> torch.Tensor:
         """Count a finished call in the runtime's statistics; returns its output."""
@@ -694,10 +693,7 @@ class LocalExchange(Exchange):
     """Every device in this process. Each device's calls of a step go to that device's worker thread in one
     submission, so devices run at the same time and a step costs the slowest device, not the sum. A device that
     raises, returns a wrong shape or NaN, or does not answer within the profile's `expert_timeout_s`, fails over
-    (MoELayer.failover) after the others have finished; a hung worker is abandoned and replaced. Without a timeout
-    (expert_timeout_s: null) the device with the most calls runs them on this thread while the others run on
-    theirs: no handoff to a worker and back (at one token about a tenth of an onnxruntime INT4 layer call here),
-    and nothing to abandon a hung call with."""
+    (MoELayer.failover) after the others have finished; a hung worker is abandoned and replaced."""
 
     def __call__(self, layer: MoELayer, routed: RoutedRows) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rt = layer.runtime
@@ -709,14 +705,12 @@ class LocalExchange(Exchange):
                 by_device.setdefault(call.device, []).append(call)
             else:
                 failed.append((call, None))
-        here = max(by_device, key=lambda d: len(by_device[d])) if rt.timeout_s is None and by_device else None
-        jobs = {d: _DeviceJob(layer, routed, calls) for d, calls in by_device.items()}
-        pending = {d: rt.submit(d, job) for d, job in jobs.items() if d != here}
-        deadline = rt.deadline()
+        pending = [(d, rt.submit(d, _DeviceJob(layer, routed, calls))) for d, calls in by_device.items()]
+        deadline = time.monotonic() + rt.timeout_s
         results: dict[ExpertCall, torch.Tensor] = {}
-        for d in ([here] if here is not None else []) + list(pending):  # this thread's device first
+        for d, future in pending:
             try:
-                done, fault, rest = jobs[d]() if d == here else rt.wait(d, pending[d], deadline)
+                done, fault, rest = rt.wait(d, future, deadline)
             except DeviceFault as hung:
                 done, fault, rest = {}, hung, by_device[d]
             results.update({c: layer.record(r) for c, r in done.items()})
