@@ -1,4 +1,5 @@
-"""Files hetrun writes (profiles, plans, reports, traces, charts): whole or not at all, and JSON printing."""
+"""Files hetrun writes (profiles, plans, reports, traces, charts): whole or not at all; and what it prints: JSON,
+and tables wide enough to read in a pipe."""
 
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def _unique_keys(pairs: list) -> dict:
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"key {dup[:60]!r} is given twice in one object")
     return out
+
+
+def table_console(min_width: int):
+    """A rich Console for tables `min_width` columns wide: a terminal's own (rich fits tables to it), and for a pipe
+    or a file, where rich would assume 80 columns and cut wider tables' cells short, at least `min_width`."""
+    from rich.console import Console  # display: loaded when a table is printed
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, min_width))
 
 
 def print_json(obj) -> None:

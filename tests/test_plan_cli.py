@@ -133,3 +133,16 @@ def _save(tmp_path, table):
     path = tmp_path / "bad.npy"
     np.save(path, table)
     return path
+
+
+def test_a_wide_table_printed_into_a_pipe_keeps_its_cells_whole(capsys, monkeypatch):
+    # rich assumes 80 columns for a pipe or a file and would cut the plan table's cells to "…"
+    monkeypatch.delenv("COLUMNS", raising=False)
+    rc, out, err = run_cli(capsys, "plan", "--model", "mixtral-8x7b", "--profile", "mixed-h100-910b-xeon")
+    assert rc == 0, err
+    assert "…" not in out and "memory used GB" in out and "slots/layer" in out
+    from hetrun.files import table_console
+
+    assert table_console(200).width == 200
+    monkeypatch.setenv("COLUMNS", "260")
+    assert table_console(200).width == 260  # a wider setting of the user's stays

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from hetrun.backends import host_cpu
@@ -42,7 +41,7 @@ from hetrun.bench.moe import LOW_PRECISION, system_profile
 from hetrun.bench.moe import SYSTEMS as DEVICES
 from hetrun.deployment import deploy
 from hetrun.errors import HetrunError
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 from hetrun.placement.planner import plan
 from hetrun.profile import DENSE_PRECISIONS, load_profile
 from hetrun.spec import MoESpec
@@ -399,7 +398,7 @@ def _main(a: argparse.Namespace) -> int:
 
 
 def _print(result: dict) -> None:
-    c = Console()
+    c = table_console(150)
     cpu = result["cpu"]
     c.print(f"CPU: {host_cpu.summary(cpu)}; {result['threads']} threads for every system; each system's fastest of "
             f"{result['rounds']} rounds (decode tok/s of every round in --json); hetrun's dense_precision: "

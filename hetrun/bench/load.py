@@ -36,7 +36,7 @@ from pathlib import Path
 from hetrun.bench import Benchmark, comma_list
 from hetrun.bench.child_process import status_bytes
 from hetrun.errors import HetrunError
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 
 GB = 1e9
 SHAPES = {  # hidden, intermediate, experts, top-k, layers, vocab
@@ -150,10 +150,9 @@ def _ratios(out: dict) -> dict:
 
 
 def _print(out: dict) -> None:
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
-    c = Console(width=max(Console().width, 140))
+    c = table_console(140)
     c.print(f"checkpoint: {out['shape']}, {out['weights_bytes'] / GB:.2f} GB in {out['shards']} shards (largest "
             f"{out['largest_shard_bytes'] / GB:.2f} GB); dd reads it at {out['dd']['bytes_per_s'] / GB:.2f} GB/s; "
             f"device: one host CPU on {out['backend']}, dense_precision: {out['dense_precision']}; the machine may be "

@@ -25,12 +25,11 @@ import time
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from hetrun.backends import host_cpu
 from hetrun.bench import Benchmark, comma_list
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 from hetrun.formats import expert_bytes
 from hetrun.placement.planner import simple_plan
 from hetrun.profile import load_profile
@@ -241,7 +240,7 @@ def _main(a: argparse.Namespace) -> int:
 
 def _print(result: dict) -> None:
     cpu, bw = result["cpu"], result["read_bandwidth_gbs"]
-    c = Console()
+    c = table_console(200)
     c.print(f"CPU: {host_cpu.summary(cpu)}; threads {result['threads']} for every side; read bandwidth {bw:.1f} GB/s")
     t = Table(title="Mixtral-shaped MoE layer (D=1024, I=2816, 8 experts, top-2): hetrun / reference time")
     for col in ("case", "tokens", "system", "precision", "hetrun ms", "reference", "ms", "ratio", "target",

@@ -18,14 +18,13 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from rich.console import Console
 from rich.table import Table
 
 from hetrun.backends.onnxruntime import session_options
 from hetrun.backends.registry import probe_backend, require_backend
 from hetrun.bench import Benchmark, comma_list
 from hetrun.errors import HetrunError
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 from hetrun.formats import FORMATS
 from hetrun.profile import device_catalog, load_profile
 from hetrun.runtime.graphs import build_expert_graph
@@ -122,7 +121,7 @@ def run_bench(hidden: int = 1024, intermediate: int = 2816, tokens=DEFAULT_TOKEN
 
 
 def _print(report: dict, bandwidth: float) -> None:
-    c = Console(width=max(Console().width, 160))
+    c = table_console(160)
     toks = report["tokens"]
     for rt in RUNTIMES:
         rows = [r for r in report["results"] if r["runtime"] == rt]

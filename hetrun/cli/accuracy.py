@@ -19,7 +19,7 @@ import numpy as np
 import hetrun
 from hetrun.cli import Command, threads_arg, whole_number
 from hetrun.errors import HetrunError
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 from hetrun.placement.plan import device_weight_bytes
 from hetrun.profile import load_profile
 
@@ -266,7 +266,6 @@ def _block_output(block, x):
 
 
 def _print_int4(report: dict) -> None:
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
     t = Table(title=f"INT4 against FP32: Gaussian weights (D=256, I=512), and model {report['model']} "
@@ -282,7 +281,7 @@ def _print_int4(report: dict) -> None:
                       f"<= {_pct(r['matrix_target'])}" if first else "", _pct(r["expert_rel_err"]) if first else "",
                       f"<= {_pct(r['expert_target'])}" if first else "", q,
                       " ".join(_pct(e) for e in r[q]["layer_rel_err"]), f"{100 * r[q]['top1']['top1']:.1f}%")
-    Console(width=max(Console().width, 140)).print(t)
+    table_console(140).print(t)
 
 
 def _pct(v) -> str:
@@ -290,7 +289,6 @@ def _pct(v) -> str:
 
 
 def _print(report: dict) -> None:
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
     dep = report["deployment"]
@@ -305,7 +303,7 @@ def _print(report: dict) -> None:
         err_max = _pct(d["expert_rel_err_max"]) + (f" ({d['nonfinite_experts']} inf/nan)" if d["nonfinite_experts"] else "")
         t.add_row(d["device"], d["type"], d["backend"], d["precision"], str(d["experts"]), f"{d['weight_bytes']:,}",
                   ratio, _pct(d["expert_rel_err_mean"]), err_max, _pct(a["logits_rel_err"]), f"{100 * a['top1']:.1f}%")
-    c = Console(width=max(Console().width, 140))
+    c = table_console(140)
     c.print(t)
     c.print("expert err: each expert's output against the FP32 expert on the hidden states this model feeds it; "
             "solo: end to end with every expert at that device's precision")

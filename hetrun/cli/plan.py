@@ -10,7 +10,7 @@ import numpy as np
 
 from hetrun.cli import Command, whole_number
 from hetrun.errors import HetrunError
-from hetrun.files import print_json, write_atomic
+from hetrun.files import print_json, table_console, write_atomic
 from hetrun.placement.device_model import scale_load
 from hetrun.placement.loads import model_load
 from hetrun.placement.pins import describe, pin_rules
@@ -86,13 +86,10 @@ def _summary(result, eplb, args) -> dict:
 
 
 def _print(s: dict, np) -> None:
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.markup import escape  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
-    console = Console()
-    if not console.is_terminal:  # a pipe or file: no terminal width to respect
-        console = Console(width=150)
+    console = table_console(150)
     t = Table(title=f"'{s['model']}' on '{s['profile']}': {s['slots_per_layer']} slots for {s['experts']} experts "
                     f"in each of {s['moe_layers']} MoE layers ({s['load']} load, {s['step_tokens']} tokens a step)")
     for col, just in (("device", "left"), ("precision", "left"), ("node", "right"), ("slots/layer", "right"),
