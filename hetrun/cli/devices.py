@@ -7,7 +7,7 @@ import argparse
 from hetrun.backends import host_cpu
 from hetrun.backends.registry import backend_class, backend_names, probe_backend, resolve_backend
 from hetrun.cli import Command
-from hetrun.files import print_json
+from hetrun.files import print_json, table_console
 from hetrun.profile import builtin_profiles, device_catalog, load_profile
 
 
@@ -26,11 +26,10 @@ def _devices(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"backends": rows, "devices": found, "auto": auto, "host_cpu": host})
         return 0
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.markup import escape  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
-    console = Console()
+    console = table_console(160)
     t = Table(title="hetrun backends on this machine")
     for col in ("backend", "status", "devices found", "precisions", "why not / what to install"):
         t.add_column(col)
@@ -103,7 +102,6 @@ def _profiles(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"profiles": profiles, "device_types": {k: v.model_dump() for k, v in catalog.items()}})
         return 0
-    from rich.console import Console  # display: loaded when a table is printed
     from rich.table import Table  # display: loaded when a table is printed
 
     t = Table(title="built-in deployment profiles (use a name or a YAML path with --profile)")
@@ -117,8 +115,9 @@ def _profiles(args: argparse.Namespace) -> int:
     for d in catalog.values():
         c.add_row(d.name, ", ".join(d.precisions), f"{d.tflops.get('bf16', 0):g}", f"{d.tflops.get('fp8', 0):g}",
                   f"{d.memory_gb:g}", f"{d.memory_bw_gbs:g}", f"{d.price_per_hour:g}")
-    Console().print(t)
-    Console().print(c)
+    console = table_console(120)
+    console.print(t)
+    console.print(c)
     return 0
 
 
