@@ -135,10 +135,11 @@ def _save(tmp_path, table):
     return path
 
 
-def test_a_wide_table_printed_into_a_pipe_keeps_its_cells_whole(capsys, monkeypatch):
+def test_a_wide_table_printed_into_a_pipe_keeps_its_cells_whole(capsys, monkeypatch, tmp_path):
     # rich assumes 80 columns for a pipe or a file and would cut the plan table's cells to "…"
     monkeypatch.delenv("COLUMNS", raising=False)
-    rc, out, err = run_cli(capsys, "plan", "--model", "mixtral-8x7b", "--profile", "mixed-h100-910b-xeon")
+    rc, out, err = run_cli(capsys, "plan", "--model", "mixtral-8x7b", "--profile", "mixed-h100-910b-xeon",
+                           "-o", tmp_path / "plan.json")
     assert rc == 0, err
     assert "…" not in out and "memory used GB" in out and "slots/layer" in out
     from hetrun.files import table_console
