@@ -161,7 +161,7 @@ class AscendBackend(Backend):
 
     def load_torch(self, graph: bytes, device: str, int8_kernel: bool) -> ExpertSession:
         """The torch path on one torch device (`npu:N` here; tests pass `cpu` with a stand-in INT8 kernel)."""
-        from hetrun.backends.graph_matrices import read_bias_and_activation, read_expert_matrices  # imports onnx
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
 
         m = read_expert_matrices(graph)
         if self.precision == "int8":
@@ -169,7 +169,7 @@ class AscendBackend(Backend):
                 gate_up, down = Int8WeightLinear(m.gate_up_q, device), Int8WeightLinear(m.down_q, device)
                 if gate_up.ok and down.ok:
                     return TorchExpertSession(gate_up, down, device, f"torch_npu INT8 weight matmul on {device}",
-                                              extras=read_bias_and_activation(graph))
+                                              extras=m.extras)
             warn_once(("ascend", "int8"), "INT8 experts on %s run as BF16 matmuls of their dequantized weights (%s)",
                       device, "torch_npu lacks npu_weight_quant_batchmatmul" if not int8_kernel
                       else "the graph's INT8 weights are not per-channel")
@@ -178,7 +178,7 @@ class AscendBackend(Backend):
             dtype = DENSE_DTYPES[self.precision]
         return TorchExpertSession(DenseLinear(m.gate_up, dtype, device), DenseLinear(m.down, dtype, device), device,
                                   f"torch {dtype} matmul on {device}",
-                                  extras=read_bias_and_activation(graph))
+                                  extras=m.extras)
 
     def _load_cann(self, graph: bytes) -> ExpertSession:
         import onnxruntime as ort  # heavy: only when an expert loads

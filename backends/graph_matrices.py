@@ -74,6 +74,7 @@ class ExpertMatrices:
     down: np.ndarray  # [I, D] float32
     gate_up_q: QuantizedMatrix | None
     down_q: QuantizedMatrix | None
+    extras: tuple = (None, None, SILU)  # read_bias_and_activation's (gate_up bias, down bias, activation)
 
     @property
     def hidden(self) -> int:
@@ -106,7 +107,7 @@ def read_expert_matrices(graph) -> ExpertMatrices:
     d, two_i = gate_up.shape
     if two_i % 2 or down.shape != (two_i // 2, d):
         raise ValueError(f"expert graph weights have shapes {gate_up.shape} and {down.shape}; expected [D, 2I] and [I, D]")
-    return ExpertMatrices(gate_up, down, quantized[0], quantized[1])
+    return ExpertMatrices(gate_up, down, quantized[0], quantized[1], _bias_and_activation(model, {}))
 
 
 def read_stored_float_matrices(graph) -> tuple[np.ndarray, np.ndarray] | None:
@@ -145,7 +146,10 @@ def read_bias_and_activation(graph) -> tuple[np.ndarray | None, np.ndarray | Non
     bias_down_* FP32 initializers, each None where it has none, and its ACTIVATION_PROP metadata (silu without).
     `graph`: bytes, an onnx.ModelProto or an ExpertGraph."""
     arrays = getattr(graph, "arrays", {})  # an in_process ExpertGraph's weights, held beside its proto
-    model = graph.model if arrays else _model(graph)
+    return _bias_and_activation(graph.model if arrays else _model(graph), arrays)
+
+
+def _bias_and_activation(model: onnx.ModelProto, arrays: dict) -> tuple:
     biases = {}
     for t in model.graph.initializer:
         for key in ("gate_up", "down"):

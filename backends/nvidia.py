@@ -199,7 +199,7 @@ class NvidiaBackend(Backend):
 
     def _load_fp8(self, graph: bytes, name: str, gpu: CudaDevice) -> ExpertSession | None:
         """The torch FP8 path, or None (with one warning) when no scaling mode works on this GPU."""
-        from hetrun.backends.graph_matrices import read_bias_and_activation, read_expert_matrices  # imports onnx
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
         m = read_expert_matrices(graph)
         device = f"cuda:{gpu.index}"
         problems = []
@@ -211,19 +211,19 @@ class NvidiaBackend(Backend):
                 problems.append(f"{mode}: {e}")
                 continue
             return TorchExpertSession(gate_up, down, device, f"torch._scaled_mm fp8 {mode}-scaled on {device}",
-                                      extras=read_bias_and_activation(graph))
+                                      extras=m.extras)
         warn_once(("nvidia", "fp8", gpu.index), "FP8 matmuls unavailable on %s (%s); running FP8 experts through "
                   "onnxruntime", gpu.describe(), "; ".join(problems) or "no scaling mode")
         return None
 
     def _load_torch_dense(self, graph: bytes, gpu: CudaDevice) -> ExpertSession:
-        from hetrun.backends.graph_matrices import read_bias_and_activation, read_expert_matrices  # imports onnx
+        from hetrun.backends.graph_matrices import read_expert_matrices  # imports onnx: only when a graph loads
         m = read_expert_matrices(graph)
         device = f"cuda:{gpu.index}"
         dtype = DENSE_DTYPES.get(self.precision, "float32")  # quantized graphs: their dequantized weights in FP32
         return TorchExpertSession(DenseLinear(m.gate_up, dtype, device), DenseLinear(m.down, dtype, device), device,
                                   f"torch {dtype} matmul on {device}",
-                                  extras=read_bias_and_activation(graph))
+                                  extras=m.extras)
 
     def _load_ort(self, graph: bytes, gpu: CudaDevice, meta: dict) -> ExpertSession:
         import onnxruntime as ort  # heavy: loaded only when a GPU expert runs or the probe asks

@@ -72,10 +72,12 @@ class TorchCpuBackend(Backend):
         stored = read_stored_float_matrices(graph)
         if stored is None:
             m = read_expert_matrices(graph)
-            stored = m.gate_up, m.down  # [D, 2I], [I, D]
+            stored, extras = (m.gate_up, m.down), m.extras  # [D, 2I], [I, D]
+        else:
+            extras = read_bias_and_activation(graph)
         narrow_native = dtype == torch.float32 or host_cpu.native_float(dtype)
         return TorchCpuSession(_rows_major(stored[0], dtype), _rows_major(stored[1], dtype),
-                               None if narrow_native else NARROW_ROWS, read_bias_and_activation(graph))
+                               None if narrow_native else NARROW_ROWS, extras)
 
 
 def _rows_major(w, dtype: torch.dtype) -> torch.Tensor:

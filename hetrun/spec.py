@@ -196,8 +196,9 @@ class MoESpec:
 
     @property
     def expert_params(self) -> int:
-        """Weights in one routed expert (gate, up, down)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """Weights in one routed expert (gate, up, down, and their biases where the experts have them: gpt-oss)."""
+        biases = 2 * self.moe_intermediate_size + self.hidden_size if self.expert_bias else 0
+        return 3 * self.hidden_size * self.moe_intermediate_size + biases
 
     @property
     def shared_expert_params(self) -> int:

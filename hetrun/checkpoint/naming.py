@@ -52,7 +52,6 @@ FAMILY_NAMES: dict[str, FamilyNames] = {
     "llama4_text": FamilyNames(("feed_forward",), ("gate_proj", "up_proj", "down_proj"), "shared_expert",
                                module="feed_forward", transposed=True),
 }
-MODULE_MOE = "mlp"  # transformers 5's name of every family's MoE block but Llama 4's (FamilyNames.module)
 
 
 def linear_stored(shards: Shards, base: str) -> str | None:

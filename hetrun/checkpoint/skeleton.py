@@ -101,9 +101,8 @@ def _lookup_table_key(model: torch.nn.Module, config) -> str | None:
 
 
 def _router_key(key: str) -> bool:
-    # what an expert-only rank still reads: the routers (gpt-oss's `router`, MiniMax-M2's correction bias beside its
-    # gate) and the
-    # Qwen2-MoE shared-expert gate (small)
+    # what an expert-only rank still reads: the routers (gpt-oss's and Llama 4's `router`, MiniMax-M2's correction
+    # bias beside its gate) and the Qwen2-MoE shared-expert gate (small)
     return ".mlp.gate." in key or ".mlp.router." in key or ".feed_forward.router." in key \
         or ".mlp.shared_expert_gate." in key \
         or key.endswith(".mlp.e_score_correction_bias")

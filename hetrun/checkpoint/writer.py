@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from hetrun.checkpoint import gpt_oss
-from hetrun.checkpoint.naming import FAMILY_NAMES, MODULE_MOE, disk_name
+from hetrun.checkpoint.naming import FAMILY_NAMES, disk_name
 from hetrun.checkpoint.shards import DTYPES, INDEX, SINGLE
 from hetrun.files import write_atomic
 from hetrun.kernels.fp8 import quantize_fp8
 from hetrun.kernels.gptq import gptq_pack, gptq_quantize_int4
 from hetrun.kernels.int4 import quantize_int4
-from hetrun.runtime.weights import find_moe_blocks
+from hetrun.runtime.weights import find_moe_blocks, router_name
 
 CODES = {dtype: code for code, (dtype, _) in DTYPES.items()}
 GPTQ_PACK = 8  # 4-bit zero points per int32 along a GPTQ linear's outputs: a linear with other output counts stays
@@ -104,7 +104,9 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
     weight), "lm_head" or "other"."""
     family = model.config.model_type
     names = FAMILY_NAMES[family]
-    moe_paths = {path for _, path, _ in find_moe_blocks(model)}
+    blocks = find_moe_blocks(model)
+    moe_paths = {path for _, path, _ in blocks}
+    routers = tuple(f"{path}.{router_name(block)}." for _, path, block in blocks)  # every router stays as it is
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, t in model.state_dict().items():
@@ -130,8 +132,7 @@ def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor
             yield disk, "shared", t
         elif key == "lm_head.weight":
             yield disk, "lm_head", t
-        elif key in linears and not key.endswith((f".{MODULE_MOE}.gate.weight", f".{MODULE_MOE}.gate.wg.weight",
-                                                  f".{names.module}.router.weight")):  # routers stay as they are
+        elif key in linears and not key.startswith(routers):
             yield disk, "linear", t
         else:
             yield disk, "other", t

@@ -64,11 +64,16 @@ class ExpertWeights(_SwiGLUShape):
     @property
     def gate_up_bias(self) -> np.ndarray | None:
         """[2I] float32: the gate's biases then the up projection's, as the graphs stack the two; None without."""
-        if self.gate_bias is None and self.up_bias is None:
-            return None
-        zeros = np.zeros(self.intermediate, dtype=np.float32)
-        return np.concatenate([zeros if b is None else np.asarray(b, dtype=np.float32)
-                               for b in (self.gate_bias, self.up_bias)])
+        return stacked_gate_up_bias(self.gate_bias, self.up_bias, self.intermediate)
+
+
+def stacked_gate_up_bias(gate: np.ndarray | None, up: np.ndarray | None, intermediate: int) -> np.ndarray | None:
+    """The gate's biases [I] then the up projection's [I] as one [2I] float32 (zeros for a missing one), or None
+    when neither exists: the fused gate_up matmul's bias."""
+    if gate is None and up is None:
+        return None
+    zeros = np.zeros(intermediate, dtype=np.float32)
+    return np.concatenate([zeros if b is None else np.asarray(b, dtype=np.float32) for b in (gate, up)])
 
 
 # ---- quantized matrices as checkpoints store them ------------------------------------------------------------
@@ -222,7 +227,7 @@ class ModuleExpert(ExpertSource):
 
     def biases(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         gate, up, down = self._bias_parts()
-        return (None if gate is None else np.concatenate([gate, up])), down
+        return stacked_gate_up_bias(gate, up, self.intermediate), down
 
     def _bias_parts(self) -> tuple[np.ndarray | None, ...]:
         if self._tensors is None:
@@ -386,9 +391,18 @@ def _gate_and_up(experts: torch.nn.Module, gate_up: torch.Tensor) -> tuple[torch
     return gate_up[:, 0::2], gate_up[:, 1::2]
 
 
+ROUTER_NAMES = ("gate", "router")  # what a transformers MoE block calls its router: `gate`, gpt-oss's `router`
+
+
+def router_name(block: torch.nn.Module) -> str | None:
+    """The attribute that holds a transformers MoE block's router (ROUTER_NAMES), or None."""
+    return next((n for n in ROUTER_NAMES if getattr(block, n, None) is not None), None)
+
+
 def router_module(block: torch.nn.Module) -> torch.nn.Module | None:
     """A transformers MoE block's router module (`gate`; gpt-oss's `router`), or None."""
-    return getattr(block, "gate", None) or getattr(block, "router", None)
+    name = router_name(block)
+    return None if name is None else getattr(block, name)
 
 
 def router_tensors(block: torch.nn.Module) -> tuple:
