@@ -55,8 +55,8 @@ class ExpertEpilogue:
         import torch  # heavy: loaded only when a torch-path expert runs
 
         gate_up_bias, down_bias, self.activation = extras or (None, None, SILU)
-        self.biases = tuple(None if b is None else torch.from_numpy(np.ascontiguousarray(b, np.float32)).to(device)
-                            for b in (gate_up_bias, down_bias))  # [2I], [D] float32
+        self.biases = tuple(None if b is None else torch.tensor(np.asarray(b), dtype=torch.float32, device=device)
+                            for b in (gate_up_bias, down_bias))  # [2I], [D] float32 copies (graphs may be read-only)
 
     def __call__(self, x, gate_up: Callable, down: Callable):
         """x [N, D] -> [N, D] float32, with gate_up and down the matmuls (each returning float32)."""

@@ -340,5 +340,18 @@ def test_biased_expert_graph_carries_its_biases_and_activation():
                                   "cpu", "t", extras=(gate_up_bias, down_bias, activation))
         x = np.random.default_rng(6).standard_normal((9, D)).astype(np.float32)
         np.testing.assert_allclose(sess.run(x), run_graph("onnxruntime", w, precision, x)[0], rtol=1e-4, atol=1e-5)
+        # read_expert_matrices carries the same, from the one parse the NVIDIA and Ascend torch paths make
+        np.testing.assert_array_equal(m.extras[0], gate_up_bias)
+        np.testing.assert_array_equal(m.extras[1], down_bias)
+        assert m.extras[2] == activation
+    # the Ascend backend's own torch path, on the CPU: its session adds the biases and clamps as the graph does
+    from hetrun.backends import ascend
+
+    from hetrun.profile import load_profile
+
+    dev = load_profile({"name": "p", "devices": [{"id": "a", "type": "ascend-910b2", "backend": "ascend"}]}).devices[0]
+    graph = build_expert_graph(w, "fp32").serialize()
+    sess = ascend.AscendBackend(dev, "fp32").load_torch(graph, "cpu", int8_kernel=False)
+    np.testing.assert_allclose(sess.run(x), w.reference(x), rtol=1e-4, atol=1e-5)
     plain = build_expert_graph(gaussian_expert(D, I), "fp32").serialize()
     assert read_bias_and_activation(plain)[:2] == (None, None) and read_bias_and_activation(plain)[2].kind == "silu"
