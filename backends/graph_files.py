@@ -32,14 +32,16 @@ ALIGN = 4096  # each tensor starts on a page: a runtime may map it in place
 EXTERNAL_FROM = 1024  # initializers held in the proto move out from this many bytes (small constants stay)
 
 
-def load_through_folder(graph: "bytes | onnx.ModelProto | ExpertGraph", from_path: Callable[[str], T],
-                        from_bytes: Callable[[bytes], T]) -> T:
+def load_through_folder(graph: "bytes | onnx.ModelProto | ExpertGraph | StreamedGraph",
+                        from_path: Callable[[str], T], from_bytes: Callable[[bytes], T]) -> T:
     """What a runtime makes of `graph`: from_path(model path) for a proto or an ExpertGraph (consumed: its weights
-    are written out) written to a temporary folder, removed once from_path returns; from_bytes for serialized bytes,
-    and for the others where no temporary folder can be written (said once: the weights are then held twice while
-    the runtime reads them)."""
+    are written out) written to a temporary folder, and for a StreamedGraph from its own folder, the folder removed
+    once from_path returns; from_bytes for serialized bytes, and for protos and ExpertGraphs where no temporary
+    folder can be written (said once: the weights are then held twice while the runtime reads them)."""
     if isinstance(graph, bytes):
         return from_bytes(graph)
+    if isinstance(graph, StreamedGraph):
+        return graph.read(from_path)
     model, arrays = (graph.model, graph.arrays) if hasattr(graph, "arrays") else (graph, {})
     try:
         folder = tempfile.TemporaryDirectory(prefix="hetrun-graph-", ignore_cleanup_errors=True)
@@ -73,19 +75,10 @@ def write_external(model: onnx.ModelProto, arrays: dict[str, np.ndarray], folder
             arrays[t.name] = np.frombuffer(t.raw_data, np.uint8)  # the bytes as stored
             t.ClearField("raw_data")
     moved = [t for t in model.graph.initializer if t.name in arrays]
-    places = []  # (offset, length) in DATA_FILE of each moved initializer
     with open(folder / DATA_FILE, "wb") as data:
-        for t in moved:
-            payload = np.ascontiguousarray(arrays[t.name]).view(np.uint8).reshape(-1)
-            offset = -(-data.tell() // ALIGN) * ALIGN  # [bytes]
-            data.seek(offset)
-            data.write(memoryview(payload))
-            places.append((offset, payload.nbytes))
-    for t, (offset, length) in zip(moved, places):
-        for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        t.data_location = onnx.TensorProto.EXTERNAL
+        places = [_append(data, arrays[t.name]) for t in moved]  # (offset, length) in DATA_FILE of each
+    for t, place in zip(moved, places):
+        _refer(t, *place)
     path = folder / MODEL_FILE
     try:
         with open(path, "wb") as f:
@@ -97,6 +90,57 @@ def write_external(model: onnx.ModelProto, arrays: dict[str, np.ndarray], folder
         raise
     arrays.clear()
     return path
+
+
+def _append(data, array: np.ndarray) -> tuple[int, int]:
+    # write the array's bytes into the open DATA_FILE at the next page; (offset, length) [bytes]
+    payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    offset = -(-data.tell() // ALIGN) * ALIGN
+    data.seek(offset)
+    data.write(memoryview(payload))
+    return offset, payload.nbytes
+
+
+def _refer(t: onnx.TensorProto, offset: int, length: int) -> None:
+    # make initializer `t` read its bytes from DATA_FILE
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+class StreamedGraph:
+    """A graph written into a temporary folder while it is built: each weight goes into DATA_FILE when added (its
+    array can be let go at once), so a graph of many weights is never held whole in memory; load_through_folder
+    reads it from the folder, then removes it. Creating one raises OSError where no temporary folder can be
+    written."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self._folder = tempfile.TemporaryDirectory(prefix="hetrun-graph-", ignore_cleanup_errors=True)
+        try:
+            self._data = open(Path(self._folder.name) / DATA_FILE, "wb")
+        except OSError:
+            self._folder.cleanup()
+            raise
+
+    def add(self, t: onnx.TensorProto, array: np.ndarray) -> None:
+        """Write `array` as the bytes of initializer `t` (a tensor of `model`, its dims and type set)."""
+        _refer(t, *_append(self._data, array))
+
+    def read(self, from_path: Callable[[str], T]) -> T:
+        """from_path(the model's path) once the model is written beside its weights; the folder is removed after."""
+        with self._folder:
+            self._data.close()
+            path = Path(self._folder.name) / MODEL_FILE
+            with open(path, "wb") as f:
+                f.write(self.model.SerializeToString())
+            return from_path(str(path))
+
+    def close(self) -> None:
+        """Remove the folder (a graph that will not be read)."""
+        self._data.close()
+        self._folder.cleanup()
 
 
 def filled(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:

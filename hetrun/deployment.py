@@ -30,6 +30,7 @@ from hetrun.runtime.attention import run_attention
 from hetrun.runtime.dense import compute_rest_in_fp32, run_dense_linears
 from hetrun.runtime.dispatch import ExpertRuntime, swap_moe_blocks
 from hetrun.runtime.memory import release_freed_heap
+from hetrun.runtime.model_graph import run_model_graph, why_not
 from hetrun.runtime.weights import model_layer_weights, release_sources
 from hetrun.spec import MoESpec
 
@@ -76,7 +77,11 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     # only once every expert has compiled, so a failure leaves it as it was.
     dense_first = runtime is None and read_here
     if runtime is None:  # one process runs every device
-        runtime = ExpertRuntime(plan, profile, None if dense_first else weights, threads=threads, progress=progress)
+        runtime = ExpertRuntime(plan, profile, None, threads=threads, progress=progress)
+        if _as_one_graph(model, spec, runtime, weights, paths):
+            return model
+        if not dense_first:
+            runtime.compile_layers(weights, progress)
     runtime.dense = run_dense_linears(model, runtime, paths)  # (under torchrun: one-line errors, nothing moves)
     if dense_first:
         runtime.compile_layers(weights, progress)
@@ -91,6 +96,25 @@ def deploy(model: "torch.nn.Module | str | os.PathLike", profile: "str | Profile
     release_freed_heap()  # what compiling freed, back to the OS rather than kept in malloc's arenas
     model.hetrun = runtime
     return model
+
+
+def _as_one_graph(model: torch.nn.Module, spec: MoESpec, runtime: ExpertRuntime, weights: list, paths: list) -> bool:
+    # the profile's model_graph: the whole model as one onnxruntime graph where it can run so (and asked)
+    asked = runtime.profile.model.model_graph
+    if asked == "off":
+        return False
+    reason = why_not(model, spec, runtime, weights)
+    if reason:
+        if asked == "on":
+            raise HetrunError(f"model_graph: on, but this deployment cannot run as one graph: {reason}; set "
+                              "model_graph: auto or off in the profile")
+        log.info("model_graph: auto: the dispatcher runs this deployment: %s", reason)
+        return False
+    run_model_graph(model, spec, runtime, weights, paths)
+    release_sources(weights)  # one device: no fallback compiles them again
+    release_freed_heap()
+    model.hetrun = runtime
+    return True
 
 
 def checkpoint_model(path: "str | os.PathLike", profile: "str | Profile | None" = None) -> torch.nn.Module:

@@ -198,6 +198,8 @@ class ProfileModel(StrictModel):
     dense_device: str | None = None
     # the dense part's linear layers (hetrun.runtime.dense): "auto", "model" (as the model has them), or a format
     dense_precision: DensePrecision = "auto"
+    # the whole model as one onnxruntime graph (hetrun.runtime.model_graph): off, auto (where it can), on (or an error)
+    model_graph: Literal["off", "auto", "on"] = "off"
     fallback_device: str | None = None
     links: dict[Literal["intra_node", "inter_node"], LinkSpec] = {}
     pins: list[PinRule] = []

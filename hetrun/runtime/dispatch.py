@@ -67,6 +67,7 @@ class DispatchStats:
     layer_s: float = 0.0  # whole MoE layers
     expert_s: float = 0.0  # inside expert graphs; the rest of layer_s is routing, permute, combine and copies
     dense_s: float = 0.0  # inside the dense part's calls on the dense device (hetrun.runtime.dense, .attention)
+    graph_s: float = 0.0  # inside whole-model graph calls (hetrun.runtime.model_graph)
     calls: int = 0
     transfers: int = 0  # copies of rows between host and a device (0 when rows and sessions share a device)
     faults: list = field(default_factory=list)
@@ -107,7 +108,8 @@ class DispatchStats:
                 "devices": {d: {"tokens": int(self.tokens_per_device[i]),
                                 "modeled_s": float(self.modeled_s_per_device[i]),
                                 "wall_s": float(self.wall_s_per_device[i])} for i, d in enumerate(device_ids)},
-                "layer_s": self.layer_s, "expert_s": self.expert_s, "dense_s": self.dense_s, "calls": self.calls,
+                "layer_s": self.layer_s, "expert_s": self.expert_s, "dense_s": self.dense_s, "graph_s": self.graph_s,
+                "calls": self.calls,
                 "transfers": self.transfers,
                 "faults": list(self.faults),
                 "rebalance": {"switches": len(self.switches), "moves": len(self.moves), "bytes": self.rebalance_bytes,
@@ -132,6 +134,7 @@ class ExpertRuntime:
     collective = False  # whether ranks agree on plan switches through step headers (hetrun.distributed)
     tracer = None  # a hetrun.distributed.trace.Tracer where spans are recorded
     dense = None  # hetrun.runtime.dense.DenseLinears when the dense part's linear layers run on the dense device
+    graph = None  # hetrun.runtime.model_graph.ModelGraph when the whole model runs as one graph (no layers then)
 
     def __init__(self, plan: Plan, profile: Profile, weights: list[MoELayerWeights] | None, threads: int | None = None,
                  progress: bool = False, local_devices: "set[int] | None" = None, exchange: "Exchange | None" = None):
