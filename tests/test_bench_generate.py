@@ -37,8 +37,10 @@ def test_the_decode_split_counts_moe_layers_dense_linears_and_the_rest():
         {"id": "ort", "type": "host-cpu", "backend": "onnxruntime"}]}, precision="int8-w8a8")
     out = generate._run_torch_model(model, [3, 14, 15, 92, 65], model.hetrun.stats)
     split = out["split_ms"]
-    assert out["decode_tps"] > 0 and set(split) == {"total", "moe_layers", "expert_calls", "dense_linears", "rest"}
+    assert out["decode_tps"] > 0 and set(split) == {"total", "moe_layers", "expert_calls", "dense_linears",
+                                                     "model_graph", "rest"}
     assert split["moe_layers"] > 0 and split["expert_calls"] > 0 and split["dense_linears"] > 0  # each part is timed
+    assert split["model_graph"] == 0.0  # no whole-model graph here
     assert abs(split["total"] - split["moe_layers"] - split["dense_linears"] - split["rest"]) < 1e-9
     model.hetrun.stats.reset()
     assert model.hetrun.stats.dense_s == 0.0
@@ -71,8 +73,10 @@ def test_a_target_is_checked_on_the_fastest_variant_of_its_system():
     # every FP32 and low-precision system names its devices: the cpu profile, or one runtime alone
     for name in ("hetrun fp32", "hetrun int8", "hetrun int4"):
         variants = [s for s in generate.SYSTEMS if s.startswith(name)]
-        assert variants == [name, f"{name} onnxruntime", f"{name} openvino"]
-        assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino") for s in variants)
+        assert variants == [name, f"{name} onnxruntime", f"{name} openvino", f"{name} graph"]
+        assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino", "graph") for s in variants)
+    ran["hetrun int4 graph"] = {"decode_tps": 150.0}  # the whole model as one onnxruntime graph is a variant too
+    assert generate.fastest_variant(ran, "hetrun int4") == "hetrun int4 graph"
 
 
 def test_matching_dense_precision_is_the_format_of_the_llama_cpp_file_each_system_is_held_against():

@@ -25,3 +25,15 @@ def test_the_report_keeps_every_cell_whole_in_a_pipe_and_says_which_targets_are_
     assert any("int8 at 1 token: best 0.52" in line and "missed" in line for line in lines)
     assert any("int4 weight traffic" in line and "29% of read bandwidth" in line and "alone: 57%" in line
                for line in lines)
+
+
+def test_a_graph_row_has_no_expert_calls_alone_and_names_itself_in_the_traffic_line(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = {"rows": [_row("int8", "onnxruntime", 0.52, weight_gbs=15.0, expert_alone_gbs=21.0),
+                       _row("int8", moe.GRAPH_SYSTEM, 0.36, weight_gbs=25.0)],
+              "read_bandwidth_gbs": 35.0, "cpu": host_cpu.describe(), "threads": 2}
+    moe._print(result)
+    lines = capsys.readouterr().out.splitlines()
+    assert any("int8 at 1 token: best 0.36" in line and "met" in line for line in lines)
+    assert any("int8 weight traffic" in line and "71% of read bandwidth" in line and "(onnxruntime graph)" in line
+               for line in lines)

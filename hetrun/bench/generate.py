@@ -58,12 +58,15 @@ PROMPT_LEN, NEW_TOKENS = 128, 64
 # follows the dense device's runtime (hetrun.runtime.dense).
 KINDS = {"fp32": ("float32", {"onnxruntime": "fp32", "openvino": "fp32"}),  # kind -> (model dtype, precisions)
          **{kind: (None, precisions) for kind, precisions in LOW_PRECISION.items()}}
+# "... graph" systems: onnxruntime alone with the whole model as one graph (profile model_graph: on,
+# hetrun.runtime.model_graph) instead of the dispatcher and the dense part's calls.
+GRAPH = "graph"
 SYSTEMS = {
     "transformers bf16": ("transformers", "bfloat16", None, None),
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
     **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", *KINDS[kind], devices)
-       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino")},
+       for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino", GRAPH)},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),
@@ -124,7 +127,8 @@ def _run_torch_model(model, ids: list[int], stats=None) -> dict:
                 out = model.generate(x, max_new_tokens=new, **gen)
                 if out.shape[1] != len(ids) + new:
                     raise HetrunError(f"generate made {out.shape[1] - len(ids)} tokens instead of {new}")
-                run = (time.perf_counter() - t0,) + ((stats.layer_s, stats.expert_s, stats.dense_s) if stats else ())
+                run = (time.perf_counter() - t0,) + ((stats.layer_s, stats.expert_s, stats.dense_s, stats.graph_s)
+                                                     if stats else ())
                 best[new] = min(best.get(new, run), run)
         tokens = out[0, len(ids):].tolist()
         logits = model(x).logits[0, -1].float()  # [V]
@@ -137,11 +141,11 @@ def _run_torch_model(model, ids: list[int], stats=None) -> dict:
 
 
 def _decode_split(first: tuple, whole: tuple) -> dict:
-    """Where a decode token's time goes, in ms: (seconds, MoE layer s, expert s, dense s) of a 1-token generate
-    subtracted from those of a NEW_TOKENS one, per token."""
-    total, layers, experts, dense = ((b - a) * 1e3 / (NEW_TOKENS - 1) for a, b in zip(first, whole))
+    """Where a decode token's time goes, in ms: (seconds, MoE layer s, expert s, dense s, model graph s) of a
+    1-token generate subtracted from those of a NEW_TOKENS one, per token."""
+    total, layers, experts, dense, graph = ((b - a) * 1e3 / (NEW_TOKENS - 1) for a, b in zip(first, whole))
     return {"total": total, "moe_layers": layers, "expert_calls": experts, "dense_linears": dense,
-            "rest": total - layers - dense}
+            "model_graph": graph, "rest": total - layers - dense - graph}
 
 
 def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_LEN,
@@ -150,6 +154,8 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
 
     torch.set_num_threads(threads)
     runner, dtype, precisions, devices = SYSTEMS[system]
+    graph = devices == GRAPH
+    devices = "onnxruntime" if graph else devices
     ids = prompt_ids(length=prompt_tokens)
     # the libraries the system runs on, loaded before any weight is read: what the process holds then is its floor
     # (a backend's probe imports its runtime, and deploy reuses the cached probe)
@@ -158,7 +164,8 @@ def _child(system: str, folder: Path, threads: int, prompt_tokens: int = PROMPT_
         probe_backend(backend)
     extra = {"floor_gb": status_bytes("VmRSS:") / 1e9}
     if runner == "hetrun":  # from the checkpoint directory: experts streamed to their devices, never all in memory
-        profile = load_profile(system_profile(devices, dense_precision=dense_precision_of(system, dense_precision)))
+        profile = load_profile(system_profile(devices, dense_precision=dense_precision_of(system, dense_precision),
+                                              model_graph="on" if graph else "off"))
         kw = {}
         if precisions is not None:
             p = plan(MoESpec.from_hf_config(transformers.AutoConfig.from_pretrained(folder)), profile)
@@ -321,7 +328,7 @@ def run(systems: list[str], threads: int, rounds: int = 2, prompt_tokens: int = 
 def variants(systems: dict, name: str) -> list[str]:
     """`name` and its single-runtime variants ("hetrun int4", "hetrun int4 onnxruntime", ...) among the measured
     `systems`."""
-    return [s for s in systems if s == name or (s.startswith(name + " ") and s[len(name) + 1:] in DEVICES)]
+    return [s for s in systems if s == name or (s.startswith(name + " ") and s[len(name) + 1:] in (*DEVICES, GRAPH))]
 
 
 def fastest_variant(systems: dict, name: str) -> str | None:
@@ -444,6 +451,10 @@ def _print(result: dict) -> None:
     for name, r in s.items():
         if "split_ms" in r:
             ms = r["split_ms"]
+            if ms.get("model_graph"):
+                c.print(f"{name}, per decode token: {ms['total']:.2f} ms = the model graph's call "
+                        f"{ms['model_graph']:.2f} + the rest (the embedding, the generate loop) {ms['rest']:.2f}")
+                continue
             c.print(f"{name}, per decode token: {ms['total']:.2f} ms = MoE layers {ms['moe_layers']:.2f} (their expert "
                     f"calls {ms['expert_calls']:.2f}, summed over devices that run at once) + the dense part's calls "
                     f"on the dense device (linear layers, and attention where it runs there) {ms['dense_linears']:.2f}"

@@ -5,11 +5,13 @@ Cases (one token is decode, where weight bytes set the speed; 32 tokens is a sho
   default    hetrun at each device's default precision here (the host's real capabilities decide it) against the
              transformers block in BF16, the precision a user would load;
   int8, int4 hetrun's fastest INT8 / INT4 expert format per backend against the transformers block in BF16.
-hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split); the best
-counts. At 32 tokens hetrun is also held against OpenVINO running the whole block as one graph (router, top-k and
-every expert, compiled from the same weights). Weight traffic at one token (the bytes of the experts a call reads /
-its time) is reported against a read bandwidth measured in the same run, beside the traffic of the expert calls
-alone (each expert's session called directly, in turn, without the dispatcher): the runtime kernels' own ceiling.
+hetrun runs on onnxruntime alone, OpenVINO alone and the `cpu` profile (both at once, experts split) through its
+dispatcher, and as the MoE block of a model deployed as one onnxruntime graph ("onnxruntime graph": router and
+experts in one graph, hetrun.runtime.model_graph); the best counts. At 32 tokens hetrun is also held against
+OpenVINO running the whole block as one graph (router, top-k and every expert, compiled from the same weights).
+Weight traffic at one token (the bytes of the experts a call reads / its time) is reported against a read bandwidth
+measured in the same run, beside the traffic of the dispatcher's expert calls alone (each expert's session called
+directly, in turn, without the dispatcher): the runtime kernels' own ceiling.
 Every side takes the same 16 inputs in turn, so consecutive one-token calls route to different experts and read
 their weights from memory, as decode does. Timings interleave the systems round by round and keep each one's best
 round; compare ratios, not absolute times across runs.
@@ -48,6 +50,7 @@ SYSTEMS = {"onnxruntime": [{"id": "cpu", "type": "host-cpu", "backend": "onnxrun
            "openvino": [{"id": "cpu", "type": "host-cpu", "backend": "openvino"}],
            "cpu profile": [{"id": "ort", "type": "host-cpu", "backend": "onnxruntime"},
                            {"id": "ov", "type": "host-cpu", "backend": "openvino"}]}
+GRAPH_SYSTEM = "onnxruntime graph"  # the block as a one-graph deployment computes it, on onnxruntime's devices
 
 
 def system_profile(system: str, **fields) -> dict:
@@ -143,9 +146,12 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
     weights = layer_weights_from_block(spec, 0, block)
     refs = {"fp32": copy.deepcopy(block).float(), "bf16": copy.deepcopy(block).to(torch.bfloat16)}
     whole = _whole_block_ov(copy.deepcopy(block), spec, threads) if 32 in tokens else None
-    runtimes = {}
+    runtimes, graphs = {}, {}
     for case in cases:
         for system in systems:
+            if system == GRAPH_SYSTEM:
+                graphs[(case, system)] = _layer_graph(spec, weights, case, threads)
+                continue
             prof = load_profile(system_profile(system))
             precision = {"fp32": "fp32", "default": None}.get(case)
             if precision is None and case in LOW_PRECISION:
@@ -168,21 +174,14 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
             fns[("ref", "block")] = _in_turn(whole, xs)
         for key, rt in runtimes.items():
             fns[key] = _in_turn(rt.layers[0], xs)
+        for key, (call, _) in graphs.items():
+            fns[key] = _in_turn(call, xs)
         x = xs[0]
         with torch.no_grad():
             best = _interleaved(fns, rounds)
+            want = refs["fp32"](x[None])[0]  # [T, D]
             for (case, system), rt in runtimes.items():
-                want = refs["fp32"](x[None])[0]
-                got = rt.layers[0](x)
-                err = float((got.float() - want).norm() / want.norm())
-                ref_key = "fp32" if case == "fp32" else "bf16"
-                row = {"case": case, "system": system, "tokens": t, "precisions": dict(rt.plan.precision),
-                       "hetrun_ms": best[(case, system)] * 1e3, "transformers_ms": best[("ref", ref_key)] * 1e3,
-                       "reference": f"transformers {ref_key}", "ratio": best[(case, system)] / best[("ref", ref_key)],
-                       "rel_error_vs_fp32": err}
-                if ("ref", "block") in best:
-                    row["openvino_block_ms"] = best[("ref", "block")] * 1e3
-                    row["ratio_vs_block"] = best[(case, system)] / best[("ref", "block")]
+                row = _row(case, system, t, dict(rt.plan.precision), rt.layers[0](x), want, best, (case, system))
                 if t == 1:  # the bytes of the experts a call reads, averaged over the inputs
                     read = np.mean([sum(expert_bytes(rt.plan.precision[rt.devices[int(rt.layers[0].device_of[r])].id],
                                                      spec.hidden_size, spec.moe_intermediate_size)
@@ -190,7 +189,49 @@ def run(tokens: list[int], cases: list[str], systems: list[str], rounds: int, th
                     row["weight_gbs"] = float(read / best[(case, system)] / 1e9)
                     row["expert_alone_gbs"] = _expert_calls_alone(rt, spec, x, rounds)
                 rows.append(row)
+            for (case, system), (call, precision) in graphs.items():
+                rows.append(_row(case, system, t, {"cpu:0": precision}, call(x), want, best, (case, system)))
+                if t == 1:
+                    read = np.mean([_routed(spec, weights, xi) * expert_bytes(precision, spec.hidden_size,
+                                                                               spec.moe_intermediate_size)
+                                    for xi in xs])
+                    rows[-1]["weight_gbs"] = float(read / best[(case, system)] / 1e9)
     return {"rows": rows, "read_bandwidth_gbs": read_bandwidth(threads), "cpu": host_cpu.describe(), "threads": threads}
+
+
+def _row(case: str, system: str, tokens: int, precisions: dict, got: torch.Tensor, want: torch.Tensor, best: dict,
+         key: tuple) -> dict:
+    # one system's result row: its time against its reference's, its output got [T, D] against want (FP32)
+    ref_key = "fp32" if case == "fp32" else "bf16"
+    row = {"case": case, "system": system, "tokens": tokens, "precisions": precisions,
+           "hetrun_ms": best[key] * 1e3, "transformers_ms": best[("ref", ref_key)] * 1e3,
+           "reference": f"transformers {ref_key}", "ratio": best[key] / best[("ref", ref_key)],
+           "rel_error_vs_fp32": float((got.float() - want).norm() / want.norm())}
+    if ("ref", "block") in best:
+        row["openvino_block_ms"] = best[("ref", "block")] * 1e3
+        row["ratio_vs_block"] = best[key] / best[("ref", "block")]
+    return row
+
+
+def _layer_graph(spec: MoESpec, weights, case: str, threads: int):
+    # (x [T, D] -> y [T, D], precision) of the block as one onnxruntime graph, at the case's onnxruntime precision
+    from hetrun.runtime.model_graph import layer_graph
+
+    prof = load_profile(system_profile("onnxruntime"))
+    precision = {"fp32": "fp32", "default": None}.get(case, LOW_PRECISION.get(case, {}).get("onnxruntime"))
+    plan = simple_plan(spec, prof, precision)
+    precision = plan.precision[plan.device_ids[0]]
+    backend = ExpertRuntime(plan, prof, None, threads=threads).backends[0]
+    session = backend.load_graph(layer_graph(weights, spec.router, precision, spec.hidden_size).loadable())
+    return (lambda x: torch.from_numpy(session.run(None, {"hidden": x.numpy()})[0])), precision
+
+
+def _routed(spec: MoESpec, weights, x: torch.Tensor) -> int:
+    # distinct experts the tokens x [T, D] route to
+    from hetrun.runtime.routing import route, router_logits
+
+    ids, _ = route(router_logits(x, weights.gate, spec.router), spec.router)  # [T, K]
+    return len(set(ids.reshape(-1).tolist()))
 
 
 def _slots_for_one_token(layer, x) -> list[int]:
@@ -223,7 +264,8 @@ def _with_precisions(plan, precision: dict):
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="1,32", help="token counts per layer call (default 1,32)")
     p.add_argument("--cases", default="fp32,default,int8,int4", help="fp32, default, int8, int4 (default all)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"{', '.join(SYSTEMS)} (default all)")
+    p.add_argument("--systems", default=",".join([*SYSTEMS, GRAPH_SYSTEM]),
+                   help=f"{', '.join([*SYSTEMS, GRAPH_SYSTEM])} (default all)")
     p.add_argument("--rounds", type=int, default=7, help="timing rounds; each system keeps its best (default 7)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every side")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -274,8 +316,9 @@ def _print(result: dict) -> None:
         if tok == 1 and case in LOW_PRECISION and "weight_gbs" in r:
             share = r["weight_gbs"] / bw
             c.print(f"{case} weight traffic at one token: {share:.0%} of read bandwidth (target >= "
-                    f"{TRAFFIC_TARGET:.0%}) {'[green]met[/]' if share >= TRAFFIC_TARGET else '[red]missed[/]'}; "
-                    f"its expert calls alone: {r['expert_alone_gbs'] / bw:.0%}")
+                    f"{TRAFFIC_TARGET:.0%}) {'[green]met[/]' if share >= TRAFFIC_TARGET else '[red]missed[/]'}"
+                    + (f"; its expert calls alone: {r['expert_alone_gbs'] / bw:.0%}" if "expert_alone_gbs" in r
+                       else f" ({r['system']})"))
 
 
 BENCHMARKS = {
