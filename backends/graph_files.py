@@ -110,37 +110,47 @@ def _refer(t: onnx.TensorProto, offset: int, length: int) -> None:
 
 
 class StreamedGraph:
-    """A graph written into a temporary folder while it is built: each weight goes into DATA_FILE when added (its
-    array can be let go at once), so a graph of many weights is never held whole in memory; load_through_folder
-    reads it from the folder, then removes it. Creating one raises OSError where no temporary folder can be
-    written."""
+    """A graph written into a folder while it is built: each weight goes into DATA_FILE when added (its array can be
+    let go at once), so a graph of many weights is never held whole in memory. Without `folder`, a temporary folder
+    that load_through_folder reads the graph from, then removes; with one (an export's), save() finishes it there.
+    Creating one raises OSError where the folder cannot be written."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, folder: "str | os.PathLike | None" = None):
         self.model = model
-        self._folder = tempfile.TemporaryDirectory(prefix="hetrun-graph-", ignore_cleanup_errors=True)
+        self._temporary = None if folder is not None else \
+            tempfile.TemporaryDirectory(prefix="hetrun-graph-", ignore_cleanup_errors=True)
+        self.folder = Path(folder) if folder is not None else Path(self._temporary.name)
         try:
-            self._data = open(Path(self._folder.name) / DATA_FILE, "wb")
+            self._data = open(self.folder / DATA_FILE, "wb")
         except OSError:
-            self._folder.cleanup()
+            if self._temporary is not None:
+                self._temporary.cleanup()
             raise
 
     def add(self, t: onnx.TensorProto, array: np.ndarray) -> None:
         """Write `array` as the bytes of initializer `t` (a tensor of `model`, its dims and type set)."""
         _refer(t, *_append(self._data, array))
 
+    def save(self) -> Path:
+        """Write the model beside its weights; its path."""
+        self._data.close()
+        path = self.folder / MODEL_FILE
+        with open(path, "wb") as f:
+            f.write(self.model.SerializeToString())
+        return path
+
     def read(self, from_path: Callable[[str], T]) -> T:
-        """from_path(the model's path) once the model is written beside its weights; the folder is removed after."""
-        with self._folder:
-            self._data.close()
-            path = Path(self._folder.name) / MODEL_FILE
-            with open(path, "wb") as f:
-                f.write(self.model.SerializeToString())
-            return from_path(str(path))
+        """from_path(the model's path) once saved; a temporary folder is removed after."""
+        try:
+            return from_path(str(self.save()))
+        finally:
+            self.close()
 
     def close(self) -> None:
-        """Remove the folder (a graph that will not be read)."""
+        """Stop writing; remove a temporary folder."""
         self._data.close()
-        self._folder.cleanup()
+        if self._temporary is not None:
+            self._temporary.cleanup()
 
 
 def filled(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:

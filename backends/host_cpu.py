@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import platform
-
-import torch
+from typing import TYPE_CHECKING
 
 from hetrun.formats import base_precision
 from hetrun.once import warn_once
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("hetrun")
 
@@ -17,8 +19,9 @@ log = logging.getLogger("hetrun")
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 VECTOR_FLAGS = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_fp16"})
-# 16-bit float dtype -> the flags of CPUs that compute it natively (elsewhere torch emulates it through FP32)
-NATIVE_FLAGS = {torch.bfloat16: BF16_FLAGS, torch.float16: frozenset({"avx512_fp16", "amx_fp16"})}
+# 16-bit float dtype (by name: this module loads without torch, as `hetrun run` of a graph bundle does) -> the flags
+# of CPUs that compute it natively (elsewhere torch emulates it through FP32)
+NATIVE_FLAGS = {"bfloat16": BF16_FLAGS, "float16": frozenset({"avx512_fp16", "amx_fp16"})}
 
 
 @functools.cache
@@ -36,17 +39,19 @@ def cpu_flags() -> frozenset[str]:
 
 def native_bf16() -> bool:
     """Whether the CPU multiplies BF16 natively (AVX512-BF16 or AMX); elsewhere BF16 is emulated in FP32."""
-    return native_float(torch.bfloat16)
+    return native_float("bfloat16")
 
 
-def native_float(dtype: torch.dtype) -> bool:
+def native_float(dtype: "torch.dtype | str") -> bool:
     """Whether the CPU computes floating-point `dtype` natively (FP32 and FP64 always; BF16 and FP16 by flags)."""
-    return dtype not in NATIVE_FLAGS or bool(NATIVE_FLAGS[dtype] & cpu_flags())
+    name = str(dtype).removeprefix("torch.")
+    return name not in NATIVE_FLAGS or bool(NATIVE_FLAGS[name] & cpu_flags())
 
 
-def native_flags_text(dtype: torch.dtype) -> str:
+def native_flags_text(dtype: "torch.dtype | str") -> str:
     """The flags that would make `dtype` native, as people write them ("AMX-BF16 or AVX512-BF16")."""
-    return " or ".join(sorted(f.upper().replace("_", "-") for f in NATIVE_FLAGS.get(dtype, ())))
+    return " or ".join(sorted(f.upper().replace("_", "-") for f in NATIVE_FLAGS.get(str(dtype).removeprefix("torch."),
+                                                                                     ())))
 
 
 def describe() -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 from hetrun.backends import host_cpu
 from hetrun.backends.base import Availability, Backend, BackendCaps, ExpertSession
 from hetrun.backends.graph_files import load_through_folder
-from hetrun.backends.ort_threads import use_thread_pool
+from hetrun.backends.ort_threads import session_options as session_options  # (the name other modules import)
 from hetrun.backends.registry import probe_backend
 
 from hetrun.errors import BackendUnavailable
@@ -122,25 +122,6 @@ def inference_session(graph: "bytes | onnx.ModelProto | ExpertGraph", options, p
     return load_through_folder(graph, session, session)
 
 
-def session_options(threads: int | None):
-    """onnxruntime session options for expert graphs that share the host's cores with torch."""
-    import onnxruntime as ort  # heavy: loaded only on probe or load, so the registry stays light
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    use_thread_pool(opts, threads)
-    # No per-session memory arena: each session's arena keeps the intermediates of its largest call for good, so a
-    # 1,024-token prefill left the benchmark model's 16 expert sessions (and the dense part's) 170-220 MB above
-    # where a model without arenas peaks (decode and prefill speed within the VM's noise, four runs each).
-    opts.enable_cpu_mem_arena = False
-    # Idle ORT threads must not spin: torch runs routing and combine on the same cores right after each call (a
-    # session of its own pool; the shared pool's threads spin as onnxruntime's global default has them).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # Fold DequantizeLinear of FP8/INT8 weights into FP32 at load: otherwise onnxruntime dequantizes FP8 on every
-    # call (slow) and rewrites INT8 DequantizeLinear+MatMul into MatMulNBits with INT8 activations (0.5% error).
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    opts.log_severity_level = 3
-    return opts
 
 
 class OrtSession(ExpertSession):

@@ -42,8 +42,8 @@ from hetrun.bundle.manifest import (
     ModelEntry,
     needed_graphs,
 )
-from hetrun.bundle.signing import SIGNATURE, load_private_key, signature_document
-from hetrun.bundle.target import Staging, check_target
+from hetrun.bundle.signing import load_private_key
+from hetrun.bundle.target import check_target, write_folder
 from hetrun.checkpoint import load_model, open_checkpoint
 from hetrun.errors import HetrunError, SpecError
 from hetrun.placement.planner import plan as make_plan
@@ -118,22 +118,6 @@ def _directory_source(path: Path) -> ModelSource:
 
 # ---- target directory ------------------------------------------------------------------------------
 
-def _sign(staging: Staging, key) -> None:
-    """Write manifest.sig beside the finished manifest.json (hetrun.bundle.signing)."""
-    with open(staging.tmp / SIGNATURE, "wb") as f:
-        f.write(signature_document((staging.tmp / MANIFEST).read_bytes(), key))
-
-
-def _set_modes(root: Path) -> None:
-    """Plain permissions under the umask (mkdtemp makes 0700, some writers 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for here, dirs, files in os.walk(root):
-        os.chmod(here, 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(here, name), 0o666 & ~umask)
-
-
 class _Writer:
     """Writes files into the bundle's temporary directory and records their sha256 and size."""
 
@@ -177,30 +161,40 @@ def export(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike"
     `hetrun run` accepts. `sign`: an Ed25519 private key file; the bundle gets manifest.sig, which
     `hetrun run --trust KEY.pub` checks. Returns the manifest.
     """
-    out = Path(out)
-    check_target(out, force)
-    key = load_private_key(sign) if sign is not None else None
-    prof = load_profile(profile)
-    source = model_source(model, seed)
-    spec = MoESpec.from_hf_config(source.config)
+    start = export_inputs(model, profile, out, force, seed, sign)
+    prof, source, spec = start.profile, start.source, start.spec
     plan = make_plan(spec, prof, load=load, redundant_experts=redundant_experts, precision=precision)
     fallback = prof.fallback_device
     fallback_id = fallback.id if fallback is not None and fallback.id in plan.device_ids else None
     targets = graph_targets(prof, plan)
     keys = _graph_keys(plan, targets, fallback_id)
 
-    staging = Staging.reserve(out, force)  # before any weight is built: an unwritable output fails here
-    try:
-        module = source.build()
-        manifest = _write(staging.tmp, module, source, spec, prof, plan, targets, fallback_id, keys, progress)
-        if key is not None:
-            _sign(staging, key)
-        _set_modes(staging.tmp)
-        staging.install(force)
-    except BaseException:
-        staging.abort()
-        raise
-    return manifest
+    # reserved before any weight is built: an unwritable output fails there
+    return write_folder(start.out, force, lambda tmp: _write(tmp, source.build(), source, spec, prof, plan, targets,
+                                                             fallback_id, keys, progress), start.key)
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    """What an export checks before it builds a weight: its output, its signing key, the profile, the model."""
+
+    out: Path
+    key: Any  # Ed25519PrivateKey or None
+    profile: Profile
+    source: "ModelSource"
+    spec: MoESpec
+
+
+def export_inputs(model: Any, profile: "str | Profile | dict", out: "str | os.PathLike", force: bool, seed: int,
+                  sign: "str | os.PathLike | None") -> ExportInputs:
+    """An export's inputs, each checked (one-line errors): the output can be written (or replaced with `force`), the
+    key read, the profile valid, the model found (its config read, no weight built)."""
+    out = Path(out)
+    check_target(out, force)
+    key = load_private_key(sign) if sign is not None else None
+    prof = load_profile(profile)
+    source = model_source(model, seed)
+    return ExportInputs(out, key, prof, source, MoESpec.from_hf_config(source.config))
 
 
 def _write(tmp: Path, module, source: ModelSource, spec: MoESpec, prof: Profile, plan, targets: dict[str, str],

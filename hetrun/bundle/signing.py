@@ -206,3 +206,9 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+def sign_folder(folder: Path, key: Ed25519PrivateKey) -> None:
+    """Write SIGNATURE beside the folder's finished manifest.json."""
+    with open(folder / SIGNATURE, "wb") as f:
+        f.write(signature_document((folder / "manifest.json").read_bytes(), key))

@@ -30,9 +30,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from hetrun.bundle.manifest import MANIFEST
 from hetrun.errors import BundleError
+
+T = TypeVar("T")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -110,6 +113,35 @@ class Staging:
         if self._fd is not None:
             _release(self.lock, self._fd)
             self._fd = None
+
+
+def write_folder(out: Path, force: bool, fill: "Callable[[Path], T]", key=None) -> "T":
+    """fill(staging folder) for `out`, reserved first (Staging.reserve: a problem with the output is a one-line
+    BundleError before fill runs); with `key` (an Ed25519 private key) the manifest fill wrote is signed
+    (hetrun.bundle.signing); its files then get plain permissions under the umask (mkdtemp makes 0700, some writers
+    0600) and the folder moves into place. An exception or interrupt removes the staging folder."""
+    staging = Staging.reserve(out, force)
+    try:
+        result = fill(staging.tmp)
+        if key is not None:
+            from hetrun.bundle.signing import sign_folder  # cryptography: only to sign
+
+            sign_folder(staging.tmp, key)
+        _set_modes(staging.tmp)
+        staging.install(force)
+    except BaseException:
+        staging.abort()
+        raise
+    return result
+
+
+def _set_modes(root: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for here, dirs, files in os.walk(root):
+        os.chmod(here, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(here, name), 0o666 & ~umask)
 
 
 def _take_lock(out: Path, token: str) -> tuple[Path, int]:

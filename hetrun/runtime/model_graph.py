@@ -25,6 +25,7 @@ rounding, not bit for bit.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -123,12 +124,14 @@ class _Graph:
     StreamedGraph's data file as they are made (so the weights are never all in memory at once), or, where no
     temporary folder can be written, are held as arrays beside the proto (loaded from bytes then)."""
 
-    def __init__(self):
+    def __init__(self, folder: "str | os.PathLike | None" = None):
         self.model = onnx.ModelProto()
         self.arrays: dict[str, np.ndarray] = {}
         try:
-            self.sink: StreamedGraph | None = StreamedGraph(self.model)
+            self.sink: StreamedGraph | None = StreamedGraph(self.model, folder)
         except OSError:
+            if folder is not None:
+                raise
             self.sink = None
         self._n = 0
 
@@ -239,14 +242,16 @@ def _experts(g: _Graph, h: str, ids: str, weights: str, logits: str, layer: MoEL
 
 
 def build_model_graph(model: torch.nn.Module, weights: list[MoELayerWeights], shape: DecoderShape,
-                      router: RouterSpec, precision: str, dense: str) -> _Graph:
+                      router: RouterSpec, precision: str, dense: str, folder: "str | os.PathLike | None" = None
+                      ) -> _Graph:
     """The graph of `model` (see the module docstring): experts at `precision`, the dense linear layers at
     `dense` (a LINEAR_FORMATS precision). Inputs: hidden [S, D] (embedded tokens), rows [R] (positions whose
     logits are wanted), seqlens_k [1], total_sequence_length [1], cos_cache and sin_cache [P, Dh/2], past_key_i and
     past_value_i [1, Hkv, C, Dh] per layer; outputs: logits [R, V], present_key_i and present_value_i (the same
     buffers as the past), expert_ids [L, S, K]. The model's dense linear weights are released as their graphs are
-    built where the model is hetrun's own (read from a checkpoint directory)."""
-    g = _Graph()
+    built where the model is hetrun's own (read from a checkpoint directory). Its weights are written into `folder`
+    (an export's) as they are built, else into a temporary folder the loading backend reads."""
+    g = _Graph(folder)
     f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
     cache = [1, shape.kv_heads, "C", shape.head_dim]
     graph = g.model.graph
