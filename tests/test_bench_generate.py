@@ -73,7 +73,7 @@ def test_a_target_is_checked_on_the_fastest_variant_of_its_system():
     # every FP32 and low-precision system names its devices: the cpu profile, or one runtime alone
     for name in ("hetrun fp32", "hetrun int8", "hetrun int4"):
         variants = [s for s in generate.SYSTEMS if s.startswith(name)]
-        assert variants == [name, f"{name} onnxruntime", f"{name} openvino", f"{name} graph"]
+        assert variants == [name, f"{name} onnxruntime", f"{name} openvino", f"{name} graph", f"{name} graph bundle"]
         assert all(generate.SYSTEMS[s][3] in ("cpu profile", "onnxruntime", "openvino", "graph") for s in variants)
     ran["hetrun int4 graph"] = {"decode_tps": 150.0}  # the whole model as one onnxruntime graph is a variant too
     assert generate.fastest_variant(ran, "hetrun int4") == "hetrun int4 graph"
@@ -123,3 +123,15 @@ def test_a_variant_that_meets_both_targets_is_named_when_the_fastest_misses_one(
     assert "peak RSS hetrun fp32 / llama.cpp F32: 1.82 (target <= 1.5) missed" in out
     assert "hetrun fp32 variants meeting both targets against llama.cpp F32 (decode >= 0.6, peak <= 1.5): " \
            "hetrun fp32 onnxruntime" in out
+
+
+def test_a_graph_bundle_system_exports_once_and_runs_in_a_process_without_torch(monkeypatch, tmp_path):
+    small = generate.SPEC.replace(hidden_size=128, moe_intermediate_size=256, vocab_size=512)
+    monkeypatch.setattr(generate, "SPEC", small)
+    generate.write_checkpoint(tmp_path)
+    result = generate._one_system("hetrun int4 graph bundle", tmp_path, 1, "", prompt_tokens=16)
+    assert isinstance(result, dict), result
+    assert result["decode_tps"] > 0 and len(result["tokens"]) == generate.NEW_TOKENS
+    assert result["dense_linears"] == "int4-w4a8" and result["floor_gb"] < 0.2  # no torch in that process
+    bundles = [p for p in tmp_path.iterdir() if p.name.startswith("graph-bundle-")]
+    assert [p.name for p in bundles if p.is_dir()] == ["graph-bundle-int4-matching"]

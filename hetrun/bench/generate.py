@@ -59,14 +59,17 @@ PROMPT_LEN, NEW_TOKENS = 128, 64
 KINDS = {"fp32": ("float32", {"onnxruntime": "fp32", "openvino": "fp32"}),  # kind -> (model dtype, precisions)
          **{kind: (None, precisions) for kind, precisions in LOW_PRECISION.items()}}
 # "... graph" systems: onnxruntime alone with the whole model as one graph (profile model_graph: on,
-# hetrun.runtime.model_graph) instead of the dispatcher and the dense part's calls.
-GRAPH = "graph"
+# hetrun.runtime.model_graph) instead of the dispatcher and the dense part's calls. "... graph bundle": that graph
+# exported once (`hetrun export --graph`, in a process of its own) and run by a process without torch or
+# transformers (hetrun.bundle.graph_runner), as llama.cpp runs its GGUF file.
+GRAPH, BUNDLE = "graph", "graph bundle"
 SYSTEMS = {
     "transformers bf16": ("transformers", "bfloat16", None, None),
     "transformers fp32": ("transformers", "float32", None, None),
     "hetrun default": ("hetrun", None, None, "cpu profile"),
     **{f"hetrun {kind}{'' if devices == 'cpu profile' else ' ' + devices}": ("hetrun", *KINDS[kind], devices)
        for kind in KINDS for devices in ("cpu profile", "onnxruntime", "openvino", GRAPH)},
+    **{f"hetrun {kind} {BUNDLE}": (BUNDLE, *KINDS[kind], "onnxruntime") for kind in KINDS},
     "llama.cpp F32": ("llama.cpp", "F32", None, None),
     "llama.cpp Q8_0": ("llama.cpp", "Q8_0", None, None),
     "llama.cpp Q4_0": ("llama.cpp", "Q4_0", None, None),
@@ -328,7 +331,8 @@ def run(systems: list[str], threads: int, rounds: int = 2, prompt_tokens: int = 
 def variants(systems: dict, name: str) -> list[str]:
     """`name` and its single-runtime variants ("hetrun int4", "hetrun int4 onnxruntime", ...) among the measured
     `systems`."""
-    return [s for s in systems if s == name or (s.startswith(name + " ") and s[len(name) + 1:] in (*DEVICES, GRAPH))]
+    return [s for s in systems
+            if s == name or (s.startswith(name + " ") and s[len(name) + 1:] in (*DEVICES, GRAPH, BUNDLE))]
 
 
 def fastest_variant(systems: dict, name: str) -> str | None:
@@ -341,7 +345,15 @@ def _one_system(system: str, folder: Path, threads: int, missing: str, prompt_to
                 dense_precision: str = "matching") -> "dict | str":
     # one round of one system in its own process: its result, or why it did not run
     runner, kind = SYSTEMS[system][:2]
-    if runner == "llama.cpp":
+    if runner == BUNDLE:
+        bundle = folder / f"graph-bundle-{system.split()[1]}-{dense_precision}"
+        if not bundle.exists():
+            failed = _export_graph_bundle(system, folder, bundle, dense_precision)
+            if failed:
+                return failed
+        cmd = [sys.executable, "-I", "-m", "hetrun.bench.graph_child", str(bundle),
+               json.dumps(prompt_ids(length=prompt_tokens)), str(threads), str(NEW_TOKENS)]
+    elif runner == "llama.cpp":
         if missing:
             return missing
         gguf_path = folder / f"model-{kind}.gguf"
@@ -359,7 +371,24 @@ def _one_system(system: str, folder: Path, threads: int, missing: str, prompt_to
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    if runner == BUNDLE:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        result.update(dense_linears=manifest["dense_precision"], precisions={"cpu": manifest["precision"]},
+                      torch_ops_dtype="none (no torch)")
+    return result
+
+
+def _export_graph_bundle(system: str, folder: Path, bundle: Path, dense_precision: str) -> str:
+    # write a graph bundle system's bundle from the checkpoint, in a process of its own; "" or why it failed
+    precision = SYSTEMS[system][2]["onnxruntime"]
+    profile = folder / f"{bundle.name}.yaml"
+    profile.write_text(json.dumps(system_profile("onnxruntime", dense_precision=dense_precision_of(system,
+                                                                                                   dense_precision))))
+    proc = subprocess.run([sys.executable, "-m", "hetrun", "export", str(folder), "--profile", str(profile), "-o",
+                           str(bundle), "--graph", "--precision", precision, "--no-progress"],
+                          capture_output=True, text=True, timeout=1800)
+    return "" if proc.returncode == 0 else f"failed to export: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -68,10 +68,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="sign the manifest with this Ed25519 private key (`hetrun keygen -o KEY`; encrypted keys read "
                         "$HETRUN_KEY_PASSPHRASE): `hetrun run --trust KEY.pub` then refuses any bundle but yours")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--graph", action="store_true",
+                   help="write a graph bundle instead: the whole model as one onnxruntime graph that `hetrun run` "
+                        "runs without torch (the profile must put every expert and the dense part on one "
+                        "onnxruntime CPU device; hetrun.bundle.graph_runner)")
     p.add_argument("--json", action="store_true", help="print a summary of the bundle as JSON")
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.graph:
+        return _export_graph(args)
     t0 = time.perf_counter()
     man = hetrun.bundle.export(args.model, args.profile, args.output, precision=args.precision, load=args.load,
                                redundant_experts=args.redundant, force=args.force, progress=not args.no_progress,
@@ -95,6 +101,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_graph(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("--load", args.load), ("--redundant", args.redundant)) if value]
+    if given:
+        raise HetrunError(f"{given[0]} applies to bundles, not to graph bundles (--graph): leave one of them out")
+    from hetrun.bundle.graph_export import export_graph  # heavy: torch, transformers and the runtime
+
+    t0 = time.perf_counter()
+    man = export_graph(args.model, args.profile, args.output, precision=args.precision, force=args.force,
+                       seed=args.seed, sign=args.sign)
+    seconds = time.perf_counter() - t0
+    size = sum(f.size for f in man.files.values())
+    if args.json:
+        print_json({"bundle": args.output, "graph": True, "model": man.model, "profile": man.profile,
+                    "precision": man.precision, "dense_precision": man.dense_precision, "files": len(man.files) + 1,
+                    "size_bytes": size, "signed": args.sign is not None, "seconds": seconds})
+        return 0
+    print(f"wrote graph bundle {args.output}: {man.precision} experts, {man.dense_precision} dense linear layers, "
+          f"{len(man.files) + 1} files, {size / 1e6:.2f} MB in {seconds:.1f} s")
+    if args.sign:
+        print(f"signed with {args.sign}; check it with `hetrun run {args.output} --trust {args.sign}.pub ...`")
+    print(f"next: hetrun run {args.output} --prompt-ids 1,2,3")
+    return 0
+
+
 # ---- run ----------------------------------------------------------------------------------------------
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +142,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from hetrun.bundle.graph_runner import is_graph_bundle  # light: no torch
+
+    if is_graph_bundle(args.bundle):
+        return _run_graph(args)
     model = hetrun.bundle.load(args.bundle, profile=args.profile, threads=args.threads, trust=_trust(args))
     vocab = model.config.vocab_size
     bad = [i for i in args.prompt_ids if i >= vocab]
@@ -149,6 +183,31 @@ def _run(args: argparse.Namespace) -> int:
         t.add_row(did, runtime.plan.precision[did], str(row["tokens"]), f"{row['modeled_s'] * 1e3:.3f}",
                   f"{row['wall_s'] * 1e3:.1f}")
     Console().print(t)
+    return 0
+
+
+def _run_graph(args: argparse.Namespace) -> int:
+    # a graph bundle, run without torch (hetrun.bundle.graph_runner)
+    from hetrun.bundle.graph_runner import GraphModel
+
+    if args.profile:
+        raise HetrunError(f"'{args.bundle}' is a graph bundle, which runs on this CPU's onnxruntime alone: leave out "
+                          "--profile")
+    model = GraphModel(args.bundle, args.threads, trust=_trust(args))
+    t0 = time.perf_counter()
+    new_ids, last = model.run(args.prompt_ids, args.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        doc = {"bundle": args.bundle, "graph": True, "model": model.manifest.model, "prompt_ids": args.prompt_ids,
+               "new_ids": new_ids, "seconds": seconds}
+        if args.logits:
+            doc["last_logits"] = last.tolist()
+        print_json(doc)
+        return 0
+    print(f"prompt:    {' '.join(map(str, args.prompt_ids))}")
+    print(f"generated: {' '.join(map(str, new_ids))}")
+    print(f"one onnxruntime graph ({model.manifest.precision} experts, {model.manifest.dense_precision} dense linear "
+          f"layers), {seconds:.2f} s")
     return 0
 
 
