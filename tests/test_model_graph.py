@@ -48,6 +48,7 @@ def _prompt(length: int = 24, seed: int = 0) -> torch.Tensor:
 def test_fp32_graph_gives_transformers_logits_and_greedy_tokens(reference):
     model = _deploy(copy.deepcopy(reference), "fp32")
     assert model.hetrun.graph is not None and model.hetrun.layers == []  # no dispatcher sessions beside it
+    assert model.lm_head.weight.numel() == 0 and model.model.layers[1].self_attn.o_proj.weight.numel() == 0
     x = _prompt()
     with torch.no_grad():
         want, got = reference(x).logits, model(x).logits  # [1, S, V]

@@ -467,6 +467,12 @@ def run_model_graph(model: torch.nn.Module, spec: MoESpec, runtime: ExpertRuntim
     for path in paths:  # the MoE blocks' torch code never runs now: their expert tensors go with them
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent), attr, torch.nn.Identity())
+    # a caller's model kept its dense weights until the graph loaded (a failure leaves it as it was); now the
+    # graph holds them (a model read from a directory released each as its graph was built)
+    tied = model.model.embed_tokens.weight
+    for linear in [getattr(d.self_attn, f"{p}_proj") for d in model.model.layers for p in "qkvo"] + [model.lm_head]:
+        if linear.weight is not tied and linear.weight.numel():
+            linear.weight = torch.nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
     linears = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(shape.layers) for p in "qkvo"] + ["lm_head"]
     runtime.dense = DenseLinears(device.id, dense, linears, attention_layers=shape.layers)
     runtime.graph = runner
