@@ -148,3 +148,15 @@ def test_a_signed_graph_bundle_runs_only_for_its_signers_key(tmp_path, capsys):
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert main(["run", str(out), "--prompt-ids", "1,2", "--trust", str(tmp_path / "mine.pub")]) == 2
     assert "changed after it was signed" in capsys.readouterr().err
+
+
+def test_a_manifest_edited_to_another_shape_is_refused_before_any_call(fp32_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shape"]["layers"] = 1  # every file still matches its checksum
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not take and give what its manifest describes"):
+        GraphModel(copy)

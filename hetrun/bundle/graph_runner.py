@@ -140,6 +140,23 @@ class GraphModel:
             raise BundleError(f"graph bundle '{folder}': onnxruntime cannot load {MODEL}: "
                               f"{str(e).splitlines()[0][:200]}") from None
         self.folder = str(folder)
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        # the graph's inputs and outputs are what the manifest's shape says (a manifest edited without a signature
+        # could say otherwise, and the first call would fail inside onnxruntime)
+        sh = self.manifest.shape
+        cache = [1, sh.kv_heads, "C", sh.head_dim]
+        want_in = {"hidden": ["S", sh.hidden], "rows": ["R"], "seqlens_k": [1], "total_sequence_length": [1],
+                   "cos_cache": ["P", sh.head_dim // 2], "sin_cache": ["P", sh.head_dim // 2],
+                   **{f"past_{kv}_{i}": cache for i in range(sh.layers) for kv in ("key", "value")}}
+        want_out = {"logits": ["R", sh.vocab], "expert_ids": [sh.layers, "S", sh.top_k],
+                    **{f"present_{kv}_{i}": cache for i in range(sh.layers) for kv in ("key", "value")}}
+        for want, got in ((want_in, self.session.get_inputs()), (want_out, self.session.get_outputs())):
+            found = {a.name: list(a.shape) for a in got}
+            if found != want:
+                raise BundleError(f"graph bundle '{self.folder}': {MODEL} does not take and give what its manifest "
+                                  "describes (layers, heads, hidden size or vocabulary differ): export it again")
 
     def close(self) -> None:
         """Let the embedding table's file go (the session goes with the object)."""
@@ -153,6 +170,7 @@ class GraphModel:
 
     def _table(self, root: Path, rel: str, shape: tuple[int, int]) -> "tuple[int, int]":
         # (open file descriptor, offset of the data) of a float32 [rows, cols] .npy table, checked
+        fd = -1
         try:
             fd = os.open(root / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(os.dup(fd), "rb") as f:
@@ -162,6 +180,8 @@ class GraphModel:
                 found, fortran, dtype = read_header(f)
                 offset, size = f.tell(), os.fstat(f.fileno()).st_size
         except (OSError, ValueError) as e:
+            if fd >= 0:
+                os.close(fd)
             raise BundleError(f"graph bundle '{root}': {rel} is not a numpy array file ({e})") from None
         if tuple(found) != shape or dtype != np.float32 or fortran or size - offset != 4 * shape[0] * shape[1]:
             os.close(fd)
