@@ -160,3 +160,23 @@ def test_a_manifest_edited_to_another_shape_is_refused_before_any_call(fp32_bund
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="does not take and give what its manifest describes"):
         GraphModel(copy)
+
+
+def test_inspect_and_sign_take_a_graph_bundle(fp32_bundle, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fp32_bundle, copy)
+    assert main(["inspect", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "graph bundle" in out and "2 layers" in out and "unsigned" in out and "all checks pass" in out
+    assert main(["keygen", "-o", str(tmp_path / "key")]) == 0
+    assert main(["sign", str(copy), "--key", str(tmp_path / "key")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(copy), "--trust", str(tmp_path / "key.pub"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["graph"] is True and doc["signature"] == "signed by a trusted key" and doc["shape"]["layers"] == 2
+    (copy / "rope_sin.npy").write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 2
+    assert "rope_sin.npy" in capsys.readouterr().err

@@ -73,6 +73,38 @@ class GraphManifest(StrictModel):
 def read_graph_manifest(folder: "str | os.PathLike", trust=None) -> GraphManifest:
     """The manifest of the graph bundle at `folder`, checked (one-line BundleError otherwise). With `trust` (public
     key files or keys), its bytes must first carry a valid signature by one of them (hetrun.bundle.signing)."""
+    return _manifest_and_bytes(folder, trust)[0]
+
+
+def check_graph_bundle(folder: "str | os.PathLike", trust=None) -> tuple[GraphManifest, bytes]:
+    """(manifest, the manifest's bytes) of the graph bundle at `folder` once its manifest (and with `trust` its
+    signature) and every file it lists have passed (size, sha256, plain file); a one-line BundleError otherwise."""
+    root = Path(folder)
+    man, data = _manifest_and_bytes(root, trust)
+    for rel in FILES:
+        path = root / rel
+        if path.is_symlink() or not path.is_file():
+            raise BundleError(f"graph bundle '{folder}': {rel} is missing or not a plain file; export it again")
+        digest, _ = file_digest(path, rel, man.files[rel])
+        if digest != man.files[rel].sha256:
+            raise BundleError(f"graph bundle '{folder}': {rel} does not match its manifest (changed after export); "
+                              "export it again")
+    return man, data
+
+
+def sign_graph_bundle(folder: "str | os.PathLike", key_path: "str | os.PathLike") -> str:
+    """Check the whole graph bundle, then sign exactly the manifest bytes that passed (manifest.sig, written
+    atomically, replacing an older signature); the signing key's fingerprint."""
+    from hetrun.bundle.signing import SIGNATURE, fingerprint, load_private_key, signature_document
+    from hetrun.files import write_atomic
+
+    key = load_private_key(key_path)
+    _, data = check_graph_bundle(folder)
+    write_atomic(Path(folder) / SIGNATURE, signature_document(data, key))
+    return fingerprint(key.public_key())
+
+
+def _manifest_and_bytes(folder: "str | os.PathLike", trust) -> tuple[GraphManifest, bytes]:
     root = Path(folder)
     if not (root / MANIFEST).is_file():
         raise BundleError(f"'{folder}' is not a graph bundle: it has no {MANIFEST}; write one with `hetrun export "
@@ -98,7 +130,7 @@ def read_graph_manifest(folder: "str | os.PathLike", trust=None) -> GraphManifes
     missing = [f for f in FILES if f not in man.files]
     if missing or set(man.files) - set(FILES):
         raise BundleError(f"graph bundle '{folder}': {MANIFEST} must list exactly {', '.join(FILES)}")
-    return man
+    return man, data
 
 
 def is_graph_bundle(folder: "str | os.PathLike") -> bool:
@@ -120,15 +152,7 @@ class GraphModel:
         from hetrun.backends.ort_threads import session_options
 
         root = Path(folder)
-        self.manifest = man = read_graph_manifest(root, trust)
-        for rel in FILES:
-            path = root / rel
-            if path.is_symlink() or not path.is_file():
-                raise BundleError(f"graph bundle '{folder}': {rel} is missing or not a plain file; export it again")
-            digest, _ = file_digest(path, rel, man.files[rel])
-            if digest != man.files[rel].sha256:
-                raise BundleError(f"graph bundle '{folder}': {rel} does not match its manifest (changed after export); "
-                                  "export it again")
+        self.manifest = man = check_graph_bundle(root, trust)[0]
         sh = man.shape
         self._embedding, self._embedding_at = self._table(root, EMBEDDING, (sh.vocab, sh.hidden))  # [V, D] on disk
         self.cos = self._whole(root, ROPE_COS, (man.positions, sh.head_dim // 2))  # [P, Dh/2]

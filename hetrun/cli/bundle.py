@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import hetrun.bundle  # names load lazily: export and run bring in torch only when they run
 from hetrun.cli import Command, threads_arg, whole_number
@@ -220,6 +221,10 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from hetrun.bundle.graph_runner import is_graph_bundle  # light: no torch
+
+    if is_graph_bundle(args.bundle):
+        return _inspect_graph(args)
     info = hetrun.bundle.inspect_bundle(args.bundle, trust=_trust(args))
     if args.json:
         print_json(info)
@@ -230,6 +235,32 @@ def _inspect(args: argparse.Namespace) -> int:
         more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
         raise BundleError(f"bundle '{info['bundle']}' failed {len(bad)} check{'s' if len(bad) > 1 else ''}: "
                           f"{bad[0]['message']}{more}")
+    return 0
+
+
+def _inspect_graph(args: argparse.Namespace) -> int:
+    # a graph bundle: its manifest and every file checked (the first failure is the one-line error)
+    from hetrun.bundle.graph_runner import check_graph_bundle
+
+    trust = _trust(args)
+    man = check_graph_bundle(args.bundle, trust)[0]
+    signed = (Path(args.bundle) / hetrun.bundle.SIGNATURE).exists()
+    signature = "signed by a trusted key" if trust else "signed, not verified: pass --trust with the signer's " \
+        "public key to check it" if signed else "unsigned: trust it only as far as you trust where it came from"
+    size = sum(f.size for f in man.files.values())
+    if args.json:
+        print_json({"bundle": args.bundle, "graph": True, **man.model_dump(mode="json"), "size_bytes": size,
+                    "signature": signature, "ok": True})
+        return 0
+    sh = man.shape
+    print(f"graph bundle {args.bundle} (format {man.format_version}, hetrun {man.hetrun_version}, {man.created_utc})")
+    print(f"model {man.model}, exported for profile '{man.profile}': {sh.layers} layers, hidden {sh.hidden}, "
+          f"{sh.heads} heads ({sh.kv_heads} KV), {sh.experts} experts top-{sh.top_k}, vocabulary {sh.vocab}, "
+          f"{man.positions} positions")
+    print(f"{man.precision} experts, {man.dense_precision} dense linear layers; {len(man.files) + 1} files, "
+          f"{size / 1e6:.2f} MB; every file matches the manifest")
+    print(f"signature: {signature}")
+    print("all checks pass")
     return 0
 
 
@@ -299,7 +330,10 @@ def _sign_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    fp = hetrun.bundle.sign_bundle(args.bundle, args.key)
+    from hetrun.bundle.graph_runner import is_graph_bundle, sign_graph_bundle  # light: no torch
+
+    sign = sign_graph_bundle if is_graph_bundle(args.bundle) else hetrun.bundle.sign_bundle
+    fp = sign(args.bundle, args.key)
     print(f"signed bundle {args.bundle} with key {fp} ({hetrun.bundle.SIGNATURE})")
     return 0
 
