@@ -202,3 +202,10 @@ def test_non_finite_logits_stop_with_the_device_named_and_an_input_fault_is_told
     monkeypatch.setattr(model_graph, "all_finite", lambda t: False)  # the embedded input is not finite either
     with pytest.raises(HetrunError, match="its input holds NaN or inf"):
         model(x)
+
+
+def test_the_builtin_cpu_graph_profile_runs_what_it_can_as_one_graph(fresh):
+    from hetrun.tiny_models import tiny_model
+
+    assert deploy(fresh("mixtral"), "cpu-graph", threads=1).hetrun.graph is not None
+    assert deploy(tiny_model("deepseek_v3"), "cpu-graph", threads=1).hetrun.graph is None  # its router: dispatcher
