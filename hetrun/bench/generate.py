@@ -382,7 +382,7 @@ def _one_system(system: str, folder: Path, threads: int, missing: str, prompt_to
 def _export_graph_bundle(system: str, folder: Path, bundle: Path, dense_precision: str) -> str:
     # write a graph bundle system's bundle from the checkpoint, in a process of its own; "" or why it failed
     precision = SYSTEMS[system][2]["onnxruntime"]
-    profile = folder / f"{bundle.name}.yaml"
+    profile = folder / f"{bundle.name}.json"
     profile.write_text(json.dumps(system_profile("onnxruntime", dense_precision=dense_precision_of(system,
                                                                                                    dense_precision))))
     proc = subprocess.run([sys.executable, "-m", "hetrun", "export", str(folder), "--profile", str(profile), "-o",

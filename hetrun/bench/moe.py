@@ -30,6 +30,7 @@ import torch
 from rich.table import Table
 
 from hetrun.backends import host_cpu
+from hetrun.backends.registry import require_backend
 from hetrun.bench import Benchmark, comma_list
 from hetrun.files import print_json, table_console
 from hetrun.formats import expert_bytes
@@ -219,9 +220,9 @@ def _layer_graph(spec: MoESpec, weights, case: str, threads: int):
 
     prof = load_profile(system_profile("onnxruntime"))
     precision = {"fp32": "fp32", "default": None}.get(case, LOW_PRECISION.get(case, {}).get("onnxruntime"))
-    plan = simple_plan(spec, prof, precision)
-    precision = plan.precision[plan.device_ids[0]]
-    backend = ExpertRuntime(plan, prof, None, threads=threads).backends[0]
+    device = prof.devices[0]
+    precision = simple_plan(spec, prof, precision).precision[device.id]
+    backend = require_backend(device.backend)(device, precision, threads)
     session = backend.load_graph(layer_graph(weights, spec.router, precision, spec.hidden_size).loadable())
     return (lambda x: torch.from_numpy(session.run(None, {"hidden": x.numpy()})[0])), precision
 

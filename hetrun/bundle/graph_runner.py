@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 
 from hetrun.backends.graph_files import DATA_FILE as WEIGHTS
 from hetrun.backends.graph_files import MODEL_FILE as MODEL
+from hetrun.backends.ort_binding import HostBindings
 from hetrun.bundle.integrity import file_digest, read_file
 from hetrun.bundle.manifest import MANIFEST, FileEntry
 from hetrun.errors import BundleError, HetrunError
@@ -213,12 +214,9 @@ class GraphModel:
         return fd, offset
 
     def _whole(self, root: Path, rel: str, shape: tuple[int, int]) -> np.ndarray:
-        # a float32 [rows, cols] .npy table read whole
-        fd, offset = self._table(root, rel, shape)
-        try:
-            return _read_rows(fd, offset, shape[1], range(shape[0]), whole=True)
-        finally:
-            os.close(fd)
+        # a float32 [rows, cols] .npy table, checked, then read whole
+        os.close(self._table(root, rel, shape)[0])
+        return np.load(root / rel, allow_pickle=False)
 
     def rows(self, ids: "list[int] | range") -> np.ndarray:
         """Embedding rows [n, D] of token `ids`, read from the file: the table is never mapped (mapped, the kernel
@@ -260,7 +258,7 @@ class _Steps:
     def __init__(self, model: GraphModel, total: int):
         sh = model.manifest.shape
         self.model, self.cached = model, 0
-        self.binding = b = model.session.io_binding()
+        self.bindings = b = HostBindings(model.session)
         self.lengths, self.total = np.zeros(1, np.int32), np.zeros(1, np.int32)
         self.logits = np.empty((1, sh.vocab), np.float32)  # [1, V]
         self.hidden = np.empty((1, sh.hidden), np.float32)  # [1, D] a decode step's token
@@ -268,12 +266,12 @@ class _Steps:
         self.kv = [np.empty((1, sh.kv_heads, total, sh.head_dim), np.float32) for _ in range(2 * sh.layers)]
         for name, a in (("seqlens_k", self.lengths), ("total_sequence_length", self.total), ("cos_cache", model.cos),
                         ("sin_cache", model.sin), ("rows", self.rows)):
-            _bind(b.bind_input, name, a)
-        _bind(b.bind_output, "logits", self.logits)
+            b.input(name, a)
+        b.output("logits", self.logits)
         for i in range(sh.layers):
             for j, kv in enumerate(("key", "value")):
-                _bind(b.bind_input, f"past_{kv}_{i}", self.kv[2 * i + j])
-                _bind(b.bind_output, f"present_{kv}_{i}", self.kv[2 * i + j])
+                b.input(f"past_{kv}_{i}", self.kv[2 * i + j])
+                b.output(f"present_{kv}_{i}", self.kv[2 * i + j])
         self.ids = np.empty((sh.layers, 1, sh.top_k), np.int64)
 
     def __call__(self, hidden: np.ndarray, row: int) -> np.ndarray:
@@ -284,11 +282,11 @@ class _Steps:
             hidden = self.hidden
         if self.ids.shape[1] != s:
             self.ids = np.empty((self.ids.shape[0], s, self.ids.shape[2]), np.int64)  # [L, S, K]
-        _bind(self.binding.bind_output, "expert_ids", self.ids)
-        _bind(self.binding.bind_input, "hidden", hidden)
+        self.bindings.output("expert_ids", self.ids)
+        self.bindings.input("hidden", hidden)
         self.rows[0] = row
         self.lengths[0], self.total[0] = self.cached + s - 1, self.cached + s
-        self.model.session.run_with_iobinding(self.binding)
+        self.bindings.run()
         self.cached += s
         if not math.isfinite(float(self.logits.sum())) and not np.isfinite(self.logits).all():
             raise HetrunError(f"graph bundle '{self.model.folder}' produced NaN or infinite logits (a precision too "
@@ -296,19 +294,13 @@ class _Steps:
         return self.logits
 
 
-def _read_rows(fd: int, offset: int, width: int, ids, whole: bool = False) -> np.ndarray:
-    # rows [n, width] float32 of the table at `offset` in file `fd`: one read of all of them (`whole`), else one each
+def _read_rows(fd: int, offset: int, width: int, ids) -> np.ndarray:
+    # rows [n, width] float32 of the table at `offset` in file `fd`, one read each
     out = np.empty((len(ids), width), np.float32)
     row = 4 * width
     view = memoryview(out).cast("B")
-    spans = [(0, len(ids))] if whole else [(i, 1) for i in range(len(ids))]
-    for k, count in spans:
-        at = offset + row * (ids[k] if not whole else 0)
-        got = os.preadv(fd, [view[k * row:(k + count) * row]], at)
-        if got != row * count:
-            raise BundleError(f"graph bundle table ended early (read {got} of {row * count} bytes): export it again")
+    for k, i in enumerate(ids):
+        got = os.preadv(fd, [view[k * row:(k + 1) * row]], offset + row * i)
+        if got != row:
+            raise BundleError(f"graph bundle table ended early (read {got} of {row} bytes): export it again")
     return out
-
-
-def _bind(bind, name: str, a: np.ndarray) -> None:
-    bind(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from hetrun.backends.ort_binding import HostBindings
 from hetrun.errors import HetrunError
 from hetrun.runtime.dense import RuntimeLinear, SharedInputCall
 from hetrun.runtime.dispatch import ExpertRuntime, all_finite
@@ -104,8 +104,7 @@ class RuntimeAttention:
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in projections]
         self.bias = torch.cat(biases).float() if any(p.bias is not None for p in projections) else None  # [sum N]
         self.norms = (module.q_norm, module.k_norm) if hasattr(module, "q_norm") else None  # per head, Qwen3-style
-        self.binding = shared.session.io_binding()  # this layer's: its cache buffers stay bound between steps
-        self._bound: dict[str, tuple] = {}  # input or output name -> (data_ptr, shape) bound
+        self.bindings = HostBindings(shared.session)  # this layer's: its cache buffers stay bound between steps
         self._lengths = torch.zeros(1, dtype=torch.int32)  # [B] last position per sequence, filled in place
         self._total = torch.zeros(1, dtype=torch.int32)  # [1] tokens after this call, filled in place
 
@@ -150,23 +149,16 @@ class RuntimeAttention:
         out = packed.new_empty((b, s, g.heads * g.head_dim))  # [B, S, Hq*Dh]
         for name, t in (("query", packed), ("past_key", kbuf), ("past_value", vbuf), ("seqlens_k", self._lengths),
                         ("total_sequence_length", self._total), ("cos_cache", cos), ("sin_cache", sin)):
-            self._bind(name, t, self.binding.bind_input)
+            self.bindings.input(name, t)
         for name, t in (("output", out), ("present_key", kbuf), ("present_value", vbuf)):
-            self._bind(name, t, self.binding.bind_output)
+            self.bindings.output(name, t)
         t0 = time.perf_counter()
-        g.session.run_with_iobinding(self.binding)
+        self.bindings.run()
         g.stats.dense_s += time.perf_counter() - t0
         if not all_finite(out):
             raise HetrunError(f"dense device '{g.device_id}' returned NaN or inf from attention: check the device, "
                               "or set dense_precision: model")
         return out
-
-    def _bind(self, name: str, t: torch.Tensor, bind) -> None:
-        # (re)bind only what moved: the cache buffers, tables and position tensors stay put between steps
-        key = (t.data_ptr(), tuple(t.shape))
-        if self._bound.get(name) != key:
-            bind(name, "cpu", 0, np.int32 if t.dtype == torch.int32 else np.float32, key[1], key[0])
-            self._bound[name] = key
 
     def _cache_layer(self, hidden: torch.Tensor, mask, kwargs: dict) -> "InPlaceKVLayer | None":
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -33,8 +33,11 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from hetrun.backends.graph_files import StreamedGraph
+from hetrun.backends.ort_binding import HostBindings
 from hetrun.errors import HetrunError
 from hetrun.runtime.attention import STATIC_ROPE, InPlaceKVLayer, SharedGqa, _rotates_half, _slides
 from hetrun.runtime.dense import DenseLinears, dense_precision
@@ -51,6 +54,8 @@ ATTENTION = ("MixtralAttention", "LlamaAttention", "MistralAttention")  # q/k/v/
 NORMS = ("MixtralRMSNorm", "LlamaRMSNorm", "MistralRMSNorm")  # weight * x / rms(x), computed in FP32
 EXTERNAL_FROM = 1024  # initializers moved out of the proto from this many bytes (as hetrun.backends.graph_files)
 SWITCH_OFF = "deploy with model_graph: off in the profile to serve it through the dispatcher"
+# the output's cache field: `cache` from transformers 5.20, `past_key_values` before
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,9 @@ def why_not(model: torch.nn.Module, spec: MoESpec, runtime: ExpertRuntime, weigh
     device = runtime.devices[0]
     if device.backend != "onnxruntime" or device.type.kind != "cpu":
         return f"its device '{device.id}' is {device.type.kind} on {device.backend}, not a CPU on onnxruntime"
-    if dense_precision(runtime) not in LINEAR_FORMATS:
-        return f"its dense part stays in the model (dense_precision resolves to {dense_precision(runtime)})"
+    dense = dense_precision(runtime)
+    if dense not in LINEAR_FORMATS:
+        return f"its dense part stays in the model (dense_precision resolves to {dense})"
     router = spec.router
     if router.kind != "softmax_topk" or router.n_group > 1 or router.routed_scaling_factor != 1.0:
         return f"its router ({router.kind}) is not a plain softmax top-k"
@@ -336,8 +342,7 @@ class ModelGraph:
         self.device_id = runtime.devices[0].id
         self.rope = SharedGqa(session, shape.heads, shape.kv_heads, shape.head_dim, model.model.rotary_emb,
                               runtime.stats, self.device_id)
-        self.binding = session.io_binding()
-        self._bound: dict[str, tuple] = {}
+        self.bindings = HostBindings(session)  # the cache buffers, tables and counters stay bound between steps
         self._lengths = torch.zeros(1, dtype=torch.int32)  # [1] last position, filled in place
         self._total = torch.zeros(1, dtype=torch.int32)  # [1] tokens after this call
         self._ids = torch.zeros(0, dtype=torch.int64)
@@ -345,9 +350,6 @@ class ModelGraph:
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                  use_cache=None, logits_to_keep=0, past_key_values=None, cache_position=None, **kwargs):
-        from transformers.cache_utils import DynamicCache
-        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-
         if kwargs.get("labels") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             raise HetrunError(f"a model deployed as one graph returns logits alone; {SWITCH_OFF}")
         embeds = self.model.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
@@ -368,13 +370,11 @@ class ModelGraph:
         keep = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else \
             torch.arange(s - logits_to_keep if logits_to_keep else 0, s)  # [R]
         logits = self.run(embeds[0].float().contiguous(), keep.to(torch.int64).contiguous(), layers, n)  # [R, V]
-        field = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-        return MoeCausalLMOutputWithPast(logits=logits[None], **{field: cache if use_cache is not False else None})
+        kept = cache if use_cache is not False else None
+        return MoeCausalLMOutputWithPast(logits=logits[None], **{_CACHE_FIELD: kept})
 
     def cache_layers(self, cache) -> list[InPlaceKVLayer]:
         """The cache's first L layers as InPlaceKVLayers (empty ones replaced, missing ones added)."""
-        from transformers.cache_utils import DynamicLayer
-
         while len(cache.layers) < self.shape.layers:
             cache.layers.append(InPlaceKVLayer())
         for i in range(self.shape.layers):
@@ -405,12 +405,12 @@ class ModelGraph:
             inputs += [(f"past_key_{i}", kbuf), (f"past_value_{i}", vbuf)]
             outputs += [(f"present_key_{i}", kbuf), (f"present_value_{i}", vbuf)]
         for name, t in inputs:
-            self._bind(name, t, self.binding.bind_input)
+            self.bindings.input(name, t)
         for name, t in outputs:
-            self._bind(name, t, self.binding.bind_output)
+            self.bindings.output(name, t)
         stats = self.runtime.stats
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(self.binding)
+        self.bindings.run()
         stats.graph_s += time.perf_counter() - t0
         if not all_finite(logits):
             what = "its input holds NaN or inf" if not all_finite(hidden) else \
@@ -429,13 +429,6 @@ class ModelGraph:
         stats.calls += 1
         self.calls += 1
         return logits
-
-    def _bind(self, name: str, t: torch.Tensor, bind) -> None:
-        key = (t.data_ptr(), tuple(t.shape))
-        if self._bound.get(name) != key:
-            dtype = {torch.int32: np.int32, torch.int64: np.int64}.get(t.dtype, np.float32)
-            bind(name, "cpu", 0, dtype, key[1], key[0])
-            self._bound[name] = key
 
 
 def decoder_shape(model: torch.nn.Module, spec: MoESpec) -> DecoderShape:
